@@ -1,0 +1,46 @@
+# linewatch: every target installs what it needs itself (venv + pip), from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all venv demo test test-unit test-integration lint stack-up stack-status stack-down bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (need Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## The main job: embedded Kafka broker + Triton, train/export a bottle model if needed, stream the test set.
+demo: $(STAMP)
+	$(VENV)/bin/linewatch demo
+
+## The full test suite: unit + integration against the real Tansu broker and real tritonserver.
+test: $(STAMP)
+	$(VENV)/bin/pytest tests
+
+test-unit: $(STAMP)
+	$(VENV)/bin/pytest tests -m "not integration"
+
+test-integration: $(STAMP)
+	$(VENV)/bin/pytest tests -m integration
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stream models tests benchmarks
+
+stack-up: $(STAMP)
+	$(VENV)/bin/linewatch stack up
+stack-status: $(STAMP)
+	$(VENV)/bin/linewatch stack status
+stack-down: $(STAMP)
+	$(VENV)/bin/linewatch stack down
+
+clean:
+	rm -rf $(VENV) .stack .pytest_cache .ruff_cache *.egg-info
