@@ -1,0 +1,372 @@
+"""Message envelopes for every topic the worker reads or writes (orjson, versioned).
+
+- ``frames``: value = encoded image bytes; metadata in Kafka headers (``frame_id``, ``camera_id``,
+  ``line_id``, ``ts_ms``, optional ``product``/``task``, ``content_type``, plus free-form
+  ``gt_label``/``gt_defect`` from replays). Key = camera id.
+- ``inspection-results``: JSON :class:`InspectionResult` (key = camera id, idempotent by frame_id).
+- ``defect-events``: JSON :class:`DefectEvent` = result + small uint8 heat-map PNG (base64) +
+  bounding boxes of the connected regions above the map threshold.
+- ``frames-dlq``: value = original bytes, original headers + ``error`` (reason) + ``error_detail``.
+
+Every decode error is an :class:`EnvelopeError` whose ``reason`` is a short machine-readable
+code (it becomes the DLQ ``error`` header and a metric label) and whose ``detail`` names what is
+wrong in words.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import cv2
+import numpy as np
+import orjson
+
+SCHEMA_VERSION = 1
+
+FRAME_REQUIRED_HEADERS = ("frame_id", "camera_id", "ts_ms")
+CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:@/\-]{1,128}$")
+MAX_HEADER_BYTES = 1024
+
+Headers = list[tuple[str, bytes]]
+
+
+class EnvelopeError(ValueError):
+    """A message that cannot be decoded. ``reason`` is a DLQ code, ``detail`` says what is wrong."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------- headers
+
+
+def headers_to_dict(headers: Any) -> dict[str, bytes]:
+    """Kafka headers (list of (str, bytes) pairs, a mapping, or None) -> {name: bytes} (last wins)."""
+    if not headers:
+        return {}
+    items: Iterable = headers.items() if isinstance(headers, Mapping) else headers
+    out: dict[str, bytes] = {}
+    for k, v in items:
+        if isinstance(k, bytes):
+            k = k.decode("utf-8", "replace")
+        if v is None:
+            v = b""
+        elif isinstance(v, str):
+            v = v.encode()
+        out[str(k)] = bytes(v)
+    return out
+
+
+def headers_to_list(headers: Mapping[str, Any]) -> Headers:
+    out: Headers = []
+    for k, v in headers.items():
+        if v is None:
+            continue
+        if isinstance(v, bytes):
+            out.append((k, v))
+        else:
+            out.append((k, str(v).encode()))
+    return out
+
+
+def _hstr(h: dict[str, bytes], name: str, *, required: bool) -> str | None:
+    raw = h.get(name)
+    if raw is None or raw == b"":
+        if required:
+            raise EnvelopeError("missing_header", f"frame header '{name}' is missing or empty")
+        return None
+    if len(raw) > MAX_HEADER_BYTES:
+        raise EnvelopeError("bad_header", f"frame header '{name}' is {len(raw)} bytes (max {MAX_HEADER_BYTES})")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EnvelopeError("bad_header", f"frame header '{name}' is not valid UTF-8") from None
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+@dataclass
+class Frame:
+    frame_id: str
+    camera_id: str
+    ts_ms: int
+    image: bytes
+    line_id: str | None = None
+    product: str | None = None
+    task: str | None = None
+    content_type: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # gt_label, gt_defect, source, ...
+
+    @property
+    def key(self) -> bytes:
+        return self.camera_id.encode()
+
+
+def new_frame_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode_frame(frame: Frame) -> tuple[bytes, bytes, Headers]:
+    """-> (key, value, headers) ready for a Kafka producer."""
+    h: dict[str, Any] = {
+        "schema": str(SCHEMA_VERSION),
+        "frame_id": frame.frame_id,
+        "camera_id": frame.camera_id,
+        "line_id": frame.line_id,
+        "ts_ms": str(int(frame.ts_ms)),
+        "product": frame.product,
+        "task": frame.task,
+        "content_type": frame.content_type,
+    }
+    for k, v in frame.extra.items():
+        h.setdefault(k, v)
+    return frame.key, frame.image, headers_to_list(h)
+
+
+def decode_frame(key: bytes | None, value: bytes | None, headers: Any) -> Frame:
+    """Validate a ``frames`` record. Raises :class:`EnvelopeError` naming what is wrong."""
+    h = headers_to_dict(headers)
+    schema = _hstr(h, "schema", required=False)
+    if schema is not None and schema != str(SCHEMA_VERSION):
+        raise EnvelopeError("unsupported_schema", f"frame schema '{schema}' is not supported (want {SCHEMA_VERSION})")
+    frame_id = _hstr(h, "frame_id", required=True)
+    camera_id = _hstr(h, "camera_id", required=True)
+    for name, v in (("frame_id", frame_id), ("camera_id", camera_id)):
+        if not _ID_RE.match(v):
+            raise EnvelopeError("bad_header", f"frame header '{name}'={v[:64]!r} has characters outside [A-Za-z0-9_.:@/-] or is too long")
+    ts_raw = _hstr(h, "ts_ms", required=True)
+    try:
+        ts_ms = int(ts_raw)
+    except ValueError:
+        raise EnvelopeError("bad_header", f"frame header 'ts_ms'={ts_raw[:32]!r} is not an integer") from None
+    if ts_ms < 0:
+        raise EnvelopeError("bad_header", f"frame header 'ts_ms'={ts_ms} is negative")
+    ctype = _hstr(h, "content_type", required=False)
+    if ctype is not None and ctype.lower() not in CONTENT_TYPES:
+        raise EnvelopeError("unsupported_content_type", f"content_type '{ctype}' is not one of {', '.join(CONTENT_TYPES)}")
+    if value is None or len(value) == 0:
+        raise EnvelopeError("empty_payload", "frame value is empty (expected encoded image bytes)")
+    if key is not None and key != b"" and key.decode("utf-8", "replace") != camera_id:
+        # not fatal: the header is authoritative, but the key decides the partition/order
+        pass
+    known = {"schema", "frame_id", "camera_id", "line_id", "ts_ms", "product", "task", "content_type"}
+    extra = {}
+    for k, v in h.items():
+        if k not in known and len(v) <= MAX_HEADER_BYTES:
+            try:
+                extra[k] = v.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+    return Frame(
+        frame_id=frame_id,
+        camera_id=camera_id,
+        ts_ms=ts_ms,
+        image=bytes(value),
+        line_id=_hstr(h, "line_id", required=False),
+        product=_hstr(h, "product", required=False),
+        task=_hstr(h, "task", required=False),
+        content_type=ctype.lower() if ctype else None,
+        extra=extra,
+    )
+
+
+def peek_ids(headers: Any) -> tuple[str | None, str | None]:
+    """Best-effort (frame_id, camera_id) of a possibly malformed frame, for logs and the DLQ."""
+    h = headers_to_dict(headers)
+
+    def s(n):
+        v = h.get(n)
+        return v.decode("utf-8", "replace")[:128] if v else None
+
+    return s("frame_id"), s("camera_id")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class InspectionResult:
+    frame_id: str
+    camera: str
+    line: str | None
+    model: str
+    model_version: str
+    task: str
+    routed: bool
+    route_distance: float | None
+    score: float
+    threshold: float
+    is_anomaly: bool
+    shadow: bool = False
+    product: str | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)  # decode, preprocess, queue, infer, total, e2e
+    ts_ms: int = 0  # frame timestamp (from the camera)
+    processed_ts_ms: int = 0
+    gt_label: str | None = None
+    gt_defect: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+_RESULT_REQUIRED = {
+    "frame_id": str, "camera": str, "model": str, "task": str, "routed": bool,
+    "score": (int, float), "threshold": (int, float), "is_anomaly": bool,
+}
+
+
+def _validate(d: Any, required: dict[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise EnvelopeError("bad_json", f"{what} is a JSON {type(d).__name__}, expected an object")
+    if d.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise EnvelopeError("unsupported_schema", f"{what} schema {d.get('schema')!r} is not {SCHEMA_VERSION}")
+    for name, typ in required.items():
+        if name not in d:
+            raise EnvelopeError("missing_field", f"{what} field '{name}' is missing")
+        v = d[name]
+        if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
+            raise EnvelopeError("bad_field", f"{what} field '{name}' is {type(d[name]).__name__}, expected {typ}")
+    return d
+
+
+def _loads(value: bytes, what: str) -> Any:
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as e:
+        raise EnvelopeError("bad_json", f"{what} is not valid JSON: {e}") from None
+
+
+def decode_result(value: bytes) -> InspectionResult:
+    d = _validate(_loads(value, "inspection result"), _RESULT_REQUIRED, "inspection result")
+    names = {f.name for f in fields(InspectionResult)}
+    kw = {k: v for k, v in d.items() if k in names}
+    kw.setdefault("line", None)
+    kw.setdefault("model_version", "")
+    kw.setdefault("route_distance", None)
+    return InspectionResult(**kw)
+
+
+# ----------------------------------------------------------------------------- defect events
+
+
+@dataclass
+class DefectEvent:
+    result: InspectionResult
+    heatmap_png_b64: str  # uint8 PNG, at most heatmap_size px on the long side
+    heatmap_scale: float  # map value = pixel / 255 * heatmap_scale (pixel 0 = map min clipped at 0)
+    map_threshold: float
+    boxes: list[dict[str, float]]  # normalised [0,1] x, y, w, h + area fraction + peak map value
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.result.to_dict()
+        d.update(
+            heatmap_png_b64=self.heatmap_png_b64,
+            heatmap_scale=self.heatmap_scale,
+            map_threshold=self.map_threshold,
+            boxes=self.boxes,
+            schema=self.schema,
+        )
+        return d
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def anomaly_boxes(amap: np.ndarray, map_threshold: float, *, min_area_frac: float = 0.0005, max_boxes: int = 16) -> list[dict[str, float]]:
+    """Bounding boxes (normalised to [0,1]) of 8-connected regions where ``amap > map_threshold``."""
+    a = np.asarray(amap, dtype=np.float32).squeeze()
+    if a.ndim != 2:
+        raise ValueError(f"anomaly map must be 2-D after squeeze, got shape {amap.shape}")
+    h, w = a.shape
+    mask = (a > map_threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    boxes = []
+    for i in range(1, n):
+        x, y, bw, bh, area = (int(v) for v in stats[i])
+        if area < min_area_frac * h * w:
+            continue
+        peak = float(a[labels == i].max())
+        boxes.append({"x": x / w, "y": y / h, "w": bw / w, "h": bh / h, "area": area / (h * w), "peak": peak})
+    boxes.sort(key=lambda b: b["peak"], reverse=True)
+    return boxes[:max_boxes]
+
+
+def encode_heatmap(amap: np.ndarray, *, size: int = 64, scale: float | None = None) -> tuple[str, float]:
+    """Anomaly map -> (base64 uint8 PNG, scale). Pixel p encodes map value p/255*scale."""
+    a = np.asarray(amap, dtype=np.float32).squeeze()
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    h, w = a.shape
+    f = size / max(h, w)
+    if f < 1:
+        a = cv2.resize(a, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    if scale is None:
+        scale = float(max(a.max(), 1e-6))
+    u8 = np.clip(a / scale * 255.0, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", u8)
+    if not ok:
+        raise RuntimeError("cv2.imencode failed for heat map")
+    return base64.b64encode(buf.tobytes()).decode("ascii"), scale
+
+
+def decode_heatmap(b64: str) -> np.ndarray:
+    buf = np.frombuffer(base64.b64decode(b64), dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise EnvelopeError("bad_heatmap", "heat map is not a decodable PNG")
+    return img
+
+
+def make_defect_event(result: InspectionResult, amap: np.ndarray, map_threshold: float, *, size: int = 64) -> DefectEvent:
+    b64, scale = encode_heatmap(amap, size=size)
+    return DefectEvent(result=result, heatmap_png_b64=b64, heatmap_scale=scale,
+                       map_threshold=float(map_threshold), boxes=anomaly_boxes(amap, map_threshold))
+
+
+def decode_defect_event(value: bytes) -> DefectEvent:
+    d = _validate(_loads(value, "defect event"), {**_RESULT_REQUIRED, "heatmap_png_b64": str, "boxes": list},
+                  "defect event")
+    names = {f.name for f in fields(InspectionResult)}
+    res = {k: v for k, v in d.items() if k in names}
+    res.setdefault("line", None)
+    res.setdefault("model_version", "")
+    res.setdefault("route_distance", None)
+    return DefectEvent(result=InspectionResult(**res), heatmap_png_b64=d["heatmap_png_b64"],
+                       heatmap_scale=float(d.get("heatmap_scale", 1.0)),
+                       map_threshold=float(d.get("map_threshold", 0.0)), boxes=d["boxes"])
+
+
+# ----------------------------------------------------------------------------- DLQ
+
+
+def dlq_record(key: bytes | None, value: bytes | None, headers: Any, reason: str, detail: str,
+               *, stage: str = "decode") -> tuple[bytes | None, bytes, Headers]:
+    """Original bytes + original headers + ``error``/``error_detail``/``error_stage``/``error_ts_ms``."""
+    h = [(k, v) for k, v in headers_to_dict(headers).items() if not k.startswith("error")]
+    h += [
+        ("error", reason.encode()),
+        ("error_detail", detail.encode("utf-8", "replace")[:MAX_HEADER_BYTES]),
+        ("error_stage", stage.encode()),
+        ("error_ts_ms", str(int(time.time() * 1000)).encode()),
+    ]
+    return key, (value or b""), h
+
+
+def dlq_reason(headers: Any) -> tuple[str | None, str | None]:
+    h = headers_to_dict(headers)
+    r, d = h.get("error"), h.get("error_detail")
+    return (r.decode() if r else None), (d.decode("utf-8", "replace") if d else None)
