@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1.7
+# linewatch stream worker (Faust). No torch: `stream` never imports it, and the image is
+# built from docker/requirements-worker.txt + `pip install --no-deps .` with only stream/ copied.
+# Build from the repo root:  docker build -f docker/worker.Dockerfile -t linewatch/worker:0.1.0 .
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/linewatch
+ENV PATH=/opt/linewatch/bin:$PATH
+WORKDIR /src
+COPY docker/requirements-worker.txt /tmp/requirements-worker.txt
+RUN pip install --upgrade "pip==24.3.1" "setuptools==75.6.0" "wheel==0.45.1" \
+ && pip install -r /tmp/requirements-worker.txt
+COPY pyproject.toml README.md ./
+COPY stream ./stream
+# --no-deps: the project's torch/timm pins are never resolved in this image.
+RUN pip install --no-deps . \
+ && python -c "import importlib.util as u, sys; sys.exit(1 if u.find_spec('torch') else 0)" \
+ && python -c "import stream"
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="linewatch-worker" \
+      org.opencontainers.image.source="https://github.com/linewatch/linewatch" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/linewatch/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    LINEWATCH_DEV_BROKER=false
+RUN groupadd --system --gid 10001 linewatch \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/linewatch --create-home --shell /usr/sbin/nologin linewatch
+COPY --from=build /opt/linewatch /opt/linewatch
+WORKDIR /home/linewatch
+USER 10001:10001
+# Faust web (health + metrics)
+EXPOSE 6066
+ENTRYPOINT ["linewatch"]
+CMD ["worker"]
