@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -e '.[dev]'
+	@# kustomize renderer for the offline manifest tests (kubectl's built-in kustomize is enough)
+	@command -v kubectl >/dev/null || command -v kustomize >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client; }
 	@touch $(STAMP)
 
 venv: $(STAMP)
