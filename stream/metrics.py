@@ -1,0 +1,34 @@
+"""Prometheus metrics of the stream worker (served on the Faust web port at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LAT_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.frames_in = Counter("linewatch_frames_in_total", "Frames consumed from the frames topic", ["camera"], registry=r)
+        self.results_out = Counter("linewatch_results_out_total", "Inspection results produced", ["model"], registry=r)
+        self.defects_out = Counter("linewatch_defect_events_total", "Defect events produced", ["model"], registry=r)
+        self.dlq = Counter("linewatch_dlq_total", "Frames sent to the DLQ", ["reason"], registry=r)
+        self.triton_errors = Counter("linewatch_triton_errors_total", "Triton errors", ["model", "kind"], registry=r)
+        self.stage_latency = Histogram("linewatch_stage_latency_ms", "Per-stage latency (ms)", ["stage"],
+                                       buckets=_LAT_BUCKETS, registry=r)
+        self.batch_size = Histogram("linewatch_batch_size", "Micro-batch sizes sent to Triton", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.consumer_lag = Gauge("linewatch_consumer_lag", "Highwater - next offset, per partition", ["topic", "partition"], registry=r)
+        self.inflight = Gauge("linewatch_inflight_frames", "Frames taken but not yet acknowledged", registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

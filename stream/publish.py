@@ -1,0 +1,130 @@
+"""aiokafka helpers shared by replay / tail / demo / tests / benchmarks: topic creation, a producer
+whose sends are awaited, and a group-less reader that drains topics from the beginning.
+
+(The worker itself produces through Faust; these are the edges around it.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from stream.logs import get_logger
+
+log = get_logger("stream.publish")
+
+DEFAULT_TOPICS = ("frames", "inspection-results", "defect-events", "frames-dlq", "drift-alerts", "model-events")
+
+
+def client_kwargs(dev_broker: bool | None = None, **extra) -> dict[str, Any]:
+    """aiokafka kwargs from stream.config's helper when present (dev-broker settings live there)."""
+    kw: dict[str, Any] = {}
+    try:
+        from stream import config as _cfg  # noqa: PLC0415
+
+        for name in ("aiokafka_client_kwargs", "aiokafka_kwargs", "kafka_client_kwargs", "client_kwargs"):
+            fn = getattr(_cfg, name, None)
+            if callable(fn):
+                try:
+                    kw = dict(fn())
+                except TypeError:
+                    kw = dict(fn(_cfg.Settings()))
+                break
+    except Exception:  # noqa: BLE001 - config not available yet
+        kw = {}
+    kw.pop("bootstrap_servers", None)
+    kw.update(extra)
+    return kw
+
+
+async def ensure_topics(bootstrap: str, topics: Iterable[str] = DEFAULT_TOPICS, partitions: int = 1) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except Exception as e:  # noqa: BLE001 - raced with another creator
+                if "exist" not in str(e).lower():
+                    raise
+    finally:
+        await admin.close()
+
+
+class Producer:
+    """Thin aiokafka producer wrapper; ``send`` returns after the broker acknowledged."""
+
+    def __init__(self, bootstrap: str, **kw):
+        self.p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, **client_kwargs(**kw))
+
+    async def __aenter__(self):
+        await self.p.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.p.stop()
+
+    async def send_many(self, topic: str, records: Iterable[tuple[bytes | None, bytes, list]]) -> None:
+        futs = [await self.p.send(topic, key=k, value=v, headers=h) for k, v, h in records]
+        await asyncio.gather(*futs)
+
+
+async def read_topics(bootstrap: str, topics: Iterable[str], *, until: Callable[[dict[str, list]], bool] | None = None,
+                      timeout_s: float = 30.0, idle_s: float | None = None,
+                      on_record: Callable[[Any], None] | None = None) -> dict[str, list]:
+    """Read the given topics from offset 0 without a consumer group (no commits, no rebalance).
+
+    Stops when ``until(records_by_topic)`` is true, after ``timeout_s``, or after ``idle_s`` without
+    new records. Returns {topic: [ConsumerRecord, ...]}.
+    """
+    topics = list(topics)
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                         group_id=None, **client_kwargs())
+    await c.start()
+    out: dict[str, list] = {t: [] for t in topics}
+    try:
+        tps = []
+        t0 = time.monotonic()
+        while True:
+            tps = []
+            for t in topics:
+                parts = c.partitions_for_topic(t)
+                if not parts:
+                    await c.force_metadata_update() if hasattr(c, "force_metadata_update") else None
+                    parts = c.partitions_for_topic(t) or set()
+                tps += [TopicPartition(t, p) for p in sorted(parts)]
+            if tps or time.monotonic() - t0 > min(timeout_s, 10):
+                break
+            await asyncio.sleep(0.3)
+        if not tps:
+            return out
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        last_new = time.monotonic()
+        while True:
+            batch = await c.getmany(timeout_ms=200, max_records=500)
+            got = False
+            for tp, recs in batch.items():
+                out[tp.topic].extend(recs)
+                if on_record:
+                    for r in recs:
+                        on_record(r)
+                got = got or bool(recs)
+            if got:
+                last_new = time.monotonic()
+            if until is not None and until(out):
+                break
+            if time.monotonic() - t0 > timeout_s:
+                break
+            if idle_s is not None and time.monotonic() - last_new > idle_s:
+                break
+    finally:
+        await c.stop()
+    return out

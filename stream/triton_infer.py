@@ -1,0 +1,188 @@
+"""Async Triton gRPC client (one shared ``tritonclient.grpc.aio`` client per process).
+
+- ``specs()``: READY models in the repository and their ``linewatch_spec`` (from the model
+  config's ``parameters``, never hard-coded), cached and refreshed on demand.
+- ``infer()``: one micro-batch for one model, split into chunks of the model's max_batch_size,
+  retried with exponential backoff on transient errors (UNAVAILABLE, DEADLINE_EXCEEDED,
+  RESOURCE_EXHAUSTED, model not ready while a new version loads). Permanent errors (bad input
+  shape, unknown task) raise :class:`PermanentInferError` so the caller can DLQ those frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from stream.logs import get_logger
+from stream.preprocess import ModelSpec, parse_spec
+
+log = get_logger("stream.triton")
+
+TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED",
+                     "not ready", "unavailable", "Socket closed", "failed to connect", "Connection reset",
+                     "is not found", "not found", "UNKNOWN: Stub process")
+
+
+class TransientInferError(RuntimeError):
+    pass
+
+
+class PermanentInferError(RuntimeError):
+    pass
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, asyncio.TimeoutError | ConnectionError | OSError):
+        return True
+    if isinstance(exc, InferenceServerException):
+        s = f"{exc.status()} {exc.message()}"
+        return any(m in s for m in TRANSIENT_MARKERS)
+    return False
+
+
+@dataclass
+class InferOutput:
+    scores: np.ndarray  # (N,)
+    maps: np.ndarray  # (N, H, W)
+    tasks: list[str] | None  # MoLE-Flow: chosen task per item
+    route_distance: np.ndarray | None  # (N,)
+    infer_ms: float
+    attempts: int
+
+
+class TritonInfer:
+    def __init__(self, url: str, *, timeout_s: float = 30.0, max_retries: int = 6, backoff_s: float = 0.2,
+                 backoff_max_s: float = 5.0, metrics=None):
+        self.url = url
+        self.client = grpcclient.InferenceServerClient(url=url)
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.metrics = metrics
+        self._specs: dict[str, ModelSpec] = {}
+        self._max_batch: dict[str, int] = {}
+        self._inputs: dict[str, set[str]] = {}
+        self._refreshed = 0.0
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if await self.client.is_server_live():
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"Triton at {self.url} not live after {timeout_s}s")
+            await asyncio.sleep(0.5)
+
+    async def refresh(self) -> dict[str, ModelSpec]:
+        """Reload the READY model list and their specs. Models without linewatch_spec are skipped."""
+        idx = await self.client.get_model_repository_index(as_json=True)
+        specs: dict[str, ModelSpec] = {}
+        for m in idx.get("models", []):
+            if m.get("state") != "READY":
+                continue
+            name = m["name"]
+            try:
+                cfg = (await self.client.get_model_config(name, as_json=True))["config"]
+                raw = cfg.get("parameters", {}).get("linewatch_spec", {}).get("string_value")
+                if not raw:
+                    log.warning("model_without_spec", model=name)
+                    continue
+                spec = parse_spec(raw)
+                specs[name] = spec
+                self._max_batch[name] = int(cfg.get("max_batch_size", 0) or 0)
+                self._inputs[name] = {i["name"] for i in cfg.get("input", [])}
+            except (InferenceServerException, ValueError, orjson.JSONDecodeError) as e:
+                log.warning("model_spec_unreadable", model=name, error=str(e))
+        self._specs = specs
+        self._refreshed = time.monotonic()
+        return specs
+
+    async def specs(self, max_age_s: float = 30.0) -> dict[str, ModelSpec]:
+        if not self._specs or time.monotonic() - self._refreshed > max_age_s:
+            try:
+                await self.refresh()
+            except Exception as e:  # noqa: BLE001 - keep serving with the last known specs
+                if not self._specs:
+                    raise
+                log.warning("model_refresh_failed", error=str(e))
+        return self._specs
+
+    def available(self) -> dict[str, tuple[str, ...]]:
+        return {k: v.tasks for k, v in self._specs.items()}
+
+    async def _infer_once(self, model: str, batch: np.ndarray, tasks: list[str] | None) -> tuple:
+        spec = self._specs[model]
+        inp = grpcclient.InferInput(spec.input.name, list(batch.shape), "FP32")
+        inp.set_data_from_numpy(batch)
+        inputs = [inp]
+        out_names = [spec.outputs.get("score", "score"), spec.outputs.get("anomaly_map", "anomaly_map")]
+        has_task = "task" in self._inputs.get(model, set())
+        if has_task:
+            t = np.array([[(x or "").encode()] for x in (tasks or [""] * len(batch))], dtype=np.object_)
+            ti = grpcclient.InferInput("task", list(t.shape), "BYTES")
+            ti.set_data_from_numpy(t)
+            inputs.append(ti)
+            out_names += ["task", "route_distance"]
+        outputs = [grpcclient.InferRequestedOutput(n) for n in out_names]
+        res = await self.client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+        scores = res.as_numpy(out_names[0]).reshape(len(batch), -1)[:, 0].astype(np.float32)
+        amap = res.as_numpy(out_names[1])
+        amap = amap.reshape(len(batch), amap.shape[-2], amap.shape[-1])
+        otasks = rdist = None
+        if has_task:
+            otasks = [(x.decode() if isinstance(x, bytes) else str(x)) for x in res.as_numpy("task").reshape(-1)]
+            rdist = res.as_numpy("route_distance").reshape(-1).astype(np.float32)
+        return scores, amap, otasks, rdist
+
+    async def infer(self, model: str, batch: np.ndarray, tasks: list[str] | None = None) -> InferOutput:
+        if model not in self._specs:
+            await self.refresh()
+            if model not in self._specs:
+                raise TransientInferError(f"model {model} is not READY in Triton")
+        mb = self._max_batch.get(model, 0) or len(batch)
+        parts = []
+        t0 = time.perf_counter()
+        attempts_total = 0
+        for s in range(0, len(batch), mb):
+            sub, subt = batch[s:s + mb], (tasks[s:s + mb] if tasks else None)
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    parts.append(await self._infer_once(model, sub, subt))
+                    break
+                except Exception as e:  # noqa: BLE001
+                    if self.metrics is not None:
+                        self.metrics.triton_errors.labels(model=model, kind="transient" if is_transient(e) else "permanent").inc()
+                    if not is_transient(e):
+                        raise PermanentInferError(f"{type(e).__name__}: {e}") from e
+                    if attempt > self.max_retries:
+                        raise TransientInferError(f"{model}: {attempt} attempts failed, last: {e}") from e
+                    delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+                    log.warning("triton_retry", model=model, attempt=attempt, delay_s=round(delay, 3), error=str(e)[:300])
+                    await asyncio.sleep(delay)
+                    if "not found" in str(e) or "not ready" in str(e):
+                        try:
+                            await self.refresh()
+                        except Exception:  # noqa: BLE001
+                            pass
+            attempts_total += attempt
+        scores = np.concatenate([p[0] for p in parts])
+        maps = np.concatenate([p[1] for p in parts])
+        tasks_o = sum((p[2] for p in parts), []) if parts[0][2] is not None else None
+        rdist = np.concatenate([p[3] for p in parts]) if parts[0][3] is not None else None
+        return InferOutput(scores, maps, tasks_o, rdist, (time.perf_counter() - t0) * 1000, attempts_total)

@@ -1,0 +1,425 @@
+"""The stream worker: a Faust (faust-streaming) app consuming ``frames``.
+
+Per micro-batch (``stream.take_events(max, within=seconds)``):
+decode + validate envelope -> route (camera/line/product -> Triton model) -> OpenCV preprocess per
+the model's ``linewatch_spec`` -> one Triton request per model (shared gRPC aio client; transient
+errors retried with backoff forever, never DLQ'd) -> one result per frame on
+``inspection-results`` and one defect event per anomalous frame on ``defect-events``; malformed
+frames go to ``frames-dlq`` with a reason. Every send future is awaited before the iteration
+returns, and Faust's ``take_events`` acks the batch only after the iteration, so offsets commit
+only after the outputs are on the broker (at-least-once; results are keyed by camera and carry
+``frame_id`` so a replayed frame yields an identical, idempotent result).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream.envelope import (
+    EnvelopeError,
+    Frame,
+    InspectionResult,
+    decode_frame,
+    dlq_record,
+    make_defect_event,
+    peek_ids,
+)
+from stream.logs import get_logger
+from stream.metrics import WorkerMetrics
+from stream.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image, to_tensor
+from stream.routing import Router, RoutingConfig
+from stream.triton_infer import PermanentInferError, TransientInferError, TritonInfer
+
+log = get_logger("stream.worker")
+
+
+@dataclass
+class WorkerConfig:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    triton_grpc_url: str = "127.0.0.1:8001"
+    app_id: str = "linewatch-worker"
+    frames_topic: str = "frames"
+    results_topic: str = "inspection-results"
+    defects_topic: str = "defect-events"
+    dlq_topic: str = "frames-dlq"
+    batch_max: int = 8
+    batch_within_s: float = 0.05
+    web_port: int = 6066
+    web_host: str = "127.0.0.1"
+    datadir: str = ".stack/faust"
+    dev_broker: bool = False
+    routing: Any = None  # dict / JSON path / inline JSON
+    max_side: int = DEFAULT_MAX_SIDE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    heatmap_size: int = 64
+    shadow: bool = False
+    partitions: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Any = None, **overrides) -> WorkerConfig:
+        """Map the project's pydantic ``Settings`` (stream.config) onto the worker config.
+
+        Field names are looked up leniently so the worker follows stream.config as it evolves;
+        explicit keyword overrides (CLI flags) win.
+        """
+        if settings is None:
+            try:
+                from stream.config import Settings  # noqa: PLC0415
+                settings = Settings()
+            except Exception:  # noqa: BLE001 - config module not available / invalid env
+                settings = None
+        kw: dict[str, Any] = {}
+
+        def pick(field_name: str, *names: str):
+            for n in names:
+                v = getattr(settings, n, None) if settings is not None else None
+                if v is not None:
+                    kw[field_name] = v
+                    return
+
+        pick("kafka_bootstrap", "kafka_bootstrap", "kafka_bootstrap_servers", "bootstrap_servers")
+        pick("triton_grpc_url", "triton_grpc_url", "triton_url")
+        pick("frames_topic", "topic_frames", "frames_topic")
+        pick("results_topic", "topic_results", "results_topic")
+        pick("defects_topic", "topic_defects", "defects_topic", "topic_defect_events")
+        pick("dlq_topic", "topic_dlq", "dlq_topic", "topic_frames_dlq")
+        pick("batch_max", "batch_max", "batch_max_size", "micro_batch_size", "batch_size")
+        pick("batch_within_s", "batch_within_s", "batch_timeout_s", "micro_batch_within_s", "batch_max_wait_s")
+        pick("web_port", "worker_web_port", "web_port")
+        pick("dev_broker", "dev_broker")
+        pick("routing", "routing", "routing_file", "routing_config")
+        pick("app_id", "worker_app_id", "app_id", "consumer_group")
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(kw.get("kafka_bootstrap"), list | tuple):
+            kw["kafka_bootstrap"] = ",".join(kw["kafka_bootstrap"])
+        return cls(**kw)
+
+
+def apply_dev_broker_workarounds() -> None:
+    """Tansu quirks (DESIGN §6): delegate to stream.kafka_compat (owned by the stack)."""
+    try:
+        import stream.kafka_compat as kc  # noqa: PLC0415
+    except ImportError:
+        log.warning("kafka_compat_missing")
+        return
+    for name in ("apply", "apply_dev_broker_workarounds", "patch_aiokafka", "install", "apply_tansu_workarounds",
+                 "enable"):
+        fn = getattr(kc, name, None)
+        if callable(fn):
+            fn()
+            log.info("dev_broker_workaround_applied", fn=f"stream.kafka_compat.{name}")
+            return
+    log.warning("kafka_compat_no_entrypoint", names=[n for n in dir(kc) if not n.startswith("_")])
+
+
+class Pipeline:
+    """Broker-agnostic batch logic (decode/route/preprocess/infer/build outputs)."""
+
+    def __init__(self, cfg: WorkerConfig, triton: TritonInfer, metrics: WorkerMetrics):
+        self.cfg = cfg
+        self.triton = triton
+        self.metrics = metrics
+        self.router = Router(RoutingConfig.load(cfg.routing))
+
+    async def refresh_models(self) -> None:
+        await self.triton.specs(max_age_s=0)
+        self.router.update_models(self.triton.available())
+
+    async def process(self, records: list[tuple[bytes | None, bytes | None, Any, float | None]]):
+        """records: (key, value, headers, kafka_ts_s). Returns (outputs, dlq) where outputs is a list,
+        in input order, of (key, result_json, defect_json | None, result) and dlq of (key, value, headers)."""
+        m = self.metrics
+        t_batch = time.perf_counter()
+        now_ms = time.time() * 1000
+        await self.triton.specs()
+        self.router.update_models(self.triton.available())
+        n = len(records)
+        outputs: list[Any] = [None] * n
+        dlq: list[tuple] = []
+        frames: dict[int, Frame] = {}
+        lat: dict[int, dict[str, float]] = {}
+        tensors: dict[int, np.ndarray] = {}
+        routes = {}
+
+        def to_dlq(i: int, reason: str, detail: str, stage: str):
+            key, value, headers, _ = records[i]
+            fid, cam = peek_ids(headers)
+            m.dlq.labels(reason=reason).inc()
+            log.warning("frame_dlq", frame_id=fid, camera=cam, reason=reason, detail=detail[:300], stage=stage)
+            dlq.append(dlq_record(key, value, headers, reason, detail, stage=stage))
+
+        for i, (key, value, headers, kts) in enumerate(records):
+            _, cam = peek_ids(headers)
+            m.frames_in.labels(camera=cam or "?").inc()
+            t0 = time.perf_counter()
+            try:
+                f = decode_frame(key, value, headers)
+                route = self.router.route(f)
+                spec = self.triton._specs[route.model]
+                img = decode_image(f.image, max_side=self.cfg.max_side, max_pixels=self.cfg.max_pixels)
+                t1 = time.perf_counter()
+                x = to_tensor(img, spec)
+                t2 = time.perf_counter()
+            except EnvelopeError as e:
+                to_dlq(i, e.reason, e.detail, "decode")
+                continue
+            except Exception as e:  # noqa: BLE001 - never stop the stream on one frame
+                to_dlq(i, "internal_error", f"{type(e).__name__}: {e}", "decode")
+                continue
+            frames[i], routes[i], tensors[i] = f, route, x
+            queue_ms = max(0.0, now_ms - kts * 1000) if kts else 0.0
+            lat[i] = {"queue": round(queue_ms, 3), "decode": round((t1 - t0) * 1000, 3),
+                      "preprocess": round((t2 - t1) * 1000, 3)}
+            m.stage_latency.labels(stage="decode").observe((t1 - t0) * 1000)
+            m.stage_latency.labels(stage="preprocess").observe((t2 - t1) * 1000)
+
+        pending = sorted(frames)
+        backoff = 0.5
+        while pending:
+            groups: dict[str, list[int]] = defaultdict(list)
+            for i in pending:
+                groups[routes[i].model].append(i)
+            retry: list[int] = []
+            for model, idx in groups.items():
+                spec = self.triton._specs.get(model)
+                batch = np.stack([tensors[i] for i in idx])
+                m.batch_size.labels(model=model).observe(len(idx))
+                try:
+                    out = await self.triton.infer(model, batch, [routes[i].task for i in idx])
+                except TransientInferError as e:
+                    log.warning("triton_transient_batch", model=model, n=len(idx), error=str(e)[:300])
+                    retry.extend(idx)
+                    continue
+                except PermanentInferError as e:
+                    if len(idx) > 1:  # isolate the poison frame(s): retry one by one
+                        singles = []
+                        for i in idx:
+                            try:
+                                singles.append((i, await self.triton.infer(model, tensors[i][None], [routes[i].task])))
+                            except PermanentInferError as e1:
+                                to_dlq(i, "inference_error", str(e1), "infer")
+                            except TransientInferError:
+                                retry.append(i)
+                        for i, o in singles:
+                            self._emit(outputs, i, frames[i], routes[i], spec, o, 0, lat[i], now_ms, t_batch)
+                    else:
+                        to_dlq(idx[0], "inference_error", str(e), "infer")
+                    continue
+                m.stage_latency.labels(stage="infer").observe(out.infer_ms)
+                for j, i in enumerate(idx):
+                    self._emit(outputs, i, frames[i], routes[i], spec, out, j, lat[i], now_ms, t_batch)
+            pending = retry
+            if pending:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                try:
+                    await self.refresh_models()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("triton_refresh_failed", error=str(e)[:300])
+                still = []
+                for i in pending:  # re-route: a model may have been unloaded or replaced
+                    try:
+                        routes[i] = self.router.route(frames[i])
+                        tensors[i] = to_tensor(decode_image(frames[i].image), self.triton._specs[routes[i].model])
+                        still.append(i)
+                    except EnvelopeError as e:
+                        to_dlq(i, e.reason, e.detail, "route")
+                pending = still
+        return [o for o in outputs if o is not None], dlq
+
+    def _emit(self, outputs, i, f: Frame, route, spec, out, j, lat, now_ms, t_batch):
+        score = float(out.scores[j])
+        task = out.tasks[j] if out.tasks is not None else route.task
+        rd = float(out.route_distance[j]) if out.route_distance is not None else None
+        thr = spec.threshold
+        is_anom = bool(score > thr)
+        done_ms = time.time() * 1000
+        lat = dict(lat)
+        lat["infer"] = round(out.infer_ms, 3)
+        lat["batch_total"] = round((time.perf_counter() - t_batch) * 1000, 3)
+        lat["e2e"] = round(max(0.0, done_ms - f.ts_ms), 3)
+        res = InspectionResult(
+            frame_id=f.frame_id, camera=f.camera_id, line=f.line_id, model=route.model,
+            model_version=str(spec.version), task=task or "", routed=route.routed, route_distance=rd,
+            score=score, threshold=thr, is_anomaly=is_anom, shadow=self.cfg.shadow,
+            product=route.product or spec.product, latency_ms=lat, ts_ms=f.ts_ms, processed_ts_ms=int(done_ms),
+            gt_label=f.extra.get("gt_label"), gt_defect=f.extra.get("gt_defect"),
+        )
+        defect = None
+        if is_anom:
+            try:
+                defect = make_defect_event(res, out.maps[j], spec.map_threshold, size=self.cfg.heatmap_size).to_json()
+            except Exception as e:  # noqa: BLE001
+                log.warning("defect_event_failed", frame_id=f.frame_id, camera=f.camera_id, error=str(e))
+        self.metrics.stage_latency.labels(stage="e2e").observe(lat["e2e"])
+        outputs[i] = (f.key, res.to_json(), defect, res)
+
+
+def build_app(cfg: WorkerConfig):
+    """Create the Faust app with its agent, /metrics page and lifecycle hooks."""
+    import faust  # noqa: PLC0415 - keep `import stream.worker` cheap for the CLI
+
+    if cfg.dev_broker:
+        apply_dev_broker_workarounds()
+    Path(cfg.datadir).mkdir(parents=True, exist_ok=True)
+    app_kw: dict[str, Any] = dict(
+        broker=[f"kafka://{h}" for h in cfg.kafka_bootstrap.split(",")],
+        datadir=cfg.datadir,
+        web_port=cfg.web_port,
+        web_host=cfg.web_host,
+        web_bind=cfg.web_host,
+        web_enabled=True,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=cfg.partitions,
+        topic_replication_factor=1,
+        broker_commit_every=max(cfg.batch_max, 1),
+        broker_commit_interval=0.5,
+        stream_wait_empty=True,
+        producer_acks=-1,
+        producer_linger_ms=0,
+    )
+    if cfg.dev_broker:  # DESIGN §6: short joins; single-record batches where end offsets matter
+        app_kw.update(broker_session_timeout=6, broker_heartbeat_interval=1, producer_max_batch_size=1,
+                      broker_rebalance_timeout=6)
+    app = faust.App(cfg.app_id, **app_kw)
+    metrics = WorkerMetrics()
+    state: dict[str, Any] = {}
+
+    frames_t = app.topic(cfg.frames_topic, key_serializer="raw", value_serializer="raw")
+    results_t = app.topic(cfg.results_topic, key_serializer="raw", value_serializer="raw")
+    defects_t = app.topic(cfg.defects_topic, key_serializer="raw", value_serializer="raw")
+    dlq_t = app.topic(cfg.dlq_topic, key_serializer="raw", value_serializer="raw")
+
+    init_lock = asyncio.Lock()
+
+    async def pipeline() -> Pipeline:
+        if "pipeline" in state:
+            return state["pipeline"]
+        async with init_lock:
+            if "pipeline" in state:
+                return state["pipeline"]
+            triton = TritonInfer(cfg.triton_grpc_url, metrics=metrics)
+            await triton.wait_ready(120)
+            p = Pipeline(cfg, triton, metrics)
+            await p.refresh_models()
+            log.info("worker_models", models={k: str(v.version) for k, v in triton._specs.items()})
+            state["pipeline"] = p
+            return p
+
+    async def send_all(sends: list[tuple]) -> None:
+        """Send and await every future (results before the batch is acked)."""
+        for attempt in range(1_000_000):
+            try:
+                futs = [await t.send(key=k, value=v, headers=h, force=True) for t, k, v, h in sends]
+                await asyncio.gather(*futs)
+                return
+            except Exception as e:  # noqa: BLE001 - broker hiccup: resend (idempotent by frame_id)
+                delay = min(10.0, 0.2 * 2 ** min(attempt, 6))
+                log.warning("produce_retry", attempt=attempt + 1, error=str(e)[:300], delay_s=delay)
+                await asyncio.sleep(delay)
+
+    @app.agent(frames_t)
+    async def inspect(stream):
+        async for events in stream.take_events(cfg.batch_max, within=cfg.batch_within_s):
+            p = await pipeline()
+            metrics.inflight.set(len(events))
+            records = [(e.message.key, e.message.value, e.message.headers, e.message.timestamp) for e in events]
+            outputs, dlq = await p.process(records)
+            sends: list[tuple] = []
+            for key, rj, dj, res in outputs:
+                sends.append((results_t, key, rj, None))
+                metrics.results_out.labels(model=res.model).inc()
+                if dj is not None:
+                    sends.append((defects_t, key, dj, None))
+                    metrics.defects_out.labels(model=res.model).inc()
+                log.info("frame_result", frame_id=res.frame_id, camera=res.camera, model=res.model, task=res.task,
+                         score=round(res.score, 5), is_anomaly=res.is_anomaly, e2e_ms=res.latency_ms.get("e2e"))
+            for k, v, h in dlq:
+                sends.append((dlq_t, k, v, h))
+            t0 = time.perf_counter()
+            await send_all(sends)
+            metrics.stage_latency.labels(stage="publish").observe((time.perf_counter() - t0) * 1000)
+            metrics.inflight.set(0)
+            last: dict[Any, int] = {}
+            for e in events:
+                last[e.message.tp] = max(last.get(e.message.tp, -1), e.message.offset)
+            for tp, off in last.items():
+                try:
+                    hw = app.consumer.highwater(tp)
+                    if hw is not None:
+                        metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, hw - off - 1))
+                except Exception:  # noqa: BLE001
+                    pass
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):
+        body, ctype = metrics.render()
+        return web.bytes(body, content_type=ctype.split(";")[0])
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        return web.json({"ok": True, "models": sorted(state["pipeline"].triton._specs) if "pipeline" in state else []})
+
+    @app.task
+    async def warm():
+        try:
+            await pipeline()
+        except Exception as e:  # noqa: BLE001
+            log.error("triton_unreachable_at_start", error=str(e))
+
+    app.linewatch_metrics = metrics  # type: ignore[attr-defined]
+    app.linewatch_state = state  # type: ignore[attr-defined]
+    return app
+
+
+def run_worker(cfg: WorkerConfig, loglevel: str = "info") -> None:
+    """Run the Faust worker in the foreground until SIGINT/SIGTERM."""
+    from faust.worker import Worker  # noqa: PLC0415
+
+    app = build_app(cfg)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    log.info("worker_start", bootstrap=cfg.kafka_bootstrap, triton=cfg.triton_grpc_url, topic=cfg.frames_topic,
+             batch_max=cfg.batch_max, within_s=cfg.batch_within_s, web_port=cfg.web_port, dev_broker=cfg.dev_broker)
+    worker = Worker(app, loglevel=loglevel, redirect_stdouts=False, override_logging=False)
+    worker.execute_from_commandline()
+
+
+def main(argv: list[str] | None = None) -> None:  # python -m stream.worker
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser("stream.worker")
+    add_worker_args(ap)
+    a = ap.parse_args(argv)
+    run_worker(config_from_args(a))
+
+
+def add_worker_args(ap) -> None:
+    ap.add_argument("--bootstrap", help="Kafka bootstrap host:port (default from settings)")
+    ap.add_argument("--triton", help="Triton gRPC host:port (default from settings)")
+    ap.add_argument("--batch-max", type=int)
+    ap.add_argument("--batch-within", type=float, help="seconds")
+    ap.add_argument("--web-port", type=int)
+    ap.add_argument("--app-id")
+    ap.add_argument("--datadir")
+    ap.add_argument("--routing", help="routing JSON file or inline JSON")
+    ap.add_argument("--dev-broker", action="store_true", default=None, help="apply Tansu workarounds")
+
+
+def config_from_args(a) -> WorkerConfig:
+    return WorkerConfig.from_settings(
+        None, kafka_bootstrap=a.bootstrap, triton_grpc_url=a.triton, batch_max=a.batch_max,
+        batch_within_s=a.batch_within, web_port=a.web_port, app_id=a.app_id, datadir=a.datadir,
+        routing=a.routing, dev_broker=a.dev_broker)
+
+
+if __name__ == "__main__":
+    main()
