@@ -59,10 +59,10 @@ async def replay(bootstrap: str, folder: str | Path, *, cameras: list[str] | Non
                  topic: str = "frames", product: str | None = None, line: str | None = None, loops: int = 1,
                  limit: int | None = None, interleave: bool = True) -> list[Sent]:
     items = list_images(folder)
-    if limit:
-        items = items[:limit]
     if interleave:  # good and defect frames mixed, deterministic
         items = sorted(items, key=lambda it: (zlib.crc32(it.path.name.encode() + it.path.parent.name.encode()), str(it.path)))
+    if limit:
+        items = items[:limit]
     cameras = cameras or ["cam-1"]
     blobs = {it.path: it.path.read_bytes() for it in items}
     sent: list[Sent] = []

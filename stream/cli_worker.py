@@ -1,0 +1,147 @@
+"""`linewatch worker|replay|tail|demo` verbs, registered into stream/cli.py's argparse parser.
+
+stream/cli.py calls ``register(subparsers)``; each verb sets ``func`` to a callable taking the parsed
+namespace and returning an exit code. Bad arguments / missing data -> one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+
+def _settings_value(*names: str, default=None):
+    try:
+        from stream.config import Settings  # noqa: PLC0415
+
+        s = Settings()
+        for n in names:
+            v = getattr(s, n, None)
+            if v:
+                return v
+    except Exception:  # noqa: BLE001
+        pass
+    return default
+
+
+def _bootstrap(a) -> str:
+    b = a.bootstrap or _settings_value("kafka_bootstrap", "kafka_bootstrap_servers", "bootstrap_servers")
+    if not b:
+        # a running `linewatch stack up` records its endpoints; ask the stack module
+        try:
+            from stream import local  # noqa: PLC0415
+
+            for n in ("read_state", "load_state", "stack_state", "current"):
+                fn = getattr(local, n, None)
+                if callable(fn):
+                    st = fn()
+                    b = getattr(st, "kafka_bootstrap", None) or (st or {}).get("kafka_bootstrap")
+                    if b:
+                        break
+        except Exception:  # noqa: BLE001
+            pass
+    if not b:
+        raise SystemExit("error: no Kafka bootstrap: pass --bootstrap or set it in settings / `linewatch stack up`")
+    return b if isinstance(b, str) else ",".join(b)
+
+
+def _cmd_worker(a) -> int:
+    from stream.worker import config_from_args, run_worker  # noqa: PLC0415
+
+    if a.triton is None:
+        a.triton = _settings_value("triton_grpc_url", "triton_url")
+    if a.bootstrap is None:
+        a.bootstrap = _bootstrap(a)
+    run_worker(config_from_args(a))
+    return 0
+
+
+def _cmd_replay(a) -> int:
+    from stream.replay import list_images, replay  # noqa: PLC0415
+
+    try:
+        list_images(a.folder)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.fps < 0:
+        print("error: --fps must be >= 0", file=sys.stderr)
+        return 2
+    sent = asyncio.run(replay(_bootstrap(a), a.folder, cameras=a.camera or ["cam-1"], fps=a.fps, topic=a.topic,
+                              product=a.product, line=a.line, loops=a.loops, limit=a.limit))
+    print(f"published {len(sent)} frames to {a.topic}")
+    return 0
+
+
+def _cmd_tail(a) -> int:
+    from stream.tail import run  # noqa: PLC0415
+
+    run(_bootstrap(a), results_topic=a.topic, dlq_topic=None if a.no_dlq else a.dlq_topic,
+        defects_topic=a.defects_topic if a.defects else None, from_beginning=a.from_beginning, limit=a.limit,
+        as_json=a.json, timeout_s=a.timeout)
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from stream.demo import run_demo  # noqa: PLC0415
+
+    try:
+        run_demo(workdir=a.workdir, model_repository=a.model_repository, fps=a.fps, retrain=a.retrain,
+                 cameras=a.camera)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from stream.worker import add_worker_args  # noqa: PLC0415 - light module (faust imported lazily)
+
+    p = sub.add_parser("worker", help="run the Faust stream worker (frames -> Triton -> results/defects/DLQ)")
+    add_worker_args(p)
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("replay", help="publish a folder of images as camera frames at a given fps")
+    p.add_argument("folder", help="image folder; MVTec layout (good/, <defect>/) adds gt_label/gt_defect headers")
+    p.add_argument("--bootstrap")
+    p.add_argument("--camera", action="append", help="camera id (repeat for several cameras)")
+    p.add_argument("--fps", type=float, default=10.0, help="frames per second per camera (0 = unthrottled)")
+    p.add_argument("--product")
+    p.add_argument("--line")
+    p.add_argument("--loops", type=int, default=1)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--topic", default="frames")
+    p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("tail", help="pretty-print inspection results (and DLQ records) as they arrive")
+    p.add_argument("--bootstrap")
+    p.add_argument("--topic", default="inspection-results")
+    p.add_argument("--dlq-topic", default="frames-dlq")
+    p.add_argument("--no-dlq", action="store_true")
+    p.add_argument("--defects", action="store_true", help="also show defect events")
+    p.add_argument("--defects-topic", default="defect-events")
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_tail)
+
+    p = sub.add_parser("demo", help="embedded stack + bottle model + worker + replay of the test set + summary")
+    p.add_argument("--workdir")
+    p.add_argument("--model-repository")
+    p.add_argument("--fps", type=float, default=10.0)
+    p.add_argument("--camera", action="append")
+    p.add_argument("--retrain", action="store_true", help="train + export a fresh model even if one exists")
+    p.set_defaults(func=_cmd_demo)
+
+
+def main(argv: list[str] | None = None) -> int:  # standalone use until/unless stream.cli is present
+    ap = argparse.ArgumentParser("linewatch")
+    register(ap.add_subparsers(dest="cmd", required=True))
+    a = ap.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""``linewatch demo``: the whole service on one laptop, end to end, then a summary.
+
+1. make sure a bottle detector exists in ``triton_repo/`` (else train + export a short-schedule one
+   by running the models CLI as a *subprocess*; ``stream`` never imports torch);
+2. start the embedded stack (Tansu broker + tritonserver, :class:`stream.local.LocalStack`) and load it;
+3. start the Faust worker (subprocess, like production), replay MVTec ``bottle/test`` as a camera;
+4. collect every result / DLQ record, print frames in/out, flagged, streamed image AUROC vs the
+   ground-truth labels, p50/p99 end-to-end latency, and write a PNG grid of flagged frames with
+   their heat maps; stop everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import orjson
+
+from stream.envelope import decode_defect_event, decode_heatmap, decode_result, dlq_reason
+from stream.logs import get_logger
+
+log = get_logger("stream.demo")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_dir() -> Path:
+    try:
+        from stream.config import Settings  # noqa: PLC0415
+
+        s = Settings()
+        for n in ("data_dir", "linewatch_data_dir"):
+            v = getattr(s, n, None)
+            if v:
+                return Path(v)
+    except Exception:  # noqa: BLE001
+        pass
+    return Path(os.environ.get("LINEWATCH_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def model_ready(repo: Path, name: str) -> bool:
+    d = repo / name
+    if not (d / "config.pbtxt").is_file():
+        return False
+    return any(p.is_dir() and p.name.isdigit() and any(p.iterdir()) for p in d.iterdir())
+
+
+def find_model(repo: Path, product: str = "bottle") -> str | None:
+    for name in ("moleflow", f"efficientad_{product}"):
+        if model_ready(repo, name):
+            return name
+    return None
+
+
+def _models_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("linewatch-models")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "models.cli"]
+
+
+def _has_verb(group: str, verb: str) -> bool:
+    try:
+        r = subprocess.run([*_models_cli(), group, "--help"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and verb in r.stdout
+
+
+def _run(cmd: list[str]) -> None:
+    log.info("demo_subprocess", cmd=" ".join(cmd))
+    t0 = time.monotonic()
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise RuntimeError(f"command failed (rc={r.returncode}): {' '.join(cmd)}")
+    log.info("demo_subprocess_done", seconds=round(time.monotonic() - t0, 1))
+
+
+def train_and_export(repo: Path, workdir: Path, product: str = "bottle", quick: bool = True) -> str:
+    """Short-schedule training + export into ``repo`` via the models CLI (subprocess)."""
+    data = data_dir() / "mvtec"
+    cli = _models_cli()
+    art = workdir / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    if _has_verb("moleflow", "train-task") and _has_verb("moleflow", "export"):
+        ckpt = art / "moleflow"
+        _run([*cli, "moleflow", "train-task", "--data-dir", str(data), "--task", product,
+              "--backbone", "efficientnet_lite0", "--out", str(ckpt), *(["--quick"] if quick else [])])
+        _run([*cli, "moleflow", "export", "--checkpoint", str(ckpt), "--repo", str(repo), "--name", "moleflow"])
+        return "moleflow"
+    if _has_verb("efficientad", "train") and _has_verb("efficientad", "export"):
+        ckpt = art / f"efficientad_{product}"
+        _run([*cli, "efficientad", "train", "--data-dir", str(data), "--category", product, "--out", str(ckpt),
+              *(["--quick"] if quick else [])])
+        _run([*cli, "efficientad", "export", "--checkpoint", str(ckpt), "--repo", str(repo)])
+        return f"efficientad_{product}"
+    raise RuntimeError("no detector can be trained: `linewatch-models moleflow train-task/export` and "
+                       "`linewatch-models efficientad train/export` are both unavailable")
+
+
+@dataclass
+class Summary:
+    frames_in: int
+    results: int
+    dlq: int
+    flagged: int
+    auroc: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    fps: float
+    model: str
+    grid_png: str | None
+    dlq_reasons: dict[str, int]
+
+    def print(self, out=sys.stdout) -> None:
+        a = f"{self.auroc:.4f}" if self.auroc is not None else "n/a"
+        print("\n=== linewatch demo summary ===", file=out)
+        print(f"model            : {self.model}", file=out)
+        print(f"frames in        : {self.frames_in}", file=out)
+        print(f"results out      : {self.results}   DLQ: {self.dlq} {self.dlq_reasons or ''}", file=out)
+        print(f"flagged anomalous: {self.flagged}", file=out)
+        print(f"image AUROC      : {a} (streamed scores vs MVTec ground truth)", file=out)
+        if self.p50_ms is not None:
+            print(f"latency e2e      : p50 {self.p50_ms:.1f} ms   p99 {self.p99_ms:.1f} ms", file=out)
+        print(f"throughput       : {self.fps:.1f} frames/s", file=out)
+        if self.grid_png:
+            print(f"flagged grid     : {self.grid_png}", file=out)
+
+
+def summarize(sent, recs: dict[str, list], model: str, elapsed_s: float, grid_path: Path | None) -> Summary:
+    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+
+    by_id = {s.frame_id: s for s in sent}
+    results = {}
+    for r in recs.get("inspection-results", []):
+        res = decode_result(r.value)
+        if res.frame_id in by_id:
+            results[res.frame_id] = res  # idempotent: last copy wins
+    dlq: dict[str, int] = {}
+    for r in recs.get("frames-dlq", []):
+        reason, _ = dlq_reason(r.headers)
+        dlq[reason or "?"] = dlq.get(reason or "?", 0) + 1
+    labelled = [(1 if by_id[f].gt_label == "defect" else 0, r.score) for f, r in results.items() if by_id[f].gt_label]
+    auroc = None
+    if labelled and len({y for y, _ in labelled}) == 2:
+        auroc = float(roc_auc_score([y for y, _ in labelled], [s for _, s in labelled]))
+    e2e = np.array([r.latency_ms.get("e2e", np.nan) for r in results.values()], dtype=float)
+    e2e = e2e[np.isfinite(e2e)]
+    flagged = [r for r in results.values() if r.is_anomaly]
+    grid = None
+    if grid_path is not None:
+        defects = {}
+        for r in recs.get("defect-events", []):
+            try:
+                ev = decode_defect_event(r.value)
+            except Exception:  # noqa: BLE001
+                continue
+            if ev.result.frame_id in by_id:
+                defects[ev.result.frame_id] = ev
+        if defects:
+            grid = str(write_grid(grid_path, list(defects.values()), by_id))
+    return Summary(frames_in=len(sent), results=len(results), dlq=sum(dlq.values()), flagged=len(flagged), auroc=auroc,
+                   p50_ms=float(np.percentile(e2e, 50)) if len(e2e) else None,
+                   p99_ms=float(np.percentile(e2e, 99)) if len(e2e) else None,
+                   fps=len(results) / max(elapsed_s, 1e-6), model=model, grid_png=grid, dlq_reasons=dlq)
+
+
+def write_grid(path: Path, events, by_id, *, tile: int = 192, cols: int = 6, max_tiles: int = 24) -> Path:
+    """Flagged frames with their heat map overlaid and boxes drawn, highest score first."""
+    events = sorted(events, key=lambda e: e.result.score, reverse=True)[:max_tiles]
+    tiles = []
+    for ev in events:
+        s = by_id[ev.result.frame_id]
+        img = cv2.imread(s.path, cv2.IMREAD_COLOR)
+        if img is None:
+            img = np.zeros((tile, tile, 3), np.uint8)
+        img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
+        hm = cv2.resize(decode_heatmap(ev.heatmap_png_b64), (tile, tile), interpolation=cv2.INTER_LINEAR)
+        over = cv2.addWeighted(img, 0.55, cv2.applyColorMap(hm, cv2.COLORMAP_JET), 0.45, 0)
+        for b in ev.boxes:
+            x, y, w, h = (int(round(v * tile)) for v in (b["x"], b["y"], b["w"], b["h"]))
+            cv2.rectangle(over, (x, y), (x + w, y + h), (255, 255, 255), 1)
+        gt = s.gt_defect or s.gt_label or "?"
+        cv2.rectangle(over, (0, 0), (tile, 18), (0, 0, 0), -1)
+        cv2.putText(over, f"{ev.result.score:.3g} gt:{gt}"[:28], (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                    (0, 0, 255) if s.gt_label == "good" else (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(over)
+    rows = []
+    for i in range(0, len(tiles), cols):
+        row = tiles[i:i + cols]
+        row += [np.zeros_like(tiles[0])] * (cols - len(row))
+        rows.append(np.hstack(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.vstack(rows))
+    return path
+
+
+class WorkerProcess:
+    """The Faust worker as a child process (how it runs in production; SIGTERM stops it cleanly)."""
+
+    def __init__(self, bootstrap: str, triton: str, workdir: Path, *, web_port: int | None = None,
+                 batch_max: int | None = None, batch_within: float | None = None, app_id: str = "linewatch-worker",
+                 log_path: Path | None = None, env: dict[str, str] | None = None):
+        self.web_port = web_port or free_port()
+        self.cmd = [sys.executable, "-m", "stream.worker", "--bootstrap", bootstrap, "--triton", triton,
+                    "--web-port", str(self.web_port), "--datadir", str(workdir / "faust"), "--dev-broker",
+                    "--app-id", app_id]
+        if batch_max:
+            self.cmd += ["--batch-max", str(batch_max)]
+        if batch_within is not None:
+            self.cmd += ["--batch-within", str(batch_within)]
+        self.log_path = log_path or workdir / "worker.log"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+                                     env=self.env, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def open_stack(workdir: Path, model_repository: Path):
+    """stream.local.LocalStack started (owned by the embedded-stack module)."""
+    from stream.local import LocalStack  # noqa: PLC0415
+
+    stack = LocalStack(workdir, model_repository)
+    start = getattr(stack, "start", None) or getattr(stack, "up", None)
+    if start is not None:
+        start()
+    else:
+        stack.__enter__()
+    return stack
+
+
+def close_stack(stack) -> None:
+    stop = getattr(stack, "stop", None) or getattr(stack, "down", None) or getattr(stack, "close", None)
+    if stop is not None:
+        stop()
+    else:
+        stack.__exit__(None, None, None)
+
+
+def load_model(grpc_url: str, name: str, timeout_s: float = 180.0) -> None:
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    c = grpcclient.InferenceServerClient(grpc_url)
+    c.load_model(name)
+    t0 = time.monotonic()
+    while not c.is_model_ready(name):
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"model {name} not ready after {timeout_s}s")
+        time.sleep(0.2)
+    c.close()
+
+
+def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path | None = None,
+             fps: float = 10.0, cameras: list[str] | None = None, retrain: bool = False,
+             out_dir: str | Path | None = None, timeout_s: float = 150.0) -> Summary:
+    from stream.publish import ensure_topics, read_topics  # noqa: PLC0415
+    from stream.replay import replay  # noqa: PLC0415
+
+    t_all = time.monotonic()
+    workdir = Path(workdir or REPO_ROOT / ".stack" / "demo").resolve()
+    repo = Path(model_repository or REPO_ROOT / "triton_repo").resolve()
+    out_dir = Path(out_dir or workdir).resolve()
+    if retrain and workdir.exists():
+        shutil.rmtree(workdir / "artifacts", ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    test_dir = data_dir() / "mvtec" / "bottle" / "test"
+    if not test_dir.is_dir():
+        raise FileNotFoundError(f"MVTec bottle test set not found at {test_dir} (set LINEWATCH_DATA_DIR)")
+    model = None if retrain else find_model(repo)
+    trained_s = 0.0
+    if model is None:
+        t0 = time.monotonic()
+        print("no bottle model in triton_repo/: training a short-schedule one (subprocess)...", flush=True)
+        model = train_and_export(repo, workdir)
+        trained_s = time.monotonic() - t0
+    print(f"model: {model}; starting embedded stack...", flush=True)
+    stack = open_stack(workdir / "stack", repo)
+    worker = None
+    try:
+        boot, grpc_url = stack.kafka_bootstrap, stack.triton_grpc_url
+        load_model(grpc_url, model)
+        asyncio.run(ensure_topics(boot))
+        worker = WorkerProcess(boot, grpc_url, workdir, app_id=f"linewatch-demo-{int(time.time())}").start()
+        print(f"worker pid {worker.proc.pid}, metrics http://127.0.0.1:{worker.web_port}/metrics; replaying "
+              f"{test_dir} at {fps} fps...", flush=True)
+
+        async def go():
+            t0 = time.monotonic()
+            sent = await replay(boot, test_dir, cameras=cameras or ["cam-bottle-1"], fps=fps, product="bottle",
+                                line="line-1")
+            ids = {s.frame_id for s in sent}
+
+            def done(o):
+                seen = {decode_result(r.value).frame_id for r in o["inspection-results"]}
+                seen |= {(dict(r.headers).get("frame_id") or b"").decode() for r in o["frames-dlq"]}
+                return ids <= seen
+
+            recs = await read_topics(boot, ["inspection-results", "frames-dlq", "defect-events"], until=done,
+                                     timeout_s=timeout_s)
+            return sent, recs, time.monotonic() - t0
+
+        sent, recs, elapsed = asyncio.run(go())
+        summary = summarize(sent, recs, model, elapsed, out_dir / "flagged_grid.png")
+    finally:
+        if worker is not None:
+            worker.stop()
+        close_stack(stack)
+    summary.print()
+    print(f"demo wall time   : {time.monotonic() - t_all:.1f} s" + (f" (training {trained_s:.0f} s)" if trained_s else ""))
+    (out_dir / "summary.json").write_bytes(orjson.dumps({**summary.__dict__, "wall_s": time.monotonic() - t_all,
+                                                         "train_s": trained_s}, option=orjson.OPT_INDENT_2))
+    return summary
+
+
+def _unused(*_: Any) -> None:  # pragma: no cover
+    pass
