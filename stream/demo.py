@@ -214,7 +214,7 @@ class WorkerProcess:
 
     def __init__(self, bootstrap: str, triton: str, workdir: Path, *, web_port: int | None = None,
                  batch_max: int | None = None, batch_within: float | None = None, app_id: str = "linewatch-worker",
-                 log_path: Path | None = None, env: dict[str, str] | None = None):
+                 log_path: Path | None = None, env: dict[str, str] | None = None, extra_args: list[str] | None = None):
         self.web_port = web_port or free_port()
         self.cmd = [sys.executable, "-m", "stream.worker", "--bootstrap", bootstrap, "--triton", triton,
                     "--web-port", str(self.web_port), "--datadir", str(workdir / "faust"), "--dev-broker",
@@ -223,6 +223,7 @@ class WorkerProcess:
             self.cmd += ["--batch-max", str(batch_max)]
         if batch_within is not None:
             self.cmd += ["--batch-within", str(batch_within)]
+        self.cmd += list(extra_args or [])
         self.log_path = log_path or workdir / "worker.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None

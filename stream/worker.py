@@ -17,6 +17,7 @@ import asyncio
 import os
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class WorkerConfig:
     heatmap_size: int = 64
     shadow: bool = False
     partitions: int = 1
+    decode_threads: int = min(4, os.cpu_count() or 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -129,6 +131,7 @@ class Pipeline:
         self.triton = triton
         self.metrics = metrics
         self.router = Router(RoutingConfig.load(cfg.routing))
+        self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads), thread_name_prefix="decode")
 
     async def refresh_models(self) -> None:
         await self.triton.specs(max_age_s=0)
@@ -157,24 +160,33 @@ class Pipeline:
             log.warning("frame_dlq", frame_id=fid, camera=cam, reason=reason, detail=detail[:300], stage=stage)
             dlq.append(dlq_record(key, value, headers, reason, detail, stage=stage))
 
-        for i, (key, value, headers, kts) in enumerate(records):
+        def prep(i: int):
+            key, value, headers, kts = records[i]
+            t0 = time.perf_counter()
+            f = decode_frame(key, value, headers)
+            route = self.router.route(f)
+            spec = self.triton._specs[route.model]
+            img = decode_image(f.image, max_side=self.cfg.max_side, max_pixels=self.cfg.max_pixels)
+            t1 = time.perf_counter()
+            x = to_tensor(img, spec)
+            return f, route, x, t0, t1, time.perf_counter()
+
+        loop = asyncio.get_running_loop()
+        for _, _, headers, _ in records:
             _, cam = peek_ids(headers)
             m.frames_in.labels(camera=cam or "?").inc()
-            t0 = time.perf_counter()
-            try:
-                f = decode_frame(key, value, headers)
-                route = self.router.route(f)
-                spec = self.triton._specs[route.model]
-                img = decode_image(f.image, max_side=self.cfg.max_side, max_pixels=self.cfg.max_pixels)
-                t1 = time.perf_counter()
-                x = to_tensor(img, spec)
-                t2 = time.perf_counter()
-            except EnvelopeError as e:
-                to_dlq(i, e.reason, e.detail, "decode")
+        # OpenCV releases the GIL: decode + preprocess frames in parallel threads
+        done = await asyncio.gather(*(loop.run_in_executor(self.executor, prep, i) for i in range(n)),
+                                    return_exceptions=True)
+        for i, d in enumerate(done):
+            if isinstance(d, EnvelopeError):
+                to_dlq(i, d.reason, d.detail, "decode")
                 continue
-            except Exception as e:  # noqa: BLE001 - never stop the stream on one frame
-                to_dlq(i, "internal_error", f"{type(e).__name__}: {e}", "decode")
+            if isinstance(d, BaseException):  # never stop the stream on one frame
+                to_dlq(i, "internal_error", f"{type(d).__name__}: {d}", "decode")
                 continue
+            f, route, x, t0, t1, t2 = d
+            kts = records[i][3]
             frames[i], routes[i], tensors[i] = f, route, x
             queue_ms = max(0.0, now_ms - kts * 1000) if kts else 0.0
             lat[i] = {"queue": round(queue_ms, 3), "decode": round((t1 - t0) * 1000, 3),
@@ -412,13 +424,18 @@ def add_worker_args(ap) -> None:
     ap.add_argument("--datadir")
     ap.add_argument("--routing", help="routing JSON file or inline JSON")
     ap.add_argument("--dev-broker", action="store_true", default=None, help="apply Tansu workarounds")
+    ap.add_argument("--frames-topic")
+    ap.add_argument("--results-topic")
+    ap.add_argument("--defects-topic")
+    ap.add_argument("--dlq-topic")
 
 
 def config_from_args(a) -> WorkerConfig:
     return WorkerConfig.from_settings(
         None, kafka_bootstrap=a.bootstrap, triton_grpc_url=a.triton, batch_max=a.batch_max,
         batch_within_s=a.batch_within, web_port=a.web_port, app_id=a.app_id, datadir=a.datadir,
-        routing=a.routing, dev_broker=a.dev_broker)
+        routing=a.routing, dev_broker=a.dev_broker, frames_topic=a.frames_topic, results_topic=a.results_topic,
+        defects_topic=a.defects_topic, dlq_topic=a.dlq_topic)
 
 
 if __name__ == "__main__":
