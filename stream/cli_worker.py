@@ -88,7 +88,7 @@ def _cmd_demo(a) -> int:
 
     try:
         run_demo(workdir=a.workdir, model_repository=a.model_repository, fps=a.fps, retrain=a.retrain,
-                 cameras=a.camera)
+                 cameras=a.camera, bootstrap=a.bootstrap, triton_grpc_url=a.triton, model=a.model)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,6 +133,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=10.0)
     p.add_argument("--camera", action="append")
     p.add_argument("--retrain", action="store_true", help="train + export a fresh model even if one exists")
+    p.add_argument("--bootstrap", help="use a running broker (with --triton) instead of the embedded stack")
+    p.add_argument("--triton", help="Triton gRPC host:port of a running server")
+    p.add_argument("--model", help="Triton model name to use (default: the bottle model found in the repository)")
     p.set_defaults(func=_cmd_demo)
 
 

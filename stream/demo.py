@@ -291,7 +291,10 @@ def load_model(grpc_url: str, name: str, timeout_s: float = 180.0) -> None:
 
 def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path | None = None,
              fps: float = 10.0, cameras: list[str] | None = None, retrain: bool = False,
-             out_dir: str | Path | None = None, timeout_s: float = 150.0) -> Summary:
+             out_dir: str | Path | None = None, timeout_s: float = 150.0, bootstrap: str | None = None,
+             triton_grpc_url: str | None = None, model: str | None = None) -> Summary:
+    """Run the demo. With ``bootstrap`` + ``triton_grpc_url`` an already running stack is used
+    (e.g. ``linewatch stack up``) and left running; otherwise the embedded stack is started and stopped."""
     from stream.publish import ensure_topics, read_topics  # noqa: PLC0415
     from stream.replay import replay  # noqa: PLC0415
 
@@ -305,7 +308,7 @@ def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path 
     test_dir = data_dir() / "mvtec" / "bottle" / "test"
     if not test_dir.is_dir():
         raise FileNotFoundError(f"MVTec bottle test set not found at {test_dir} (set LINEWATCH_DATA_DIR)")
-    model = None if retrain else find_model(repo)
+    model = model or (None if retrain else find_model(repo))
     trained_s = 0.0
     if model is None:
         t0 = time.monotonic()
@@ -313,10 +316,11 @@ def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path 
         model = train_and_export(repo, workdir)
         trained_s = time.monotonic() - t0
     print(f"model: {model}; starting embedded stack...", flush=True)
-    stack = open_stack(workdir / "stack", repo)
+    own_stack = not (bootstrap and triton_grpc_url)
+    stack = open_stack(workdir / "stack", repo) if own_stack else None
     worker = None
     try:
-        boot, grpc_url = stack.kafka_bootstrap, stack.triton_grpc_url
+        boot, grpc_url = (stack.kafka_bootstrap, stack.triton_grpc_url) if own_stack else (bootstrap, triton_grpc_url)
         load_model(grpc_url, model)
         asyncio.run(ensure_topics(boot))
         worker = WorkerProcess(boot, grpc_url, workdir, app_id=f"linewatch-demo-{int(time.time())}").start()
@@ -324,6 +328,11 @@ def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path 
               f"{test_dir} at {fps} fps...", flush=True)
 
         async def go():
+            # warm-up frame: waits out the consumer-group join and the first Triton call (not counted)
+            warm = await replay(boot, test_dir, cameras=["warmup"], fps=0, product="bottle", limit=1)
+            wid = warm[0].frame_id
+            await read_topics(boot, ["inspection-results", "frames-dlq"], timeout_s=120,
+                              until=lambda o: any(decode_result(r.value).frame_id == wid for r in o["inspection-results"]))
             t0 = time.monotonic()
             sent = await replay(boot, test_dir, cameras=cameras or ["cam-bottle-1"], fps=fps, product="bottle",
                                 line="line-1")
@@ -343,7 +352,8 @@ def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path 
     finally:
         if worker is not None:
             worker.stop()
-        close_stack(stack)
+        if stack is not None:
+            close_stack(stack)
     summary.print()
     print(f"demo wall time   : {time.monotonic() - t_all:.1f} s" + (f" (training {trained_s:.0f} s)" if trained_s else ""))
     (out_dir / "summary.json").write_bytes(orjson.dumps({**summary.__dict__, "wall_s": time.monotonic() - t_all,
