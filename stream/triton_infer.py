@@ -27,7 +27,7 @@ log = get_logger("stream.triton")
 
 TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED",
                      "not ready", "unavailable", "Socket closed", "failed to connect", "Connection reset",
-                     "is not found", "not found", "UNKNOWN: Stub process")
+                     "NOT_FOUND", "not found", "no available versions", "unknown model", "UNKNOWN: Stub process")
 
 
 class TransientInferError(RuntimeError):
@@ -124,13 +124,12 @@ class TritonInfer:
     def available(self) -> dict[str, tuple[str, ...]]:
         return {k: v.tasks for k, v in self._specs.items()}
 
-    async def _infer_once(self, model: str, batch: np.ndarray, tasks: list[str] | None) -> tuple:
-        spec = self._specs[model]
+    async def _infer_once(self, model: str, spec: ModelSpec, has_task: bool, batch: np.ndarray,
+                          tasks: list[str] | None) -> tuple:
         inp = grpcclient.InferInput(spec.input.name, list(batch.shape), "FP32")
         inp.set_data_from_numpy(batch)
         inputs = [inp]
         out_names = [spec.outputs.get("score", "score"), spec.outputs.get("anomaly_map", "anomaly_map")]
-        has_task = "task" in self._inputs.get(model, set())
         if has_task:
             t = np.array([[(x or "").encode()] for x in (tasks or [""] * len(batch))], dtype=np.object_)
             ti = grpcclient.InferInput("task", list(t.shape), "BYTES")
@@ -153,6 +152,8 @@ class TritonInfer:
             await self.refresh()
             if model not in self._specs:
                 raise TransientInferError(f"model {model} is not READY in Triton")
+        spec = self._specs[model]  # captured: a concurrent refresh must not change it mid-request
+        has_task = "task" in self._inputs.get(model, set())
         mb = self._max_batch.get(model, 0) or len(batch)
         parts = []
         t0 = time.perf_counter()
@@ -163,7 +164,7 @@ class TritonInfer:
             while True:
                 attempt += 1
                 try:
-                    parts.append(await self._infer_once(model, sub, subt))
+                    parts.append(await self._infer_once(model, spec, has_task, sub, subt))
                     break
                 except Exception as e:  # noqa: BLE001
                     if self.metrics is not None:
@@ -175,11 +176,6 @@ class TritonInfer:
                     delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
                     log.warning("triton_retry", model=model, attempt=attempt, delay_s=round(delay, 3), error=str(e)[:300])
                     await asyncio.sleep(delay)
-                    if "not found" in str(e) or "not ready" in str(e):
-                        try:
-                            await self.refresh()
-                        except Exception:  # noqa: BLE001
-                            pass
             attempts_total += attempt
         scores = np.concatenate([p[0] for p in parts])
         maps = np.concatenate([p[1] for p in parts])

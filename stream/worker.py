@@ -64,6 +64,7 @@ class WorkerConfig:
     shadow: bool = False
     partitions: int = 1
     fetch_max_wait_ms: int = 50
+    transient_grace_s: float = 120.0  # a model missing from Triton this long -> frames DLQ'd (unknown_product)
     decode_threads: int = min(4, os.cpu_count() or 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -221,6 +222,7 @@ class Pipeline:
 
         pending = sorted(frames)
         backoff = 0.5
+        t_first_fail = 0.0
         while pending:
             groups: dict[str, list[int]] = defaultdict(list)
             for i in pending:
@@ -256,6 +258,7 @@ class Pipeline:
                     self._emit(outputs, i, frames[i], routes[i], spec, out, j, lat[i], now_ms, t_batch)
             pending = retry
             if pending:
+                t_first_fail = t_first_fail or time.monotonic()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 try:
@@ -263,13 +266,19 @@ class Pipeline:
                 except Exception as e:  # noqa: BLE001
                     log.warning("triton_refresh_failed", error=str(e)[:300])
                 still = []
+                waited = time.monotonic() - t_first_fail
                 for i in pending:  # re-route: a model may have been unloaded or replaced
                     try:
-                        routes[i] = self.router.route(frames[i])
-                        tensors[i] = to_tensor(decode_image(frames[i].image), self.triton._specs[routes[i].model])
+                        r = self.router.route(frames[i])
+                        if r.model != routes[i].model:
+                            tensors[i] = to_tensor(decode_image(frames[i].image), self.triton._specs[r.model])
+                        routes[i] = r
                         still.append(i)
                     except EnvelopeError as e:
-                        to_dlq(i, e.reason, e.detail, "route")
+                        if waited < self.cfg.transient_grace_s:  # e.g. model reloading: keep retrying
+                            still.append(i)
+                        else:
+                            to_dlq(i, e.reason, e.detail, "route")
                 pending = still
         return [o for o in outputs if o is not None], dlq
 
