@@ -1,0 +1,298 @@
+"""End-to-end: real Tansu broker + real tritonserver (``local_stack``) + a real exported detector +
+the Faust worker as a subprocess. No mocks.
+
+The detector is the first of: ``$LINEWATCH_IT_MODEL_DIR`` (an exported Triton model dir),
+``triton_repo/moleflow``, ``triton_repo/efficientad_bottle``; else a tiny-schedule MoLE-Flow /
+EfficientAD is trained + exported through the models CLI (subprocess) into a temp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from stream.demo import REPO_ROOT, WorkerProcess, data_dir, load_model, model_ready
+from stream.envelope import (
+    Frame,
+    decode_defect_event,
+    decode_result,
+    dlq_reason,
+    encode_frame,
+    headers_to_dict,
+)
+from stream.publish import Producer, ensure_topics, read_topics
+from stream.replay import replay
+
+pytestmark = pytest.mark.integration
+BOTTLE_TEST = data_dir() / "mvtec" / "bottle" / "test"
+
+
+def _tiny_train() -> Path | None:
+    """Train + export a tiny-schedule detector via the models CLI (subprocess: stream has no torch).
+
+    Cached under .stack/it-model (gitignored) so only the first run pays for it."""
+    from stream.demo import _has_verb, _models_cli  # noqa: PLC0415
+
+    repo = REPO_ROOT / ".stack" / "it-model"
+    for name in ("moleflow", "efficientad_bottle"):
+        if model_ready(repo, name):
+            return repo / name
+    cli = _models_cli()
+    art = repo.parent / "it-model-artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    good = data_dir() / "mvtec" / "bottle" / "train" / "good"
+    if _has_verb("efficientad", "train") and _has_verb("efficientad", "export"):
+        weights = data_dir() / "weights" / "efficientnet-lite0-57934424.pth"
+        subprocess.run([*cli, "efficientad", "distill-teacher", "--image-dir", str(good), "--out", str(art / "t.pt"),
+                        "--backbone", "efficientnet_lite0", "--backbone-weights", str(weights), "--steps", "5",
+                        "--max-images", "8"], check=True, timeout=600)
+        subprocess.run([*cli, "efficientad", "train", "--train-dir", str(good), "--teacher", str(art / "t.pt"),
+                        "--out", str(art / "s.pt"), "--steps", "5", "--max-train-images", "8"], check=True, timeout=600)
+        subprocess.run([*cli, "efficientad", "export", "--checkpoint", str(art / "s.pt"), "--repository", str(repo),
+                        "--product", "bottle"], check=True, timeout=600)
+        return repo / "efficientad_bottle"
+    return None
+
+
+@pytest.fixture(scope="module")
+def stack(request):
+    """tests/conftest.py's session ``local_stack`` (real Tansu + tritonserver)."""
+    try:
+        return request.getfixturevalue("local_stack")
+    except pytest.FixtureLookupError:
+        pytest.skip("local_stack fixture (tests/conftest.py) not available")
+
+
+@pytest.fixture(scope="module")
+def detector(stack, tmp_path_factory):
+    """(model name, spec-free) loaded in the stack's Triton."""
+    src = None
+    env = os.environ.get("LINEWATCH_IT_MODEL_DIR")
+    cands = [Path(env)] if env else []
+    cands += [REPO_ROOT / "triton_repo" / "moleflow", REPO_ROOT / "triton_repo" / "efficientad_bottle"]
+    for c in cands:
+        if model_ready(c.parent, c.name):
+            src = c
+            break
+    if src is None:
+        src = _tiny_train()
+    if src is None:
+        pytest.skip("no exported detector (triton_repo/moleflow or efficientad_bottle) and no models CLI to train one")
+    dst = Path(stack.model_repository) / src.name
+    if dst.resolve() != src.resolve():
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    load_model(stack.triton_grpc_url, src.name)
+    return src.name
+
+
+def _topics(prefix: str) -> dict[str, str]:
+    return {"frames": f"{prefix}-frames", "results": f"{prefix}-results", "defects": f"{prefix}-defects",
+            "dlq": f"{prefix}-dlq"}
+
+
+def _worker(local_stack, tmp: Path, t: dict[str, str], app_id: str) -> WorkerProcess:
+    return WorkerProcess(local_stack.kafka_bootstrap, local_stack.triton_grpc_url, tmp, app_id=app_id,
+                         batch_max=8, batch_within=0.05, log_path=tmp / f"{app_id}.log",
+                         extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
+                                     "--defects-topic", t["defects"], "--dlq-topic", t["dlq"]])
+
+
+@pytest.fixture(scope="module")
+def running(stack, detector, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("worker")
+    t = _topics(f"it-{uuid.uuid4().hex[:6]}")
+    asyncio.run(ensure_topics(stack.kafka_bootstrap, t.values(), partitions=2))
+    w = _worker(stack, tmp, t, f"lw-it-{uuid.uuid4().hex[:6]}").start()
+    yield t, w
+    w.stop()
+
+
+def _collect(bootstrap, t, ids: set[str], timeout_s: float = 90.0):
+    def seen(o):
+        s = set()
+        for r in o[t["results"]]:
+            s.add(decode_result(r.value).frame_id)
+        for r in o[t["dlq"]]:
+            s.add(headers_to_dict(r.headers).get("test_id", headers_to_dict(r.headers).get("frame_id", b"")).decode())
+        return s
+
+    recs = asyncio.run(read_topics(bootstrap, [t["results"], t["dlq"], t["defects"]],
+                                   until=lambda o: ids <= seen(o), timeout_s=timeout_s))
+    return recs, seen(recs)
+
+
+def test_n_frames_in_n_results_out_order_preserved(stack, running):
+    t, w = running
+    sent = asyncio.run(replay(stack.kafka_bootstrap, BOTTLE_TEST, cameras=["cam-a", "cam-b", "cam-c"], fps=0,
+                              topic=t["frames"], product="bottle", limit=10))
+    ids = {s.frame_id for s in sent}
+    assert len(ids) == 30
+    recs, seen = _collect(stack.kafka_bootstrap, t, ids)
+    assert w.alive(), w.log_path.read_text()[-3000:]
+    results = [decode_result(r.value) for r in recs[t["results"]]]
+    got = {r.frame_id for r in results}
+    assert got >= ids, f"missing results for {len(ids - got)} frames"
+    for r in results:
+        assert r.model and r.latency_ms.get("infer", 0) > 0 and np.isfinite(r.score)
+        assert r.gt_label in ("good", "defect")
+    # per-camera order preserved (results keyed by camera; compare first occurrence order)
+    for cam in ("cam-a", "cam-b", "cam-c"):
+        want = [s.frame_id for s in sent if s.camera == cam]
+        order = []
+        for r in results:
+            if r.camera == cam and r.frame_id not in order:
+                order.append(r.frame_id)
+        assert order == want, f"{cam}: results out of order"
+    # one defect event per anomalous result, with a heat map and boxes
+    anomalous = {r.frame_id for r in results if r.is_anomaly}
+    events = [decode_defect_event(r.value) for r in recs[t["defects"]]]
+    assert {e.result.frame_id for e in events} == anomalous
+    for e in events[:5]:
+        assert e.heatmap_png_b64 and isinstance(e.boxes, list)
+
+
+def _png(shape=(64, 64, 3)):
+    ok, buf = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8))
+    return buf.tobytes()
+
+
+def _png_bomb(w=60000, h=60000):
+    def chunk(tag, d):
+        return struct.pack(">I", len(d)) + tag + d + struct.pack(">I", zlib.crc32(tag + d) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_malformed_frames_go_to_dlq_with_reason(stack, running, detector):
+    t, w = running
+    good_png = _png()
+    cases: dict[str, tuple[bytes, dict]] = {
+        "missing_header": (good_png, {"drop": "frame_id"}),
+        "bad_header": (good_png, {"set": ("ts_ms", b"not-a-number")}),
+        "unsupported_content_type": (good_png, {"set": ("content_type", b"text/plain")}),
+        "empty_payload": (b"", {}),
+        "unsupported_format": (b"this is definitely not an image " * 4, {}),
+        "undecodable_image": (good_png[: len(good_png) // 3], {}),
+        "too_large": (_png_bomb(), {}),
+    }
+    if detector != "moleflow":  # MoLE-Flow routes unknown products itself
+        cases["unknown_product"] = (good_png, {"set": ("product", b"no-such-product"), "camera": "cam-unmapped"})
+    records, expect = [], {}
+    goods = []
+    for i, (reason, (payload, how)) in enumerate(cases.items()):
+        test_id = f"bad-{reason}-{uuid.uuid4().hex[:6]}"
+        f = Frame(frame_id=test_id, camera_id=how.get("camera", "cam-dlq"), ts_ms=int(time.time() * 1000),
+                  image=payload or b"x", product="bottle", content_type="image/png")
+        k, v, h = encode_frame(f)
+        if not payload:
+            v = b""
+        h = [(a, b) for a, b in h if a != how.get("drop") and a != how.get("set", ("",))[0]]
+        if "set" in how:
+            h.append(how["set"])
+        h.append(("test_id", test_id.encode()))
+        records.append((k, v, h))
+        expect[test_id] = reason
+        gid = f"good-{i}-{uuid.uuid4().hex[:6]}"  # a valid frame after each bad one: the stream keeps going
+        k, v, h = encode_frame(Frame(frame_id=gid, camera_id="cam-dlq", ts_ms=int(time.time() * 1000), image=good_png,
+                                     product="bottle", content_type="image/png"))
+        records.append((k, v, h + [("test_id", gid.encode())]))
+        goods.append(gid)
+
+    async def pub():
+        async with Producer(stack.kafka_bootstrap) as p:
+            await p.send_many(t["frames"], records)
+
+    asyncio.run(pub())
+    recs, seen = _collect(stack.kafka_bootstrap, t, set(expect) | set(goods))
+    got = {}
+    for r in recs[t["dlq"]]:
+        h = headers_to_dict(r.headers)
+        tid = h.get("test_id", b"").decode()
+        if tid in expect:
+            reason, detail = dlq_reason(r.headers)
+            got[tid] = reason
+            assert detail, f"{tid}: DLQ record without error_detail"
+            idx = [x[2] for x in records].index(next(x[2] for x in records if ("test_id", tid.encode()) in x[2]))
+            assert r.value == records[idx][1], f"{tid}: DLQ value is not the original bytes"
+    assert got == expect
+    results = {decode_result(r.value).frame_id for r in recs[t["results"]]}
+    assert set(goods) <= results
+    assert w.alive()
+    # metrics on the worker's web port count the DLQ by reason
+    import urllib.request  # noqa: PLC0415
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{w.web_port}/metrics", timeout=5).read().decode()
+    assert 'linewatch_dlq_total{reason="undecodable_image"}' in body
+    assert "linewatch_stage_latency_ms_bucket" in body and "linewatch_batch_size_bucket" in body
+
+
+def test_worker_sigkill_mid_stream_loses_nothing(stack, detector, tmp_path):
+    t = _topics(f"kill-{uuid.uuid4().hex[:6]}")
+    boot = stack.kafka_bootstrap
+    asyncio.run(ensure_topics(boot, t.values(), partitions=1))
+    app_id = f"lw-kill-{uuid.uuid4().hex[:6]}"
+    w1 = _worker(stack, tmp_path, t, app_id).start()
+    try:
+        async def stream_and_kill():
+            task = asyncio.create_task(replay(boot, BOTTLE_TEST, cameras=["cam-k1", "cam-k2"], fps=8,
+                                              topic=t["frames"], product="bottle", limit=30))
+            # wait until the worker has produced some results, then SIGKILL it mid-stream
+            await read_topics(boot, [t["results"]], until=lambda o: len(o[t["results"]]) >= 6, timeout_s=90)
+            w1.kill()
+            return await task
+
+        sent = asyncio.run(stream_and_kill())
+        assert not w1.alive()
+        before = asyncio.run(read_topics(boot, [t["results"]], timeout_s=3, idle_s=1.0))[t["results"]]
+        assert 6 <= len({decode_result(r.value).frame_id for r in before}) < len(sent), "kill was not mid-stream"
+        w2 = _worker(stack, tmp_path, t, app_id).start()
+        try:
+            ids = {s.frame_id for s in sent}
+            recs, seen = _collect(boot, t, ids, timeout_s=150)
+            missing = ids - seen
+            assert not missing, f"{len(missing)} frames lost after SIGKILL + restart; log: {w2.log_path.read_text()[-2000:]}"
+        finally:
+            w2.stop()
+    finally:
+        w1.stop()
+
+
+def test_triton_model_gap_is_retried_not_dlqd(stack, running, detector):
+    """Model unloaded while frames arrive, reloaded 3 s later: every frame gets a result, none DLQ'd."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    t, w = running
+    c = grpcclient.InferenceServerClient(stack.triton_grpc_url)
+    c.unload_model(detector)
+    deadline = time.monotonic() + 60
+    while c.is_model_ready(detector) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        sent = asyncio.run(replay(stack.kafka_bootstrap, BOTTLE_TEST, cameras=["cam-gap"], fps=0,
+                                  topic=t["frames"], product="bottle", limit=4))
+        time.sleep(3)
+    finally:
+        load_model(stack.triton_grpc_url, detector)
+        c.close()
+    ids = {s.frame_id for s in sent}
+    recs, _ = _collect(stack.kafka_bootstrap, t, ids, timeout_s=90)
+    assert ids <= {decode_result(r.value).frame_id for r in recs[t["results"]]}
+    assert not ids & {headers_to_dict(r.headers).get("frame_id", b"").decode() for r in recs[t["dlq"]]}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
