@@ -8,51 +8,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 
-def _settings_value(*names: str, default=None):
-    try:
-        from stream.config import Settings  # noqa: PLC0415
+def _endpoints(a) -> tuple[str, str]:
+    """(kafka bootstrap, triton gRPC url): flag > LINEWATCH_* env > a running `linewatch stack up` > settings."""
+    from stream.config import Settings  # noqa: PLC0415
 
-        s = Settings()
-        for n in names:
-            v = getattr(s, n, None)
-            if v:
-                return v
-    except Exception:  # noqa: BLE001
-        pass
-    return default
+    s = Settings()
+    boot = getattr(a, "bootstrap", None) or os.environ.get("LINEWATCH_KAFKA_BOOTSTRAP")
+    triton = getattr(a, "triton", None) or os.environ.get("LINEWATCH_TRITON_GRPC_URL")
+    if not (boot and triton):
+        try:
+            from stream.local import pid_alive, read_state  # noqa: PLC0415
+
+            st = read_state(s.stack_workdir)
+            if st is not None and all(pid_alive(p) for p in st.pids.values()):
+                boot, triton = boot or st.kafka_bootstrap, triton or st.triton_grpc_url
+        except Exception:  # noqa: BLE001 - no running stack
+            pass
+    return boot or s.kafka_bootstrap, triton or s.triton_grpc_url
 
 
 def _bootstrap(a) -> str:
-    b = a.bootstrap or _settings_value("kafka_bootstrap", "kafka_bootstrap_servers", "bootstrap_servers")
-    if not b:
-        # a running `linewatch stack up` records its endpoints; ask the stack module
-        try:
-            from stream import local  # noqa: PLC0415
-
-            for n in ("read_state", "load_state", "stack_state", "current"):
-                fn = getattr(local, n, None)
-                if callable(fn):
-                    st = fn()
-                    b = getattr(st, "kafka_bootstrap", None) or (st or {}).get("kafka_bootstrap")
-                    if b:
-                        break
-        except Exception:  # noqa: BLE001
-            pass
-    if not b:
-        raise SystemExit("error: no Kafka bootstrap: pass --bootstrap or set it in settings / `linewatch stack up`")
-    return b if isinstance(b, str) else ",".join(b)
+    return _endpoints(a)[0]
 
 
 def _cmd_worker(a) -> int:
     from stream.worker import config_from_args, run_worker  # noqa: PLC0415
 
-    if a.triton is None:
-        a.triton = _settings_value("triton_grpc_url", "triton_url")
-    if a.bootstrap is None:
-        a.bootstrap = _bootstrap(a)
+    a.bootstrap, a.triton = _endpoints(a)
     run_worker(config_from_args(a))
     return 0
 

@@ -307,8 +307,11 @@ def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path 
     from stream.replay import replay  # noqa: PLC0415
 
     t_all = time.monotonic()
-    workdir = Path(workdir or REPO_ROOT / ".stack" / "demo").resolve()
-    repo = Path(model_repository or REPO_ROOT / "triton_repo").resolve()
+    from stream.config import Settings  # noqa: PLC0415
+
+    settings = Settings()
+    workdir = Path(workdir or Path(settings.stack_workdir) / "demo").resolve()
+    repo = Path(model_repository or settings.model_repository).resolve()
     out_dir = Path(out_dir or workdir).resolve()
     if retrain and workdir.exists():
         shutil.rmtree(workdir / "artifacts", ignore_errors=True)

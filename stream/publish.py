@@ -21,29 +21,18 @@ log = get_logger("stream.publish")
 DEFAULT_TOPICS = ("frames", "inspection-results", "defect-events", "frames-dlq", "drift-alerts", "model-events")
 
 
-def client_kwargs(dev_broker: bool | None = None, **extra) -> dict[str, Any]:
-    """aiokafka kwargs from stream.config's helper when present (dev-broker settings live there)."""
-    kw: dict[str, Any] = {}
-    try:
-        from stream import config as _cfg  # noqa: PLC0415
+def client_kwargs(role: str = "any", **extra) -> dict[str, Any]:
+    """aiokafka kwargs (security + dev-broker timings) from stream.config, minus bootstrap_servers."""
+    from stream.config import aiokafka_client_kwargs  # noqa: PLC0415
 
-        for name in ("aiokafka_client_kwargs", "aiokafka_kwargs", "kafka_client_kwargs", "client_kwargs"):
-            fn = getattr(_cfg, name, None)
-            if callable(fn):
-                try:
-                    kw = dict(fn())
-                except TypeError:
-                    kw = dict(fn(_cfg.Settings()))
-                break
-    except Exception:  # noqa: BLE001 - config not available yet
-        kw = {}
+    kw = aiokafka_client_kwargs(role=role)
     kw.pop("bootstrap_servers", None)
     kw.update(extra)
     return kw
 
 
 async def ensure_topics(bootstrap: str, topics: Iterable[str] = DEFAULT_TOPICS, partitions: int = 1) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -62,7 +51,7 @@ class Producer:
     """Thin aiokafka producer wrapper; ``send`` returns after the broker acknowledged."""
 
     def __init__(self, bootstrap: str, **kw):
-        self.p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, **client_kwargs(**kw))
+        self.p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, **client_kwargs("producer", **kw))
 
     async def __aenter__(self):
         await self.p.start()
@@ -86,7 +75,7 @@ async def read_topics(bootstrap: str, topics: Iterable[str], *, until: Callable[
     """
     topics = list(topics)
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                         group_id=None, **client_kwargs())
+                         group_id=None, **client_kwargs("consumer"))
     await c.start()
     out: dict[str, list] = {t: [] for t in topics}
     try:

@@ -46,7 +46,7 @@ async def tail(bootstrap: str, *, results_topic: str = "inspection-results", dlq
                as_json: bool = False, timeout_s: float | None = None, out=sys.stdout) -> int:
     topics = [t for t in (results_topic, dlq_topic, defects_topic) if t]
     c = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         auto_offset_reset="earliest" if from_beginning else "latest", **client_kwargs())
+                         auto_offset_reset="earliest" if from_beginning else "latest", **client_kwargs("consumer"))
     await c.start()
     color = out.isatty() if hasattr(out, "isatty") else False
     n = 0

@@ -133,20 +133,11 @@ def limit_fetch_wait(ms: int) -> None:
 
 
 def apply_dev_broker_workarounds() -> None:
-    """Tansu quirks (DESIGN §6): delegate to stream.kafka_compat (owned by the stack)."""
-    try:
-        import stream.kafka_compat as kc  # noqa: PLC0415
-    except ImportError:
-        log.warning("kafka_compat_missing")
-        return
-    for name in ("apply", "apply_dev_broker_workarounds", "patch_aiokafka", "install", "apply_tansu_workarounds",
-                 "enable"):
-        fn = getattr(kc, name, None)
-        if callable(fn):
-            fn()
-            log.info("dev_broker_workaround_applied", fn=f"stream.kafka_compat.{name}")
-            return
-    log.warning("kafka_compat_no_entrypoint", names=[n for n in dir(kc) if not n.startswith("_")])
+    """Tansu quirks (DESIGN §6): aiokafka LeaveGroup for generation 0 (stream.kafka_compat)."""
+    from stream.kafka_compat import apply_dev_broker_workarounds as apply  # noqa: PLC0415
+
+    if apply():
+        log.info("dev_broker_workaround_applied", fix="LeaveGroup for generation >= 0")
 
 
 class Pipeline:
