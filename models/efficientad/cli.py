@@ -1,0 +1,162 @@
+"""``linewatch-models efficientad {train,evaluate,export,distill-teacher}``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _usage(msg: str):
+    from models.cli import UsageError
+
+    return UsageError(msg)
+
+
+def _dir(p: str, what: str) -> Path:
+    path = Path(p)
+    if not path.is_dir():
+        raise _usage(f"{what} not found: {path}")
+    return path
+
+
+def _file(p: str | None, what: str) -> Path | None:
+    if p is None:
+        return None
+    path = Path(p)
+    if not path.is_file():
+        raise _usage(f"{what} not found: {path}")
+    return path
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {v}")
+    return n
+
+
+def cmd_train(args) -> int:
+    from models.data import list_images
+    from models.efficientad.model import save_checkpoint
+    from models.efficientad.train import TrainConfig, train_efficientad
+
+    good = _dir(args.train_dir, "training image folder")
+    teacher = _file(args.teacher, "teacher weights")
+    paths = list_images(good)
+    if len(paths) < 2:
+        raise _usage(f"need at least 2 images in {good}")
+    bad = list_images(_dir(args.anomalous_val_dir, "anomalous validation folder")) if args.anomalous_val_dir else None
+    if args.penalty_dir:
+        _dir(args.penalty_dir, "penalty image folder")
+    cfg = TrainConfig(model_size=args.model_size, steps=args.steps, lr=args.lr, seed=args.seed,
+                      penalty_dir=args.penalty_dir, aug_variants=args.aug_variants,
+                      max_train_images=args.max_train_images)
+    model, meta = train_efficientad(paths, cfg, teacher_weights=teacher, anomalous_val_paths=bad)
+    save_checkpoint(model, args.out, meta)
+    print(f"saved {args.out} threshold={meta['threshold']:.6g}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+    import torch
+
+    from models.data import MVTecDataset, denormalize, mvtec_samples
+    from models.efficientad.model import load_checkpoint
+    from models.efficientad.train import predict
+    from models.evaluation import evaluate, save_heatmap_overlay, write_results_json
+
+    ck = _file(args.checkpoint, "checkpoint")
+    cat = _dir(args.mvtec_dir, "MVTec category folder")
+    samples = mvtec_samples(cat, "test")
+    model, meta = load_checkpoint(ck)
+    ds = MVTecDataset(cat, "test", 256, samples=samples)
+    items = [ds[i] for i in range(len(ds))]
+    maps, scores = predict(model, torch.stack([it["image"] for it in items]))
+    masks = np.stack([it["mask"].numpy() for it in items])
+    res = evaluate(scores.numpy(), [s.label for s in samples], [s.defect_type for s in samples],
+                   maps=maps[:, 0].numpy(), masks=masks, threshold=meta.get("threshold"))
+    write_results_json({"checkpoint": str(ck), "metrics": res}, args.out)
+    if args.overlays:
+        for i, it in enumerate(items):
+            save_heatmap_overlay(denormalize(it["image"]), maps[i, 0].numpy(),
+                                 Path(args.overlays) / f"{samples[i].defect_type}_{samples[i].path.stem}.png",
+                                 vmin=0.0, mask=masks[i])
+    o = res["overall"]
+    print(f"image_auroc={o['image_auroc']:.4f} pixel_auroc={o['pixel_auroc']:.4f} aupro_30={o['aupro_30']:.4f}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from models.efficientad.export import export_triton
+    from models.efficientad.model import load_checkpoint
+
+    model, meta = load_checkpoint(_file(args.checkpoint, "checkpoint"))
+    vdir = export_triton(model, args.repository, args.product, args.version,
+                         threshold=meta.get("threshold", 0.0), map_threshold=meta.get("map_threshold", 0.0),
+                         max_batch_size=args.max_batch_size,
+                         extra={"quantiles": meta.get("quantiles"), "threshold_source": meta.get("threshold_source")})
+    print(vdir)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from models.efficientad.distill import distill_teacher
+
+    folder = _dir(args.image_dir, "image folder")
+    weights = _file(args.backbone_weights, "backbone weights")
+    meta = distill_teacher(folder, args.out, args.backbone, weights, args.model_size, args.steps,
+                           args.batch_size, args.lr, max_images=args.max_images, seed=args.seed)
+    print(f"saved {args.out} loss={meta['final_loss']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("efficientad", help="EfficientAD (one model per product)")
+    verbs = g.add_subparsers(dest="verb", metavar="VERB", parser_class=type(g))
+    verbs.required = True
+
+    t = verbs.add_parser("train", help="train student + autoencoder on good images")
+    t.add_argument("--train-dir", required=True, help="folder of good images (e.g. <mvtec>/bottle/train/good)")
+    t.add_argument("--teacher", help="teacher weights (official teacher_small.pth layout or distill-teacher output)")
+    t.add_argument("--out", required=True, help="checkpoint file to write")
+    t.add_argument("--model-size", choices=["small", "medium"], default="small")
+    t.add_argument("--steps", type=_positive, default=70_000)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--aug-variants", type=int, default=2)
+    t.add_argument("--max-train-images", type=_positive)
+    t.add_argument("--penalty-dir", help="image folder for the pretraining penalty (paper: ImageNet)")
+    t.add_argument("--anomalous-val-dir", help="anomalous validation images: F1-optimal threshold")
+    t.set_defaults(func=cmd_train)
+
+    e = verbs.add_parser("evaluate", help="evaluate a checkpoint on an MVTec-layout category")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--mvtec-dir", required=True, help="category folder with test/ and ground_truth/")
+    e.add_argument("--out", required=True, help="results JSON")
+    e.add_argument("--overlays", help="folder for heat-map overlay PNGs")
+    e.set_defaults(func=cmd_evaluate)
+
+    x = verbs.add_parser("export", help="export to a Triton model repository")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--repository", required=True, help="Triton model repository (e.g. triton_repo)")
+    x.add_argument("--product", required=True)
+    x.add_argument("--version", type=_positive, help="default: next free version")
+    x.add_argument("--max-batch-size", type=_positive, default=8)
+    x.set_defaults(func=cmd_export)
+
+    d = verbs.add_parser("distill-teacher", help="distil a PDN teacher from a timm backbone")
+    d.add_argument("--image-dir", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--backbone", default="efficientnet_lite0")
+    d.add_argument("--backbone-weights", help="local weights file (never downloaded)")
+    d.add_argument("--model-size", choices=["small", "medium"], default="small")
+    d.add_argument("--steps", type=_positive, default=60_000)
+    d.add_argument("--batch-size", type=_positive, default=16)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--max-images", type=_positive)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_distill)

@@ -1,0 +1,108 @@
+"""Export an EfficientAD model into the Triton model repository (docs/CONTRACTS.md).
+
+Layout written:
+  <repo>/efficientad_<product>/config.pbtxt           python backend, dynamic batching, KIND_CPU x1,
+                                                       parameters.linewatch_spec = metadata JSON
+  <repo>/efficientad_<product>/<version>/model.pt     TorchScript (torch.jit.trace, batch-dynamic)
+  <repo>/efficientad_<product>/<version>/model.py     thin: subclasses models.efficientad.serving
+  <repo>/efficientad_<product>/<version>/metadata.json  linewatch_spec + artifact sha256
+The traced module takes ImageNet-normalised NCHW 256x256 images and returns
+(anomaly_map [B,1,256,256], score [B]); quantile normalisation is baked in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.data import IMAGENET_MEAN, IMAGENET_STD
+from models.efficientad.model import EfficientAD
+from models.efficientad.serving import ARTIFACT, MODEL_PY, sha256_file
+from stream.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def trace_model(model: EfficientAD, size: int = 256) -> torch.jit.ScriptModule:
+    model = model.eval()
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    return traced
+
+
+def build_spec(model_name: str, product: str, version: int, threshold: float, map_threshold: float,
+               size: int = 256, sha: str | None = None, extra: dict | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "schema": 1,
+        "model": model_name,
+        "detector": "efficientad",
+        "version": int(version),
+        "product": product,
+        "input": {"name": "image", "height": size, "width": size, "color": "RGB", "layout": "NCHW",
+                  "dtype": "FP32", "scale": 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "outputs": {"anomaly_map": "anomaly_map", "score": "score"},
+        "threshold": float(threshold),
+        "map_threshold": float(map_threshold),
+        "artifacts": {ARTIFACT: sha} if sha else {},
+    }
+    if extra:
+        spec["efficientad"] = extra
+    return spec
+
+
+def config_pbtxt(model_name: str, spec: dict[str, Any], max_batch_size: int = 8, size: int = 256) -> str:
+    spec_str = json.dumps(json.dumps(spec, sort_keys=True, separators=(",", ":")))  # quoted + escaped
+    return f"""name: "{model_name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "image" data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] }}
+]
+output [
+  {{ name: "anomaly_map" data_type: TYPE_FP32 dims: [ 1, {size}, {size} ] }},
+  {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters {{ key: "linewatch_spec" value {{ string_value: {spec_str} }} }}
+"""
+
+
+def export_triton(
+    model: EfficientAD,
+    repository: str | Path,
+    product: str,
+    version: int | None = None,
+    threshold: float = 0.0,
+    map_threshold: float = 0.0,
+    max_batch_size: int = 8,
+    extra: dict | None = None,
+) -> Path:
+    """Write one version of ``efficientad_<product>``; returns the version directory.
+
+    ``version=None`` picks (highest existing numeric version) + 1. The model-level config.pbtxt is
+    (re)written to describe the newest version.
+    """
+    if not product or not product.replace("-", "_").replace("_", "a").isalnum():
+        raise ValueError(f"bad product name: {product!r}")
+    name = f"efficientad_{product}"
+    model_dir = Path(repository) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        version = max(existing, default=0) + 1
+    vdir = model_dir / str(version)
+    vdir.mkdir(parents=True, exist_ok=True)
+    traced = trace_model(model)
+    traced.save(str(vdir / ARTIFACT))
+    sha = sha256_file(vdir / ARTIFACT)
+    spec = build_spec(name, product, version, threshold, map_threshold, sha=sha, extra=extra)
+    (vdir / "model.py").write_text(MODEL_PY)
+    (vdir / "metadata.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, spec, max_batch_size))
+    log.info("efficientad_exported", model=name, version=version, dir=str(vdir), sha256=sha)
+    return vdir

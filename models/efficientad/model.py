@@ -1,0 +1,128 @@
+"""The EfficientAD detector module: teacher + student + autoencoder + map normalisation.
+
+``EfficientAD.forward(x)`` takes ImageNet-normalised NCHW images (256x256) and returns
+``(anomaly_map [B,1,H,W], score [B])`` with quantile normalisation baked in, so the eager module,
+the TorchScript export and the Triton model compute the same thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.efficientad.networks import STUDENT_CHANNELS, TEACHER_CHANNELS, autoencoder, pdn
+
+CHECKPOINT_FORMAT = "linewatch-efficientad-v1"
+
+
+class EfficientAD(nn.Module):
+    def __init__(self, model_size: str = "small", out_channels: int = TEACHER_CHANNELS, padding: bool = False):
+        super().__init__()
+        self.model_size = model_size
+        self.out_channels = out_channels
+        self.padding = padding
+        self.teacher = pdn(model_size, out_channels, padding)
+        self.student = pdn(model_size, 2 * out_channels, padding)  # 768 = 384 (T) + 384 (AE)
+        self.autoencoder = autoencoder(out_channels, out_size=64 if padding else 56)
+        # teacher feature normalisation (Alg. 1: per-channel mean/std over the training images)
+        self.register_buffer("teacher_mean", torch.zeros(1, out_channels, 1, 1))
+        self.register_buffer("teacher_std", torch.ones(1, out_channels, 1, 1))
+        # quantile map normalisation (§3.4): q_a (0.9) and q_b (0.995) of M_ST and M_AE on validation
+        self.register_buffer("q_st_a", torch.tensor(0.0))
+        self.register_buffer("q_st_b", torch.tensor(0.1))
+        self.register_buffer("q_ae_a", torch.tensor(0.0))
+        self.register_buffer("q_ae_b", torch.tensor(0.1))
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):  # the teacher is frozen and always in eval mode
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.teacher(x) - self.teacher_mean) / self.teacher_std
+
+    def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalised local (M_ST) and global (M_AE) maps at PDN resolution [B,1,56,56]."""
+        c = self.out_channels
+        t = self.teacher_features(x)
+        s = self.student(x)
+        a = self.autoencoder(x)
+        map_st = torch.mean((t - s[:, :c]) ** 2, dim=1, keepdim=True)  # local: teacher vs student[:384]
+        map_ae = torch.mean((a - s[:, c:]) ** 2, dim=1, keepdim=True)  # global: AE vs student[384:]
+        return map_st, map_ae
+
+    def combine(self, map_st: torch.Tensor, map_ae: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # §3.4: M^_ST = 0.1 (M_ST - q_a^ST)/(q_b^ST - q_a^ST); same for AE; M = 0.5 M^_ST + 0.5 M^_AE
+        m_st = 0.1 * (map_st - self.q_st_a) / (self.q_st_b - self.q_st_a)
+        m_ae = 0.1 * (map_ae - self.q_ae_a) / (self.q_ae_b - self.q_ae_a)
+        m = 0.5 * m_st + 0.5 * m_ae
+        if not self.padding:  # 56x56 covers the image centre minus 4 PDN cells on each side
+            m = F.pad(m, (4, 4, 4, 4))
+        return F.interpolate(m, size=size, mode="bilinear", align_corners=False)  # Fig. 5: bilinear
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        map_st, map_ae = self.raw_maps(x)
+        amap = self.combine(map_st, map_ae, (x.shape[-2], x.shape[-1]))
+        score = torch.amax(amap, dim=(1, 2, 3))  # image score = max of the anomaly map
+        return amap, score
+
+
+def save_checkpoint(model: EfficientAD, path: str | Path, meta: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model_size": model.model_size,
+            "out_channels": model.out_channels,
+            "padding": model.padding,
+            "state_dict": model.state_dict(),
+            "meta": meta,
+        },
+        str(path),
+    )
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[EfficientAD, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an EfficientAD checkpoint")
+    model = EfficientAD(ck["model_size"], ck["out_channels"], ck["padding"])
+    model.load_state_dict(ck["state_dict"])
+    return model.eval(), ck["meta"]
+
+
+def load_teacher_weights(model: EfficientAD, path: str | Path) -> None:
+    """Load a PDN teacher state_dict (official nelson1425 ``teacher_small.pth``/``teacher_medium.pth``
+    layout: keys ``0.weight``, ``0.bias``, ``3.*``, ``6.*``, ``8.*`` (+ ``10.*``, ``12.*`` for medium),
+    see :func:`models.efficientad.networks.expected_teacher_keys`). Also accepts our distilled
+    teacher files (``{"teacher": state_dict, ...}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher weights not found: {path}")
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "teacher" in sd and isinstance(sd["teacher"], dict):
+        sd = sd["teacher"]
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    own = model.teacher.state_dict()
+    if set(sd) != set(own) or any(tuple(sd[k].shape) != tuple(own[k].shape) for k in own):
+        raise ValueError(
+            f"{path}: teacher keys/shapes do not match PDN-{model.model_size} "
+            f"(expected {sorted(own)} with 384 output channels)"
+        )
+    model.teacher.load_state_dict(sd)
+
+
+__all__ = ["EfficientAD", "save_checkpoint", "load_checkpoint", "load_teacher_weights", "STUDENT_CHANNELS"]

@@ -1,0 +1,242 @@
+"""EfficientAD: network shapes (paper Tables 1-3), hard loss, map normalisation, training, export."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from models.efficientad import networks as nets
+from models.efficientad.export import export_triton, trace_model
+from models.efficientad.model import EfficientAD, load_checkpoint, load_teacher_weights, save_checkpoint
+from models.efficientad.serving import MODEL_PY, EfficientADServing, sha256_file
+from models.efficientad.train import (
+    TrainConfig,
+    ae_augment,
+    compute_map_quantiles,
+    hard_feature_loss,
+    train_efficientad,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+X256 = torch.zeros(1, 3, 256, 256)
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_pdn_shapes(size):
+    with torch.no_grad():
+        assert nets.pdn(size)(X256).shape == (1, 384, 56, 56)  # teacher, padding off (DESIGN §6)
+        assert nets.pdn(size, 768)(X256).shape == (1, 768, 56, 56)  # student: 384 (T) + 384 (AE)
+        assert nets.pdn(size, padding=True)(X256).shape == (1, 384, 64, 64)  # table paddings
+
+
+def test_pdn_layer_layout_matches_tables():
+    s = nets.pdn_small()
+    convs = [m for m in s if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size[0]) for c in convs] == [(128, 4), (256, 4), (256, 3), (384, 4)]
+    m = nets.pdn_medium()
+    convs = [c for c in m if isinstance(c, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size[0]) for c in convs] == [(256, 4), (512, 4), (512, 1), (512, 3), (384, 4), (384, 1)]
+    # official nelson1425 teacher_small.pth keys
+    assert sorted(nets.expected_teacher_keys("small")) == sorted(
+        f"{i}.{p}" for i in (0, 3, 6, 8) for p in ("weight", "bias"))
+
+
+def test_autoencoder_shapes():
+    ae = nets.autoencoder().eval()
+    with torch.no_grad():
+        assert ae(X256).shape == (1, 384, 56, 56)
+        assert ae[:11](X256).shape == (1, 64, 1, 1)  # encoder bottleneck (EncConv-6)
+        assert nets.autoencoder(out_size=64).eval()(X256).shape == (1, 384, 64, 64)
+
+
+def test_efficientad_forward_shapes():
+    m = EfficientAD().eval()
+    with torch.no_grad():
+        st, ae = m.raw_maps(torch.zeros(2, 3, 256, 256))
+        amap, score = m(torch.zeros(2, 3, 256, 256))
+    assert st.shape == ae.shape == (2, 1, 56, 56)
+    assert amap.shape == (2, 1, 256, 256) and score.shape == (2,)
+    assert torch.allclose(score, amap.amax(dim=(1, 2, 3)))
+
+
+def test_hard_loss_selects_top_fraction():
+    torch.manual_seed(0)
+    t = torch.randn(1, 10, 10, 10)
+    s = torch.randn(1, 10, 10, 10, requires_grad=True)
+    loss = hard_feature_loss(t, s, q=0.99)
+    d = (t - s.detach()) ** 2
+    top = d.flatten().sort().values[-10:]  # 1% of 1000 entries
+    assert loss.item() == pytest.approx(top.mean().item(), rel=1e-6)
+    loss.backward()
+    assert int((s.grad != 0).sum()) == 10  # only the hard entries get gradient
+    # q=0 selects everything -> plain MSE
+    assert hard_feature_loss(t, s.detach(), q=0.0).item() == pytest.approx(d.mean().item(), rel=1e-6)
+
+
+def test_quantile_normalisation_maths():
+    m = EfficientAD().eval()
+    m.q_st_a.fill_(1.0), m.q_st_b.fill_(3.0), m.q_ae_a.fill_(0.5), m.q_ae_b.fill_(1.5)
+    st = torch.tensor([1.0, 3.0, 5.0]).reshape(1, 1, 1, 3).expand(1, 1, 3, 3).contiguous()
+    ae = torch.tensor([0.5, 1.5, 2.5]).reshape(1, 1, 1, 3).expand(1, 1, 3, 3).contiguous()
+    m.padding = True  # no border padding: check the formula itself at map resolution
+    out = m.combine(st, ae, (3, 3))
+    # 0.5 * 0.1 (st - qa)/(qb - qa) + 0.5 * 0.1 (ae - qa)/(qb - qa): q_a -> 0, q_b -> 0.1, 2q_b - q_a -> 0.2
+    np.testing.assert_allclose(out[0, 0, 0].numpy(), [0.0, 0.1, 0.2], atol=1e-6)
+
+
+def test_compute_map_quantiles_matches_torch_quantile():
+    m = EfficientAD().eval()
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    q = compute_map_quantiles(m, x, 0.9, 0.995)
+    with torch.no_grad():
+        st, ae = m.raw_maps(x)
+    assert q["q_st_a"] == pytest.approx(torch.quantile(st.flatten(), 0.9).item(), rel=1e-5)
+    assert q["q_ae_b"] == pytest.approx(torch.quantile(ae.flatten(), 0.995).item(), rel=1e-5)
+    assert m.q_st_b.item() == pytest.approx(q["q_st_b"], rel=1e-6)
+
+
+def test_ae_augment_range_and_determinism():
+    import random
+
+    img = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    a, b = ae_augment(img, random.Random(3)), ae_augment(img, random.Random(3))
+    assert np.array_equal(a, b) and a.min() >= 0 and a.max() <= 1 and a.dtype == np.float32
+
+
+def _write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        img = (rng.random((32, 32, 3)) * 60 + 100).astype(np.uint8)
+        p = folder / f"{i:03d}.png"
+        cv2.imwrite(str(p), img)
+        paths.append(p)
+    return paths
+
+
+def test_tiny_training_is_deterministic_and_stores_threshold(tmp_path):
+    paths = _write_images(tmp_path / "good", 2)
+    teacher = tmp_path / "teacher.pth"
+    torch.manual_seed(5)
+    torch.save(nets.pdn_small().state_dict(), teacher)  # official layout: plain state_dict
+    cfg = TrainConfig(steps=2, aug_variants=1, val_fraction=0.5, seed=7)
+    m1, meta1 = train_efficientad(paths, cfg, teacher_weights=teacher)
+    m2, _ = train_efficientad(paths, cfg, teacher_weights=teacher)
+    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.equal(v1, v2), k
+    assert meta1["n_fit_images"] == 1 and meta1["n_val_images"] == 1
+    assert set(meta1["quantiles"]) == {"q_st_a", "q_st_b", "q_ae_a", "q_ae_b"}
+    assert np.isfinite(meta1["threshold"]) and np.isfinite(meta1["map_threshold"])
+    assert not m1.teacher_std.eq(1).all()  # teacher normalisation computed
+    ck = save_checkpoint(m1, tmp_path / "m.pt", meta1)
+    m3, meta3 = load_checkpoint(ck)
+    assert meta3["threshold"] == meta1["threshold"]
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(m1(x)[1], m3(x)[1])
+
+
+def test_load_teacher_weights_validates(tmp_path):
+    m = EfficientAD()
+    good = tmp_path / "teacher_small.pth"
+    sd = nets.pdn_small().state_dict()
+    torch.save(sd, good)
+    load_teacher_weights(m, good)
+    assert torch.equal(m.teacher.state_dict()["8.weight"], sd["8.weight"])
+    bad = tmp_path / "medium.pth"
+    torch.save(nets.pdn_medium().state_dict(), bad)
+    with pytest.raises(ValueError):
+        load_teacher_weights(m, bad)
+
+
+def test_distill_teacher_tiny(tmp_path):
+    from models.efficientad.distill import FeatureTarget, distill_teacher
+
+    _write_images(tmp_path / "imgs", 2)
+    from models.backbones import create_backbone
+
+    ft = FeatureTarget(create_backbone("efficientnet_lite0", features_only=True, out_indices=(2, 3, 4)))
+    assert ft(torch.zeros(1, 3, 512, 512)).shape == (1, 384, 56, 56)  # PDN grid, 384 channels
+    meta = distill_teacher(tmp_path / "imgs", tmp_path / "t.pth", steps=1, batch_size=2)
+    assert meta["steps"] == 1 and np.isfinite(meta["final_loss"])
+    load_teacher_weights(EfficientAD(), tmp_path / "t.pth")
+
+
+def test_export_equals_eager_and_layout(tmp_path):
+    torch.manual_seed(0)
+    m = EfficientAD().eval()
+    m.q_st_a.fill_(0.1), m.q_st_b.fill_(0.3)
+    traced = trace_model(m)
+    for b in (1, 3):  # traced with batch 2: the batch dimension stays dynamic
+        x = torch.randn(b, 3, 256, 256)
+        with torch.no_grad():
+            a1, s1 = m(x)
+            a2, s2 = traced(x)
+        assert torch.equal(a1, a2) and torch.equal(s1, s2)
+    vdir = export_triton(m, tmp_path, "bottle", threshold=0.25, map_threshold=0.5)
+    assert vdir == tmp_path / "efficientad_bottle" / "1"
+    meta = json.loads((vdir / "metadata.json").read_text())
+    assert meta["artifacts"]["model.pt"] == sha256_file(vdir / "model.pt")
+    assert meta["model"] == "efficientad_bottle" and meta["threshold"] == 0.25 and meta["input"]["height"] == 256
+    cfg = (tmp_path / "efficientad_bottle" / "config.pbtxt").read_text()
+    spec = json.loads(json.loads(re.search(r'string_value: (".*") }', cfg).group(1)))
+    assert spec == meta
+    assert 'backend: "python"' in cfg and "KIND_CPU" in cfg and "dynamic_batching" in cfg
+    from stream.preprocess import parse_spec
+
+    assert parse_spec(spec).input.width == 256
+    assert (vdir / "model.py").read_text() == MODEL_PY
+    assert export_triton(m, tmp_path, "bottle").name == "2"  # next version
+    # serving: sha verified, batched execute over two requests
+    srv = EfficientADServing()
+    srv.pb_utils = _FakePb
+    srv.initialize({"model_repository": str(vdir.parent), "model_version": "1"})
+    reqs = [_FakeReq(np.random.default_rng(i).standard_normal((n, 3, 256, 256)).astype(np.float32)) for i, n in ((0, 1), (1, 2))]
+    resps = srv.execute(reqs)
+    with torch.no_grad():
+        a, s = m(torch.from_numpy(reqs[1].x))
+    assert resps[1].out["anomaly_map"].shape == (2, 1, 256, 256) and resps[1].out["score"].shape == (2, 1)
+    np.testing.assert_allclose(resps[1].out["score"][:, 0], s.numpy(), atol=1e-6)
+    (vdir / "model.pt").write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="sha256"):
+        EfficientADServing().initialize({"model_repository": str(vdir.parent), "model_version": "1"})
+
+
+def test_triton_template_matches_generated_model_py():
+    assert (REPO / "triton_repo" / "efficientad" / "model.py").read_text() == MODEL_PY
+
+
+class _FakeReq:
+    def __init__(self, x):
+        self.x = x
+
+
+class _FakeTensor:
+    def __init__(self, name, arr):
+        self.name, self.arr = name, arr
+
+    def as_numpy(self):
+        return self.arr
+
+
+class _FakeResp:
+    def __init__(self, output_tensors=None, error=None):
+        self.out = {t.name: t.arr for t in (output_tensors or [])}
+        self.error = error
+
+
+class _FakePb:
+    Tensor = _FakeTensor
+    InferenceResponse = _FakeResp
+    TritonError = RuntimeError
+
+    @staticmethod
+    def get_input_tensor_by_name(req, name):
+        return _FakeTensor(name, req.x)
