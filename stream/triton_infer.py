@@ -68,6 +68,7 @@ class TritonInfer:
         self.backoff_max_s = backoff_max_s
         self.metrics = metrics
         self._specs: dict[str, ModelSpec] = {}
+        self.last_specs: dict[str, ModelSpec] = {}
         self._max_batch: dict[str, int] = {}
         self._inputs: dict[str, set[str]] = {}
         self._refreshed = 0.0
@@ -108,6 +109,7 @@ class TritonInfer:
             except (InferenceServerException, ValueError, orjson.JSONDecodeError) as e:
                 log.warning("model_spec_unreadable", model=name, error=str(e))
         self._specs = specs
+        self.last_specs.update(specs)  # every model ever seen: a reloading model keeps its spec
         self._refreshed = time.monotonic()
         return specs
 

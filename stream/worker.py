@@ -148,6 +148,7 @@ class Pipeline:
         self.triton = triton
         self.metrics = metrics
         self.router = Router(RoutingConfig.load(cfg.routing))
+        self.model_missing_since: dict[str, float] = {}
         self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads), thread_name_prefix="decode")
 
     async def refresh_models(self) -> None:
@@ -162,6 +163,8 @@ class Pipeline:
         now_ms = time.time() * 1000
         await self.triton.specs()
         self.router.update_models(self.triton.available())
+        for name in self.triton.available():
+            self.model_missing_since.pop(name, None)
         n = len(records)
         outputs: list[Any] = [None] * n
         dlq: list[tuple] = []
@@ -181,8 +184,16 @@ class Pipeline:
             key, value, headers, kts = records[i]
             t0 = time.perf_counter()
             f = decode_frame(key, value, headers)
-            route = self.router.route(f)
-            spec = self.triton._specs[route.model]
+            try:
+                route = self.router.route(f)
+            except EnvelopeError as e:
+                # its model was READY before (reloading / Triton restarting): retry within the grace period
+                if e.reason != "unknown_product":
+                    raise
+                route = Router(self.router.config, {k: v.tasks for k, v in self.triton.last_specs.items()}).route(f)
+                if time.monotonic() - self.model_missing_since.setdefault(route.model, time.monotonic()) > self.cfg.transient_grace_s:
+                    raise
+            spec = self.triton._specs.get(route.model) or self.triton.last_specs[route.model]
             img = decode_image(f.image, max_side=self.cfg.max_side, max_pixels=self.cfg.max_pixels)
             t1 = time.perf_counter()
             x = to_tensor(img, spec)
@@ -220,7 +231,7 @@ class Pipeline:
                 groups[routes[i].model].append(i)
             retry: list[int] = []
             for model, idx in groups.items():
-                spec = self.triton._specs.get(model)
+                spec = self.triton._specs.get(model) or self.triton.last_specs.get(model)
                 batch = np.stack([tensors[i] for i in idx])
                 m.batch_size.labels(model=model).observe(len(idx))
                 try:
@@ -262,7 +273,7 @@ class Pipeline:
                     try:
                         r = self.router.route(frames[i])
                         if r.model != routes[i].model:
-                            tensors[i] = to_tensor(decode_image(frames[i].image), self.triton._specs[r.model])
+                            tensors[i] = to_tensor(decode_image(frames[i].image), self.triton.last_specs[r.model])
                         routes[i] = r
                         still.append(i)
                     except EnvelopeError as e:
