@@ -58,7 +58,8 @@ def model_ready(repo: Path, name: str) -> bool:
     d = repo / name
     if not (d / "config.pbtxt").is_file():
         return False
-    return any(p.is_dir() and p.name.isdigit() and any(p.iterdir()) for p in d.iterdir())
+    return any(p.is_dir() and p.name.isdigit() and (p / "model.py").is_file() and len(list(p.iterdir())) > 1
+               for p in d.iterdir())
 
 
 def find_model(repo: Path, product: str = "bottle") -> str | None:
