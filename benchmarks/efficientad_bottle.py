@@ -69,7 +69,9 @@ def main() -> int:
     # 1) teacher
     if args.teacher:
         teacher_path = Path(args.teacher)
-        result["teacher"] = {"source": "file", "path": str(teacher_path)}
+        ck = torch.load(str(teacher_path), map_location="cpu", weights_only=True)
+        distill_meta = ck.get("meta") if isinstance(ck, dict) else None  # our distill-teacher files carry it
+        result["teacher"] = {"source": "file", "path": str(teacher_path), "distill_meta": distill_meta}
     else:
         teacher_path = out / f"efficientad_{args.category}_teacher.pth"
         meta = distill_teacher(good_dir, teacher_path, "efficientnet_lite0", args.backbone_weights,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.efficientad import networks as nets
-from models.efficientad.export import export_triton, trace_model
+from models.efficientad.export import export_triton
 from models.efficientad.model import EfficientAD, load_checkpoint, load_teacher_weights, save_checkpoint
 from models.efficientad.serving import MODEL_PY, EfficientADServing, sha256_file
 from models.efficientad.train import (
@@ -126,7 +126,7 @@ def test_tiny_training_is_deterministic_and_stores_threshold(tmp_path):
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(5)
     torch.save(nets.pdn_small().state_dict(), teacher)  # official layout: plain state_dict
-    cfg = TrainConfig(steps=2, aug_variants=1, val_fraction=0.5, seed=7)
+    cfg = TrainConfig(steps=1, aug_variants=1, val_fraction=0.5, seed=7)
     m1, meta1 = train_efficientad(paths, cfg, teacher_weights=teacher)
     m2, _ = train_efficientad(paths, cfg, teacher_weights=teacher)
     for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
@@ -173,18 +173,20 @@ def test_export_equals_eager_and_layout(tmp_path):
     torch.manual_seed(0)
     m = EfficientAD().eval()
     m.q_st_a.fill_(0.1), m.q_st_b.fill_(0.3)
-    traced = trace_model(m)
+    (tmp_path / "efficientad_bottle" / "4").mkdir(parents=True)  # existing version -> export picks 5
+    vdir = export_triton(m, tmp_path, "bottle", threshold=0.25, map_threshold=0.5)
+    assert vdir == tmp_path / "efficientad_bottle" / "5"
+    traced = torch.jit.load(str(vdir / "model.pt"))
     for b in (1, 3):  # traced with batch 2: the batch dimension stays dynamic
         x = torch.randn(b, 3, 256, 256)
         with torch.no_grad():
             a1, s1 = m(x)
             a2, s2 = traced(x)
         assert torch.equal(a1, a2) and torch.equal(s1, s2)
-    vdir = export_triton(m, tmp_path, "bottle", threshold=0.25, map_threshold=0.5)
-    assert vdir == tmp_path / "efficientad_bottle" / "1"
     meta = json.loads((vdir / "metadata.json").read_text())
     assert meta["artifacts"]["model.pt"] == sha256_file(vdir / "model.pt")
     assert meta["model"] == "efficientad_bottle" and meta["threshold"] == 0.25 and meta["input"]["height"] == 256
+    assert meta["version"] == 5
     cfg = (tmp_path / "efficientad_bottle" / "config.pbtxt").read_text()
     spec = json.loads(json.loads(re.search(r'string_value: (".*") }', cfg).group(1)))
     assert spec == meta
@@ -193,11 +195,10 @@ def test_export_equals_eager_and_layout(tmp_path):
 
     assert parse_spec(spec).input.width == 256
     assert (vdir / "model.py").read_text() == MODEL_PY
-    assert export_triton(m, tmp_path, "bottle").name == "2"  # next version
     # serving: sha verified, batched execute over two requests
     srv = EfficientADServing()
     srv.pb_utils = _FakePb
-    srv.initialize({"model_repository": str(vdir.parent), "model_version": "1"})
+    srv.initialize({"model_repository": str(vdir.parent), "model_version": "5"})
     reqs = [_FakeReq(np.random.default_rng(i).standard_normal((n, 3, 256, 256)).astype(np.float32)) for i, n in ((0, 1), (1, 2))]
     resps = srv.execute(reqs)
     with torch.no_grad():
@@ -206,7 +207,7 @@ def test_export_equals_eager_and_layout(tmp_path):
     np.testing.assert_allclose(resps[1].out["score"][:, 0], s.numpy(), atol=1e-6)
     (vdir / "model.pt").write_bytes(b"tampered")
     with pytest.raises(RuntimeError, match="sha256"):
-        EfficientADServing().initialize({"model_repository": str(vdir.parent), "model_version": "1"})
+        EfficientADServing().initialize({"model_repository": str(vdir.parent), "model_version": "5"})
 
 
 def test_triton_template_matches_generated_model_py():
