@@ -100,8 +100,8 @@ def pipeline(boot: str, url: str, n: int, batch: int, workdir: Path) -> dict:
 
         async def go():
             t0 = time.time()
-            sent = await replay(boot, test, topic=t["frames"], fps=0, product="bottle", loops=loops, cameras=["bench"])
-            sent = sent[:]  # all published
+            sent = await replay(boot, test, topic=t["frames"], fps=0, product="bottle", loops=loops, cameras=["bench"],
+                                limit=min(n, len(list_images(test))))
             ids = {s.frame_id for s in sent}
             recs = await read_topics(boot, [t["results"], t["dlq"]], timeout_s=600,
                                      until=lambda o: len(o[t["results"]]) + len(o[t["dlq"]]) >= len(ids) + len(warm))
