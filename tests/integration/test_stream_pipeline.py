@@ -42,7 +42,7 @@ BOTTLE_TEST = data_dir() / "mvtec" / "bottle" / "test"
 def _tiny_train() -> Path | None:
     """Train + export a tiny-schedule detector via the models CLI (subprocess: stream has no torch).
 
-    Cached under .stack/it-model (gitignored) so only the first run pays for it."""
+    Cached under .stack/it-model (gitignored) so only the first run pays for it (~1 min on 2 CPU cores)."""
     from stream.demo import _has_verb, _models_cli  # noqa: PLC0415
 
     repo = REPO_ROOT / ".stack" / "it-model"
@@ -54,12 +54,9 @@ def _tiny_train() -> Path | None:
     art.mkdir(parents=True, exist_ok=True)
     good = data_dir() / "mvtec" / "bottle" / "train" / "good"
     if _has_verb("efficientad", "train") and _has_verb("efficientad", "export"):
-        weights = data_dir() / "weights" / "efficientnet-lite0-57934424.pth"
-        subprocess.run([*cli, "efficientad", "distill-teacher", "--image-dir", str(good), "--out", str(art / "t.pt"),
-                        "--backbone", "efficientnet_lite0", "--backbone-weights", str(weights), "--steps", "5",
-                        "--max-images", "8"], check=True, timeout=600)
-        subprocess.run([*cli, "efficientad", "train", "--train-dir", str(good), "--teacher", str(art / "t.pt"),
-                        "--out", str(art / "s.pt"), "--steps", "5", "--max-train-images", "8"], check=True, timeout=600)
+        # random teacher (the models CLI's "tests only" mode): the pipeline test needs a real export, not accuracy
+        subprocess.run([*cli, "efficientad", "train", "--train-dir", str(good), "--out", str(art / "s.pt"),
+                        "--steps", "3", "--max-train-images", "8"], check=True, timeout=600)
         subprocess.run([*cli, "efficientad", "export", "--checkpoint", str(art / "s.pt"), "--repository", str(repo),
                         "--product", "bottle"], check=True, timeout=600)
         return repo / "efficientad_bottle"
