@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--distill-batch", type=int, default=4)
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--train-seconds", type=float, help="wall-clock budget for the training loop")
     ap.add_argument("--aug-variants", type=int, default=1)
     ap.add_argument("--latency-images", type=int, default=20)
     ap.add_argument("--triton-url")
@@ -78,7 +79,8 @@ def main() -> int:
                                steps=args.distill_steps, batch_size=args.distill_batch, lr=args.lr, seed=args.seed)
         result["teacher"] = {"source": "distilled", **meta}
     # 2) train
-    cfg = TrainConfig(steps=args.train_steps, lr=args.lr, aug_variants=args.aug_variants, seed=args.seed)
+    cfg = TrainConfig(steps=args.train_steps, lr=args.lr, aug_variants=args.aug_variants, seed=args.seed,
+                      max_train_seconds=args.train_seconds)
     model, tmeta = train_efficientad(list_images(good_dir), cfg, teacher_weights=teacher_path)
     result["train"] = {k: v for k, v in tmeta.items() if k not in ("val_paths",)}
     # 3) evaluate on test

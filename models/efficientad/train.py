@@ -49,6 +49,8 @@ class TrainConfig:
     seed: int = 0
     image_size: int = 256
     max_train_images: int | None = None  # cap (tests / CPU benchmarks)
+    max_train_seconds: float | None = None  # wall-clock budget for the step loop (CPU benchmarks);
+    # with a budget the x0.1 LR drop happens at 95% of the steps OR 95% of the budget, whichever first
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -180,7 +182,19 @@ def train_efficientad(
     c = model.out_channels
     history: list[dict[str, float]] = []
     bar = tqdm(range(cfg.steps), desc="efficientad train")
+    t_loop = time.time()
+    lr_dropped = False
+    steps_done = 0
     for step in bar:
+        if cfg.max_train_seconds is not None:
+            elapsed = time.time() - t_loop
+            if elapsed > cfg.max_train_seconds:
+                log.warning("efficientad_train_budget_reached", steps_done=step, steps=cfg.steps)
+                break
+            if not lr_dropped and elapsed > 0.95 * cfg.max_train_seconds and step < int(0.95 * cfg.steps):
+                for g in opt.param_groups:
+                    g["lr"] *= 0.1
+                lr_dropped = True
         i = rng.randrange(len(clean))
         v = rng.randrange(n_var)
         x_st, x_ae = clean[i : i + 1], aug[i * n_var + v : i * n_var + v + 1] if cfg.aug_variants > 0 else clean[i : i + 1]
@@ -205,7 +219,9 @@ def train_efficientad(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if not lr_dropped:
+            sched.step()
+        steps_done = step + 1
         if step % 10 == 0 or step == cfg.steps - 1:
             rec = {"step": step, "loss": float(loss.detach()), "hard": float(loss_hard.detach()), "penalty": float(loss_pen.detach()),
                    "ae": float(loss_ae.detach()), "stae": float(loss_stae.detach())}
@@ -227,6 +243,7 @@ def train_efficientad(
         threshold_source = "f1_max_val"
     meta = {
         "config": asdict(cfg),
+        "steps_done": steps_done,
         "n_fit_images": len(fit_paths),
         "n_val_images": len(val_paths),
         "val_paths": [str(p) for p in val_paths],
