@@ -1,0 +1,191 @@
+"""Continual training of MoLE-Flow tasks from good images only (seed 002 §3.1.2 training strategy).
+
+Task 0 trains the base (projection, scale context, SCM conv, coupling subnets incl. base Linears) and
+its own adapter; task t >= 1 trains ONLY its adapter (LoRA_t, WA_t, SCM gate_t, DIA_t); the base and
+other tasks are frozen and checked bit-identical after training. Backbone features are computed once
+per image (frozen backbone, no augmentation), so an epoch costs only the flow.
+
+Loss (seed 003 eq. 22): (1 - lambda_tail) mean(NLL) + lambda_tail mean(top-k% NLL), with NLL per patch
+divided by D, + lambda_logdet * mean((log|det J| / D)^2) (log-det regulariser, seed 004 §3.6), + for
+t >= 1 an identity regulariser 0.1 on the whitening adapter (seed 002 §3.3.1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from models.moleflow.model import MoLEFlow, count_parameters
+from stream.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60  # seed 004 Ultimate-Combo2
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    tail_weight: float = 0.5  # TopK5-TailW0.5 (seed 004 §9.1)
+    tail_top: float = 0.05
+    logdet_reg: float = 1e-4
+    identity_reg: float = 0.1
+    grad_clip: float = 1.0
+    val_fraction: float = 0.1  # held-out good images for the per-task threshold
+    threshold_quantile: float = 0.99
+    map_threshold_quantile: float = 0.999
+    max_images: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+def make_optimizer(params, lr: float, weight_decay: float):
+    """AdamP when installed (seed 002 optimiser), else AdamW; same betas/eps/decay."""
+    try:
+        from adamp import AdamP  # type: ignore
+
+        return AdamP(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, delta=0.1, wd_ratio=0.1)
+    except ImportError:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+
+def load_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
+    from models.data import load_image, normalize
+
+    return torch.stack([normalize(load_image(p, size)) for p in paths])
+
+
+@torch.no_grad()
+def extract_features(model: MoLEFlow, images, batch_size: int = 16, progress: bool = True, desc: str = "features"):
+    """Backbone features for a tensor [N,3,S,S] or a list of paths (loaded in chunks)."""
+    n = len(images)
+    patches, globs = [], []
+    for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = images[s:s + batch_size]
+        x = chunk if isinstance(chunk, torch.Tensor) else load_images(chunk, model.cfg.image_size)
+        p, g = model.extract(x)
+        patches.append(p)
+        globs.append(g)
+    return torch.cat(patches), torch.cat(globs)
+
+
+def tail_aware_loss(nll: torch.Tensor, ld: torch.Tensor, dim: int, cfg: TrainConfig) -> torch.Tensor:
+    per = nll.flatten(1) / dim  # [B, HW]
+    k = max(1, math.ceil(cfg.tail_top * per.shape[1]))
+    tail = per.topk(k, dim=1).values.mean()
+    loss = (1 - cfg.tail_weight) * per.mean() + cfg.tail_weight * tail
+    if cfg.logdet_reg:
+        loss = loss + cfg.logdet_reg * ((ld / dim) ** 2).mean()
+    return loss
+
+
+def _snapshot(model: MoLEFlow, exclude_task: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if model._task_of_key(k) != exclude_task}
+
+
+@torch.no_grad()
+def patch_nll_batched(model: MoLEFlow, patch: torch.Tensor, task: str, batch_size: int = 32) -> torch.Tensor:
+    return torch.cat([model.patch_nll(patch[s:s + batch_size], task)[0] for s in range(0, len(patch), batch_size)])
+
+
+def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = None, features=None) -> dict:
+    """Add ``task`` and train it on good ``images`` (paths or [N,3,S,S] tensor). Returns metadata.
+
+    ``features``: precomputed (patch, image) backbone features (skips extraction)."""
+    cfg = cfg or TrainConfig()
+    t0 = time.perf_counter()
+    if features is None:
+        if cfg.max_images is not None:
+            images = images[: cfg.max_images]
+        if len(images) < 2:
+            raise ValueError(f"task {task!r}: need at least 2 good images, got {len(images)}")
+        patch, image = extract_features(model, images, progress=cfg.progress, desc=f"{task}: features")
+    else:
+        patch, image = features
+    t_feat = time.perf_counter() - t0
+    n = len(patch)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n, generator=g)
+    n_val = int(round(n * cfg.val_fraction)) if n >= 10 else 0
+    val_idx, tr_idx = order[:n_val], order[n_val:]
+
+    first = not model.tasks
+    model.add_task(task)
+    model.set_prototype(task, image)  # router: all good images of the task
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.task_parameters(task) + (model.base_parameters() if first else [])
+    for p in params:
+        p.requires_grad_(True)
+    frozen_before = None if first else _snapshot(model, task)
+    opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))  # seed 002: cosine
+    model.train()
+    D = model.cfg.dim
+    t0_task = model.tasks[0]
+    losses = []
+    bar = tqdm(range(cfg.epochs), desc=f"{task}: train", disable=not cfg.progress, unit="ep")
+    for _ in bar:
+        perm = tr_idx[torch.randperm(len(tr_idx), generator=g)]
+        tot, cnt = 0.0, 0
+        for s in range(0, len(perm), cfg.batch_size):
+            idx = perm[s:s + cfg.batch_size]
+            nll, ld = model.patch_nll(patch[idx], task)
+            loss = tail_aware_loss(nll, ld, D, cfg)
+            if not first and cfg.identity_reg:
+                gamma = 0.5 + 1.5 * torch.sigmoid(model.wa_gamma[task])
+                beta = 2.0 * torch.tanh(model.wa_beta[task])
+                loss = loss + cfg.identity_reg * (((gamma - 1) ** 2).mean() + (beta**2).mean())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"task {task!r}: non-finite loss")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            tot += loss.item() * len(idx)
+            cnt += len(idx)
+        sched.step()
+        losses.append(tot / max(cnt, 1))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    if frozen_before is not None:  # parameter isolation: nothing outside task's adapter may change
+        after = _snapshot(model, task)
+        changed = [k for k in frozen_before if not torch.equal(frozen_before[k], after[k])]
+        if changed:
+            raise RuntimeError(f"training task {task!r} changed frozen tensors: {changed[:3]}")
+    # per-task operating point from held-out good images (training images when too few)
+    cal = val_idx if n_val > 0 else tr_idx
+    nll = patch_nll_batched(model, patch[cal], task)
+    scores = model.image_score(nll).numpy()
+    thr = float(np.quantile(scores, cfg.threshold_quantile))
+    up = model.upsample(nll).numpy()
+    mthr = float(np.quantile(up, cfg.map_threshold_quantile))
+    model.thresholds[task] = {"threshold": thr, "map_threshold": mthr,
+                              "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
+                                              "n": int(len(scores)), "source": "val" if n_val else "train"}}
+    rd = model.route_distances(image, [task])[:, 0].numpy()
+    meta = {
+        "task": task, "index": model.tasks.index(task), "first_task": first, "base_task": t0_task,
+        "n_images": n, "n_train": int(len(tr_idx)), "n_val": int(n_val), "epochs": cfg.epochs,
+        "final_loss": losses[-1] if losses else None, "losses": losses,
+        "trainable_parameters": count_parameters(params),
+        "adapter_parameters": count_parameters(model.task_parameters(task)),
+        "route_distance_q99": float(np.quantile(rd, 0.99)),
+        "feature_seconds": round(t_feat, 2), "train_seconds": round(time.perf_counter() - t0 - t_feat, 2),
+        "train_config": asdict(cfg),
+        **model.thresholds[task],
+    }
+    log.info("moleflow_task_trained", task=task, epochs=cfg.epochs, n=n, loss=meta["final_loss"],
+             threshold=thr, seconds=meta["train_seconds"])
+    return meta
