@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 GROUP_MODULES: list[str] = [
     "models.efficientad.cli",
-    # "models.moleflow.cli",  <- the MoLE-Flow group registers here
+    "models.moleflow.cli",
 ]
 
 

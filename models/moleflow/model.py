@@ -233,6 +233,8 @@ class MoLEFlow(nn.Module):
         self.tasks: list[str] = []
         self.router_mean: dict[str, torch.Tensor] = {}
         self.router_prec: dict[str, torch.Tensor] = {}
+        self.router_cov: dict[str, torch.Tensor] = {}
+        self._pooled: tuple[tuple[str, ...], torch.Tensor] | None = None
         self.thresholds: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ tasks / parameters
@@ -359,7 +361,8 @@ class MoLEFlow(nn.Module):
 
     # ------------------------------------------------------------------ router
     def set_prototype(self, task: str, feats: torch.Tensor) -> None:
-        """Gaussian prototype: mean + Ledoit-Wolf shrunk covariance + lambda_reg I, stored as precision."""
+        """Gaussian prototype of task's good images: mean + Ledoit-Wolf shrunk covariance + lambda_reg I
+        (seed 002 §3.6.1), kept as covariance and precision."""
         from sklearn.covariance import ledoit_wolf
 
         f = feats.double().cpu().numpy()
@@ -370,26 +373,47 @@ class MoLEFlow(nn.Module):
             cov = np.diag(np.full(f.shape[1], max(float(np.var(f)), 1e-3)))
         cov = cov + self.cfg.router_reg * np.eye(cov.shape[0]) * max(np.trace(cov) / cov.shape[0], 1e-12)
         prec = np.linalg.inv(cov)
-        prec = 0.5 * (prec + prec.T)
-        self.router_mean[task] = torch.from_numpy(mu).float()
-        self.router_prec[task] = torch.from_numpy(prec).float()
+        self.router_mean[task] = torch.from_numpy(mu)
+        self.router_cov[task] = torch.from_numpy(cov)
+        self.router_prec[task] = torch.from_numpy(0.5 * (prec + prec.T))
+        self._pooled = None
 
-    def route_distances(self, image_feats: torch.Tensor, tasks: list[str] | None = None) -> torch.Tensor:
-        """Mahalanobis distances [B, T] (seed 003 eq. 23), float64 for stable argmin."""
+    def _pooled_precision(self) -> torch.Tensor:
+        key = tuple(self.tasks)
+        if self._pooled is None or self._pooled[0] != key:
+            cov = torch.stack([self.router_cov[t].double() for t in self.tasks]).mean(0)
+            prec = torch.linalg.inv(cov)
+            self._pooled = (key, 0.5 * (prec + prec.T))
+        return self._pooled[1]
+
+    @staticmethod
+    def _maha(f: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
+        d = f - mu
+        return torch.sqrt(torch.clamp(((d @ prec) * d).sum(1), min=0))
+
+    def route_distances(self, image_feats: torch.Tensor, tasks: list[str] | None = None,
+                        pooled: bool = False) -> torch.Tensor:
+        """Mahalanobis distances [B, T] (seed 003 eq. 23) in float64.
+
+        ``pooled=False``: each task's own precision (the ``route_distance`` output: depends on that
+        task's adapter only, so it is bit-stable when tasks are added). ``pooled=True``: the precision
+        of the mean within-task covariance of the loaded tasks, used for the argmin decision (a tight
+        task, e.g. bottle, would otherwise lose its own defective images to a broad task, e.g. ELPV)."""
         tasks = tasks or self.tasks
         f = image_feats.double()
-        out = []
-        for t in tasks:
-            d = f - self.router_mean[t].double()
-            out.append(torch.sqrt(torch.clamp(((d @ self.router_prec[t].double()) * d).sum(1), min=0)))
-        return torch.stack(out, dim=1)
+        if pooled:
+            prec = self._pooled_precision()
+            return torch.stack([self._maha(f, self.router_mean[t].double(), prec) for t in tasks], dim=1)
+        return torch.stack([self._maha(f, self.router_mean[t].double(), self.router_prec[t].double())
+                            for t in tasks], dim=1)
 
     def route(self, image_feats: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """(argmin task under the pooled metric, distance to that task under its own precision)."""
         if not self.tasks:
             raise RuntimeError("no tasks: train one first")
-        d = self.route_distances(image_feats)
-        idx = d.argmin(1)
-        return [self.tasks[i] for i in idx.tolist()], d.gather(1, idx[:, None])[:, 0].float()
+        idx = self.route_distances(image_feats, pooled=True).argmin(1)
+        own = self.route_distances(image_feats)
+        return [self.tasks[i] for i in idx.tolist()], own.gather(1, idx[:, None])[:, 0].float()
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -69,6 +69,7 @@ def save_adapter(model: MoLEFlow, task: str, out_dir: str | Path, base_sha256: s
     sd = _contig(model.task_state_dict(task))
     sd["router.mean"] = model.router_mean[task].contiguous()
     sd["router.precision"] = model.router_prec[task].contiguous()
+    sd["router.covariance"] = model.router_cov[task].contiguous()
     path = adir / ADAPTER_FILE
     save_file(sd, str(path), metadata={"format": "moleflow-adapter", "task": task})
     meta = {"format": "moleflow-adapter", "schema": 1, "task": task, "index": model.tasks.index(task),
@@ -163,6 +164,8 @@ def load_adapter(model: MoLEFlow, adir: str | Path, base_sha256: str) -> str:
     model.add_task(task)
     model.router_mean[task] = sd.pop("router.mean")
     model.router_prec[task] = sd.pop("router.precision")
+    model.router_cov[task] = sd.pop("router.covariance")
+    model._pooled = None
     own = model.task_state_dict(task)
     if set(own) != set(sd):
         raise ArtifactError(f"adapter {task} keys do not match the model ({len(sd)} vs {len(own)})")

@@ -45,6 +45,7 @@ class TrainConfig:
     max_images: int | None = None
     seed: int = 0
     progress: bool = True
+    time_budget_s: float | None = None  # shrink the epoch count (and cosine T_max) to fit this budget
 
 
 def make_optimizer(params, lr: float, weight_decay: float):
@@ -132,8 +133,11 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
     D = model.cfg.dim
     t0_task = model.tasks[0]
     losses = []
-    bar = tqdm(range(cfg.epochs), desc=f"{task}: train", disable=not cfg.progress, unit="ep")
-    for _ in bar:
+    epochs = max(1, cfg.epochs)
+    bar = tqdm(total=epochs, desc=f"{task}: train", disable=not cfg.progress, unit="ep")
+    t_train0 = time.perf_counter()
+    epoch = 0
+    while epoch < epochs:
         perm = tr_idx[torch.randperm(len(tr_idx), generator=g)]
         tot, cnt = 0.0, 0
         for s in range(0, len(perm), cfg.batch_size):
@@ -155,7 +159,18 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
             cnt += len(idx)
         sched.step()
         losses.append(tot / max(cnt, 1))
+        epoch += 1
+        if epoch == 1 and cfg.time_budget_s:
+            per_epoch = time.perf_counter() - t_train0
+            fit = max(1, int(cfg.time_budget_s // max(per_epoch, 1e-6)))
+            if fit < epochs:
+                epochs = fit
+                sched.T_max = epochs
+                bar.total = epochs
+                log.info("moleflow_epochs_reduced", task=task, epochs=epochs, per_epoch_s=round(per_epoch, 2))
+        bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
     model.eval()
     for p in params:
         p.requires_grad_(False)
@@ -177,7 +192,7 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
     rd = model.route_distances(image, [task])[:, 0].numpy()
     meta = {
         "task": task, "index": model.tasks.index(task), "first_task": first, "base_task": t0_task,
-        "n_images": n, "n_train": int(len(tr_idx)), "n_val": int(n_val), "epochs": cfg.epochs,
+        "n_images": n, "n_train": int(len(tr_idx)), "n_val": int(n_val), "epochs": epoch,
         "final_loss": losses[-1] if losses else None, "losses": losses,
         "trainable_parameters": count_parameters(params),
         "adapter_parameters": count_parameters(model.task_parameters(task)),
