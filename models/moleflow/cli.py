@@ -84,8 +84,9 @@ def cmd_train_task(args) -> int:
     quick = args.quick
     if (out / BASE_META).is_file():
         model = load_model(out)
-        if args.task in model.tasks:
-            raise _usage(f"task {args.task!r} already in {out}; tasks are immutable (use a new name)")
+        if args.task in model.tasks:  # idempotent re-runs (demo): an existing task is kept, never retrained
+            print(f"task {args.task}: already in {out} (kept; tasks are immutable, use a new name to retrain)")
+            return 0
     else:
         cfg = MoLEFlowConfig(backbone=args.backbone, dim=args.dim or (128 if quick else 256),
                              subnet_hidden=args.dim or (128 if quick else 256),

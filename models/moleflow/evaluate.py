@@ -84,7 +84,7 @@ def save_matrix_png(matrix: list[list[float]], tasks: list[str], path: str | Pat
     import matplotlib.pyplot as plt
 
     R = np.asarray(matrix, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 1.2 + 1.1 * len(tasks)))
+    fig, ax = plt.subplots(figsize=(3.2 + 1.3 * len(tasks), 1.4 + 1.1 * len(tasks)))
     im = ax.imshow(np.ma.masked_invalid(R), vmin=0.5, vmax=1.0, cmap="viridis")
     for i in range(R.shape[0]):
         for j in range(R.shape[1]):
@@ -93,7 +93,7 @@ def save_matrix_png(matrix: list[list[float]], tasks: list[str], path: str | Pat
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks])
     ax.set_xlabel("evaluated task")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     path = Path(path)

@@ -51,7 +51,9 @@ def test_cli_train_two_tasks_evaluate_export(shared_data, tmp_path):
     base_sha = json.loads((store / "base.json").read_text())["sha256"]
     assert main(["moleflow", "train-task", "--data-dir", str(b), "--task", "other", "--out", str(store), *common]) == 0
     assert json.loads((store / "base.json").read_text())["sha256"] == base_sha  # base stored once, unchanged
-    assert main(["moleflow", "train-task", "--data-dir", str(b), "--task", "other", "--out", str(store), *common]) == 2
+    before = (store / "adapters" / "other" / "adapter.json").read_text()
+    assert main(["moleflow", "train-task", "--data-dir", str(b), "--task", "other", "--out", str(store), *common]) == 0
+    assert "already in" in main.out and (store / "adapters" / "other" / "adapter.json").read_text() == before
     out = tmp_path / "eval.json"
     assert main(["moleflow", "evaluate", "--checkpoint", str(store), "--eval", f"bottle={bottle}",
                  "--out", str(out), "--stride", "12"]) == 0
