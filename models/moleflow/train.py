@@ -201,6 +201,6 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
         "train_config": asdict(cfg),
         **model.thresholds[task],
     }
-    log.info("moleflow_task_trained", task=task, epochs=cfg.epochs, n=n, loss=meta["final_loss"],
+    log.info("moleflow_task_trained", task=task, epochs=epoch, n=n, loss=meta["final_loss"],
              threshold=thr, seconds=meta["train_seconds"])
     return meta
