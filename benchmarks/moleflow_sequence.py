@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dia", type=int, default=6)
     ap.add_argument("--elpv-train", type=int, default=150)
     ap.add_argument("--elpv-test", type=int, default=60, help="good and defective cells each")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on shared cores stall badly)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="training wall-clock budget per task (s)")
     ap.add_argument("--bottle-train", type=int, default=None, help="limit bottle training images (smoke runs)")
     ap.add_argument("--bottle-test-stride", type=int, default=1, help="use every n-th bottle test image (smoke)")

@@ -223,7 +223,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-images", type=_positive, default=None)
     t.add_argument("--time-budget-s", type=float, default=None, help="cap training time (fewer epochs)")
     t.add_argument("--quick", action="store_true", help="short CPU schedule: D=128, r=32, 10 epochs, <=120 images")
-    t.add_argument("--threads", type=_positive, default=2)
+    t.add_argument("--threads", type=_positive, default=1, help="torch threads (1: no OpenMP stalls on shared cores)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_one_line(cmd_train_task))
 

@@ -138,7 +138,7 @@ def test_router_real_images_bottle_vs_elpv(shared_data):
     from models.moleflow.train import extract_features
 
     weights = shared_data / "weights" / "efficientnet-lite0-57934424.pth"
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     m = MoLEFlow(MoLEFlowConfig(**{**TINY, "image_size": 224}), backbone_weights=weights)
     bottle = shared_data / "mvtec" / "bottle"
     b_train = list_images(bottle / "train" / "good")[:16]

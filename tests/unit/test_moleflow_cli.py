@@ -46,7 +46,7 @@ def test_cli_train_two_tasks_evaluate_export(shared_data, tmp_path):
     a = _folder(tmp_path, bottle / "train" / "good", 6, "a")
     b = _folder(tmp_path, bottle / "test" / "good", 6, "b")
     store = tmp_path / "store"
-    common = ["--random-backbone", "--dim", "16", "--rank", "4", "--epochs", "1", "--threads", "2"]
+    common = ["--random-backbone", "--dim", "16", "--rank", "4", "--epochs", "1", "--threads", "1"]
     assert main(["moleflow", "train-task", "--data-dir", str(a), "--task", "bottle", "--out", str(store), *common]) == 0
     base_sha = json.loads((store / "base.json").read_text())["sha256"]
     assert main(["moleflow", "train-task", "--data-dir", str(b), "--task", "other", "--out", str(store), *common]) == 0
