@@ -1,0 +1,137 @@
+import hashlib
+import json
+
+import orjson
+import pytest
+
+from stream.model_store import (
+    StoreError,
+    check_compatibility,
+    latest_artifact,
+    list_artifacts,
+    materialize,
+    path_to_uri,
+    read_artifact,
+    rewrite_config,
+    uri_to_path,
+    verify_artifact,
+)
+
+CONFIG = '''name: "efficientad_bottle"
+backend: "python"
+max_batch_size: 8
+input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]
+parameters { key: "linewatch_spec" value { string_value: "{}" } }
+'''
+
+
+def spec(model="efficientad_bottle", version=1, **kw):
+    d = {"schema": 1, "model": model, "detector": "efficientad", "version": version, "product": "bottle",
+         "input": {"name": "image", "height": 64, "width": 64, "color": "RGB", "layout": "NCHW", "dtype": "FP32",
+                   "scale": 255.0, "mean": [0.5] * 3, "std": [0.25] * 3},
+         "outputs": {"anomaly_map": "anomaly_map", "score": "score"}, "threshold": 1.0, "map_threshold": 1.0}
+    d.update(kw)
+    return d
+
+
+def make_artifact(store, model="efficientad_bottle", version=1, payload=b"weights", **kw):
+    vdir = store / model / str(version)
+    vdir.mkdir(parents=True)
+    (vdir / "model.pt").write_bytes(payload)
+    (vdir / "model.py").write_text("# thin\n")
+    (store / model / "config.pbtxt").write_text(CONFIG)
+    meta = spec(model, version, artifacts={"model.pt": hashlib.sha256(payload).hexdigest()}, **kw)
+    (vdir / "metadata.json").write_text(json.dumps(meta))
+    return vdir, hashlib.sha256((vdir / "metadata.json").read_bytes()).hexdigest()
+
+
+def test_uri_forms(tmp_path):
+    assert uri_to_path(path_to_uri(tmp_path)) == tmp_path.resolve()
+    assert uri_to_path(str(tmp_path)) == tmp_path
+    with pytest.raises(StoreError, match="scheme"):
+        uri_to_path("s3://bucket/x")
+
+
+def test_verify_ok_and_listing(tmp_path):
+    vdir, sha = make_artifact(tmp_path)
+    make_artifact(tmp_path, version=2, payload=b"v2")
+    v = verify_artifact(path_to_uri(vdir), sha, "efficientad_bottle", 1)
+    assert v.ok, v.reasons
+    assert v.artifact.product == "bottle" and v.artifact.sha256 == sha
+    assert [a.version for a in list_artifacts(tmp_path)] == [1, 2]
+    assert latest_artifact(tmp_path, "efficientad_bottle").version == 2
+
+
+def test_corrupted_artifact_and_wrong_event_sha(tmp_path):
+    vdir, sha = make_artifact(tmp_path)
+    (vdir / "model.pt").write_bytes(b"tampered")
+    v = verify_artifact(vdir, sha)
+    assert not v.ok and any(r.startswith("sha256_mismatch: model.pt") for r in v.reasons)
+    v = verify_artifact(vdir, "0" * 64, "other", 7)
+    kinds = {r.split(":")[0] for r in v.reasons}
+    assert {"sha256_mismatch", "model_mismatch", "version_mismatch"} <= kinds
+
+
+def test_missing_pieces(tmp_path):
+    vdir, sha = make_artifact(tmp_path)
+    (vdir / "model.py").unlink()
+    (vdir / "model.pt").unlink()
+    reasons = verify_artifact(vdir, sha).reasons
+    assert any(r.startswith("missing_artifact") for r in reasons) and any("model_py" in r for r in reasons)
+    assert verify_artifact(tmp_path / "nope").reasons[0].startswith("unreadable_artifact")
+    (vdir / "metadata.json").write_text("{bad")
+    with pytest.raises(StoreError, match="corrupt"):
+        read_artifact(vdir)
+
+
+def test_path_escape_rejected(tmp_path):
+    vdir, _ = make_artifact(tmp_path)
+    meta = json.loads((vdir / "metadata.json").read_text())
+    meta["artifacts"]["../../etc/passwd"] = "0" * 64
+    (vdir / "metadata.json").write_text(json.dumps(meta))
+    assert any(r.startswith("bad_artifact_path") for r in verify_artifact(vdir).reasons)
+
+
+def test_compatibility_input_and_detector():
+    cur = spec(version=1)
+    assert check_compatibility(spec(version=2), cur) == []
+    assert check_compatibility(spec(version=1), None) == []
+    new = spec(version=2)
+    new["input"] = dict(new["input"], height=128)
+    assert any("input.height" in r for r in check_compatibility(new, cur))
+    assert any(r.startswith("version") for r in check_compatibility(spec(version=1), cur))
+    assert any(r.startswith("detector") for r in check_compatibility(spec(version=2, detector="moleflow"), cur))
+
+
+def test_compatibility_moleflow_base_and_adapters():
+    t0 = {"bottle": {"index": 0, "adapter_sha256": "a" * 64}}
+    cur = spec("moleflow", 1, detector="moleflow", base_sha256="b" * 64, tasks=t0)
+    ok = spec("moleflow", 2, detector="moleflow", base_sha256="b" * 64,
+              tasks={**t0, "cells": {"index": 1, "adapter_sha256": "c" * 64}})
+    assert check_compatibility(ok, cur) == []
+    other_base = dict(ok, base_sha256="d" * 64)
+    assert any(r.startswith("base_version") for r in check_compatibility(other_base, cur))
+    touched = dict(ok, tasks={"bottle": {"adapter_sha256": "e" * 64}, "cells": {"adapter_sha256": "c" * 64}})
+    assert any("earlier task" in r for r in check_compatibility(touched, cur))
+    dropped = dict(ok, tasks={"cells": {"adapter_sha256": "c" * 64}})
+    assert any("missing" in r for r in check_compatibility(dropped, cur))
+    assert any(r.startswith("base_version") for r in check_compatibility(dict(ok, base_sha256=None), None))
+
+
+def test_rewrite_config_and_materialize(tmp_path):
+    txt = rewrite_config(CONFIG, "efficientad_bottle__candidate", [3], {"model": "x", "k": 'q"uote'})
+    assert 'name: "efficientad_bottle__candidate"' in txt
+    assert "version_policy: { specific: { versions: [ 3 ] } }" in txt
+    assert txt.count("linewatch_spec") == 1 and '\\"k\\":\\"q\\\\\\"uote\\"' in txt
+    txt2 = rewrite_config(txt, "m", [4])
+    assert txt2.count("version_policy") == 1 and "[ 4 ]" in txt2
+    store, repo = tmp_path / "store", tmp_path / "repo"
+    vdir, sha = make_artifact(store, version=5)
+    art = read_artifact(vdir)
+    out = materialize(art, repo, "efficientad_bottle__candidate", [5])
+    assert out == repo / "efficientad_bottle__candidate" / "5"
+    assert (out / "model.pt").read_bytes() == b"weights"
+    cfg = (repo / "efficientad_bottle__candidate" / "config.pbtxt").read_text()
+    line = [ln for ln in cfg.splitlines() if "linewatch_spec" in ln][0]
+    raw = line.split("string_value: ", 1)[1].rsplit(" } }", 1)[0]
+    assert orjson.loads(orjson.loads(raw))["version"] == 5
