@@ -454,3 +454,55 @@ async def _safe(coro) -> None:
         await coro
     except Exception as e:  # noqa: BLE001 - never kill the agent
         log.error("rollout_failed", error=f"{type(e).__name__}: {e}"[:400])
+
+
+async def serve_events(bootstrap: str, topic: str, controller: RolloutController, *, group_id: str | None = None,
+                       stop: asyncio.Event | None = None) -> None:
+    """Standalone controller (no Faust): consume ``topic`` with aiokafka and publish outcomes to it.
+
+    ``group_id=None`` reads every partition from the beginning (tests, one-shot catch-up); a group id
+    resumes from its committed offsets (a dedicated rollout Deployment)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
+
+    from stream.model_events import ModelEventError, decode  # noqa: PLC0415
+    from stream.publish import client_kwargs  # noqa: PLC0415
+
+    stop = stop or asyncio.Event()
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=group_id is not None,
+                         auto_offset_reset="earliest", **client_kwargs("consumer"))
+    await c.start()
+    try:
+        if group_id is None:
+            parts = c.partitions_for_topic(topic) or set()
+            for _ in range(50):
+                if parts:
+                    break
+                await asyncio.sleep(0.2)
+                parts = c.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            c.assign(tps)
+            await c.seek_to_beginning(*tps)
+        else:
+            c.subscribe([topic])
+        while not stop.is_set():
+            batch = await c.getmany(timeout_ms=200)
+            for recs in batch.values():
+                for r in recs:
+                    try:
+                        ev = decode(r.value)
+                    except ModelEventError as e:
+                        log.warning("model_event_invalid", error=str(e)[:300])
+                        continue
+                    if ev.type in ("released", "rollback_requested"):
+                        await _safe(controller.handle(ev))
+    finally:
+        await c.stop()
+
+
+def kafka_publisher(producer, topic: str = "model-events") -> Publish:
+    """Publish callable over a started :class:`stream.publish.Producer` (awaits the broker ack)."""
+
+    async def publish(ev: ModelEvent) -> None:
+        await producer.send_many(topic, [(ev.key, ev.to_json(), [])])
+
+    return publish

@@ -1,0 +1,290 @@
+"""Adapter/model lifecycle against the real embedded stack (Tansu + tritonserver): no mocks.
+
+Artifacts are real Triton models in the EfficientAD export format (models.efficientad.serving's
+model.py + a TorchScript ``model.pt`` + metadata.json with sha256 + config.pbtxt), with a tiny traced
+module instead of a trained network so the suite stays fast. Their calibration scores are computed
+on real MVTec bottle images. Events travel over the real broker (``model-events``), the controller
+drives Triton's explicit model control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from models.efficientad.export import build_spec, config_pbtxt
+from models.efficientad.serving import MODEL_PY
+from stream.drift import DriftConfig, DriftMonitor
+from stream.model_events import ModelEvent, decode
+from stream.model_store import path_to_uri, verify_artifact
+from stream.preprocess import parse_spec, to_tensor
+from stream.publish import Producer, ensure_topics, read_topics
+from stream.rollout import HealthPolicy, RolloutController, kafka_publisher, serve_events
+
+pytestmark = pytest.mark.integration
+SIZE = 64
+
+
+class Tiny(torch.nn.Module):
+    """anomaly map = gain * mean_c |x| + bias; score = mean of the map (CONTRACTS.md I/O)."""
+
+    def __init__(self, gain: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        self.gain, self.bias = gain, bias
+
+    def forward(self, x):
+        amap = self.gain * x.abs().mean(1, keepdim=True) + self.bias
+        return amap, amap.flatten(1).mean(1)
+
+
+class Broken(torch.nn.Module):
+    """Loads fine, fails on every request (traced for 31x31 inputs, served 64x64 ones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.ones(1, 3, 31, 31))
+
+    def forward(self, x):
+        y = (x + self.c).abs().mean(1, keepdim=True)
+        return y, y.flatten(1).mean(1)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def images(shared_data):
+    files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))
+    # small PNGs: the pipeline resizes to 64x64 anyway
+    return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
+            for f in files[:170]]
+
+
+def scores_eager(net, imgs, spec) -> list[float]:
+    s = parse_spec(spec)
+    x = np.stack([to_tensor(_dec(b), s) for b in imgs])
+    with torch.inference_mode():
+        return net(torch.from_numpy(x))[1].tolist()
+
+
+def _dec(b: bytes):
+    from stream.preprocess import decode_image  # noqa: PLC0415
+
+    return decode_image(b)
+
+
+def write_artifact(store: Path, model: str, version: int, product: str, net, images, *, honest=None,
+                   example=None) -> tuple[Path, str]:
+    """Export like models.efficientad.export + calibration scores + probe images (all sha-pinned)."""
+    vdir = store / model / str(version)
+    (vdir / "probe").mkdir(parents=True)
+    ex = example if example is not None else torch.randn(2, 3, SIZE, SIZE)
+    torch.jit.trace(net.eval(), ex, check_trace=False).save(str(vdir / "model.pt"))
+    (vdir / "model.py").write_text(MODEL_PY)
+    probes = images[60:84]
+    for i, b in enumerate(probes):
+        (vdir / "probe" / f"{i:03d}.png").write_bytes(b)
+    spec = build_spec(model, product, version, threshold=0.0, map_threshold=0.0, size=SIZE)
+    cal = scores_eager(honest or net, images[:60], spec)  # calibration: the honest model on held-out good images
+    spec["threshold"] = spec["map_threshold"] = float(np.quantile(cal, 0.99)) + 0.05
+    spec["calibration"] = {"scores": cal, "n": len(cal)}
+    spec["probe"] = {"files": [f"probe/{i:03d}.png" for i in range(len(probes))], "kind": "good"}
+    spec["artifacts"] = {"model.pt": sha(vdir / "model.pt"),
+                         **{f: sha(vdir / f) for f in spec["probe"]["files"]}}
+    (vdir / "metadata.json").write_text(json.dumps(spec, indent=2))
+    (store / model / "config.pbtxt").write_text(config_pbtxt(model, spec, size=SIZE))
+    return vdir, sha(vdir / "metadata.json")
+
+
+class Lifecycle:
+    """A controller consuming a per-test model-events topic on the real broker, in a thread's loop."""
+
+    def __init__(self, stack, repo: Path, topic: str):
+        self.stack, self.repo, self.topic = stack, repo, topic
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(ensure_topics(stack.kafka_bootstrap, [topic]))
+        async def mk():  # aiokafka objects are made inside their loop
+            return await Producer(stack.kafka_bootstrap).__aenter__()
+
+        self.producer = self.run(mk())
+        self.ctl = RolloutController(stack.triton_grpc_url, repo, kafka_publisher(self.producer, topic),
+                                     HealthPolicy(shadow_frames=16, min_frames=8, shadow_timeout_s=60, load_timeout_s=90))
+        self.stop = asyncio.Event()
+        self.task = asyncio.run_coroutine_threadsafe(serve_events(stack.kafka_bootstrap, topic, self.ctl, stop=self.stop),
+                                                     self.loop)
+
+    def run(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def release(self, model: str, version: int, vdir: Path, digest: str, product: str) -> None:
+        ev = ModelEvent("released", model, version, product=product, detector="efficientad",
+                        artifact_uri=path_to_uri(vdir), sha256=digest)
+        self.run(self.producer.send_many(self.topic, [(ev.key, ev.to_json(), [])]))
+
+    def outcome(self, model: str, version: int, timeout_s: float = 90) -> ModelEvent:
+        def done(recs):
+            return any(_match(r, model, version) for r in recs[self.topic])
+
+        recs = asyncio.run(read_topics(self.stack.kafka_bootstrap, [self.topic], until=done, timeout_s=timeout_s))
+        hits = [decode(r.value) for r in recs[self.topic] if _match(r, model, version)]
+        assert hits, f"no outcome for {model} v{version} within {timeout_s}s; history={self.ctl.history}"
+        return hits[0]
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.task.result(30)
+        self.run(self.producer.__aexit__(None, None, None))
+        self.run(self.ctl.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _match(r, model, version) -> bool:
+    d = json.loads(r.value)
+    return d.get("model") == model and d.get("version") == version and d.get("type") in ("promoted", "rolled_back", "refused")
+
+
+@pytest.fixture(scope="module")
+def life(local_stack, tmp_path_factory, images):
+    store = tmp_path_factory.mktemp("model_store")
+    lc = Lifecycle(local_stack, Path(local_stack.model_repository), f"it-model-events-{uuid.uuid4().hex[:6]}")
+    lc.store = store
+    lc.model = f"lwt_bottle_{uuid.uuid4().hex[:4]}"
+    vdir, digest = write_artifact(store, lc.model, 1, "bottle", Tiny(), images)
+    lc.release(lc.model, 1, vdir, digest, "bottle")  # a new model: loaded, shadow-checked, promoted
+    ev = lc.outcome(lc.model, 1)
+    assert ev.type == "promoted", ev
+    yield lc
+    lc.close()
+
+
+def infer_score(client, model, imgs) -> np.ndarray:
+    spec = parse_spec(json.loads(client.get_model_config(model, as_json=True)["config"]["parameters"]
+                                 ["linewatch_spec"]["string_value"]))
+    x = np.stack([to_tensor(_dec(b), spec) for b in imgs])
+    inp = grpcclient.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("score")]).as_numpy("score").reshape(-1)
+
+
+def served_version(client, model) -> int:
+    return max(int(v) for v in client.get_model_metadata(model).versions)
+
+
+def test_release_new_product_and_new_version_zero_failed_requests(life, images, local_stack):
+    """Hammer the serving model while (a) a new product model and (b) its own v2 roll out."""
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    assert served_version(client, life.model) == 1
+    stop, ok, failures = threading.Event(), [0], []
+
+    def hammer():
+        c = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+        x = images[100:102]
+        while not stop.is_set():
+            try:
+                infer_score(c, life.model, x)
+                ok[0] += 1
+            except Exception as e:  # noqa: BLE001
+                failures.append(str(e)[:200])
+        c.close()
+
+    th = threading.Thread(target=hammer, daemon=True)
+    th.start()
+    try:
+        other = f"lwt_cells_{uuid.uuid4().hex[:4]}"
+        vdir, digest = write_artifact(life.store, other, 1, "cells", Tiny(gain=0.5), images)
+        life.release(other, 1, vdir, digest, "cells")
+        n0 = ok[0]
+        vdir2, digest2 = write_artifact(life.store, life.model, 2, "bottle", Tiny(gain=1.01), images)
+        life.release(life.model, 2, vdir2, digest2, "bottle")
+        ev_new = life.outcome(other, 1)
+        ev_v2 = life.outcome(life.model, 2)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        th.join(30)
+    assert ev_new.type == "promoted" and ev_new.product == "cells", ev_new
+    assert ev_v2.type == "promoted" and ev_v2.previous_version == 1, ev_v2
+    assert ev_v2.detail["ks_p"] > 1e-3 and ev_v2.detail["errors"] == 0
+    assert failures == [], failures[:3]
+    assert ok[0] > n0 > 0  # requests kept flowing through the switch
+    assert served_version(client, life.model) == 2
+    assert client.is_model_ready(other)
+    assert not (Path(local_stack.model_repository) / f"{life.model}__candidate").exists()
+    client.close()
+
+
+def test_corrupted_artifact_refused_old_version_keeps_serving(life, images, local_stack):
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    before = served_version(client, life.model)
+    vdir, digest = write_artifact(life.store, life.model, 90, "bottle", Tiny(), images)
+    with open(vdir / "model.pt", "r+b") as f:  # bit rot after the metadata was written
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    assert not verify_artifact(vdir, digest).ok
+    life.release(life.model, 90, vdir, digest, "bottle")
+    ev = life.outcome(life.model, 90)
+    assert ev.type == "refused" and any(r.startswith("sha256_mismatch: model.pt") for r in ev.reasons), ev
+    assert served_version(client, life.model) == before
+    assert infer_score(client, life.model, images[:2]).shape == (2,)
+    assert not (Path(local_stack.model_repository) / life.model / "90").exists()
+    client.close()
+
+
+def test_misbehaving_candidates_rolled_back(life, images, local_stack):
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    before = served_version(client, life.model)
+    # scores far off its own calibration (calibrated on the honest model)
+    vdir, digest = write_artifact(life.store, life.model, 91, "bottle", Tiny(bias=5.0), images, honest=Tiny())
+    life.release(life.model, 91, vdir, digest, "bottle")
+    ev = life.outcome(life.model, 91)
+    assert ev.type == "rolled_back", ev
+    assert any(r.startswith("score_distribution") for r in ev.reasons), ev.reasons
+    # errors on every request
+    vdir, digest = write_artifact(life.store, life.model, 92, "bottle", Broken(), images, honest=Tiny(),
+                                  example=torch.randn(2, 3, 31, 31))
+    life.release(life.model, 92, vdir, digest, "bottle")
+    ev = life.outcome(life.model, 92)
+    assert ev.type == "rolled_back" and ev.reasons[0].startswith("inference_errors"), ev
+    assert served_version(client, life.model) == before
+    assert not (Path(local_stack.model_repository) / f"{life.model}__candidate").exists()
+    assert infer_score(client, life.model, images[:2]).shape == (2,)
+    client.close()
+
+
+def test_drift_alert_on_drifted_stream_not_on_clean(life, images, local_stack):
+    """DriftMonitor driven by scores from the served model: darkened frames alert, clean ones do not."""
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    spec = json.loads(client.get_model_config(life.model, as_json=True)["config"]["parameters"]
+                      ["linewatch_spec"]["string_value"])
+    clean = images[100:164]
+    dark = [cv2.imencode(".png", (cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) * 0.6).astype(np.uint8))[1]
+            .tobytes() for b in clean]
+
+    def alerts(frames):
+        mon = DriftMonitor(DriftConfig(window=32, check_every=8, min_interval_s=0.0))
+        mon.set_reference("bottle", spec["calibration"]["scores"], expected_anomaly_rate=0.01)
+        out = []
+        for i in range(0, len(frames), 8):
+            for s in infer_score(client, life.model, frames[i:i + 8]):
+                out += mon.observe("cam-1", "bottle", float(s), bool(s > spec["threshold"]))
+        return out
+
+    assert alerts(clean) == []
+    got = alerts(dark)
+    assert got and {a.detector for a in got} & {"score_shift", "anomaly_rate"}
+    client.close()
