@@ -288,3 +288,38 @@ def test_drift_alert_on_drifted_stream_not_on_clean(life, images, local_stack):
     got = alerts(dark)
     assert got and {a.detector for a in got} & {"score_shift", "anomaly_rate"}
     client.close()
+
+
+def _lw(*args: str) -> str:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    r = subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_cli_release_rollback_status(life, images, local_stack):
+    """`linewatch release` -> promoted; `linewatch rollback` -> old version serves again; `rollout status`."""
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    before = served_version(client, life.model)
+    vdir, _ = write_artifact(life.store, life.model, 95, "bottle", Tiny(gain=0.99), images)
+    boot = ["--bootstrap", local_stack.kafka_bootstrap, "--topic", life.topic]
+    out = json.loads(_lw("release", str(vdir), *boot))
+    assert out["type"] == "released" and out["sha256"] == sha(vdir / "metadata.json")
+    assert life.outcome(life.model, 95).type == "promoted"
+    assert served_version(client, life.model) == 95
+    _lw("rollback", life.model, "--to-version", str(before), *boot)
+
+    def rolled(recs):
+        return any(json.loads(r.value).get("detail", {}).get("operator") for r in recs[life.topic])
+
+    recs = asyncio.run(read_topics(local_stack.kafka_bootstrap, [life.topic], until=rolled, timeout_s=90))
+    ev = [decode(r.value) for r in recs[life.topic] if json.loads(r.value).get("detail", {}).get("operator")][0]
+    assert ev.type == "rolled_back" and ev.version == 95 and ev.previous_version == before
+    assert served_version(client, life.model) == before
+    assert infer_score(client, life.model, images[:2]).shape == (2,)
+    st = json.loads(_lw("rollout", "status", "--json", "--model", life.model, *boot))
+    assert st[life.model]["serving_version"] == before
+    assert _lw("release", "--help")
+    client.close()

@@ -1,0 +1,150 @@
+"""`linewatch release|rollout|rollback` verbs (model lifecycle), registered into stream/cli.py's parser.
+
+release ARTIFACT_DIR        verify an artifact (version dir in the model store) and publish ``released``
+rollout status              fold the ``model-events`` history into the state per model
+rollout run                 standalone rollout controller (no Faust): consume ``model-events``, drive Triton
+rollback MODEL --to-version V   publish ``rollback_requested`` (the controller reloads V and reports)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+
+def _topic(a) -> str:
+    if getattr(a, "topic", None):
+        return a.topic
+    from stream.config import Settings  # noqa: PLC0415
+
+    return Settings().topic_model_events
+
+
+async def publish_event(bootstrap: str, topic: str, ev) -> None:
+    from stream.publish import Producer, ensure_topics  # noqa: PLC0415
+
+    await ensure_topics(bootstrap, [topic])
+    async with Producer(bootstrap) as p:
+        await p.send_many(topic, [(ev.key, ev.to_json(), [])])
+
+
+def released_event(artifact_dir: str, *, task: str | None = None, product: str | None = None, force: bool = False):
+    """Verify ``artifact_dir`` and build its ``released`` event (ValueError with the reasons if broken)."""
+    from stream.model_events import ModelEvent  # noqa: PLC0415
+    from stream.model_store import verify_artifact  # noqa: PLC0415
+
+    v = verify_artifact(artifact_dir)
+    if v.artifact is None or (not v.ok and not force):
+        raise ValueError(f"artifact {artifact_dir} fails verification: {'; '.join(v.reasons)}")
+    art = v.artifact
+    return ModelEvent("released", art.model, art.version, task=task, product=product or art.product,
+                      detector=art.detector or None, artifact_uri=art.uri, sha256=art.sha256,
+                      detail={"tasks": art.tasks} if art.tasks else {})
+
+
+def _cmd_release(a) -> int:
+    from stream.cli_worker import _bootstrap  # noqa: PLC0415
+
+    ev = released_event(a.artifact, task=a.task, product=a.product, force=a.force)
+    asyncio.run(publish_event(_bootstrap(a), _topic(a), ev))
+    print(json.dumps(ev.to_dict()))
+    return 0
+
+
+def _cmd_rollout(a) -> int:
+    from stream.cli_worker import _endpoints  # noqa: PLC0415
+
+    boot, triton = _endpoints(a)
+    if a.action == "status":
+        from stream.model_events import ModelEventError, decode, fold_status  # noqa: PLC0415
+        from stream.publish import read_topics  # noqa: PLC0415
+
+        recs = asyncio.run(read_topics(boot, [_topic(a)], timeout_s=a.timeout, idle_s=1.5))
+        evs = []
+        for r in recs[_topic(a)]:
+            try:
+                evs.append(decode(r.value))
+            except ModelEventError:
+                continue
+        st = fold_status(evs)
+        if a.model:
+            st = {k: v for k, v in st.items() if k == a.model}
+        if a.json:
+            print(json.dumps(st, indent=2))
+        elif not st:
+            print(f"no model events on {_topic(a)}")
+        else:
+            for m, s in sorted(st.items()):
+                last = s["history"][-1]
+                why = f"  ({'; '.join(last['reasons'])})" if last.get("reasons") else ""
+                print(f"{m:32s} serving=v{s['serving_version']}  candidate="
+                      f"{'v' + str(s['candidate_version']) if s['candidate_version'] else '-'}  "
+                      f"last={last['type']} v{last['version']}{why}")
+        return 0
+    if a.action == "run":
+        from stream.config import Settings  # noqa: PLC0415
+        from stream.publish import Producer, ensure_topics  # noqa: PLC0415
+        from stream.rollout import HealthPolicy, RolloutController, kafka_publisher, serve_events  # noqa: PLC0415
+
+        repo = Path(a.model_repository or Settings().model_repository)
+        pol = HealthPolicy(shadow_frames=a.shadow_frames, shadow_timeout_s=a.shadow_timeout)
+
+        async def run():
+            await ensure_topics(boot, [_topic(a)])
+            async with Producer(boot) as p:
+                ctl = RolloutController(triton, repo, kafka_publisher(p, _topic(a)), pol)
+                try:
+                    await serve_events(boot, _topic(a), ctl, group_id=a.group)
+                finally:
+                    await ctl.close()
+
+        asyncio.run(run())
+        return 0
+    raise ValueError(f"unknown rollout action {a.action}")
+
+
+def _cmd_rollback(a) -> int:
+    from stream.cli_worker import _bootstrap  # noqa: PLC0415
+    from stream.model_events import ModelEvent  # noqa: PLC0415
+
+    ev = ModelEvent("rollback_requested", a.model, a.to_version, reasons=[a.reason])
+    asyncio.run(publish_event(_bootstrap(a), _topic(a), ev))
+    print(json.dumps(ev.to_dict()))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def common(p, triton: bool = False):
+        p.add_argument("--bootstrap", help="Kafka bootstrap host:port (default: running stack / settings)")
+        p.add_argument("--topic", help="model-events topic (default: settings topic_model_events)")
+        if triton:
+            p.add_argument("--triton", help="Triton gRPC host:port")
+
+    p = sub.add_parser("release", help="verify an artifact in the model store and publish `released`")
+    p.add_argument("artifact", help="artifact (version) directory or file:// URI in the model store")
+    p.add_argument("--task", help="MoLE-Flow task the release adds")
+    p.add_argument("--product", help="product (default: metadata.json product)")
+    p.add_argument("--force", action="store_true", help="publish even if verification fails (tests the refusal)")
+    common(p)
+    p.set_defaults(func=_cmd_release)
+
+    p = sub.add_parser("rollout", help="rollout status / standalone rollout controller")
+    p.add_argument("action", choices=["status", "run"])
+    p.add_argument("--model", help="status of one model")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=10.0, help="status: seconds to read the topic")
+    p.add_argument("--model-repository", help="run: Triton model repository the controller writes")
+    p.add_argument("--group", default="linewatch-rollout", help="run: consumer group")
+    p.add_argument("--shadow-frames", type=int, default=32)
+    p.add_argument("--shadow-timeout", type=float, default=120.0)
+    common(p, triton=True)
+    p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser("rollback", help="serve an older version of a model again")
+    p.add_argument("model")
+    p.add_argument("--to-version", type=int, required=True)
+    p.add_argument("--reason", default="operator request")
+    common(p)
+    p.set_defaults(func=_cmd_rollback)
