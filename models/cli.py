@@ -16,6 +16,7 @@ from collections.abc import Sequence
 GROUP_MODULES: list[str] = [
     "models.efficientad.cli",
     "models.moleflow.cli",
+    "models.jobs.train_job",  # `job train` (adapter lifecycle: train -> store -> released)
 ]
 
 

@@ -402,51 +402,142 @@ class RolloutController:
 # ----------------------------------------------------------------------------- worker integration
 
 
-def register(app, cfg, pipeline_getter: Callable[[], Awaitable[Any]], repository: str | Path | None = None,
-             topic: str = "model-events", policy: HealthPolicy | None = None) -> RolloutController:
-    """Add the rollout agent on ``model-events`` to the worker's Faust app.
+class DriftHook:
+    """Feeds every (non-shadow) result into a :class:`stream.drift.DriftMonitor`; returns alert records.
 
-    ``pipeline_getter`` returns the worker's Pipeline (its router is updated on promotion). Returns the
-    controller; the worker calls ``controller.offer(...)`` for live frames (shadow traffic)."""
+    The reference of a (model, version, task) is the calibration in its spec (``calibration.scores``, or
+    ``tasks[t].calibration_scores`` for MoLE-Flow) with the task's ``route_distance_threshold``; a model
+    without calibration scores gets a warm-up reference (its first ``warmup`` scores)."""
+
+    def __init__(self, config=None, warmup: int = 128):
+        from stream.drift import DriftMonitor  # noqa: PLC0415
+
+        self.monitor = DriftMonitor(config)
+        self.warmup = warmup
+        self._warm: dict[str, list[float]] = {}
+
+    def _ensure_reference(self, key: str, spec_raw: dict, task: str, score: float) -> None:
+        if self.monitor.has_reference(key):
+            return
+        cal, _ = calibration_of(spec_raw, task or None)
+        tinfo = (spec_raw.get("tasks") or {}).get(task) if isinstance(spec_raw.get("tasks"), dict) else None
+        rthr = tinfo.get("route_distance_threshold") if isinstance(tinfo, dict) else None
+        if cal and len(cal) >= 10:
+            self.monitor.set_reference(key, cal, route_distance_threshold=rthr)
+            return
+        w = self._warm.setdefault(key, [])
+        w.append(score)
+        if len(w) >= self.warmup:
+            self.monitor.set_reference(key, w, route_distance_threshold=rthr)
+            self._warm.pop(key, None)
+
+    def observe(self, res, spec_raw: dict) -> list:
+        if getattr(res, "shadow", False):
+            return []
+        key = f"{res.model}@{res.model_version}" + (f"/{res.task}" if res.task else "")
+        self._ensure_reference(key, spec_raw or {}, res.task, float(res.score))
+        return self.monitor.observe(res.camera, key, float(res.score), bool(res.is_anomaly), res.route_distance)
+
+
+class Lifecycle:
+    """What the worker calls once per micro-batch (:meth:`after_batch`): shadow traffic for a rollout
+    candidate and drift alerts (+ ``retrain_requested`` on a route_ood alert). Returns extra records to
+    send with the batch's results (before the batch is acked)."""
+
+    def __init__(self, controller: RolloutController | None, drift: DriftHook | None, drift_topic, events_topic,
+                 pipeline_getter, retrain_on_ood: bool = True):
+        self.controller, self.drift = controller, drift
+        self.drift_topic, self.events_topic = drift_topic, events_topic
+        self.pipeline_getter = pipeline_getter
+        self.retrain_on_ood = retrain_on_ood
+
+    async def after_batch(self, records, outputs) -> list[tuple]:
+        sends: list[tuple] = []
+        try:
+            p = await self.pipeline_getter()
+            by_id = None
+            for _key, _rj, _dj, res in outputs:
+                if self.controller is not None and self.controller.active:
+                    if by_id is None:
+                        from stream.envelope import peek_ids  # noqa: PLC0415
+
+                        by_id = {peek_ids(h)[0]: v for _k, v, h, _t in records}
+                    img = by_id.get(res.frame_id)
+                    if img is not None:
+                        self.controller.offer(res.model, res.product, img, res.is_anomaly)
+                if self.drift is None:
+                    continue
+                spec = p.triton._specs.get(res.model) or p.triton.last_specs.get(res.model)
+                for alert in self.drift.observe(res, spec.raw if spec is not None else {}):
+                    d = alert.to_dict()
+                    d.update(model=res.model, model_version=res.model_version, task=res.task, camera=res.camera)
+                    sends.append((self.drift_topic, res.camera.encode(), orjson.dumps(d), None))
+                    log.warning("drift_alert", detector=alert.detector, key=alert.key, statistic=alert.statistic)
+                    if alert.detector == "route_ood" and self.retrain_on_ood:
+                        ev = ModelEvent("retrain_requested", res.model, 0, product=res.product,
+                                        reasons=[f"route_ood: {alert.statistic:.0%} of {alert.window} frames beyond "
+                                                 f"the task's route distance on camera {res.camera}"],
+                                        detail={"camera": res.camera, "task": res.task})
+                        sends.append((self.events_topic, ev.key, ev.to_json(), None))
+        except Exception as e:  # noqa: BLE001 - lifecycle extras never stop the frame stream
+            log.warning("lifecycle_hook_failed", error=f"{type(e).__name__}: {e}"[:300])
+        return sends
+
+
+def register(app, cfg, pipeline_getter: Callable[[], Awaitable[Any]], repository: str | Path | None = None,
+             policy: HealthPolicy | None = None) -> Lifecycle:
+    """Wire the adapter lifecycle into the worker's Faust app: the rollout agent on ``model-events``,
+    a ``/rollout`` page and the per-batch :class:`Lifecycle` hook (shadow traffic + drift alerts).
+
+    ``cfg.extra`` options: ``rollout`` (default True), ``drift`` (default True), ``drift_window``,
+    ``drift_check_every``, ``retrain_on_ood`` (default True)."""
+    from stream.config import Settings  # noqa: PLC0415
+    from stream.drift import DriftConfig  # noqa: PLC0415
     from stream.model_events import ModelEventError, decode  # noqa: PLC0415
 
-    if repository is None:
-        from stream.config import Settings  # noqa: PLC0415
-
-        repository = Settings().model_repository
-    events_t = app.topic(topic, key_serializer="raw", value_serializer="raw")
+    s = Settings()
+    extra = getattr(cfg, "extra", {}) or {}
+    repository = repository or s.model_repository
+    events_t = app.topic(s.topic_model_events, key_serializer="raw", value_serializer="raw")
+    drift_t = app.topic(s.topic_drift, key_serializer="raw", value_serializer="raw")
 
     async def publish(ev: ModelEvent) -> None:
         fut = await events_t.send(key=ev.key, value=ev.to_json(), force=True)
         await fut
 
-    ctl = RolloutController(cfg.triton_grpc_url, repository, publish, policy)
+    ctl = None
+    if extra.get("rollout", True):
+        ctl = RolloutController(cfg.triton_grpc_url, repository, publish, policy)
 
-    async def route_new_product(art: Artifact) -> None:
-        p = await pipeline_getter()
-        if art.product and art.detector != "moleflow":
-            p.router.config.products[art.product] = art.model
-        await p.refresh_models()
+        async def route_new_product(art: Artifact) -> None:
+            p = await pipeline_getter()
+            if art.product and art.detector != "moleflow":
+                p.router.config.products[art.product] = art.model
+            await p.refresh_models()
 
-    ctl.on_promoted.append(route_new_product)
+        ctl.on_promoted.append(route_new_product)
 
-    @app.agent(events_t, name=f"{cfg.app_id}-rollout")
-    async def rollout_agent(stream):
-        async for value in stream:
-            try:
-                ev = decode(value)
-            except ModelEventError as e:
-                log.warning("model_event_invalid", error=str(e)[:300])
-                continue
-            if ev.type in ("released", "rollback_requested"):
-                # in the background: frames keep flowing (and feed the shadow window) meanwhile
-                asyncio.ensure_future(_safe(ctl.handle(ev)))
+        @app.agent(events_t, name=f"{cfg.app_id}-rollout")
+        async def rollout_agent(stream):
+            async for value in stream:
+                try:
+                    ev = decode(value)
+                except ModelEventError as e:
+                    log.warning("model_event_invalid", error=str(e)[:300])
+                    continue
+                if ev.type in ("released", "rollback_requested"):
+                    # in the background: frames keep flowing (and feed the shadow window) meanwhile
+                    asyncio.ensure_future(_safe(ctl.handle(ev)))
 
-    @app.page("/rollout")
-    async def rollout_page(web, request):
-        return web.json(ctl.status())
+        @app.page("/rollout")
+        async def rollout_page(web, request):
+            return web.json(ctl.status())
 
-    return ctl
+    drift = None
+    if extra.get("drift", True):
+        dcfg = DriftConfig(window=int(extra.get("drift_window", 64)), check_every=int(extra.get("drift_check_every", 16)))
+        drift = DriftHook(dcfg)
+    return Lifecycle(ctl, drift, drift_t, events_t, pipeline_getter, bool(extra.get("retrain_on_ood", True)))
 
 
 async def _safe(coro) -> None:

@@ -377,6 +377,11 @@ def build_app(cfg: WorkerConfig):
                 log.warning("produce_retry", attempt=attempt + 1, error=str(e)[:300], delay_s=delay)
                 await asyncio.sleep(delay)
 
+    # adapter lifecycle + drift (stream/rollout.py): model-events rollout agent, shadow traffic, drift-alerts
+    from stream.rollout import register as register_lifecycle  # noqa: PLC0415
+
+    lifecycle = register_lifecycle(app, cfg, pipeline)
+
     @app.agent(frames_t)
     async def inspect(stream):
         async for events in stream.take_events(cfg.batch_max, within=cfg.batch_within_s):
@@ -395,6 +400,7 @@ def build_app(cfg: WorkerConfig):
                          score=round(res.score, 5), is_anomaly=res.is_anomaly, e2e_ms=res.latency_ms.get("e2e"))
             for k, v, h in dlq:
                 sends.append((dlq_t, k, v, h))
+            sends += await lifecycle.after_batch(records, outputs)  # drift alerts, shadow frames
             t0 = time.perf_counter()
             await send_all(sends)
             metrics.stage_latency.labels(stage="publish").observe((time.perf_counter() - t0) * 1000)

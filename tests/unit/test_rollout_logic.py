@@ -56,3 +56,27 @@ def test_calibration_of_spec_and_task():
     assert calibration_of(spec) == ([1.0, 2.0, 3.0], 0.7)
     assert calibration_of(spec, "cells") == ([4.0, 5.0], 0.7)
     assert calibration_of({}) == (None, 0.0)
+
+
+def test_drift_hook_uses_spec_calibration_and_warmup():
+    from stream.drift import DriftConfig
+    from stream.envelope import InspectionResult
+    from stream.rollout import DriftHook
+
+    rng = np.random.default_rng(3)
+    spec = {"threshold": 3.0, "calibration": {"scores": rng.normal(0, 1, 200).tolist()}}
+
+    def res(score, shadow=False):
+        return InspectionResult(frame_id="f", camera="cam-1", line=None, model="m", model_version="2", task="",
+                                routed=False, route_distance=None, score=score, threshold=3.0,
+                                is_anomaly=score > 3.0, shadow=shadow)
+
+    hook = DriftHook(DriftConfig(window=32, check_every=8, min_interval_s=0))
+    assert sum(len(hook.observe(res(s), spec)) for s in rng.normal(0, 1, 64)) == 0
+    assert sum(len(hook.observe(res(s, shadow=True), spec)) for s in rng.normal(9, 1, 64)) == 0
+    got = [a for s in rng.normal(4, 1, 64) for a in hook.observe(res(s), spec)]
+    assert {a.detector for a in got} >= {"score_shift"}
+    warm = DriftHook(DriftConfig(window=32, check_every=8, min_interval_s=0), warmup=64)
+    assert [a for s in rng.normal(0, 1, 64) for a in warm.observe(res(s), {})] == []
+    assert warm.monitor.has_reference("m@2")
+    assert [a for s in rng.normal(6, 1, 64) for a in warm.observe(res(s), {})]

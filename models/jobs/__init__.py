@@ -1,0 +1,1 @@
+"""Container-ready jobs (training job: :mod:`models.jobs.train_job`)."""
