@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from models.artifacts import resolve_version, sha256_file
 from models.data import IMAGENET_MEAN, IMAGENET_STD
 from models.efficientad.model import EfficientAD
-from models.efficientad.serving import ARTIFACT, MODEL_PY, sha256_file
+from models.efficientad.serving import ARTIFACT, MODEL_PY
 from stream.logs import get_logger
 
 log = get_logger(__name__)
@@ -92,9 +93,7 @@ def export_triton(
     name = f"efficientad_{product}"
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    if version is None:
-        existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-        version = max(existing, default=0) + 1
+    version = resolve_version(model_dir, version)
     vdir = model_dir / str(version)
     vdir.mkdir(parents=True, exist_ok=True)
     traced = trace_model(model)

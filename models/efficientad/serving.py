@@ -8,12 +8,13 @@ pass, splits ``anomaly_map`` [n,1,H,W] and ``score`` [n,1] back per request.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.artifacts import sha256_file
 
 ARTIFACT = "model.pt"
 
@@ -28,14 +29,6 @@ from models.efficientad.serving import EfficientADServing
 class TritonPythonModel(EfficientADServing):
     pb_utils = pb_utils
 '''
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_and_load(version_dir: str | Path) -> tuple[torch.jit.ScriptModule, dict]:

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from models.artifacts import resolve_version
 from models.data import IMAGENET_MEAN, IMAGENET_STD
 from models.moleflow.serving import MODEL_PY
 from models.moleflow.store import (
@@ -98,9 +99,7 @@ def export_triton(store: str | Path, repository: str | Path, name: str = "molefl
         raise ArtifactError(f"{store} holds no task adapters: train one with `moleflow train-task`")
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    if version is None:
-        existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-        version = max(existing, default=0) + 1
+    version = resolve_version(model_dir, version)
     vdir = model_dir / str(version)
     if vdir.exists() and any(vdir.iterdir()):
         raise ArtifactError(f"version dir exists and is not empty: {vdir}")

@@ -13,7 +13,6 @@ read with safetensors only (no pickle). Any subset of tasks can be loaded (:func
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.artifacts import sha256_file
 from models.moleflow.model import MoLEFlow, MoLEFlowConfig, check_task_name
 from stream.logs import get_logger
 
@@ -36,14 +36,6 @@ ADAPTER_META = "adapter.json"
 
 class ArtifactError(Exception):
     """Missing / corrupted / mismatched MoLE-Flow artifact (CLI: one-line error)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
