@@ -204,6 +204,9 @@ def test_release_new_product_and_new_version_zero_failed_requests(life, images, 
 
     th = threading.Thread(target=hammer, daemon=True)
     th.start()
+    deadline = time.monotonic() + 60
+    while ok[0] < 3 and not failures and time.monotonic() < deadline:  # serving before the switch starts
+        time.sleep(0.05)
     try:
         other = f"lwt_cells_{uuid.uuid4().hex[:4]}"
         vdir, digest = write_artifact(life.store, other, 1, "cells", Tiny(gain=0.5), images)
