@@ -51,7 +51,7 @@ def _cmd_stack(a) -> int:
             print(f"stack: not running (no state in {workdir})")
             return 0
         local.LocalStack(workdir, st.model_repository).stop()
-        left = {n: p for n, p in st.pids.items() if local.pid_alive(p)}
+        left = {n: [p, *local.group_pids(p)] for n, p in st.pids.items() if local.owned_alive(n, p)}
         if left:
             raise CliError(f"processes still alive after stop: {left}")
         print(f"stack: stopped {st.pids}")

@@ -66,10 +66,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with_parent_of(parent: int):
+    """preexec_fn: own process group + SIGKILL when the parent dies (in-process/fixture mode).
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so start the stack
+    from a thread that lives as long as the stack (the main thread, in practice).
+    """
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        os.setsid()
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def _detach() -> None:
@@ -91,22 +102,80 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``.
+
+    Every child we start leads its own group, and helpers it forks (Triton's Python-backend
+    stubs) stay in it; Linux never hands out a pid still in use as a group id, so a non-empty
+    group is ours even after its leader is gone.
+    """
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            st = _proc_stat(int(d))
+            if st and st[0] != "Z" and int(st[2]) == pgid:
+                out.append(int(d))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    return not pid_alive(pid) and not group_pids(pid)
+
+
 def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL it after ``timeout_s``."""
+    """SIGTERM the process group led by ``pid``, then SIGKILL it after ``timeout_s``.
+
+    Returns only when the leader and every member of its group are gone.
+    """
     for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        if not pid_alive(pid):
+        if _gone(pid):
             return
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            return
+            if pid_alive(pid):  # leads no group (not started by us as a group leader)
+                os.kill(pid, sig)
         except PermissionError:
             os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and pid_alive(pid):
+        while time.monotonic() < deadline and not _gone(pid):
             time.sleep(0.05)
+    if not _gone(pid):
+        raise StackError(f"process group {pid} survived SIGKILL: {[pid, *group_pids(pid)]}")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+_BINARIES = {"tansu": "tansu", "triton": "tritonserver"}
+
+
+def owned_alive(name: str, pid: int | None) -> bool:
+    """True if ``pid`` (recorded in a state file as service ``name``) is still that service.
+
+    Guards ``stack status|down`` against a stale state file whose pid was reused by an
+    unrelated process.
+    """
+    if not pid or pid <= 0:
+        return False
     if pid_alive(pid):
-        raise StackError(f"process {pid} survived SIGKILL")
+        binary = _BINARIES.get(name)
+        return binary is None or binary in Path(_cmdline(pid).split(" ", 1)[0]).name
+    return bool(group_pids(pid))  # leader gone, helpers left in its group
 
 
 @dataclass
@@ -207,7 +276,7 @@ class LocalStack:
 
     def start(self) -> StackState:
         existing = read_state(self.workdir)
-        if existing and any(pid_alive(p) for p in existing.pids.values()):
+        if existing and any(owned_alive(n, p) for n, p in existing.pids.items()):
             raise StackError(
                 f"a stack is already running from {self.workdir} (pids {existing.pids}); `linewatch stack down` first"
             )
@@ -238,8 +307,11 @@ class LocalStack:
         return self.state
 
     def stop(self) -> None:
+        """Stop Triton then the broker (SIGTERM, then SIGKILL), including any helper processes
+        in their groups, and remove the state file. Safe to call twice or from another process."""
         state = self.state or read_state(self.workdir)
-        pids = dict(state.pids) if state else {}
+        # pids from a state file are only signalled if they still are our services
+        pids = {k: p for k, p in (state.pids if state else {}).items() if owned_alive(k, p)}
         pids.update({k: p.pid for k, p in self._procs.items()})
         # Triton first (it may hold gRPC clients), then the broker
         for name in sorted(pids, key=lambda n: 0 if n == "triton" else 1):
@@ -264,7 +336,7 @@ class LocalStack:
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=self.workdir,
-            preexec_fn=_detach if self.detach else _die_with_parent,  # noqa: PLW1509
+            preexec_fn=_detach if self.detach else _die_with_parent_of(os.getpid()),  # noqa: PLW1509
             close_fds=True,
         )
         logf.close()
@@ -361,7 +433,7 @@ class LocalStack:
         self._wait("tansu", lambda: kafka_ready(self.state.kafka_bootstrap))
 
     def _wait_triton(self) -> None:
-        self._wait("triton", lambda: triton_live(self.state.triton_http_url))
+        self._wait("triton", lambda: triton_ready(self.state.triton_http_url))
 
     # -- models -------------------------------------------------------------------------------
     def load_model(self, name: str, timeout_s: float = 180.0) -> None:
@@ -403,6 +475,17 @@ def triton_live(http_url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def triton_ready(http_url: str, timeout_s: float = 2.0) -> bool:
+    """Live and server-ready (``--strict-readiness=false``: ready does not wait for models)."""
+    if not triton_live(http_url, timeout_s):
+        return False
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 def status(workdir: str | Path | None = None) -> dict:
     """Readiness of a stack started by ``stack up`` (from its state file)."""
     st = read_state(workdir)
@@ -411,19 +494,19 @@ def status(workdir: str | Path | None = None) -> dict:
     services = {
         "kafka": {
             "pid": st.pids.get("tansu"),
-            "alive": pid_alive(st.pids.get("tansu", -1)),
+            "alive": owned_alive("tansu", st.pids.get("tansu")),
             "endpoint": st.kafka_bootstrap,
         },
         "triton": {
             "pid": st.pids.get("triton"),
-            "alive": pid_alive(st.pids.get("triton", -1)),
+            "alive": owned_alive("triton", st.pids.get("triton")),
             "endpoint_grpc": st.triton_grpc_url,
             "endpoint_http": st.triton_http_url,
             "model_repository": st.model_repository,
         },
     }
     services["kafka"]["ready"] = services["kafka"]["alive"] and _safe(kafka_ready, st.kafka_bootstrap)
-    services["triton"]["ready"] = services["triton"]["alive"] and triton_live(st.triton_http_url)
+    services["triton"]["ready"] = services["triton"]["alive"] and triton_ready(st.triton_http_url)
     return {"running": True, "ready": all(s["ready"] for s in services.values()), "services": services}
 
 

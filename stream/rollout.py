@@ -34,6 +34,7 @@ reload; publish ``rolled_back`` (detail.operator = true).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -355,6 +356,10 @@ class RolloutController:
         cal, thr = calibration_of(ro.artifact.metadata, ev.task)
         infer = TritonInfer(self.url, max_retries=2)
         probes = [(b, False) for b in self._probe_images(ro.artifact)]
+        if ro.previous_version is None:
+            # a new model/product: no serving model sees its frames yet, so the shipped probe images are the
+            # evidence; do not idle until the timeout waiting for live traffic that cannot come
+            pol = dataclasses.replace(pol, shadow_frames=min(pol.shadow_frames, max(len(probes), pol.min_frames)))
         t0 = time.monotonic()
         s = ro.stats
         try:

@@ -326,3 +326,59 @@ def test_cli_release_rollback_status(life, images, local_stack):
     assert st[life.model]["serving_version"] == before
     assert _lw("release", "--help")
     client.close()
+
+
+def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, images, local_stack, tmp_path):
+    """The Faust worker (subprocess) runs the rollout agent: a released model for a new product is promoted,
+    the product's frames reach it, and a darkened camera raises a drift alert (a clean one does not)."""
+    from stream.demo import WorkerProcess  # noqa: PLC0415
+    from stream.envelope import Frame, decode_result, encode_frame  # noqa: PLC0415
+
+    uid = uuid.uuid4().hex[:6]
+    t = {k: f"it-wk-{uid}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events")}
+    boot = local_stack.kafka_bootstrap
+    asyncio.run(ensure_topics(boot, t.values()))
+    env = {"LINEWATCH_TOPIC_MODEL_EVENTS": t["events"], "LINEWATCH_TOPIC_DRIFT": t["drift"],
+           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository)}
+    w = WorkerProcess(boot, local_stack.triton_grpc_url, tmp_path, app_id=f"lw-wk-{uid}", batch_max=8,
+                      batch_within=0.05, env=env,
+                      extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
+                                  "--defects-topic", t["defects"], "--dlq-topic", t["dlq"]]).start()
+    try:
+        model = f"lwt_widget_{uid}"  # no naming convention: reachable only through the routing update
+        vdir, digest = write_artifact(life.store, model, 1, "widget", Tiny(), images)
+        ev = ModelEvent("released", model, 1, product="widget", detector="efficientad",
+                        artifact_uri=path_to_uri(vdir), sha256=digest)
+
+        async def send(recs):
+            async with Producer(boot) as p:
+                await p.send_many(*recs)
+
+        asyncio.run(send((t["events"], [(ev.key, ev.to_json(), [])])))
+
+        def promoted(o):
+            return any(json.loads(r.value).get("type") == "promoted" for r in o[t["events"]])
+
+        recs = asyncio.run(read_topics(boot, [t["events"]], until=promoted, timeout_s=120))
+        assert promoted(recs), (w.log_path.read_text()[-3000:], [r.value for r in recs[t["events"]]])
+        dark = [cv2.imencode(".png", (cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) * 0.6)
+                             .astype(np.uint8))[1].tobytes() for b in images[100:164]]
+        frames = [Frame(f"c-{uid}-{i}", "cam-clean", int(time.time() * 1000), b, product="widget",
+                        content_type="image/png") for i, b in enumerate(images[100:164])]
+        frames += [Frame(f"d-{uid}-{i}", "cam-dark", int(time.time() * 1000), b, product="widget",
+                         content_type="image/png") for i, b in enumerate(dark)]
+        asyncio.run(send((t["frames"], [encode_frame(f) for f in frames])))
+
+        def done(o):
+            return len(o[t["results"]]) >= len(frames) and o[t["drift"]]
+
+        out = asyncio.run(read_topics(boot, [t["results"], t["drift"], t["dlq"]], until=done, timeout_s=120))
+        assert w.alive(), w.log_path.read_text()[-3000:]
+        res = [decode_result(r.value) for r in out[t["results"]]]
+        assert {r.frame_id for r in res} >= {f.frame_id for f in frames} and not out[t["dlq"]]
+        assert {r.model for r in res} == {model} and not any(r.shadow for r in res)
+        alerts = [json.loads(r.value) for r in out[t["drift"]]]
+        assert alerts and {a["camera"] for a in alerts} == {"cam-dark"}, alerts
+        assert {a["detector"] for a in alerts} & {"score_shift", "anomaly_rate"}
+    finally:
+        w.stop()
