@@ -5,6 +5,10 @@ pipeline : replay N frames (MVTec bottle test, unthrottled) -> Kafka -> Faust wo
            end-to-end (result produced - frame ts) from the results.
 bare     : the same JPEG/PNG bytes decoded + preprocessed once, then the exported model called
            directly over Triton gRPC in batches of the worker's batch size (no Kafka, no Faust).
+latency  : added latency on loopback, measured without queueing: a second worker with batch size 1
+           gets frames replayed at a low rate (--latency-fps, well below capacity); its per-frame
+           end-to-end p50 (result produced - frame timestamp) minus the bare p50 of the same work done
+           in-process (decode + preprocess + one batch-1 Triton request) is the pipeline's added p50.
 
 Writes benchmarks/results/pipeline_throughput.json and .png.
 
@@ -84,6 +88,65 @@ def bare_triton(url: str, model: str, blobs: list[bytes], batch: int) -> dict:
             "per_frame_ms_p50": pct(np.array(lat) / batch, 50)}
 
 
+def bare_b1_latency(url: str, model: str, blobs: list[bytes]) -> dict:
+    """Per-frame decode + preprocess + batch-1 Triton request, in-process (the work the worker does)."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    c = grpcclient.InferenceServerClient(url)
+    cfg = c.get_model_config(model, as_json=True)["config"]
+    spec = parse_spec(cfg["parameters"]["linewatch_spec"]["string_value"])
+    has_task = any(i["name"] == "task" for i in cfg.get("input", []))
+
+    def one(b: bytes):
+        x = to_tensor(decode_image(b), spec)[None]
+        inp = grpcclient.InferInput(spec.input.name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        ins = [inp]
+        if has_task:
+            ti = grpcclient.InferInput("task", [1, 1], "BYTES")
+            ti.set_data_from_numpy(np.array([[b""]], dtype=np.object_))
+            ins.append(ti)
+        return c.infer(model, ins)
+
+    one(blobs[0])
+    lat = []
+    for b in blobs:
+        t = time.perf_counter()
+        one(b)
+        lat.append((time.perf_counter() - t) * 1000)
+        time.sleep(0.05)  # same idle gaps as the throttled stream (no back-to-back CPU contention)
+    c.close()
+    return {"frames": len(blobs), "ms_p50": pct(lat, 50), "ms_p99": pct(lat, 99)}
+
+
+def pipeline_latency(boot: str, url: str, n: int, fps: float, workdir: Path, fetch_wait_ms: int | None = None) -> dict:
+    """Throttled replay through a batch-1 worker: e2e latency with no queueing behind other frames."""
+    t = {k: f"lat-{uuid.uuid4().hex[:6]}-{k}" for k in ("frames", "results", "defects", "dlq")}
+    asyncio.run(ensure_topics(boot, t.values()))
+    w = WorkerProcess(boot, url, workdir, batch_max=1, batch_within=0.0, app_id=f"lw-lat-{uuid.uuid4().hex[:6]}",
+                      extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
+                                  "--defects-topic", t["defects"], "--dlq-topic", t["dlq"],
+                                  *(["--fetch-max-wait-ms", str(fetch_wait_ms)] if fetch_wait_ms else [])]).start()
+    test = data_dir() / "mvtec" / "bottle" / "test"
+    try:
+        warm = asyncio.run(replay(boot, test, topic=t["frames"], fps=0, product="bottle", limit=1, cameras=["warm"]))
+        asyncio.run(read_topics(boot, [t["results"]], until=lambda o: len(o[t["results"]]) >= 1, timeout_s=120))
+        sent = asyncio.run(replay(boot, test, topic=t["frames"], fps=fps, product="bottle", cameras=["lat"],
+                                  limit=n))
+        ids = {x.frame_id for x in sent}
+        recs = asyncio.run(read_topics(boot, [t["results"], t["dlq"]], timeout_s=300,
+                                       until=lambda o: len(o[t["results"]]) + len(o[t["dlq"]]) >= len(ids) + len(warm)))
+        res = [r for r in (decode_result(v.value) for v in recs[t["results"]]) if r.frame_id in ids]
+        e2e = np.array([r.latency_ms["e2e"] for r in res])
+        stages = {k: pct([r.latency_ms.get(k, np.nan) for r in res], 50)
+                  for k in ("decode", "preprocess", "queue", "infer", "batch_total")}
+        return {"frames": len(sent), "results": len(res), "fps": fps, "batch_max": 1,
+                "fetch_max_wait_ms": fetch_wait_ms or "worker default", "e2e_ms_p50": pct(e2e, 50),
+                "e2e_ms_p99": pct(e2e, 99), "worker_stage_ms_p50": stages}
+    finally:
+        w.stop()
+
+
 def pipeline(boot: str, url: str, n: int, batch: int, workdir: Path) -> dict:
     t = {k: f"bench-{uuid.uuid4().hex[:6]}-{k}" for k in ("frames", "results", "defects", "dlq")}
     asyncio.run(ensure_topics(boot, t.values()))
@@ -127,7 +190,7 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
     names = ["bare Triton", "Kafka+Faust pipeline"]
     fps = [out["bare_triton"]["fps"], out["pipeline"]["fps"]]
     ax[0].bar(names, fps, color=["#888", "#2a7"])
@@ -143,6 +206,11 @@ def plot(out: dict, path: Path) -> None:
     ax[1].set_yscale("log")
     ax[1].legend()
     ax[1].set_title("latency")
+    lt = out["latency"]
+    ax[2].bar(["bare in-process\n(batch 1)", f"pipeline\n({lt['pipeline_throttled']['fps']:g} fps, batch 1)"],
+              [lt["bare_batch1"]["ms_p50"], lt["pipeline_throttled"]["e2e_ms_p50"]], color=["#888", "#2a7"])
+    ax[2].set_ylabel("p50 ms per frame")
+    ax[2].set_title(f"added p50 latency: {lt['added_p50_ms']:.1f} ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -151,6 +219,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--latency-frames", type=int, default=40)
+    ap.add_argument("--latency-fps", type=float, default=2.0)
+    ap.add_argument("--fetch-max-wait-ms", type=int, help="the latency worker's fetch wait cap")
     ap.add_argument("--bootstrap")
     ap.add_argument("--triton")
     ap.add_argument("--model", help="Triton model name (default: the bottle model in triton_repo/)")
@@ -178,11 +249,15 @@ def main(argv=None) -> int:
         blobs = [items[i % len(items)].path.read_bytes() for i in range(a.frames)]
         bare = bare_triton(url, model, blobs, a.batch)
         pipe = pipeline(boot, url, a.frames, a.batch, workdir)
+        bare1 = bare_b1_latency(url, model, blobs[: a.latency_frames])
+        lat = pipeline_latency(boot, url, a.latency_frames, a.latency_fps, workdir, a.fetch_max_wait_ms)
     finally:
         if stack is not None:
             close_stack(stack)
     out = {"model": model, "batch": a.batch, "frames": a.frames, "bare_triton": bare, "pipeline": pipe,
            "pipeline_over_bare_fps": pipe["fps"] / bare["fps"],
+           "latency": {"bare_batch1": bare1, "pipeline_throttled": lat,
+                       "added_p50_ms": lat["e2e_ms_p50"] - bare1["ms_p50"]},
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (outdir / "pipeline_throughput.json").write_text(json.dumps(out, indent=2))

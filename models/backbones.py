@@ -77,15 +77,17 @@ KEY_MAPS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], dict]]] = {
 }
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """safetensors, or ``torch.load(weights_only=True)``; the sha256 is verified before reading when
+    known (``sha256``, a ``.sha256`` sidecar, or the torch-hub name ``<name>-<hash prefix>.pth``)."""
+    from models.artifacts import safe_load_safetensors, safe_torch_load  # noqa: PLC0415
+
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        return safe_load_safetensors(path, sha256=sha256)
+    obj = safe_torch_load(path, sha256=sha256)
     for k in ("state_dict", "model"):
         if isinstance(obj, dict) and k in obj and isinstance(obj[k], dict):
             obj = obj[k]

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_stack)
 
-    for module in ("stream.cli_worker", "stream.cli_lifecycle"):
+    for module in ("stream.cli_worker", "stream.cli_lifecycle", "stream.accounting"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         from stream.local import StackError  # noqa: PLC0415
 
         if isinstance(e, CliError | StackError | FileNotFoundError | ValueError | TimeoutError | ConnectionError):
-            print(f"linewatch: error: {e}", file=sys.stderr)
+            from stream.config import one_line_error  # noqa: PLC0415
+
+            print(f"linewatch: error: {one_line_error(e)}", file=sys.stderr)
             return 1
         raise
 

@@ -6,7 +6,8 @@
 - ``inspection-results``: JSON :class:`InspectionResult` (key = camera id, idempotent by frame_id).
 - ``defect-events``: JSON :class:`DefectEvent` = result + small uint8 heat-map PNG (base64) +
   bounding boxes of the connected regions above the map threshold.
-- ``frames-dlq``: value = original bytes, original headers + ``error`` (reason) + ``error_detail``.
+- ``frames-dlq``: value = original bytes, original headers + ``error`` (reason) + ``error_detail``
+  (a frame over the size limit keeps only its size and sha256: see :func:`dlq_record`).
 
 Every decode error is an :class:`EnvelopeError` whose ``reason`` is a short machine-readable
 code (it becomes the DLQ ``error`` header and a metric label) and whose ``detail`` names what is
@@ -16,6 +17,7 @@ wrong in words.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import time
 import uuid
@@ -353,17 +355,42 @@ def decode_defect_event(value: bytes) -> DefectEvent:
 # ----------------------------------------------------------------------------- DLQ
 
 
+DLQ_MAX_HEADERS = 64
+DLQ_MAX_HEADER_VALUE = 8 * MAX_HEADER_BYTES
+
+
 def dlq_record(key: bytes | None, value: bytes | None, headers: Any, reason: str, detail: str,
-               *, stage: str = "decode") -> tuple[bytes | None, bytes, Headers]:
-    """Original bytes + original headers + ``error``/``error_detail``/``error_stage``/``error_ts_ms``."""
-    h = [(k, v) for k, v in headers_to_dict(headers).items() if not k.startswith("error")]
+               *, stage: str = "decode", max_value_bytes: int | None = None) -> tuple[bytes | None, bytes, Headers]:
+    """Original bytes + original headers + ``error``/``error_detail``/``error_stage``/``error_ts_ms``.
+
+    The DLQ record must itself fit the producer's request size, or publishing it would fail
+    forever: a value larger than ``max_value_bytes`` (the worker's frame size limit) is replaced by
+    an empty value plus ``error_original_bytes`` and ``error_original_sha256``; original headers
+    beyond the first ``DLQ_MAX_HEADERS`` or longer than ``DLQ_MAX_HEADER_VALUE`` bytes are left out
+    (``error_dropped_headers`` counts them)."""
+    h: Headers = []
+    dropped = 0
+    for k, v in headers_to_dict(headers).items():
+        if k.startswith("error"):
+            continue
+        if len(h) >= DLQ_MAX_HEADERS or len(v) > DLQ_MAX_HEADER_VALUE or len(k) > MAX_HEADER_BYTES:
+            dropped += 1
+            continue
+        h.append((k, v))
+    value = value or b""
+    if max_value_bytes is not None and len(value) > max_value_bytes:
+        h += [("error_original_bytes", str(len(value)).encode()),
+              ("error_original_sha256", hashlib.sha256(value).hexdigest().encode())]
+        value = b""
+    if dropped:
+        h.append(("error_dropped_headers", str(dropped).encode()))
     h += [
         ("error", reason.encode()),
         ("error_detail", detail.encode("utf-8", "replace")[:MAX_HEADER_BYTES]),
         ("error_stage", stage.encode()),
         ("error_ts_ms", str(int(time.time() * 1000)).encode()),
     ]
-    return key, (value or b""), h
+    return key, value, h
 
 
 def dlq_reason(headers: Any) -> tuple[str | None, str | None]:

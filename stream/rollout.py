@@ -159,6 +159,7 @@ class Rollout:
     candidate: str
     artifact: Artifact
     previous_version: int | None
+    task: str | None = None  # MoLE-Flow: the adapter released (its own frames are its shadow traffic)
     started: float = field(default_factory=time.monotonic)
     state: str = "verifying"
     stats: ShadowStats = field(default_factory=ShadowStats)
@@ -264,7 +265,7 @@ class RolloutController:
         if reasons:
             return await self._emit(self._event("refused", ev, reasons, cur_ver, art=art))
         cand = f"{ev.model}{CANDIDATE_SUFFIX}"
-        ro = Rollout(ev.model, ev.version, cand, art, cur_ver)
+        ro = Rollout(ev.model, ev.version, cand, art, cur_ver, task=ev.task or None)
         self.active[ev.model] = ro
         try:
             ro.state = "loading_candidate"
@@ -335,6 +336,8 @@ class RolloutController:
         model (or a new model for that product) is in its shadow window."""
         for ro in self.active.values():
             if ro.state == "shadow" and (ro.model == model or (product and ro.artifact.product == product)):
+                if ro.task and product != ro.task:
+                    continue  # another task's frame would be scored by this adapter: meaningless evidence
                 ro.queue.append((image, flagged_by_serving))
 
     def _probe_images(self, art: Artifact) -> list[bytes]:
@@ -356,9 +359,10 @@ class RolloutController:
         cal, thr = calibration_of(ro.artifact.metadata, ev.task)
         infer = TritonInfer(self.url, max_retries=2)
         probes = [(b, False) for b in self._probe_images(ro.artifact)]
-        if ro.previous_version is None:
-            # a new model/product: no serving model sees its frames yet, so the shipped probe images are the
-            # evidence; do not idle until the timeout waiting for live traffic that cannot come
+        if ro.previous_version is None or ev.task:
+            # a new model/product or a MoLE-Flow adapter: the serving model may never see (or route) its frames
+            # yet, so the shipped probe images are enough evidence; do not idle until the timeout waiting for
+            # live traffic that may not come (live frames of its own product still count when they do)
             pol = dataclasses.replace(pol, shadow_frames=min(pol.shadow_frames, max(len(probes), pol.min_frames)))
         t0 = time.monotonic()
         s = ro.stats

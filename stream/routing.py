@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from stream.envelope import EnvelopeError, Frame
+from stream.model_store import CANDIDATE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -103,15 +104,21 @@ class Router:
         if product:
             explicit = c.products.get(product)
             if explicit and explicit in self.available:
-                if explicit == mf:
-                    task = frame.task or (product if product in self.available[mf] else "")
-                    return Route(mf, task, product, routed=not task)
+                if explicit == mf or self.available[explicit]:  # a MoLE-Flow model: pick the product's adapter
+                    task = frame.task or (product if product in self.available[explicit] else "")
+                    return Route(explicit, task, product, routed=not task)
                 return Route(explicit, frame.task or "", product, routed=False)
             ead = f"{c.efficientad_prefix}{product}"
             if ead in self.available:
                 return Route(ead, "", product, routed=False)
             if mf in self.available and product in self.available[mf]:
                 return Route(mf, frame.task or product, product, routed=False)
+            # any other MoLE-Flow model (it reports its tasks) with an adapter for this product; derived from
+            # Triton's loaded models, so every worker replica agrees without sharing state. Rollout
+            # candidates never take live decisions.
+            for name, tasks in sorted(self.available.items()):
+                if product in tasks and not name.endswith(CANDIDATE_SUFFIX):
+                    return Route(name, frame.task or product, product, routed=False)
         if mf in self.available:
             task = frame.task if (frame.task and frame.task in self.available[mf]) else ""
             return Route(mf, task, product, routed=not task)

@@ -118,9 +118,9 @@ class TritonInfer:
             try:
                 await self.refresh()
             except Exception as e:  # noqa: BLE001 - keep serving with the last known specs
-                if not self._specs:
+                if not (self._specs or self.last_specs):  # never reached Triton: nothing to fall back on
                     raise
-                log.warning("model_refresh_failed", error=str(e))
+                log.warning("model_refresh_failed", error=str(e)[:300])
         return self._specs
 
     def available(self) -> dict[str, tuple[str, ...]]:
@@ -151,7 +151,10 @@ class TritonInfer:
 
     async def infer(self, model: str, batch: np.ndarray, tasks: list[str] | None = None) -> InferOutput:
         if model not in self._specs:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as e:  # noqa: BLE001 - Triton down/restarting: not the frames' fault, never DLQ them
+                raise TransientInferError(f"model {model}: cannot list Triton's models: {type(e).__name__}: {e}") from e
             if model not in self._specs:
                 raise TransientInferError(f"model {model} is not READY in Triton")
         spec = self._specs[model]  # captured: a concurrent refresh must not change it mid-request

@@ -35,7 +35,7 @@ from stream.envelope import (
 )
 from stream.logs import get_logger
 from stream.metrics import WorkerMetrics
-from stream.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image, to_tensor
+from stream.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image, to_tensor
 from stream.routing import Router, RoutingConfig
 from stream.triton_infer import PermanentInferError, TransientInferError, TritonInfer
 
@@ -60,11 +60,16 @@ class WorkerConfig:
     routing: Any = None  # dict / JSON path / inline JSON
     max_side: int = DEFAULT_MAX_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger frames -> DLQ too_large (value dropped, size + sha256 kept)
+    broker_credentials: Any = field(default=None, repr=False)  # faust SASL/SSL credentials (stream.config)
     heatmap_size: int = 64
     shadow: bool = False
     partitions: int = 1
     fetch_max_wait_ms: int = 50
     transient_grace_s: float = 120.0  # a model missing from Triton this long -> frames DLQ'd (unknown_product)
+    # frames buffered per partition ahead of the agent (Faust default 4096: a stalled Triton let a 530 KB-frame
+    # backlog grow the worker by ~22 MB/s of lag); past it Faust stops fetching and the backlog stays in Kafka
+    stream_buffer_max: int = 0  # 0 = max(16, 4 * batch_max)
     decode_threads: int = min(4, os.cpu_count() or 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -75,12 +80,10 @@ class WorkerConfig:
         Field names are looked up leniently so the worker follows stream.config as it evolves;
         explicit keyword overrides (CLI flags) win.
         """
-        if settings is None:
-            try:
-                from stream.config import Settings  # noqa: PLC0415
-                settings = Settings()
-            except Exception:  # noqa: BLE001 - config module not available / invalid env
-                settings = None
+        if settings is None:  # invalid settings (e.g. SASL without a password) fail here, never fall back
+            from stream.config import Settings  # noqa: PLC0415
+
+            settings = Settings()
         kw: dict[str, Any] = {}
 
         def pick(field_name: str, *names: str):
@@ -102,6 +105,13 @@ class WorkerConfig:
         pick("dev_broker", "dev_broker")
         pick("routing", "routing", "routing_file", "routing_config")
         pick("app_id", "worker_app_id", "app_id", "consumer_group")
+        pick("max_bytes", "max_frame_bytes")
+        pick("max_pixels", "max_image_pixels")
+        pick("max_side", "max_image_side")
+        if settings is not None and hasattr(settings, "kafka_security_protocol"):
+            from stream.config import faust_broker_credentials  # noqa: PLC0415
+
+            kw["broker_credentials"] = faust_broker_credentials(settings)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(kw.get("kafka_bootstrap"), list | tuple):
             kw["kafka_bootstrap"] = ",".join(kw["kafka_bootstrap"])
@@ -150,6 +160,7 @@ class Pipeline:
         self.router = Router(RoutingConfig.load(cfg.routing))
         self.model_missing_since: dict[str, float] = {}
         self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads), thread_name_prefix="decode")
+        self.limits = {"max_side": cfg.max_side, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
 
     async def refresh_models(self) -> None:
         await self.triton.specs(max_age_s=0)
@@ -178,7 +189,7 @@ class Pipeline:
             fid, cam = peek_ids(headers)
             m.dlq.labels(reason=reason).inc()
             log.warning("frame_dlq", frame_id=fid, camera=cam, reason=reason, detail=detail[:300], stage=stage)
-            dlq.append(dlq_record(key, value, headers, reason, detail, stage=stage))
+            dlq.append(dlq_record(key, value, headers, reason, detail, stage=stage, max_value_bytes=self.cfg.max_bytes))
 
         def prep(i: int):
             key, value, headers, kts = records[i]
@@ -194,7 +205,7 @@ class Pipeline:
                 if time.monotonic() - self.model_missing_since.setdefault(route.model, time.monotonic()) > self.cfg.transient_grace_s:
                     raise
             spec = self.triton._specs.get(route.model) or self.triton.last_specs[route.model]
-            img = decode_image(f.image, max_side=self.cfg.max_side, max_pixels=self.cfg.max_pixels)
+            img = decode_image(f.image, **self.limits)
             t1 = time.perf_counter()
             x = to_tensor(img, spec)
             return f, route, x, t0, t1, time.perf_counter()
@@ -273,7 +284,7 @@ class Pipeline:
                     try:
                         r = self.router.route(frames[i])
                         if r.model != routes[i].model:
-                            tensors[i] = to_tensor(decode_image(frames[i].image), self.triton.last_specs[r.model])
+                            tensors[i] = to_tensor(decode_image(frames[i].image, **self.limits), self.triton.last_specs[r.model])
                         routes[i] = r
                         still.append(i)
                     except EnvelopeError as e:
@@ -334,9 +345,14 @@ def build_app(cfg: WorkerConfig):
         broker_commit_every=max(cfg.batch_max, 1),
         broker_commit_interval=0.5,
         stream_wait_empty=True,
+        stream_buffer_maxsize=cfg.stream_buffer_max or max(16, 4 * cfg.batch_max),
         producer_acks=-1,
         producer_linger_ms=0,
+        # a DLQ record carries the original frame (<= max_bytes, larger ones are dropped) + headers
+        producer_max_request_size=cfg.max_bytes + 1024 * 1024,
     )
+    if cfg.broker_credentials is not None:  # TLS / SASL (stream.config.faust_broker_credentials)
+        app_kw["broker_credentials"] = cfg.broker_credentials
     if cfg.dev_broker:  # DESIGN §6: short joins; single-record batches where end offsets matter
         app_kw.update(broker_session_timeout=6, broker_heartbeat_interval=1, producer_max_batch_size=1,
                       broker_rebalance_timeout=6)
@@ -444,7 +460,9 @@ def run_worker(cfg: WorkerConfig, loglevel: str = "info") -> None:
     app = build_app(cfg)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     log.info("worker_start", bootstrap=cfg.kafka_bootstrap, triton=cfg.triton_grpc_url, topic=cfg.frames_topic,
-             batch_max=cfg.batch_max, within_s=cfg.batch_within_s, web_port=cfg.web_port, dev_broker=cfg.dev_broker)
+             batch_max=cfg.batch_max, within_s=cfg.batch_within_s, web_port=cfg.web_port, dev_broker=cfg.dev_broker,
+             security=type(cfg.broker_credentials).__name__ if cfg.broker_credentials else "PLAINTEXT",
+             max_frame_bytes=cfg.max_bytes, max_image_pixels=cfg.max_pixels)
     worker = Worker(app, loglevel=loglevel, redirect_stdouts=False, override_logging=False)
     worker.execute_from_commandline()
 
@@ -455,7 +473,13 @@ def main(argv: list[str] | None = None) -> None:  # python -m stream.worker
     ap = argparse.ArgumentParser("stream.worker")
     add_worker_args(ap)
     a = ap.parse_args(argv)
-    run_worker(config_from_args(a))
+    try:
+        cfg = config_from_args(a)
+    except ValueError as e:  # pydantic ValidationError included: one line, no traceback
+        from stream.config import one_line_error  # noqa: PLC0415
+
+        raise SystemExit(f"stream.worker: error: {one_line_error(e)}") from None
+    run_worker(cfg)
 
 
 def add_worker_args(ap) -> None:
@@ -472,6 +496,8 @@ def add_worker_args(ap) -> None:
     ap.add_argument("--results-topic")
     ap.add_argument("--defects-topic")
     ap.add_argument("--dlq-topic")
+    ap.add_argument("--fetch-max-wait-ms", type=int,
+                    help="consumer fetch wait cap (Tansu answers only when it expires: latency vs idle polling)")
 
 
 def config_from_args(a) -> WorkerConfig:
@@ -479,7 +505,7 @@ def config_from_args(a) -> WorkerConfig:
         None, kafka_bootstrap=a.bootstrap, triton_grpc_url=a.triton, batch_max=a.batch_max,
         batch_within_s=a.batch_within, web_port=a.web_port, app_id=a.app_id, datadir=a.datadir,
         routing=a.routing, dev_broker=a.dev_broker, frames_topic=a.frames_topic, results_topic=a.results_topic,
-        defects_topic=a.defects_topic, dlq_topic=a.dlq_topic)
+        defects_topic=a.defects_topic, dlq_topic=a.dlq_topic, fetch_max_wait_ms=a.fetch_max_wait_ms)
 
 
 if __name__ == "__main__":

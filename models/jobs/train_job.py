@@ -18,7 +18,6 @@ data errors, 3 evaluation gate failed (artifact written, not released).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -29,13 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from models.artifacts import sha256_file as _sha
 
 
 def _images(d: str | Path) -> list[Path]:
@@ -65,7 +58,9 @@ def score_images(vdir: Path, detector: str, task: str | None, paths: list[Path])
     spec = parse_spec(meta)
     torch.set_num_threads(1)
     if detector == "efficientad":
-        net = torch.jit.load(str(vdir / "model.pt"), map_location="cpu").eval()
+        from models.efficientad.serving import verify_and_load  # noqa: PLC0415 - sha256 first, then load
+
+        net = verify_and_load(vdir)[0].eval()
 
         def run(x):
             return net(x)[1]
@@ -115,8 +110,12 @@ def run_job(a) -> int:
             model = a.model or "moleflow"
             if not a.base_store:
                 raise ValueError("--base-store (MoLE-Flow training store: frozen base + adapters) is required")
+            cdir = Path(tmp) / "calibration"
+            cdir.mkdir()
+            for p in hold:  # the held-out split sets the adapter's threshold (the scores below use it too)
+                (cdir / p.name).symlink_to(p.resolve())
             _models_cli(["moleflow", "train-task", "--data-dir", str(tdir), "--task", a.product, "--out", a.base_store,
-                         *a.extra])
+                         "--calibration-dir", str(cdir), *a.extra])
             _models_cli(["moleflow", "export", "--checkpoint", a.base_store, "--repo", str(store), "--name", model])
         else:
             model = a.model or f"efficientad_{a.product}"

@@ -96,7 +96,12 @@ def cmd_train_task(args) -> int:
     tcfg = TrainConfig(epochs=args.epochs or (10 if quick else 60), lr=args.lr, batch_size=args.batch_size,
                        max_images=args.max_images or (120 if quick else None), seed=args.seed,
                        time_budget_s=args.time_budget_s or (240.0 if quick else None))
-    meta = train_task(model, args.task, paths, tcfg)
+    cal = None
+    if args.calibration_dir:
+        cal = task_images(args.calibration_dir, args.task)
+        if not cal:
+            raise _usage(f"no images in --calibration-dir {args.calibration_dir}")
+    meta = train_task(model, args.task, paths, tcfg, calibration_images=cal)
     out.mkdir(parents=True, exist_ok=True)
     sha = save_base_if_needed(model, out)
     save_adapter(model, args.task, out, sha, extra={"route_distance_q99": meta["route_distance_q99"],
@@ -211,6 +216,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data-dir", required=True,
                    help="MVTec root (<dir>/<task>/train/good), category dir, image folder, or 'elpv'")
     t.add_argument("--task", required=True)
+    t.add_argument("--calibration-dir", help="held-out good images that set the task's threshold "
+                   "(default: 10%% of the training images are held out)")
     t.add_argument("--out", required=True, help="store dir (created on the first task, extended afterwards)")
     t.add_argument("--backbone", default="efficientnet_lite0", help="timm model name (new store only)")
     t.add_argument("--backbone-weights", default=None, help="local weights file (default: shared Lite0 weights)")

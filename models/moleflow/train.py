@@ -97,10 +97,13 @@ def patch_nll_batched(model: MoLEFlow, patch: torch.Tensor, task: str, batch_siz
     return torch.cat([model.patch_nll(patch[s:s + batch_size], task)[0] for s in range(0, len(patch), batch_size)])
 
 
-def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = None, features=None) -> dict:
+def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = None, features=None,
+               calibration_images=None) -> dict:
     """Add ``task`` and train it on good ``images`` (paths or [N,3,S,S] tensor). Returns metadata.
 
-    ``features``: precomputed (patch, image) backbone features (skips extraction)."""
+    ``features``: precomputed (patch, image) backbone features (skips extraction).
+    ``calibration_images``: held-out good images (e.g. a training job's split) that set the task's
+    thresholds; then every training image trains and none is split off for validation."""
     cfg = cfg or TrainConfig()
     t0 = time.perf_counter()
     if features is None:
@@ -115,7 +118,7 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
     n = len(patch)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=g)
-    n_val = int(round(n * cfg.val_fraction)) if n >= 10 else 0
+    n_val = int(round(n * cfg.val_fraction)) if n >= 10 and calibration_images is None else 0
     val_idx, tr_idx = order[:n_val], order[n_val:]
 
     first = not model.tasks
@@ -180,15 +183,19 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
         if changed:
             raise RuntimeError(f"training task {task!r} changed frozen tensors: {changed[:3]}")
     # per-task operating point from held-out good images (training images when too few)
-    cal = val_idx if n_val > 0 else tr_idx
-    nll = patch_nll_batched(model, patch[cal], task)
+    if calibration_images is not None and len(calibration_images):
+        cal_patch, _ = extract_features(model, calibration_images, progress=cfg.progress, desc=f"{task}: calibration")
+        source = "calibration"
+    else:
+        cal_patch, source = patch[val_idx if n_val > 0 else tr_idx], ("val" if n_val else "train")
+    nll = patch_nll_batched(model, cal_patch, task)
     scores = model.image_score(nll).numpy()
     thr = float(np.quantile(scores, cfg.threshold_quantile))
     up = model.upsample(nll).numpy()
     mthr = float(np.quantile(up, cfg.map_threshold_quantile))
     model.thresholds[task] = {"threshold": thr, "map_threshold": mthr,
                               "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
-                                              "n": int(len(scores)), "source": "val" if n_val else "train"}}
+                                              "n": int(len(scores)), "source": source}}
     rd = model.route_distances(image, [task])[:, 0].numpy()
     meta = {
         "task": task, "index": model.tasks.index(task), "first_task": first, "base_task": t0_task,

@@ -67,3 +67,16 @@ def test_load_from_file_and_inline(tmp_path):
         RoutingConfig.load({"cameras": {"a": 1}})
     with pytest.raises(ValueError, match="does not exist"):
         RoutingConfig.load(tmp_path / "nope.json")
+
+
+def test_any_moleflow_model_serves_its_tasks_but_never_a_rollout_candidate():
+    # a MoLE-Flow model under another name is found by its tasks (what Triton reports), on every replica
+    r = Router(CFG, {"line7_moleflow": ("bottle", "cells"), "line7_moleflow__candidate": ("bottle", "cells", "wood")})
+    assert r.route(F("x", product="cells")) == Route("line7_moleflow", "cells", "cells", False)
+    # only the candidate knows "wood": not routed there (shadow only) -> no model for it
+    with pytest.raises(EnvelopeError) as e:
+        r.route(F("x", product="wood"))
+    assert e.value.reason == "unknown_product"
+    # an explicit product -> MoLE-Flow model mapping picks the product's adapter
+    r2 = Router(RoutingConfig.from_dict({"products": {"pill": "line7_moleflow"}}), {"line7_moleflow": ("pill",)})
+    assert r2.route(F("x", product="pill")) == Route("line7_moleflow", "pill", "pill", False)

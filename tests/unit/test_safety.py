@@ -1,0 +1,418 @@
+"""Safety: weights load only verified + without pickle code execution; Kafka TLS/SASL settings reach
+every client (aiokafka and the Faust app); secrets never reach the logs."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import certifi
+import pytest
+import torch
+from pydantic import SecretStr, ValidationError
+
+from models.artifacts import (
+    ArtifactIntegrityError,
+    safe_torch_load,
+    sha256_file,
+    sidecar_path,
+    write_sha256_sidecar,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "s3cr3t-Pa55word-do-not-log"
+
+
+# ============================================================================ 1. weights / adapters
+
+
+class Evil:
+    """A pickle payload: unpickling it calls os.mkdir(marker) (a harmless, observable side effect)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _refuses_deserialising(monkeypatch):
+    """Make any deserialisation fail loudly: proves a refusal happened *before* reading the tensors."""
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(a)
+        raise AssertionError("deserialiser called on an unverified file")
+
+    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.setattr(torch.jit, "load", spy)
+    import safetensors.torch  # noqa: PLC0415
+
+    import models.moleflow.store as store  # noqa: PLC0415
+
+    monkeypatch.setattr(safetensors.torch, "load_file", spy)
+    monkeypatch.setattr(store, "load_file", spy)
+    return calls
+
+
+def _tamper(p: Path) -> None:
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def test_static_no_unsafe_deserialisation_in_models_and_triton_repo():
+    """Every torch.load passes weights_only=True; no pickle-family module is imported; every
+    torch.jit.load is preceded, in its function, by a sha256 verification."""
+    files = sorted((REPO / "models").rglob("*.py")) + sorted((REPO / "triton_repo").rglob("*.py"))
+    assert len(files) > 10
+    banned = {"pickle", "cPickle", "_pickle", "dill", "joblib", "marshal", "shelve", "cloudpickle"}
+    problems = []
+    n_loads = 0
+    for f in files:
+        tree = ast.parse(f.read_text(), str(f))
+        parents = {}
+        for node in ast.walk(tree):
+            for ch in ast.iter_child_nodes(node):
+                parents[ch] = node
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(m.split(".")[0] in banned for m in mods):
+                    problems.append(f"{f}:{node.lineno} imports {mods}")
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            if name == "torch.load":
+                n_loads += 1
+                ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                         for k in node.keywords)
+                if not ok:
+                    problems.append(f"{f}:{node.lineno} torch.load without weights_only=True")
+            if name in ("np.load", "numpy.load") and any(k.arg == "allow_pickle" for k in node.keywords):
+                problems.append(f"{f}:{node.lineno} np.load(allow_pickle=...)")
+            if name == "torch.jit.load":
+                n_loads += 1
+                fn = node
+                while fn is not None and not isinstance(fn, ast.FunctionDef):
+                    fn = parents.get(fn)
+                verified = fn is not None and any(
+                    isinstance(c, ast.Call) and c.lineno < node.lineno
+                    and any(s in ast.unparse(c.func) for s in ("sha256_file", "verify", "check_before_load"))
+                    for c in ast.walk(fn))
+                if not verified:
+                    problems.append(f"{f}:{node.lineno} torch.jit.load without a prior sha256 check")
+    assert n_loads >= 2, "the scan found no loads at all: is it looking at the right files?"
+    assert not problems, problems
+
+
+def test_the_evil_pickle_is_live(tmp_path):
+    """Control: plain pickle *does* run the payload, so the refusals below are meaningful."""
+    marker = tmp_path / "pwned-by-plain-pickle"
+    pickle.loads(pickle.dumps(Evil(marker)))
+    assert marker.exists()
+
+
+def test_malicious_reduce_refused_even_with_a_matching_sha256(tmp_path):
+    from models.backbones import load_state_dict_file  # noqa: PLC0415
+    from models.efficientad.model import EfficientAD, load_checkpoint, load_teacher_weights  # noqa: PLC0415
+
+    marker = tmp_path / "pwned"
+    # torch.save zip archive (the attacker also wrote a matching sidecar: integrity is not authenticity)
+    ck = tmp_path / "evil.pt"
+    torch.save({"format": "linewatch-efficientad", "state_dict": {"w": Evil(marker)}}, str(ck))
+    write_sha256_sidecar(ck)
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed"):
+        load_checkpoint(ck)
+    with pytest.raises(pickle.UnpicklingError):
+        load_teacher_weights(EfficientAD(), ck)
+    # legacy (non-zip) pickle stream named like a state_dict
+    legacy = tmp_path / "backbone.pth"
+    legacy.write_bytes(pickle.dumps({"conv_stem.weight": Evil(marker)}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        load_state_dict_file(legacy, sha256=sha256_file(legacy))
+    with pytest.raises(pickle.UnpicklingError):
+        safe_torch_load(legacy)  # no digest known: still weights_only
+    assert not marker.exists(), "the pickle payload ran"
+
+
+def test_tampered_checkpoint_refused_before_deserialising(tmp_path, monkeypatch):
+    from models.efficientad.model import EfficientAD, load_checkpoint, save_checkpoint  # noqa: PLC0415
+
+    ck = save_checkpoint(EfficientAD().eval(), tmp_path / "m.pt", {"threshold": 0.1})
+    side = sidecar_path(ck)
+    assert side.read_text().split()[0] == sha256_file(ck)
+    model, meta = load_checkpoint(ck)  # intact: loads
+    assert meta["threshold"] == 0.1
+    _tamper(ck)
+    calls = _refuses_deserialising(monkeypatch)
+    with pytest.raises(ArtifactIntegrityError, match="sha256 mismatch"):
+        load_checkpoint(ck)
+    with pytest.raises(ArtifactIntegrityError, match="sha256 mismatch"):
+        load_checkpoint(tmp_path / "m.pt", sha256="0" * 64)  # explicit digest wins over the sidecar
+    assert calls == []
+
+
+def test_digest_sources_and_require_mode(tmp_path, monkeypatch, capsys):
+    from models.backbones import load_state_dict_file  # noqa: PLC0415
+
+    sd = {"conv_stem.weight": torch.ones(2)}
+    f = tmp_path / "plain.pth"
+    torch.save(sd, str(f))
+    digest = sha256_file(f)
+    # torch-hub naming: name-<sha256 prefix>.pth
+    good_hub = tmp_path / f"net-{digest[:8]}.pth"
+    good_hub.write_bytes(f.read_bytes())
+    assert torch.equal(load_state_dict_file(good_hub)["conv_stem.weight"], torch.ones(2))
+    bad_hub = tmp_path / "net-deadbeef.pth"
+    bad_hub.write_bytes(f.read_bytes())
+    calls = _refuses_deserialising(monkeypatch)
+    with pytest.raises(ArtifactIntegrityError):
+        load_state_dict_file(bad_hub)
+    with pytest.raises(ArtifactIntegrityError):
+        load_state_dict_file(f, sha256="ab" * 32)
+    # no digest anywhere + LINEWATCH_REQUIRE_SHA256: refused before reading
+    monkeypatch.setenv("LINEWATCH_REQUIRE_SHA256", "1")
+    with pytest.raises(ArtifactIntegrityError, match="no sha256 known"):
+        load_state_dict_file(f)
+    assert calls == []
+    monkeypatch.undo()
+    # default: an unpinned file still loads (weights_only) but is logged as unverified
+    monkeypatch.delenv("LINEWATCH_REQUIRE_SHA256", raising=False)
+    capsys.readouterr()
+    assert torch.equal(load_state_dict_file(f)["conv_stem.weight"], torch.ones(2))
+    assert "weights_unverified" in capsys.readouterr().err
+
+
+def test_served_torchscript_verified_against_metadata_before_jit_load(tmp_path, monkeypatch):
+    from models.efficientad.serving import ARTIFACT, verify_and_load  # noqa: PLC0415
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            m = x.abs().mean(1, keepdim=True)
+            return m, m.flatten(1).mean(1)
+
+    vdir = tmp_path / "1"
+    vdir.mkdir()
+    torch.jit.save(torch.jit.trace(Tiny(), torch.zeros(2, 3, 8, 8)), str(vdir / ARTIFACT))
+    (vdir / "metadata.json").write_text(json.dumps({"artifacts": {ARTIFACT: sha256_file(vdir / ARTIFACT)}}))
+    module, _ = verify_and_load(vdir)
+    assert module(torch.ones(1, 3, 8, 8))[1].item() == pytest.approx(1.0)
+    _tamper(vdir / ARTIFACT)
+    calls = _refuses_deserialising(monkeypatch)
+    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+        verify_and_load(vdir)
+    assert calls == []
+
+
+def test_moleflow_tampered_base_and_adapter_refused_before_reading(tmp_path, monkeypatch):
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from models.moleflow.store import ArtifactError, load_adapter, load_model  # noqa: PLC0415
+
+    store = tmp_path / "store"
+    adir = store / "adapters" / "bottle"
+    adir.mkdir(parents=True)
+    save_file({"w": torch.ones(4)}, str(store / "base.safetensors"))
+    base_sha = sha256_file(store / "base.safetensors")
+    (store / "base.json").write_text(json.dumps({"format": "moleflow-base", "sha256": base_sha, "config": {}}))
+    save_file({"router.mean": torch.zeros(4)}, str(adir / "adapter.safetensors"))
+    (adir / "adapter.json").write_text(json.dumps({"task": "bottle", "index": 1, "base_sha256": base_sha,
+                                                   "sha256": sha256_file(adir / "adapter.safetensors")}))
+    _tamper(adir / "adapter.safetensors")
+    _tamper(store / "base.safetensors")
+    calls = _refuses_deserialising(monkeypatch)
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        load_adapter(None, adir, base_sha)
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        load_model(store)
+    # an adapter trained on another base is refused before its file is read as well
+    with pytest.raises(ArtifactError, match="trained on base"):
+        load_adapter(None, adir, "f" * 64)
+    assert calls == []
+
+
+def test_sidecar_is_written_for_everything_linewatch_saves(tmp_path):
+    from models.efficientad.model import EfficientAD, save_checkpoint  # noqa: PLC0415
+
+    ck = save_checkpoint(EfficientAD(), tmp_path / "c.pt", {})
+    assert sidecar_path(ck).is_file()
+    src = (REPO / "models" / "efficientad" / "distill.py").read_text()
+    assert "write_sha256_sidecar(out_path)" in src  # distilled teachers too
+
+
+# ============================================================================ 2. Kafka TLS / SASL
+
+
+def _sasl_ssl_settings(**kw):
+    from stream.config import Settings  # noqa: PLC0415
+
+    base = dict(kafka_bootstrap="kafka-0.example:9093,kafka-1.example:9093", dev_broker=False,
+                kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
+                kafka_sasl_username="linewatch-worker", kafka_sasl_password=SECRET,
+                kafka_ssl_cafile=certifi.where())
+    base.update(kw)
+    return Settings(**base)
+
+
+async def test_sasl_ssl_settings_reach_every_aiokafka_client():
+    import ssl  # noqa: PLC0415
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: PLC0415
+    from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415
+
+    from stream.config import aiokafka_client_kwargs  # noqa: PLC0415
+
+    s = _sasl_ssl_settings()
+    for role in ("producer", "consumer", "any"):
+        kw = aiokafka_client_kwargs(s, role)
+        assert kw["security_protocol"] == "SASL_SSL" and kw["sasl_mechanism"] == "SCRAM-SHA-512"
+        assert kw["sasl_plain_username"] == "linewatch-worker" and kw["sasl_plain_password"] == SECRET
+        ctx = kw["ssl_context"]
+        assert isinstance(ctx, ssl.SSLContext) and ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+        assert ctx.cert_store_stats()["x509_ca"] > 50  # the CA bundle was loaded
+    kw = aiokafka_client_kwargs(s, "producer")
+    clients = [AIOKafkaProducer(**kw).client, AIOKafkaConsumer(**aiokafka_client_kwargs(s, "consumer"))._client,
+               AIOKafkaAdminClient(**aiokafka_client_kwargs(s))._client]
+    for c in clients:  # constructed, not connected: the settings are on the client that will connect
+        assert c._security_protocol == "SASL_SSL" and c._sasl_mechanism == "SCRAM-SHA-512"
+        assert c._sasl_plain_username == "linewatch-worker" and c._sasl_plain_password == SECRET
+        assert c._ssl_context is not None and c._ssl_context.cert_store_stats()["x509_ca"] > 50
+
+
+def test_ssl_only_and_mutual_tls(tmp_path):
+    from stream.config import aiokafka_client_kwargs, faust_broker_credentials  # noqa: PLC0415
+
+    key, crt = tmp_path / "client.key", tmp_path / "client.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+                    "-days", "1", "-subj", "/CN=linewatch-test"], check=True, capture_output=True, timeout=60)
+    s = _sasl_ssl_settings(kafka_security_protocol="SSL", kafka_sasl_mechanism=None, kafka_sasl_username=None,
+                           kafka_sasl_password=None, kafka_ssl_cafile=str(crt), kafka_ssl_certfile=str(crt),
+                           kafka_ssl_keyfile=str(key))
+    kw = aiokafka_client_kwargs(s, "consumer")
+    assert kw["security_protocol"] == "SSL" and "sasl_mechanism" not in kw
+    assert kw["ssl_context"].cert_store_stats()["x509_ca"] == 1  # our CA, not the system bundle
+    import faust  # noqa: PLC0415
+
+    creds = faust_broker_credentials(s)
+    assert isinstance(creds, faust.SSLCredentials) and creds.context.cert_store_stats()["x509_ca"] == 1
+    # a wrong CA path fails at configuration time, not silently later
+    with pytest.raises((FileNotFoundError, OSError)):
+        aiokafka_client_kwargs(_sasl_ssl_settings(kafka_ssl_cafile=str(tmp_path / "nope.pem")))
+
+
+def test_sasl_without_credentials_is_a_config_error():
+    with pytest.raises(ValidationError, match="kafka_sasl_username"):
+        _sasl_ssl_settings(kafka_sasl_password=None)
+
+
+def test_plaintext_default_has_no_credentials(tmp_path):
+    from stream.config import Settings, faust_broker_credentials  # noqa: PLC0415
+    from stream.worker import WorkerConfig, build_app  # noqa: PLC0415
+
+    assert faust_broker_credentials(Settings(dev_broker=False)) is None
+    app = build_app(WorkerConfig.from_settings(Settings(dev_broker=False), datadir=str(tmp_path / "f")))
+    assert app.conf.broker_credentials is None
+
+
+def test_faust_app_gets_the_same_broker_credentials(tmp_path):
+    import faust  # noqa: PLC0415
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth  # noqa: PLC0415
+
+    from stream.worker import WorkerConfig, build_app  # noqa: PLC0415
+
+    s = _sasl_ssl_settings()
+    cfg = WorkerConfig.from_settings(s, datadir=str(tmp_path / "faust"))
+    assert isinstance(cfg.broker_credentials, faust.SASLCredentials)
+    app = build_app(cfg)
+    assert [str(u) for u in app.conf.broker] == ["kafka://kafka-0.example:9093", "kafka://kafka-1.example:9093"]
+    # what Faust's worker consumer / client consumer derive from the app config ...
+    auth = credentials_to_aiokafka_auth(app.conf.broker_credentials, app.conf.ssl_context)
+    assert auth["security_protocol"] == "SASL_SSL" and auth["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert auth["sasl_plain_username"] == "linewatch-worker" and auth["sasl_plain_password"] == SECRET
+    assert auth["ssl_context"].cert_store_stats()["x509_ca"] > 50
+    # ... and what its producer (results / defects / DLQ) passes to aiokafka
+    pauth = app.producer._settings_auth()
+    assert pauth["security_protocol"] == "SASL_SSL" and pauth["sasl_plain_password"] == SECRET
+    # the DLQ may republish a frame of up to max_frame_bytes
+    assert app.conf.producer_max_request_size > s.max_frame_bytes
+
+
+# ============================================================================ 3. secrets stay out of logs
+
+
+def test_secret_is_secretstr_and_redacted_everywhere(capsys):
+    from stream.logs import get_logger  # noqa: PLC0415
+    from stream.worker import WorkerConfig  # noqa: PLC0415
+
+    s = _sasl_ssl_settings(kafka_ssl_key_password="key-" + SECRET)
+    assert isinstance(s.kafka_sasl_password, SecretStr) and isinstance(s.kafka_ssl_key_password, SecretStr)
+    cfg = WorkerConfig.from_settings(s)
+    capsys.readouterr()
+    log = get_logger("test.safety")
+    log.info("settings", **s.redacted())
+    log.info("settings_obj", settings=repr(s), cfg=repr(cfg), creds=repr(cfg.broker_credentials))
+    import logging  # noqa: PLC0415
+
+    logging.getLogger("test.safety.stdlib").warning("settings %s %s", s, cfg)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "linewatch-worker" in text and "SCRAM-SHA-512" in text  # the settings were logged ...
+    assert SECRET not in text  # ... without the secrets
+    assert SECRET not in s.model_dump_json() and SECRET not in str(s.model_dump())
+
+
+def test_worker_startup_log_has_no_secret(tmp_path):
+    """The real worker process, SASL configured via the environment, pointed at a closed port:
+    its whole stdout/stderr (structlog, Faust banner, aiokafka connection errors) has no secret."""
+    from stream.local import free_port  # noqa: PLC0415
+
+    env = {**os.environ, "LINEWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+           "LINEWATCH_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "LINEWATCH_KAFKA_SASL_USERNAME": "linewatch-worker",
+           "LINEWATCH_KAFKA_SASL_PASSWORD": SECRET, "LINEWATCH_DEV_BROKER": "false", "LINEWATCH_LOG_LEVEL": "DEBUG",
+           "PYTHONUNBUFFERED": "1"}
+    logf = tmp_path / "worker.log"
+    cmd = [sys.executable, "-m", "stream.worker", "--bootstrap", f"127.0.0.1:{free_port()}",
+           "--triton", f"127.0.0.1:{free_port()}", "--web-port", str(free_port()), "--datadir", str(tmp_path / "f")]
+    with open(logf, "wb") as fh:
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and p.poll() is None:
+                text = logf.read_text(errors="replace")
+                if "worker_start" in text and text.count("\n") > 15:
+                    break
+                time.sleep(0.5)
+            time.sleep(2)  # a few connection attempts
+        finally:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+    text = logf.read_text(errors="replace")
+    start = next(json.loads(ln) for ln in text.splitlines() if '"worker_start"' in ln)
+    assert start["security"] == "SASLCredentials"
+    assert SECRET not in text, "the SASL password appears in the worker's output"
+
+
+def test_invalid_security_settings_stop_the_worker_with_one_line_and_no_secret():
+    """SASL with a password but no username: the worker refuses to start (never falls back to plaintext);
+    the message is one line and does not echo the password pydantic saw as input."""
+    env = {**os.environ, "LINEWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "LINEWATCH_KAFKA_SASL_PASSWORD": SECRET}
+    for cmd in ([sys.executable, "-m", "stream.worker", "--bootstrap", "127.0.0.1:1"],
+                [sys.executable, "-m", "stream.cli", "worker", "--bootstrap", "127.0.0.1:1"]):
+        p = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0
+        err = p.stderr.strip()
+        assert len(err.splitlines()) == 1 and "kafka_sasl_username" in err, err
+        assert SECRET not in p.stdout + p.stderr
