@@ -368,19 +368,13 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
             t_end = time.monotonic()
             rss = RssSampler(workers[-1].proc.pid)
             rss.start()
-        elif fault == "broker_pause":
-            stack.signal_service("tansu", signal.SIGSTOP)
+        elif fault in ("broker_pause", "triton_stall"):  # frozen, not dead: unreachable, state kept
+            service = "tansu" if fault == "broker_pause" else "triton"
+            stack.signal_service(service, signal.SIGSTOP)
             try:
                 time.sleep(fault_s)
             finally:
-                stack.signal_service("tansu", signal.SIGCONT)
-            t_end = time.monotonic()
-        elif fault == "triton_stall":
-            stack.signal_service("triton", signal.SIGSTOP)
-            try:
-                time.sleep(fault_s)
-            finally:
-                stack.signal_service("triton", signal.SIGCONT)
+                stack.signal_service(service, signal.SIGCONT)
             t_end = time.monotonic()
         elif fault == "triton_crash":
             stack.restart_triton(down_s=fault_s)
