@@ -53,7 +53,8 @@ def cmd_train(args) -> int:
         _dir(args.penalty_dir, "penalty image folder")
     cfg = TrainConfig(model_size=args.model_size, steps=args.steps, lr=args.lr, seed=args.seed,
                       penalty_dir=args.penalty_dir, aug_variants=args.aug_variants,
-                      max_train_images=args.max_train_images)
+                      max_train_images=args.max_train_images, max_train_seconds=args.max_seconds,
+                      amp_bf16=args.amp_bf16)
     model, meta = train_efficientad(paths, cfg, teacher_weights=teacher, anomalous_val_paths=bad)
     save_checkpoint(model, args.out, meta)
     print(f"saved {args.out} threshold={meta['threshold']:.6g}")
@@ -109,7 +110,8 @@ def cmd_distill(args) -> int:
     folder = _dir(args.image_dir, "image folder")
     weights = _file(args.backbone_weights, "backbone weights")
     meta = distill_teacher(folder, args.out, args.backbone, weights, args.model_size, args.steps,
-                           args.batch_size, args.lr, max_images=args.max_images, seed=args.seed)
+                           args.batch_size, args.lr, max_images=args.max_images, seed=args.seed,
+                           max_seconds=args.max_seconds, amp_bf16=args.amp_bf16)
     print(f"saved {args.out} loss={meta['final_loss']}")
     return 0
 
@@ -129,6 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--aug-variants", type=int, default=2)
     t.add_argument("--max-train-images", type=_positive)
+    t.add_argument("--max-seconds", type=float, help="wall budget of the step loop (LR drop at 95%% of it); CPU schedules")
+    t.add_argument("--amp-bf16", action="store_true", help="bf16 autocast for teacher cache + steps (CPU speed-up)")
     t.add_argument("--penalty-dir", help="image folder for the pretraining penalty (paper: ImageNet)")
     t.add_argument("--anomalous-val-dir", help="anomalous validation images: F1-optimal threshold")
     t.set_defaults(func=cmd_train)
@@ -158,5 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--batch-size", type=_positive, default=16)
     d.add_argument("--lr", type=float, default=1e-4)
     d.add_argument("--max-images", type=_positive)
+    d.add_argument("--max-seconds", type=float, help="wall budget of the step loop (CPU schedules)")
+    d.add_argument("--amp-bf16", action="store_true", help="bf16 autocast for the PDN passes (CPU speed-up)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_distill)

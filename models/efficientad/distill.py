@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.artifacts import write_sha256_sidecar
 from models.backbones import create_backbone
 from models.data import list_images, load_image, normalize
 from models.efficientad.networks import TEACHER_CHANNELS, pdn
@@ -71,7 +72,11 @@ def distill_teacher(
     out_indices: tuple[int, ...] = (2, 3, 4),
     max_images: int | None = None,
     seed: int = 0,
+    max_seconds: float | None = None,
+    amp_bf16: bool = False,
 ) -> dict[str, Any]:
+    """``max_seconds`` caps the wall time of the step loop (CPU schedules); ``amp_bf16`` runs the PDN
+    passes under bf16 autocast (CPU speed-up; targets and loss stay fp32)."""
     t0 = time.time()
     random.seed(seed)
     np.random.seed(seed)
@@ -102,13 +107,21 @@ def distill_teacher(
     bs = min(batch_size, len(x))
     losses = []
     bar = tqdm(range(steps), desc="distill teacher")
+    t_targets = time.time() - t0
+    t_loop = time.time()
+    steps_done = 0
     for step in bar:
+        if max_seconds is not None and time.time() - t_loop > max_seconds:
+            log.warning("distill_budget_reached", steps_done=step, steps=steps)
+            break
         idx = rng.sample(range(len(x)), bs)
-        out = teacher(x[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp_bf16):
+            out = teacher(x[idx]).float()
         loss = F.mse_loss(out, y[idx].float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        steps_done = step + 1
         if step % 10 == 0 or step == steps - 1:
             losses.append((step, float(loss.detach())))
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
@@ -118,14 +131,19 @@ def distill_teacher(
         "out_indices": list(out_indices),
         "model_size": model_size,
         "steps": steps,
+        "steps_done": steps_done,
+        "amp_bf16": amp_bf16,
         "batch_size": bs,
         "n_images": len(paths),
         "image_folder": str(image_folder),
         "final_loss": losses[-1][1] if losses else None,
+        "target_seconds": t_targets,
+        "loop_seconds": time.time() - t_loop,
         "seconds": time.time() - t0,
     }
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"teacher": teacher.state_dict(), "meta": meta}, str(out_path))
+    write_sha256_sidecar(out_path)
     log.info("teacher_distilled", out=str(out_path), **{k: meta[k] for k in ("steps", "final_loss", "seconds")})
     return meta

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.artifacts import safe_torch_load, write_sha256_sidecar
 from models.efficientad.networks import STUDENT_CHANNELS, TEACHER_CHANNELS, autoencoder, pdn
 
 CHECKPOINT_FORMAT = "linewatch-efficientad-v1"
@@ -58,12 +59,23 @@ class EfficientAD(nn.Module):
         return map_st, map_ae
 
     def combine(self, map_st: torch.Tensor, map_ae: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Raw [B,1,h,w] maps -> combined, quantile-normalised map at ``size`` (the input size).
+
+        Padding off: PDN output cell i is centred on input pixel ~4i+16 (receptive field 33, stride 4),
+        i.e. the 56x56 map covers the image minus a 16-pixel border. The raw maps are padded by 4 cells
+        with 0 (a squared distance of 0 = "no anomaly", the least anomalous value a raw map can take),
+        so the 64x64 grid (stride 4) lines up with the 256x256 input, then bilinearly upsampled
+        (Fig. 5). The padding must happen *before* the quantile normalisation: normalised maps are
+        negative below q_a (90% of normal pixels), so a 0 pad after it would make the whole uncovered
+        border more anomalous than 90% of the normal image (this was the bottle pixel-AUROC bug).
+        """
+        if not self.padding:
+            map_st = F.pad(map_st, (4, 4, 4, 4))
+            map_ae = F.pad(map_ae, (4, 4, 4, 4))
         # §3.4: M^_ST = 0.1 (M_ST - q_a^ST)/(q_b^ST - q_a^ST); same for AE; M = 0.5 M^_ST + 0.5 M^_AE
         m_st = 0.1 * (map_st - self.q_st_a) / (self.q_st_b - self.q_st_a)
         m_ae = 0.1 * (map_ae - self.q_ae_a) / (self.q_ae_b - self.q_ae_a)
         m = 0.5 * m_st + 0.5 * m_ae
-        if not self.padding:  # 56x56 covers the image centre minus 4 PDN cells on each side
-            m = F.pad(m, (4, 4, 4, 4))
         return F.interpolate(m, size=size, mode="bilinear", align_corners=False)  # Fig. 5: bilinear
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,14 +99,16 @@ def save_checkpoint(model: EfficientAD, path: str | Path, meta: dict[str, Any]) 
         },
         str(path),
     )
+    write_sha256_sidecar(path)  # <path>.sha256: verified by load_checkpoint before deserialising
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[EfficientAD, dict[str, Any]]:
+def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[EfficientAD, dict[str, Any]]:
+    """sha256-verified (``sha256`` or the ``.sha256`` sidecar), then ``torch.load(weights_only=True)``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    ck = safe_torch_load(path, sha256=sha256)
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an EfficientAD checkpoint")
     model = EfficientAD(ck["model_size"], ck["out_channels"], ck["padding"])
@@ -102,15 +116,16 @@ def load_checkpoint(path: str | Path) -> tuple[EfficientAD, dict[str, Any]]:
     return model.eval(), ck["meta"]
 
 
-def load_teacher_weights(model: EfficientAD, path: str | Path) -> None:
+def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | None = None) -> None:
     """Load a PDN teacher state_dict (official nelson1425 ``teacher_small.pth``/``teacher_medium.pth``
     layout: keys ``0.weight``, ``0.bias``, ``3.*``, ``6.*``, ``8.*`` (+ ``10.*``, ``12.*`` for medium),
     see :func:`models.efficientad.networks.expected_teacher_keys`). Also accepts our distilled
-    teacher files (``{"teacher": state_dict, ...}``)."""
+    teacher files (``{"teacher": state_dict, ...}``). The file's sha256 is checked first when known
+    (``sha256``, a ``.sha256`` sidecar or a torch-hub name), see :mod:`models.artifacts`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights not found: {path}")
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    sd = safe_torch_load(path, sha256=sha256)  # verified first (models.artifacts), weights_only=True
     if isinstance(sd, dict) and "teacher" in sd and isinstance(sd["teacher"], dict):
         sd = sd["teacher"]
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

@@ -241,3 +241,71 @@ class _FakePb:
     @staticmethod
     def get_input_tensor_by_name(req, name):
         return _FakeTensor(name, req.x)
+
+
+def _localising_model() -> EfficientAD:
+    """Teacher and student[:384] are different random PDNs without biases, so their outputs are 0
+    wherever the receptive field sees only a 0 input and differ where it sees the patch; AE and
+    student[384:] output 0, so M_AE = 0 everywhere."""
+    torch.manual_seed(0)
+    m = EfficientAD().eval()
+    with torch.no_grad():
+        for net in (m.teacher, m.student):
+            for mod in net:
+                if isinstance(mod, torch.nn.Conv2d):
+                    mod.bias.zero_()
+        last = m.student[-1]
+        last.weight[384:].zero_()
+        ae_last = m.autoencoder[-1]
+        ae_last.weight.zero_(), ae_last.bias.zero_()
+    return m
+
+
+def test_local_difference_lands_at_its_image_position():
+    """A defect patch at rows 40-55, cols 170-185 (not on the diagonal: catches a transposition) must
+    peak there in the final 256x256 map (catches wrong padding/cropping/upsampling), and the uncovered
+    16-px border must not be more anomalous than the normal interior (catches padding the map with 0
+    after the quantile normalisation, where normal pixels are negative: the bottle pixel-AUROC bug)."""
+    m = _localising_model()
+    x = torch.zeros(1, 3, 256, 256)
+    x[:, :, 40:56, 170:186] = 3.0
+    with torch.no_grad():
+        st, ae = m.raw_maps(x)
+        assert float(ae.abs().max()) == 0.0 and float(st.max()) > 0
+        # normal level: q_a > 0 puts every defect-free pixel (raw distance 0) below 0 after normalisation
+        q = float(st.max())
+        m.q_st_a.fill_(0.1 * q), m.q_st_b.fill_(0.5 * q), m.q_ae_a.fill_(0.5), m.q_ae_b.fill_(1.0)
+        amap, score = m(x)
+    a = amap[0, 0].numpy()
+    normal = a[200:, :100]  # far from the patch, inside the region covered by the PDN
+    assert np.allclose(normal, normal.flat[0]) and normal.flat[0] < 0
+    border = np.concatenate([a[:16].ravel(), a[-16:].ravel(), a[:, :16].ravel(), a[:, -16:].ravel()])
+    assert border.max() <= normal.flat[0] + 1e-6  # the uncovered border is "normal", not more anomalous
+    r, c = np.unravel_index(np.argmax(a), a.shape)
+    assert 40 - 4 <= r <= 55 + 4 and 170 - 4 <= c <= 185 + 4, (r, c)
+    w = np.clip(a - normal.flat[0], 0, None)
+    rows, cols = np.mgrid[0:256, 0:256]
+    cy, cx = (w * rows).sum() / w.sum(), (w * cols).sum() / w.sum()
+    assert abs(cy - 47.5) < 3 and abs(cx - 177.5) < 3, (cy, cx)
+    assert float(score[0]) == pytest.approx(float(a.max()))
+    # the anomalous support stays within the receptive field (33 px) of the patch
+    assert np.all(w[rows > 55 + 40] == 0) and np.all(w[cols < 170 - 40] == 0)
+
+
+def test_bf16_cpu_schedule_and_step_callback(tmp_path):
+    """The CPU schedule's knobs: bf16 autocast training runs, the callback sees the step count, and the
+    wall budget stops the loop (with the x0.1 LR drop) before ``steps``."""
+    paths = _write_images(tmp_path / "good", 3)
+    teacher = tmp_path / "teacher.pth"
+    torch.manual_seed(5)
+    torch.save(nets.pdn_small().state_dict(), teacher)
+    seen = []
+    cfg = TrainConfig(steps=2, aug_variants=1, val_fraction=0.34, seed=1, amp_bf16=True)
+    m, meta = train_efficientad(paths, cfg, teacher_weights=teacher,
+                                callback=lambda step, model: seen.append((step, model.training)), callback_every=1)
+    assert seen == [(1, True), (2, True)] and meta["steps_done"] == 2
+    assert np.isfinite(meta["history"][-1]["loss"]) and np.isfinite(meta["threshold"])
+    assert meta["loop_seconds"] > 0 and not m.training
+    cfg = TrainConfig(steps=1000, aug_variants=0, val_fraction=0.34, seed=1, max_train_seconds=0.0)
+    _, meta = train_efficientad(paths, cfg, teacher_weights=teacher)
+    assert meta["steps_done"] < 1000
