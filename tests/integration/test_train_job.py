@@ -55,6 +55,8 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
     t = {k: f"it-job-{uid}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events")}
     asyncio.run(ensure_topics(boot, t.values()))
     model = f"lwt_moleflow_{uid}"
+    # products unique to this test: the session's Triton may serve e.g. efficientad_bottle for "bottle"
+    bottle_p, cells_p = f"bottle-{uid}", f"cells-{uid}"
     store, base = tmp_path / "store", tmp_path / "base"
     common = ["--store", f"file://{store}", "--model", model, "--base-store", str(base), "--bootstrap", boot,
               "--topic", t["events"], "--holdout", "0.3"]
@@ -71,12 +73,12 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
             await p.send_many(t["frames"], [encode_frame(f) for f in frames])
 
     def bottle_frames(tag: str) -> list[Frame]:
-        return [Frame(f"{tag}-{i}", "cam-bottle", int(time.time() * 1000), b, product="bottle",
+        return [Frame(f"{tag}-{i}", "cam-bottle", int(time.time() * 1000), b, product=bottle_p,
                       content_type="image/png") for i, b in enumerate(bottle)]
 
     try:
         # 1. first product: the job creates the frozen base + the bottle adapter, releases v1
-        s1 = run_job("--product", "bottle", "--train-dir", str(shared_data / "mvtec" / "bottle" / "train" / "good"),
+        s1 = run_job("--product", bottle_p, "--train-dir", str(shared_data / "mvtec" / "bottle" / "train" / "good"),
                      *common, "--", *TINY)
         assert s1["model"] == model and s1["version"] == 1
         o1 = outcome(boot, t["events"], model, 1)
@@ -104,7 +106,7 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
         th = threading.Thread(target=stream_bottle, daemon=True)
         th.start()
         try:
-            s2 = run_job("--product", "cells", "--train-dir", str(cells_dir), *common, "--", *TINY)
+            s2 = run_job("--product", cells_p, "--train-dir", str(cells_dir), *common, "--", *TINY)
             assert s2["version"] == 2
             o2 = outcome(boot, t["events"], model, 2)
             assert o2["type"] == "promoted", o2
@@ -112,7 +114,7 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
             stop.set()
             th.join(30)
         asyncio.run(send(bottle_frames("b2")))
-        cells = [Frame(f"cell-{i}", "cam-cells", int(time.time() * 1000), p.read_bytes(), product="cells",
+        cells = [Frame(f"cell-{i}", "cam-cells", int(time.time() * 1000), p.read_bytes(), product=cells_p,
                        content_type="image/png", extra={"gt_label": str(lab)}) for i, (p, lab) in enumerate(test_cells)]
         asyncio.run(send(cells))
 
@@ -134,7 +136,7 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
         assert len(sent) >= 4
         # new product's frames reach the new adapter of the same model
         assert {(res[f.frame_id].model, res[f.frame_id].task, res[f.frame_id].model_version) for f in cells} \
-            == {(model, "cells", "2")}
+            == {(model, cells_p, "2")}
         # zero forgetting through Triton: the bottle adapter scores the same images identically in v1 and v2
         v1 = np.array([res[f"b1-{i}"].score for i in range(len(bottle))])
         v2 = np.array([res[f"b2-{i}"].score for i in range(len(bottle))])
