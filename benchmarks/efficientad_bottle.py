@@ -128,6 +128,33 @@ def triton_latency(args, model, tmeta, xs, ref_map, ref_score, ref_x) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def learning_curve_callback(args, cfg: TrainConfig, good_dir: Path, curve: list[dict]):
+    """Every ``--curve-every`` steps: map quantiles on the same held-out good split the final model
+    uses, then image AUROC on the test set (the time it takes counts against the wall budget)."""
+    from models.data import split_train_val
+    from models.efficientad.train import _load_stack, compute_map_quantiles
+    from models.evaluation import image_auroc
+
+    _, val_paths = split_train_val(sorted(list_images(good_dir)), cfg.val_fraction, cfg.seed)
+    val = _load_stack(val_paths, cfg.image_size)
+    ds = MVTecDataset(mvtec_category_dir(args.category), "test", cfg.image_size)
+    test = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    labels = [s.label for s in mvtec_samples(mvtec_category_dir(args.category), "test")]
+    t_start = time.time()
+
+    def cb(step: int, model) -> None:
+        t = time.time()
+        compute_map_quantiles(model, val, cfg.q_a, cfg.q_b)
+        _, scores = predict(model, test)
+        auc = image_auroc(labels, scores.numpy())
+        curve.append({"step": step, "train_wall_s": round(t - t_start, 1), "image_auroc": auc,
+                      "eval_s": round(time.time() - t, 1)})
+        log.info("learning_curve", step=step, image_auroc=round(auc, 4), eval_s=round(time.time() - t, 1))
+        model.train()
+
+    return cb
+
+
 def teacher_and_train(args, out: Path, good_dir: Path, result: dict):
     # 1) teacher
     if args.teacher:
@@ -136,7 +163,7 @@ def teacher_and_train(args, out: Path, good_dir: Path, result: dict):
         distill_meta = ck.get("meta") if isinstance(ck, dict) else None  # our distill-teacher files carry it
         result["teacher"] = {"source": "file", "path": str(teacher_path), "distill_meta": distill_meta}
     else:
-        teacher_path = out / f"efficientad_{args.category}_teacher.pth"
+        teacher_path = out / f"efficientad_{args.category}{args.tag}_teacher.pth"
         meta = distill_teacher(good_dir, teacher_path, "efficientnet_lite0", args.backbone_weights,
                                steps=args.distill_steps, batch_size=args.distill_batch, lr=args.distill_lr,
                                seed=args.seed, max_seconds=args.distill_seconds, amp_bf16=args.amp_bf16)
@@ -146,7 +173,12 @@ def teacher_and_train(args, out: Path, good_dir: Path, result: dict):
     # 2) train (held-out 10% of train/good for the map quantiles and the threshold)
     cfg = TrainConfig(steps=args.train_steps, lr=args.lr, aug_variants=args.aug_variants, seed=args.seed,
                       max_train_seconds=args.train_seconds, amp_bf16=args.amp_bf16)
-    model, tmeta = train_efficientad(list_images(good_dir), cfg, teacher_weights=teacher_path)
+    curve: list[dict] = []
+    callback = learning_curve_callback(args, cfg, good_dir, curve) if args.curve_every else None
+    model, tmeta = train_efficientad(list_images(good_dir), cfg, teacher_weights=teacher_path,
+                                     callback=callback, callback_every=args.curve_every or 0)
+    if curve:
+        result["learning_curve"] = curve
     result["train"] = {k: v for k, v in tmeta.items() if k not in ("val_paths",)}
     result["wall_seconds"]["training_total"] = tmeta["train_seconds"]
     result["wall_seconds"]["training_step_loop"] = tmeta.get("loop_seconds")
@@ -173,6 +205,8 @@ def main() -> int:
     ap.add_argument("--amp-bf16", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--aug-variants", type=int, default=1)
     ap.add_argument("--latency-images", type=int, default=20)
+    ap.add_argument("--curve-every", type=int, help="evaluate image AUROC on the test set every N training steps")
+    ap.add_argument("--tag", default="", help="suffix of the result files (keep several runs side by side)")
     ap.add_argument("--triton-url", help="gRPC url of a running Triton (explicit model control); needs --triton-repo")
     ap.add_argument("--triton-repo", help="that Triton's model repository (the model is exported into it)")
     ap.add_argument("--triton-local", action="store_true",
@@ -200,7 +234,7 @@ def main() -> int:
         result["checkpoint"] = str(args.checkpoint)
     else:
         model, tmeta = teacher_and_train(args, out, good_dir, result)
-        save_checkpoint(model, out / f"efficientad_{args.category}.pt",
+        save_checkpoint(model, out / f"efficientad_{args.category}{args.tag}.pt",
                         {"threshold": tmeta["threshold"], "map_threshold": tmeta["map_threshold"], "train": tmeta,
                          **{k: result[k] for k in ("teacher", "wall_seconds", "train", "schedule")}})
     # 3) evaluate on test
@@ -219,7 +253,7 @@ def main() -> int:
     vmax = float(np.percentile(maps_np, 99.9))
     for d in sorted(set(types)):
         i = types.index(d)
-        save_heatmap_overlay(denormalize(images[i]), maps_np[i], out / f"efficientad_{args.category}_overlay_{d}.png",
+        save_heatmap_overlay(denormalize(images[i]), maps_np[i], out / f"efficientad_{args.category}{args.tag}_overlay_{d}.png",
                              vmin=0.0, vmax=vmax, mask=masks[i], title=f"{d} score={scores_np[i]:.3f}")
     # 4) latency, batch 1, 1 torch thread (the serving setting)
     torch.set_num_threads(1)
@@ -248,14 +282,15 @@ def main() -> int:
             lat["triton_grpc_error"] = f"{type(exc).__name__}: {exc}"[:300]
     result["latency_cpu_batch1_1thread"] = lat
     result["total_seconds"] = time.time() - t_all
-    write_results_json(result, out / f"efficientad_{args.category}.json")
+    write_results_json(result, out / f"efficientad_{args.category}{args.tag}.json")
     # 5) plot: score distribution per defect type + latency bars
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    curve = result.get("learning_curve") or []
+    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16 if curve else 11, 4))
     for d in sorted(set(types)):
         axes[0].hist(scores_np[np.asarray(types) == d], bins=20, alpha=0.5, label=d)
     axes[0].axvline(tmeta["threshold"], color="k", ls="--", label="threshold")
@@ -267,8 +302,15 @@ def main() -> int:
     axes[1].bar(names, [lat[k]["mean_ms"] for k in names])
     axes[1].set_ylabel("ms / image (CPU, batch 1, 1 thread)")
     axes[1].set_title("latency")
+    if curve:
+        axes[2].plot([c["step"] for c in curve], [c["image_auroc"] for c in curve], "o-")
+        axes[2].axhline(0.99, color="r", ls="--", lw=1, label="target 0.99")
+        axes[2].set_xlabel("student + AE steps (batch 1)")
+        axes[2].set_ylabel("test image AUROC")
+        axes[2].set_title("learning curve (lr drop at 95% of the budget)")
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"efficientad_{args.category}.png", dpi=100)
+    fig.savefig(out / f"efficientad_{args.category}{args.tag}.png", dpi=100)
     log.info("benchmark_done", **{k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro_30")},
              seconds=round(result["total_seconds"], 1))
     print(f"image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  AUPRO30 {m['aupro_30']:.4f}  "

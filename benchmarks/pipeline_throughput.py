@@ -5,10 +5,11 @@ pipeline : replay N frames (MVTec bottle test, unthrottled) -> Kafka -> Faust wo
            end-to-end (result produced - frame ts) from the results.
 bare     : the same JPEG/PNG bytes decoded + preprocessed once, then the exported model called
            directly over Triton gRPC in batches of the worker's batch size (no Kafka, no Faust).
-latency  : added latency on loopback, measured without queueing: a second worker with batch size 1
-           gets frames replayed at a low rate (--latency-fps, well below capacity); its per-frame
-           end-to-end p50 (result produced - frame timestamp) minus the bare p50 of the same work done
-           in-process (decode + preprocess + one batch-1 Triton request) is the pipeline's added p50.
+latency  : added latency on loopback, measured without queueing (``paired_latency``): one frame at a
+           time, interleaved with the same work done in-process (decode + preprocess + one batch-1
+           Triton request) and with a plain aiokafka produce -> fetch of the same bytes (the broker
+           leg alone). added p50 = pipeline e2e p50 (result produced - frame timestamp) - bare p50;
+           worker overhead = added - broker leg.
 
 Writes benchmarks/results/pipeline_throughput.json and .png.
 
@@ -28,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,7 @@ from stream.envelope import decode_result  # noqa: E402
 from stream.preprocess import decode_image, parse_spec, to_tensor  # noqa: E402
 from stream.publish import ensure_topics, read_topics  # noqa: E402
 from stream.replay import list_images, replay  # noqa: E402
+from stream.worker import WorkerConfig  # noqa: E402
 
 
 def pct(a, q):
@@ -88,17 +91,40 @@ def bare_triton(url: str, model: str, blobs: list[bytes], batch: int) -> dict:
             "per_frame_ms_p50": pct(np.array(lat) / batch, 50)}
 
 
-def bare_b1_latency(url: str, model: str, blobs: list[bytes]) -> dict:
-    """Per-frame decode + preprocess + batch-1 Triton request, in-process (the work the worker does)."""
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+def paired_latency(boot: str, url: str, model: str, blobs: list[bytes], gap_s: float, workdir: Path,
+                   fetch_wait_ms: int | None = None) -> dict:
+    """Added latency without queueing, measured as interleaved triples under the same conditions.
 
+    For each frame, in turn and ``gap_s`` apart: (1) bare: decode + preprocess + one batch-1 Triton
+    request in this process; (2) broker leg: the same bytes produced to a scratch topic and fetched
+    back by a plain aiokafka consumer with the worker's fetch wait (no Faust: what the broker alone
+    costs); (3) pipeline: the same bytes as a frame through a batch-1 Faust worker subprocess; its
+    e2e (result produced - frame timestamp) comes from the result, and ``delivered`` is when this
+    process received the result from Kafka. Interleaving cancels drift in machine load."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+    from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
+
+    from stream.envelope import Frame, encode_frame, new_frame_id  # noqa: PLC0415
+    from stream.publish import Producer, client_kwargs  # noqa: PLC0415
+
+    wait = fetch_wait_ms or WorkerConfig().fetch_max_wait_ms
+    t = {k: f"lat-{uuid.uuid4().hex[:6]}-{k}" for k in ("frames", "results", "defects", "dlq", "probe")}
+    asyncio.run(ensure_topics(boot, t.values()))
+    w = WorkerProcess(boot, url, workdir, batch_max=1, batch_within=0.0, app_id=f"lw-lat-{uuid.uuid4().hex[:6]}",
+                      extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
+                                  "--defects-topic", t["defects"], "--dlq-topic", t["dlq"],
+                                  "--fetch-max-wait-ms", str(wait)]).start()
     c = grpcclient.InferenceServerClient(url)
     cfg = c.get_model_config(model, as_json=True)["config"]
     spec = parse_spec(cfg["parameters"]["linewatch_spec"]["string_value"])
     has_task = any(i["name"] == "task" for i in cfg.get("input", []))
 
-    def one(b: bytes):
-        x = to_tensor(decode_image(b), spec)[None]
+    def bare_one(b: bytes) -> dict:
+        t0 = time.perf_counter()
+        img = decode_image(b)
+        t1 = time.perf_counter()
+        x = to_tensor(img, spec)[None]
+        t2 = time.perf_counter()
         inp = grpcclient.InferInput(spec.input.name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         ins = [inp]
@@ -106,45 +132,70 @@ def bare_b1_latency(url: str, model: str, blobs: list[bytes]) -> dict:
             ti = grpcclient.InferInput("task", [1, 1], "BYTES")
             ti.set_data_from_numpy(np.array([[b""]], dtype=np.object_))
             ins.append(ti)
-        return c.infer(model, ins)
+        c.infer(model, ins)
+        t3 = time.perf_counter()
+        return {"bare_ms": (t3 - t0) * 1000, "bare_decode": (t1 - t0) * 1000, "bare_preprocess": (t2 - t1) * 1000,
+                "bare_infer": (t3 - t2) * 1000}
 
-    one(blobs[0])
-    lat = []
-    for b in blobs:
-        t = time.perf_counter()
-        one(b)
-        lat.append((time.perf_counter() - t) * 1000)
-        time.sleep(0.05)  # same idle gaps as the throttled stream (no back-to-back CPU contention)
-    c.close()
-    return {"frames": len(blobs), "ms_p50": pct(lat, 50), "ms_p99": pct(lat, 99)}
+    async def run() -> dict:
+        cons = {}
+        for name in ("results", "probe"):
+            cons[name] = AIOKafkaConsumer(bootstrap_servers=boot, enable_auto_commit=False, group_id=None,
+                                          fetch_max_wait_ms=wait, **client_kwargs("consumer"))
+            await cons[name].start()
+            tp = TopicPartition(t[name], 0)
+            cons[name].assign([tp])
+            await cons[name].seek_to_beginning(tp)
 
+        async def await_record(name: str, match, timeout_s: float = 120.0):
+            end = time.monotonic() + timeout_s
+            while time.monotonic() < end:
+                for recs in (await cons[name].getmany(timeout_ms=1000)).values():
+                    for r in recs:
+                        if match(r):
+                            return r, time.time() * 1000
+            raise TimeoutError(f"no record on {name}")
 
-def pipeline_latency(boot: str, url: str, n: int, fps: float, workdir: Path, fetch_wait_ms: int | None = None) -> dict:
-    """Throttled replay through a batch-1 worker: e2e latency with no queueing behind other frames."""
-    t = {k: f"lat-{uuid.uuid4().hex[:6]}-{k}" for k in ("frames", "results", "defects", "dlq")}
-    asyncio.run(ensure_topics(boot, t.values()))
-    w = WorkerProcess(boot, url, workdir, batch_max=1, batch_within=0.0, app_id=f"lw-lat-{uuid.uuid4().hex[:6]}",
-                      extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
-                                  "--defects-topic", t["defects"], "--dlq-topic", t["dlq"],
-                                  *(["--fetch-max-wait-ms", str(fetch_wait_ms)] if fetch_wait_ms else [])]).start()
-    test = data_dir() / "mvtec" / "bottle" / "test"
+        rows = []
+        async with Producer(boot) as prod:
+            for i, b in enumerate([blobs[0], *blobs]):  # the first triple warms every path, not kept
+                bare = await asyncio.to_thread(bare_one, b)
+                await asyncio.sleep(gap_s)
+                ts = time.time() * 1000
+                await prod.send_many(t["probe"], [(b"probe", b, [("ts", repr(ts).encode())])])
+                r, got = await await_record("probe", lambda r, ts=ts: dict(r.headers).get("ts") == repr(ts).encode())
+                leg = got - ts
+                await asyncio.sleep(gap_s)
+                f = Frame(frame_id=new_frame_id(), camera_id="lat", ts_ms=int(time.time() * 1000), image=b,
+                          product="bottle", content_type="image/jpeg" if b[:2] == b"\xff\xd8" else "image/png")
+                await prod.send_many(t["frames"], [encode_frame(f)])
+                fid = f.frame_id.encode()
+                r, got = await await_record("results", lambda r, fid=fid: fid in r.value)
+                res = decode_result(r.value)
+                if i:
+                    rows.append({**bare, "broker_leg_ms": leg, "e2e_ms": res.latency_ms["e2e"],
+                                 "delivered_ms": got - f.ts_ms, **{k: res.latency_ms.get(k) for k in
+                                                                    ("queue", "decode", "preprocess", "infer", "batch_total")}})
+                await asyncio.sleep(gap_s)
+        for x in cons.values():
+            await x.stop()
+        return rows
+
     try:
-        warm = asyncio.run(replay(boot, test, topic=t["frames"], fps=0, product="bottle", limit=1, cameras=["warm"]))
-        asyncio.run(read_topics(boot, [t["results"]], until=lambda o: len(o[t["results"]]) >= 1, timeout_s=120))
-        sent = asyncio.run(replay(boot, test, topic=t["frames"], fps=fps, product="bottle", cameras=["lat"],
-                                  limit=n))
-        ids = {x.frame_id for x in sent}
-        recs = asyncio.run(read_topics(boot, [t["results"], t["dlq"]], timeout_s=300,
-                                       until=lambda o: len(o[t["results"]]) + len(o[t["dlq"]]) >= len(ids) + len(warm)))
-        res = [r for r in (decode_result(v.value) for v in recs[t["results"]]) if r.frame_id in ids]
-        e2e = np.array([r.latency_ms["e2e"] for r in res])
-        stages = {k: pct([r.latency_ms.get(k, np.nan) for r in res], 50)
-                  for k in ("decode", "preprocess", "queue", "infer", "batch_total")}
-        return {"frames": len(sent), "results": len(res), "fps": fps, "batch_max": 1,
-                "fetch_max_wait_ms": fetch_wait_ms or "worker default", "e2e_ms_p50": pct(e2e, 50),
-                "e2e_ms_p99": pct(e2e, 99), "worker_stage_ms_p50": stages}
+        rows = asyncio.run(run())
     finally:
+        c.close()
         w.stop()
+    col = {k: np.array([r[k] for r in rows], dtype=float) for k in rows[0]}
+    p50 = {k: pct(v, 50) for k, v in col.items()}
+    return {"frames": len(rows), "gap_s": gap_s, "frame_format": "jpeg" if blobs[0][:2] == b"\xff\xd8" else "png", "batch_max": 1, "fetch_max_wait_ms": wait,
+            "frame_bytes_p50": pct([len(b) for b in blobs], 50), "p50_ms": p50,
+            "p99_ms": {k: pct(v, 99) for k, v in col.items()},
+            "added_p50_ms": p50["e2e_ms"] - p50["bare_ms"],
+            "added_paired_median_ms": pct(col["e2e_ms"] - col["bare_ms"], 50),
+            "added_delivered_p50_ms": p50["delivered_ms"] - p50["bare_ms"],
+            "broker_leg_p50_ms": p50["broker_leg_ms"],
+            "worker_overhead_p50_ms": p50["e2e_ms"] - p50["bare_ms"] - p50["broker_leg_ms"]}
 
 
 def pipeline(boot: str, url: str, n: int, batch: int, workdir: Path) -> dict:
@@ -190,27 +241,37 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
-    names = ["bare Triton", "Kafka+Faust pipeline"]
-    fps = [out["bare_triton"]["fps"], out["pipeline"]["fps"]]
-    ax[0].bar(names, fps, color=["#888", "#2a7"])
-    ax[0].set_ylabel("frames / s")
-    ax[0].set_title(f"throughput ({out['model']}, batch {out['batch']})")
-    lat = [out["bare_triton"]["request_ms_p50"], out["pipeline"]["e2e_ms_p50"]]
-    lat99 = [out["bare_triton"]["request_ms_p99"], out["pipeline"]["e2e_ms_p99"]]
-    x = np.arange(2)
-    ax[1].bar(x - 0.2, lat, 0.4, label="p50")
-    ax[1].bar(x + 0.2, lat99, 0.4, label="p99")
-    ax[1].set_xticks(x, ["bare: per request", "pipeline: e2e/frame"])
-    ax[1].set_ylabel("ms")
-    ax[1].set_yscale("log")
-    ax[1].legend()
-    ax[1].set_title("latency")
-    lt = out["latency"]
-    ax[2].bar(["bare in-process\n(batch 1)", f"pipeline\n({lt['pipeline_throttled']['fps']:g} fps, batch 1)"],
-              [lt["bare_batch1"]["ms_p50"], lt["pipeline_throttled"]["e2e_ms_p50"]], color=["#888", "#2a7"])
-    ax[2].set_ylabel("p50 ms per frame")
-    ax[2].set_title(f"added p50 latency: {lt['added_p50_ms']:.1f} ms")
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    if out["pipeline"]:
+        names = ["bare Triton", "Kafka+Faust pipeline"]
+        ax[0].bar(names, [out["bare_triton"]["fps"], out["pipeline"]["fps"]], color=["#888", "#2a7"])
+        ax[0].set_ylabel("frames / s")
+        ax[0].set_title(f"throughput ({out['model']}, batch {out['batch']}): "
+                        f"{out['pipeline_over_bare_fps']:.2f}x")
+    else:
+        ax[0].set_axis_off()
+    # latency: stacked p50 parts per fetch-wait setting (bare work, broker leg, worker overhead)
+    labels = [f"{lt['frame_format'].upper()} {lt['frame_bytes_p50'] / 1e3:.0f} KB\nfetch wait {lt['fetch_max_wait_ms']} ms"
+              for lt in out["latency"]]
+    x = np.arange(len(labels))
+    bare = np.array([lt["p50_ms"]["bare_ms"] for lt in out["latency"]])
+    leg = np.array([lt["broker_leg_p50_ms"] for lt in out["latency"]])
+    over = np.array([lt["worker_overhead_p50_ms"] for lt in out["latency"]])
+    ax[1].bar(x, bare, 0.5, label="bare in-process (decode+prep+Triton b1)", color="#888")
+    ax[1].bar(x, leg, 0.5, bottom=bare, label="broker leg (aiokafka, no Faust)", color="#d84")
+    ax[1].bar(x, over, 0.5, bottom=bare + leg, label="worker overhead", color="#2a7")
+    ax[1].set_xticks(x, labels, fontsize=7)
+    ax[1].set_ylabel("p50 ms per frame")
+    ax[1].set_title("pipeline e2e p50, decomposed")
+    ax[1].legend(fontsize=7, loc="lower right")
+    added = [lt["added_p50_ms"] for lt in out["latency"]]
+    ax[2].bar(x - 0.2, added, 0.4, label="added p50 (e2e - bare)", color="#2a7")
+    ax[2].bar(x + 0.2, leg, 0.4, label="broker leg p50", color="#d84")
+    ax[2].axhline(10, color="r", ls="--", lw=1, label="target 10 ms")
+    ax[2].set_xticks(x, labels, fontsize=7)
+    ax[2].set_ylabel("ms")
+    ax[2].set_title("added p50 latency vs the broker leg alone")
+    ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -220,8 +281,13 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--latency-frames", type=int, default=40)
-    ap.add_argument("--latency-fps", type=float, default=2.0)
-    ap.add_argument("--fetch-max-wait-ms", type=int, help="the latency worker's fetch wait cap")
+    ap.add_argument("--latency-gap-s", type=float, default=0.2, help="idle time between the interleaved calls")
+    ap.add_argument("--fetch-max-wait-ms", type=int, action="append",
+                    help="fetch wait cap of the latency worker and probe consumer (repeat to compare; default: the worker's)")
+    ap.add_argument("--latency-only", action="store_true", help="skip the throughput comparison")
+    ap.add_argument("--latency-format", choices=("source", "jpeg"), action="append",
+                    help="latency frames as the dataset's files (PNG) and/or re-encoded as JPEG q95, as cameras "
+                         "send (repeat to compare; default: source)")
     ap.add_argument("--bootstrap")
     ap.add_argument("--triton")
     ap.add_argument("--model", help="Triton model name (default: the bottle model in triton_repo/)")
@@ -247,17 +313,24 @@ def main(argv=None) -> int:
         test = data_dir() / "mvtec" / "bottle" / "test"
         items = list_images(test)
         blobs = [items[i % len(items)].path.read_bytes() for i in range(a.frames)]
-        bare = bare_triton(url, model, blobs, a.batch)
-        pipe = pipeline(boot, url, a.frames, a.batch, workdir)
-        bare1 = bare_b1_latency(url, model, blobs[: a.latency_frames])
-        lat = pipeline_latency(boot, url, a.latency_frames, a.latency_fps, workdir, a.fetch_max_wait_ms)
+        bare = pipe = None
+        if not a.latency_only:
+            bare = bare_triton(url, model, blobs, a.batch)
+            pipe = pipeline(boot, url, a.frames, a.batch, workdir)
+        lat = []
+        for fmt in a.latency_format or ["source"]:
+            lat_blobs = blobs[: a.latency_frames]
+            if fmt == "jpeg":
+                lat_blobs = [cv2.imencode(".jpg", cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR),
+                                          [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for b in lat_blobs]
+            lat += [paired_latency(boot, url, model, lat_blobs, a.latency_gap_s, workdir, w)
+                    for w in (a.fetch_max_wait_ms or [None])]
     finally:
         if stack is not None:
             close_stack(stack)
     out = {"model": model, "batch": a.batch, "frames": a.frames, "bare_triton": bare, "pipeline": pipe,
-           "pipeline_over_bare_fps": pipe["fps"] / bare["fps"],
-           "latency": {"bare_batch1": bare1, "pipeline_throttled": lat,
-                       "added_p50_ms": lat["e2e_ms_p50"] - bare1["ms_p50"]},
+           "pipeline_over_bare_fps": pipe["fps"] / bare["fps"] if pipe else None,
+           "latency": lat,
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (outdir / "pipeline_throughput.json").write_text(json.dumps(out, indent=2))

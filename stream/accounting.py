@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from stream.envelope import headers_to_dict
+from stream.envelope import headers_to_dict, peek_ids
 from stream.logs import get_logger
 
 log = get_logger("stream.accounting")
@@ -43,8 +43,7 @@ def _content_digest(key: bytes | None, value: bytes | None, headers: Any) -> str
 
 
 def _frame_id(headers: Any) -> str | None:
-    fid = headers_to_dict(headers).get("frame_id")
-    return fid.decode("utf-8", "replace") if fid else None
+    return peek_ids(headers, max_chars=None)[0]
 
 
 def _frame_key(key: bytes | None, value: bytes | None, headers: Any) -> str:

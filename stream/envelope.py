@@ -182,13 +182,14 @@ def decode_frame(key: bytes | None, value: bytes | None, headers: Any) -> Frame:
     )
 
 
-def peek_ids(headers: Any) -> tuple[str | None, str | None]:
-    """Best-effort (frame_id, camera_id) of a possibly malformed frame, for logs and the DLQ."""
+def peek_ids(headers: Any, max_chars: int | None = 128) -> tuple[str | None, str | None]:
+    """Best-effort (frame_id, camera_id) of a possibly malformed frame, for logs and the DLQ
+    (cut to ``max_chars``; ``None`` keeps them whole, as accounting matches them)."""
     h = headers_to_dict(headers)
 
     def s(n):
         v = h.get(n)
-        return v.decode("utf-8", "replace")[:128] if v else None
+        return v.decode("utf-8", "replace")[:max_chars] if v else None
 
     return s("frame_id"), s("camera_id")
 

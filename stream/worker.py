@@ -75,48 +75,30 @@ class WorkerConfig:
 
     @classmethod
     def from_settings(cls, settings: Any = None, **overrides) -> WorkerConfig:
-        """Map the project's pydantic ``Settings`` (stream.config) onto the worker config.
+        """Map the project's pydantic ``Settings`` (stream.config) onto the worker config; explicit
+        keyword overrides (CLI flags) win. Invalid settings (e.g. SASL without a password) fail
+        here and never fall back to defaults."""
+        from stream.config import Settings, faust_broker_credentials  # noqa: PLC0415
 
-        Field names are looked up leniently so the worker follows stream.config as it evolves;
-        explicit keyword overrides (CLI flags) win.
-        """
-        if settings is None:  # invalid settings (e.g. SASL without a password) fail here, never fall back
-            from stream.config import Settings  # noqa: PLC0415
-
-            settings = Settings()
-        kw: dict[str, Any] = {}
-
-        def pick(field_name: str, *names: str):
-            for n in names:
-                v = getattr(settings, n, None) if settings is not None else None
-                if v is not None:
-                    kw[field_name] = v
-                    return
-
-        pick("kafka_bootstrap", "kafka_bootstrap", "kafka_bootstrap_servers", "bootstrap_servers")
-        pick("triton_grpc_url", "triton_grpc_url", "triton_url")
-        pick("frames_topic", "topic_frames", "frames_topic")
-        pick("results_topic", "topic_results", "results_topic")
-        pick("defects_topic", "topic_defects", "defects_topic", "topic_defect_events")
-        pick("dlq_topic", "topic_dlq", "dlq_topic", "topic_frames_dlq")
-        pick("batch_max", "batch_max", "batch_max_size", "micro_batch_size", "batch_size")
-        pick("batch_within_s", "batch_within_s", "batch_timeout_s", "micro_batch_within_s", "batch_max_wait_s")
-        pick("web_port", "worker_web_port", "web_port")
-        pick("dev_broker", "dev_broker")
-        pick("routing", "routing", "routing_file", "routing_config")
-        pick("app_id", "worker_app_id", "app_id", "consumer_group")
-        pick("max_bytes", "max_frame_bytes")
-        pick("max_pixels", "max_image_pixels")
-        pick("max_side", "max_image_side")
-        if settings is not None and hasattr(settings, "kafka_security_protocol"):
-            from stream.config import faust_broker_credentials  # noqa: PLC0415
-
-            kw["broker_credentials"] = faust_broker_credentials(settings)
+        s = settings if settings is not None else Settings()
+        kw: dict[str, Any] = {
+            "kafka_bootstrap": s.kafka_bootstrap, "triton_grpc_url": s.triton_grpc_url,
+            "frames_topic": s.topic_frames, "results_topic": s.topic_results, "defects_topic": s.topic_defects,
+            "dlq_topic": s.topic_dlq, "batch_max": s.batch_max, "batch_within_s": s.batch_within_s,
+            "web_port": s.worker_web_port, "dev_broker": s.dev_broker, "routing": s.routing, "app_id": s.app_id,
+            "max_bytes": s.max_frame_bytes, "max_pixels": s.max_image_pixels, "max_side": s.max_image_side,
+            "broker_credentials": faust_broker_credentials(s),
+        }
+        kw = {k: v for k, v in kw.items() if v is not None}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(kw.get("kafka_bootstrap"), list | tuple):
             kw["kafka_bootstrap"] = ",".join(kw["kafka_bootstrap"])
         return cls(**kw)
 
+
+# frames up to this size are decoded on the event loop when they arrive alone (no thread hop); larger
+# ones, and every frame of a multi-frame batch, go to the decode thread pool (OpenCV releases the GIL)
+INLINE_DECODE_MAX_BYTES = 2 * 1024 * 1024
 
 _fetch_patch_ms: list[int] = []
 
@@ -214,9 +196,16 @@ class Pipeline:
         for _, _, headers, _ in records:
             _, cam = peek_ids(headers)
             m.frames_in.labels(camera=cam or "?").inc()
-        # OpenCV releases the GIL: decode + preprocess frames in parallel threads
-        done = await asyncio.gather(*(loop.run_in_executor(self.executor, prep, i) for i in range(n)),
-                                    return_exceptions=True)
+        if n == 1 and len(records[0][1] or b"") <= INLINE_DECODE_MAX_BYTES:
+            # a lone frame: decode on the loop, no thread hop (batch-1 latency, ~1.5 ms measured)
+            try:
+                done = [prep(0)]
+            except Exception as e:  # noqa: BLE001 - handled per frame below, as gather(return_exceptions) does
+                done = [e]
+        else:
+            # OpenCV releases the GIL: decode + preprocess frames in parallel threads
+            done = await asyncio.gather(*(loop.run_in_executor(self.executor, prep, i) for i in range(n)),
+                                        return_exceptions=True)
         for i, d in enumerate(done):
             if isinstance(d, EnvelopeError):
                 to_dlq(i, d.reason, d.detail, "decode")

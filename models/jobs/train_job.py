@@ -31,6 +31,14 @@ import numpy as np
 from models.artifacts import sha256_file as _sha
 
 
+def _link_files(paths: list[Path], folder: Path) -> Path:
+    """A folder of symlinks to ``paths`` (a split of the user's images, nothing copied)."""
+    folder.mkdir()
+    for p in paths:
+        (folder / p.name).symlink_to(p.resolve())
+    return folder
+
+
 def _images(d: str | Path) -> list[Path]:
     from models.data import list_images  # noqa: PLC0415
 
@@ -102,18 +110,13 @@ def run_job(a) -> int:
     train, hold = split_good(good, a.holdout, a.seed)
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lw-train-") as tmp:
-        tdir = Path(tmp) / "train"
-        tdir.mkdir()
-        for p in train:  # the training split as symlinks (nothing copied)
-            (tdir / p.name).symlink_to(p.resolve())
+        tdir = _link_files(train, Path(tmp) / "train")  # the training split as symlinks (nothing copied)
         if a.detector == "moleflow":
             model = a.model or "moleflow"
             if not a.base_store:
                 raise ValueError("--base-store (MoLE-Flow training store: frozen base + adapters) is required")
-            cdir = Path(tmp) / "calibration"
-            cdir.mkdir()
-            for p in hold:  # the held-out split sets the adapter's threshold (the scores below use it too)
-                (cdir / p.name).symlink_to(p.resolve())
+            # the held-out split sets the adapter's threshold (the scores below use it too)
+            cdir = _link_files(hold, Path(tmp) / "calibration")
             _models_cli(["moleflow", "train-task", "--data-dir", str(tdir), "--task", a.product, "--out", a.base_store,
                          "--calibration-dir", str(cdir), *a.extra])
             _models_cli(["moleflow", "export", "--checkpoint", a.base_store, "--repo", str(store), "--name", model])
