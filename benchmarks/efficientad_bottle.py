@@ -128,7 +128,7 @@ def triton_latency(args, model, tmeta, xs, ref_map, ref_score, ref_x) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def learning_curve_callback(args, cfg: TrainConfig, good_dir: Path, curve: list[dict]):
+def learning_curve_callback(cfg: TrainConfig, good_dir: Path, test: torch.Tensor, labels: list[int], curve: list[dict]):
     """Every ``--curve-every`` steps: map quantiles on the same held-out good split the final model
     uses, then image AUROC on the test set (the time it takes counts against the wall budget)."""
     from models.data import split_train_val
@@ -137,9 +137,6 @@ def learning_curve_callback(args, cfg: TrainConfig, good_dir: Path, curve: list[
 
     _, val_paths = split_train_val(sorted(list_images(good_dir)), cfg.val_fraction, cfg.seed)
     val = _load_stack(val_paths, cfg.image_size)
-    ds = MVTecDataset(mvtec_category_dir(args.category), "test", cfg.image_size)
-    test = torch.stack([ds[i]["image"] for i in range(len(ds))])
-    labels = [s.label for s in mvtec_samples(mvtec_category_dir(args.category), "test")]
     t_start = time.time()
 
     def cb(step: int, model) -> None:
@@ -155,7 +152,7 @@ def learning_curve_callback(args, cfg: TrainConfig, good_dir: Path, curve: list[
     return cb
 
 
-def teacher_and_train(args, out: Path, good_dir: Path, result: dict):
+def teacher_and_train(args, out: Path, good_dir: Path, result: dict, test: torch.Tensor, labels: list[int]):
     # 1) teacher
     if args.teacher:
         teacher_path = Path(args.teacher)
@@ -174,7 +171,7 @@ def teacher_and_train(args, out: Path, good_dir: Path, result: dict):
     cfg = TrainConfig(steps=args.train_steps, lr=args.lr, aug_variants=args.aug_variants, seed=args.seed,
                       max_train_seconds=args.train_seconds, amp_bf16=args.amp_bf16)
     curve: list[dict] = []
-    callback = learning_curve_callback(args, cfg, good_dir, curve) if args.curve_every else None
+    callback = learning_curve_callback(cfg, good_dir, test, labels, curve) if args.curve_every else None
     model, tmeta = train_efficientad(list_images(good_dir), cfg, teacher_weights=teacher_path,
                                      callback=callback, callback_every=args.curve_every or 0)
     if curve:
@@ -226,6 +223,15 @@ def main() -> int:
     result: dict = {"category": args.category, "args": vars(args),
                     "hardware": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                                  "threads_train": torch.get_num_threads(), "gpu": False}}
+    # the test set, loaded once (the learning curve scores it during training, step 3 after)
+    t = time.time()
+    ds = MVTecDataset(cat_dir, "test", 256)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    masks = np.stack([ds[i]["mask"].numpy() for i in range(len(ds))])
+    samples = mvtec_samples(cat_dir, "test")
+    labels = [s.label for s in samples]
+    types = [s.defect_type for s in samples]
+    load_s = time.time() - t
     if args.checkpoint:  # re-evaluate a model trained by an earlier run of this script
         model, saved = load_checkpoint(args.checkpoint)
         tmeta = saved["train"]
@@ -233,20 +239,14 @@ def main() -> int:
             result[k] = saved[k]
         result["checkpoint"] = str(args.checkpoint)
     else:
-        model, tmeta = teacher_and_train(args, out, good_dir, result)
+        model, tmeta = teacher_and_train(args, out, good_dir, result, images, labels)
         save_checkpoint(model, out / f"efficientad_{args.category}{args.tag}.pt",
                         {"threshold": tmeta["threshold"], "map_threshold": tmeta["map_threshold"], "train": tmeta,
                          **{k: result[k] for k in ("teacher", "wall_seconds", "train", "schedule")}})
     # 3) evaluate on test
-    t = time.time()
-    ds = MVTecDataset(cat_dir, "test", 256)
-    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-    masks = np.stack([ds[i]["mask"].numpy() for i in range(len(ds))])
+    t = time.time() - load_s
     maps, scores = predict(model, images)
     maps_np, scores_np = maps[:, 0].numpy(), scores.numpy()
-    samples = mvtec_samples(cat_dir, "test")
-    labels = [s.label for s in samples]
-    types = [s.defect_type for s in samples]
     result["metrics"] = evaluate(scores_np, labels, types, maps=maps_np, masks=masks, threshold=tmeta["threshold"])
     result["metrics"]["eval_resolution"] = "256x256 (masks nearest-resized)"
     result["eval_seconds"] = time.time() - t

@@ -44,7 +44,7 @@ from stream.demo import (  # noqa: E402
     open_stack,
 )
 from stream.envelope import decode_result  # noqa: E402
-from stream.preprocess import decode_image, parse_spec, to_tensor  # noqa: E402
+from stream.preprocess import decode_image, parse_spec, sniff_image, to_tensor  # noqa: E402
 from stream.publish import ensure_topics, read_topics  # noqa: E402
 from stream.replay import list_images, replay  # noqa: E402
 from stream.worker import WorkerConfig  # noqa: E402
@@ -54,25 +54,37 @@ def pct(a, q):
     return float(np.percentile(a, q)) if len(a) else None
 
 
-def bare_triton(url: str, model: str, blobs: list[bytes], batch: int) -> dict:
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+class BareTriton:
+    """The exported model called directly over Triton gRPC (no Kafka, no Faust): its spec from the
+    model config, and a batch call with the same inputs the worker sends."""
 
-    c = grpcclient.InferenceServerClient(url)
-    cfg = c.get_model_config(model, as_json=True)["config"]
-    spec = parse_spec(cfg["parameters"]["linewatch_spec"]["string_value"])
-    has_task = any(i["name"] == "task" for i in cfg.get("input", []))
+    def __init__(self, url: str, model: str):
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
-    def call(x):
-        inp = grpcclient.InferInput(spec.input.name, list(x.shape), "FP32")
+        self.grpc, self.model = grpcclient, model
+        self.client = grpcclient.InferenceServerClient(url)
+        cfg = self.client.get_model_config(model, as_json=True)["config"]
+        self.spec = parse_spec(cfg["parameters"]["linewatch_spec"]["string_value"])
+        self.has_task = any(i["name"] == "task" for i in cfg.get("input", []))
+
+    def __call__(self, x: np.ndarray):
+        inp = self.grpc.InferInput(self.spec.input.name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         ins = [inp]
-        if has_task:
+        if self.has_task:
             t = np.array([[b""]] * len(x), dtype=np.object_)
-            ti = grpcclient.InferInput("task", list(t.shape), "BYTES")
+            ti = self.grpc.InferInput("task", list(t.shape), "BYTES")
             ti.set_data_from_numpy(t)
             ins.append(ti)
-        return c.infer(model, ins)
+        return self.client.infer(self.model, ins)
 
+    def close(self) -> None:
+        self.client.close()
+
+
+def bare_triton(url: str, model: str, blobs: list[bytes], batch: int) -> dict:
+    call = BareTriton(url, model)
+    spec = call.spec
     x0 = np.stack([to_tensor(decode_image(blobs[0]), spec)] * min(batch, len(blobs)))
     call(x0)  # warm-up
     lat, t0 = [], time.perf_counter()
@@ -85,7 +97,7 @@ def bare_triton(url: str, model: str, blobs: list[bytes], batch: int) -> dict:
         call(x)
         lat.append((time.perf_counter() - ti) * 1000)
     wall = time.perf_counter() - t0
-    c.close()
+    call.close()
     return {"frames": len(blobs), "fps": len(blobs) / wall, "batch": batch, "request_ms_p50": pct(lat, 50),
             "request_ms_p99": pct(lat, 99), "decode_preprocess_ms_per_frame": float(np.mean(pre_ms)),
             "per_frame_ms_p50": pct(np.array(lat) / batch, 50)}
@@ -101,41 +113,32 @@ def paired_latency(boot: str, url: str, model: str, blobs: list[bytes], gap_s: f
     costs); (3) pipeline: the same bytes as a frame through a batch-1 Faust worker subprocess; its
     e2e (result produced - frame timestamp) comes from the result, and ``delivered`` is when this
     process received the result from Kafka. Interleaving cancels drift in machine load."""
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
     from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
 
     from stream.envelope import Frame, encode_frame, new_frame_id  # noqa: PLC0415
     from stream.publish import Producer, client_kwargs  # noqa: PLC0415
 
     wait = fetch_wait_ms or WorkerConfig().fetch_max_wait_ms
+    fmt = sniff_image(blobs[0])[0]
+    bare_call = BareTriton(url, model)
+
+    def bare_one(b: bytes) -> dict:
+        t0 = time.perf_counter()
+        img = decode_image(b)
+        t1 = time.perf_counter()
+        x = to_tensor(img, bare_call.spec)[None]
+        t2 = time.perf_counter()
+        bare_call(x)
+        t3 = time.perf_counter()
+        return {"bare_ms": (t3 - t0) * 1000, "bare_decode": (t1 - t0) * 1000, "bare_preprocess": (t2 - t1) * 1000,
+                "bare_infer": (t3 - t2) * 1000}
+
     t = {k: f"lat-{uuid.uuid4().hex[:6]}-{k}" for k in ("frames", "results", "defects", "dlq", "probe")}
     asyncio.run(ensure_topics(boot, t.values()))
     w = WorkerProcess(boot, url, workdir, batch_max=1, batch_within=0.0, app_id=f"lw-lat-{uuid.uuid4().hex[:6]}",
                       extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
                                   "--defects-topic", t["defects"], "--dlq-topic", t["dlq"],
                                   "--fetch-max-wait-ms", str(wait)]).start()
-    c = grpcclient.InferenceServerClient(url)
-    cfg = c.get_model_config(model, as_json=True)["config"]
-    spec = parse_spec(cfg["parameters"]["linewatch_spec"]["string_value"])
-    has_task = any(i["name"] == "task" for i in cfg.get("input", []))
-
-    def bare_one(b: bytes) -> dict:
-        t0 = time.perf_counter()
-        img = decode_image(b)
-        t1 = time.perf_counter()
-        x = to_tensor(img, spec)[None]
-        t2 = time.perf_counter()
-        inp = grpcclient.InferInput(spec.input.name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        ins = [inp]
-        if has_task:
-            ti = grpcclient.InferInput("task", [1, 1], "BYTES")
-            ti.set_data_from_numpy(np.array([[b""]], dtype=np.object_))
-            ins.append(ti)
-        c.infer(model, ins)
-        t3 = time.perf_counter()
-        return {"bare_ms": (t3 - t0) * 1000, "bare_decode": (t1 - t0) * 1000, "bare_preprocess": (t2 - t1) * 1000,
-                "bare_infer": (t3 - t2) * 1000}
 
     async def run() -> dict:
         cons = {}
@@ -167,7 +170,7 @@ def paired_latency(boot: str, url: str, model: str, blobs: list[bytes], gap_s: f
                 leg = got - ts
                 await asyncio.sleep(gap_s)
                 f = Frame(frame_id=new_frame_id(), camera_id="lat", ts_ms=int(time.time() * 1000), image=b,
-                          product="bottle", content_type="image/jpeg" if b[:2] == b"\xff\xd8" else "image/png")
+                          product="bottle", content_type=f"image/{sniff_image(b)[0]}")
                 await prod.send_many(t["frames"], [encode_frame(f)])
                 fid = f.frame_id.encode()
                 r, got = await await_record("results", lambda r, fid=fid: fid in r.value)
@@ -184,18 +187,19 @@ def paired_latency(boot: str, url: str, model: str, blobs: list[bytes], gap_s: f
     try:
         rows = asyncio.run(run())
     finally:
-        c.close()
+        bare_call.close()
         w.stop()
     col = {k: np.array([r[k] for r in rows], dtype=float) for k in rows[0]}
     p50 = {k: pct(v, 50) for k, v in col.items()}
-    return {"frames": len(rows), "gap_s": gap_s, "frame_format": "jpeg" if blobs[0][:2] == b"\xff\xd8" else "png", "batch_max": 1, "fetch_max_wait_ms": wait,
+    added = p50["e2e_ms"] - p50["bare_ms"]
+    return {"frames": len(rows), "gap_s": gap_s, "frame_format": fmt, "batch_max": 1, "fetch_max_wait_ms": wait,
             "frame_bytes_p50": pct([len(b) for b in blobs], 50), "p50_ms": p50,
             "p99_ms": {k: pct(v, 99) for k, v in col.items()},
-            "added_p50_ms": p50["e2e_ms"] - p50["bare_ms"],
+            "added_p50_ms": added,
             "added_paired_median_ms": pct(col["e2e_ms"] - col["bare_ms"], 50),
             "added_delivered_p50_ms": p50["delivered_ms"] - p50["bare_ms"],
             "broker_leg_p50_ms": p50["broker_leg_ms"],
-            "worker_overhead_p50_ms": p50["e2e_ms"] - p50["bare_ms"] - p50["broker_leg_ms"]}
+            "worker_overhead_p50_ms": added - p50["broker_leg_ms"]}
 
 
 def pipeline(boot: str, url: str, n: int, batch: int, workdir: Path) -> dict:
