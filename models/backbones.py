@@ -4,8 +4,9 @@
   ``timm.create_model(name, pretrained=False, ...)`` then, when ``weights`` is a file, loads it
   (a state_dict, or a dict holding one under ``state_dict``/``model``); known foreign key layouts
   are converted first (see :data:`KEY_MAPS`). Strict: every backbone key must be present.
+* :func:`backbone_normalization` (name) -> (mean, std) of the backbone's training inputs (timm cfg)
 * :func:`lukemelas_efficientnet_lite0_to_timm` (state_dict) -> state_dict with timm
-  ``efficientnet_lite0`` keys (lukemelas/EfficientNet-PyTorch naming, as in
+  ``tf_efficientnet_lite0`` keys (lukemelas/EfficientNet-PyTorch naming, as in
   shared/data/weights/efficientnet-lite0-57934424.pth).
 """
 
@@ -72,9 +73,33 @@ def lukemelas_efficientnet_lite0_to_timm(state_dict: dict[str, torch.Tensor]) ->
 
 
 # timm model name -> (detector of the foreign layout, converter)
+def _is_lukemelas(sd: dict) -> bool:
+    return any(k.startswith("_blocks.") for k in sd)
+
+
 KEY_MAPS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], dict]]] = {
-    "efficientnet_lite0": (lambda sd: any(k.startswith("_blocks.") for k in sd), lukemelas_efficientnet_lite0_to_timm),
+    # the shared Lite0 file is a port of Google's TensorFlow weights: build tf_efficientnet_lite0
+    # ("same" padding, BN eps 1e-3); the PyTorch-native efficientnet_lite0 shares the key layout.
+    "tf_efficientnet_lite0": (_is_lukemelas, lukemelas_efficientnet_lite0_to_timm),
+    "efficientnet_lite0": (_is_lukemelas, lukemelas_efficientnet_lite0_to_timm),
 }
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input (mean, std) the backbone's weights were trained with, from timm's pretrained config
+    (``tf_efficientnet_lite0``: 0.5 / 0.5; torchvision-style models: ImageNet mean/std)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise BackboneError(f"unknown timm model: {name}")
+    cfg = timm.get_pretrained_cfg(name.split(".")[0]) or timm.get_pretrained_cfg(name)
+    if cfg is None:
+        from models.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
+
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
 
 
 def load_state_dict_file(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:

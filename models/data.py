@@ -10,7 +10,7 @@ API (import from ``models.data``):
 * :func:`split_train_val` (items, val_fraction=0.1, seed=0) -> (train, val) deterministic
 * :func:`load_image` (path, size) -> float32 RGB HxWx3 in [0, 1] (resize like stream/preprocess)
 * :func:`load_mask` (path, size) -> uint8 HxW {0,1} (nearest resize); zeros when path is None
-* :func:`normalize` / :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`: HWC [0,1] -> CHW tensor
+* :func:`normalize` (img, mean, std) / :data:`DEFAULT_MEAN` / :data:`IMAGENET_MEAN`: HWC [0,1] -> CHW tensor
 * :class:`MVTecDataset` (category_dir, split, size=256, samples=None): items are dicts
   ``{"image": FloatTensor[3,S,S] normalised, "mask": uint8 Tensor[S,S], "label": int,
   "defect_type": str, "path": str}``
@@ -18,7 +18,7 @@ API (import from ``models.data``):
   items ``{"image": Tensor[3,S,S], "path": str}``; ``transform`` gets/returns HWC float [0,1] numpy.
 
 Images are read with OpenCV, converted to RGB, resized to ``size`` x ``size`` (INTER_AREA when
-shrinking, INTER_LINEAR when growing) and normalised with ImageNet mean/std, i.e. exactly the
+shrinking, INTER_LINEAR when growing) and normalised with the model's mean/std (default 0.5/0.5: tf_efficientnet_lite0), i.e. exactly the
 serving preprocess contract, so training, evaluation and Triton see the same tensors.
 """
 
@@ -38,6 +38,10 @@ from torch.utils.data import Dataset
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The default backbone (tf_efficientnet_lite0, a TensorFlow port) and the default EfficientAD teacher
+# distilled from it take inputs scaled to mean 0.5 / std 0.5.
+DEFAULT_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_STD = (0.5, 0.5, 0.5)
 
 
 class DataError(Exception):
@@ -144,13 +148,13 @@ def load_mask(path: str | Path | None, size: int | tuple[int, int]) -> np.ndarra
     return (_resize(m, size, nearest=True) > 127).astype(np.uint8)
 
 
-def normalize(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalize(img: np.ndarray, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> torch.Tensor:
     """HWC float [0,1] -> normalised CHW float tensor."""
     x = (img - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float()
 
 
-def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+def denormalize(x: torch.Tensor, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
     """CHW normalised tensor -> HWC uint8 RGB."""
     arr = x.detach().cpu().numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
     return np.clip(arr * 255.0, 0, 255).astype(np.uint8)
@@ -163,8 +167,11 @@ class MVTecDataset(Dataset):
         split: str = "test",
         size: int = 256,
         samples: Sequence[Sample] | None = None,
+        mean: Sequence[float] = DEFAULT_MEAN,
+        std: Sequence[float] = DEFAULT_STD,
     ) -> None:
         self.size = size
+        self.mean, self.std = tuple(mean), tuple(std)
         self.samples = list(samples) if samples is not None else mvtec_samples(category_dir, split)
 
     def __len__(self) -> int:
@@ -173,7 +180,7 @@ class MVTecDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         return {
-            "image": normalize(load_image(s.path, self.size)),
+            "image": normalize(load_image(s.path, self.size), self.mean, self.std),
             "mask": torch.from_numpy(load_mask(s.mask_path, self.size)),
             "label": s.label,
             "defect_type": s.defect_type,
@@ -188,7 +195,10 @@ class ImageFolderDataset(Dataset):
         size: int = 256,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
         recursive: bool = True,
+        mean: Sequence[float] = DEFAULT_MEAN,
+        std: Sequence[float] = DEFAULT_STD,
     ) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
         if isinstance(folder, str | Path):
             self.paths = list_images(folder, recursive=recursive)
         else:
@@ -205,4 +215,4 @@ class ImageFolderDataset(Dataset):
         img = load_image(self.paths[i], self.size)
         if self.transform is not None:
             img = self.transform(img)
-        return {"image": normalize(img), "path": str(self.paths[i])}
+        return {"image": normalize(img, self.mean, self.std), "path": str(self.paths[i])}

@@ -100,7 +100,7 @@ def train_and_export(repo: Path, workdir: Path, product: str = "bottle", quick: 
     if _has_verb("moleflow", "train-task") and _has_verb("moleflow", "export"):
         ckpt = art / "moleflow"
         _run([*cli, "moleflow", "train-task", "--data-dir", str(data), "--task", product,
-              "--backbone", "efficientnet_lite0", "--out", str(ckpt), *(["--quick"] if quick else [])])
+              "--out", str(ckpt), *(["--quick"] if quick else [])])
         _run([*cli, "moleflow", "export", "--checkpoint", str(ckpt), "--repo", str(repo), "--name", "moleflow"])
         return "moleflow"
     if _has_verb("efficientad", "train") and _has_verb("efficientad", "export"):

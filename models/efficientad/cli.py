@@ -40,11 +40,11 @@ def _positive(v: str) -> int:
 
 def cmd_train(args) -> int:
     from models.data import list_images
-    from models.efficientad.model import save_checkpoint
+    from models.efficientad.model import DEFAULT_TEACHER, save_checkpoint
     from models.efficientad.train import TrainConfig, train_efficientad
 
     good = _dir(args.train_dir, "training image folder")
-    teacher = _file(args.teacher, "teacher weights")
+    teacher = None if args.random_teacher else _file(args.teacher or str(DEFAULT_TEACHER), "teacher weights")
     paths = list_images(good)
     if len(paths) < 2:
         raise _usage(f"need at least 2 images in {good}")
@@ -52,7 +52,7 @@ def cmd_train(args) -> int:
     if args.penalty_dir:
         _dir(args.penalty_dir, "penalty image folder")
     cfg = TrainConfig(model_size=args.model_size, steps=args.steps, lr=args.lr, seed=args.seed,
-                      penalty_dir=args.penalty_dir, aug_variants=args.aug_variants,
+                      penalty_dir=args.penalty_dir, select_every=args.select_every,
                       max_train_images=args.max_train_images, max_train_seconds=args.max_seconds,
                       amp_bf16=args.amp_bf16)
     model, meta = train_efficientad(paths, cfg, teacher_weights=teacher, anomalous_val_paths=bad)
@@ -74,7 +74,7 @@ def cmd_evaluate(args) -> int:
     cat = _dir(args.mvtec_dir, "MVTec category folder")
     samples = mvtec_samples(cat, "test")
     model, meta = load_checkpoint(ck)
-    ds = MVTecDataset(cat, "test", 256, samples=samples)
+    ds = MVTecDataset(cat, "test", 256, samples=samples, mean=model.input_mean, std=model.input_std)
     items = [ds[i] for i in range(len(ds))]
     maps, scores = predict(model, torch.stack([it["image"] for it in items]))
     masks = np.stack([it["mask"].numpy() for it in items])
@@ -83,7 +83,7 @@ def cmd_evaluate(args) -> int:
     write_results_json({"checkpoint": str(ck), "metrics": res}, args.out)
     if args.overlays:
         for i, it in enumerate(items):
-            save_heatmap_overlay(denormalize(it["image"]), maps[i, 0].numpy(),
+            save_heatmap_overlay(denormalize(it["image"], model.input_mean, model.input_std), maps[i, 0].numpy(),
                                  Path(args.overlays) / f"{samples[i].defect_type}_{samples[i].path.stem}.png",
                                  vmin=0.0, mask=masks[i])
     o = res["overall"]
@@ -105,14 +105,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from models.efficientad.distill import distill_teacher
+    from models.efficientad.distill import DistillConfig, distill_teacher
 
     folder = _dir(args.image_dir, "image folder")
     weights = _file(args.backbone_weights, "backbone weights")
-    meta = distill_teacher(folder, args.out, args.backbone, weights, args.model_size, args.steps,
-                           args.batch_size, args.lr, max_images=args.max_images, seed=args.seed,
-                           max_seconds=args.max_seconds, amp_bf16=args.amp_bf16)
-    print(f"saved {args.out} loss={meta['final_loss']}")
+    cfg = DistillConfig(backbone=args.backbone, backbone_weights=str(weights) if weights else None,
+                        out_indices=tuple(args.out_indices), model_size=args.model_size, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, max_images=args.max_images, seed=args.seed,
+                        max_seconds=args.max_seconds, amp_bf16=args.amp_bf16)
+    meta = distill_teacher(folder, args.out, cfg)
+    state = "complete" if meta["complete"] else f"paused at step {meta['steps_done']} (rerun to resume)"
+    print(f"saved {args.out} {state} held_out_loss={meta['held_out_loss']}")
     return 0
 
 
@@ -123,16 +126,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = verbs.add_parser("train", help="train student + autoencoder on good images")
     t.add_argument("--train-dir", required=True, help="folder of good images (e.g. <mvtec>/bottle/train/good)")
-    t.add_argument("--teacher", help="teacher weights (official teacher_small.pth layout or distill-teacher output)")
+    t.add_argument("--teacher", help="teacher weights (official teacher_small.pth layout or distill-teacher output; "
+                   "default: the generic teacher shipped with the package)")
+    t.add_argument("--random-teacher", action="store_true", help="random teacher (smoke tests only)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--model-size", choices=["small", "medium"], default="small")
     t.add_argument("--steps", type=_positive, default=70_000)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--aug-variants", type=int, default=2)
     t.add_argument("--max-train-images", type=_positive)
     t.add_argument("--max-seconds", type=float, help="wall budget of the step loop (LR drop at 95%% of it); CPU schedules")
-    t.add_argument("--amp-bf16", action="store_true", help="bf16 autocast for teacher cache + steps (CPU speed-up)")
+    t.add_argument("--amp-bf16", action="store_true", help="bf16 autocast (only worth it on CPUs with native bf16)")
+    t.add_argument("--select-every", type=int, default=0,
+                   help="every N steps score held-out good + CutPaste images and keep the best state")
     t.add_argument("--penalty-dir", help="image folder for the pretraining penalty (paper: ImageNet)")
     t.add_argument("--anomalous-val-dir", help="anomalous validation images: F1-optimal threshold")
     t.set_defaults(func=cmd_train)
@@ -152,10 +158,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--max-batch-size", type=_positive, default=8)
     x.set_defaults(func=cmd_export)
 
-    d = verbs.add_parser("distill-teacher", help="distil a PDN teacher from a timm backbone")
-    d.add_argument("--image-dir", required=True)
-    d.add_argument("--out", required=True)
-    d.add_argument("--backbone", default="efficientnet_lite0")
+    d = verbs.add_parser("distill-teacher", help="distil a PDN teacher from a timm backbone (resumes from <out>.ckpt)")
+    d.add_argument("--image-dir", required=True, help="generic images (e.g. <data>/imagenet-sample)")
+    d.add_argument("--out", required=True, help="teacher .safetensors to write (+ .sha256, .json provenance)")
+    d.add_argument("--backbone", default="tf_efficientnet_lite0")
+    d.add_argument("--out-indices", type=int, nargs="+", default=[2, 3], help="backbone stages of the target")
     d.add_argument("--backbone-weights", help="local weights file (never downloaded)")
     d.add_argument("--model-size", choices=["small", "medium"], default="small")
     d.add_argument("--steps", type=_positive, default=60_000)
@@ -163,6 +170,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--lr", type=float, default=1e-4)
     d.add_argument("--max-images", type=_positive)
     d.add_argument("--max-seconds", type=float, help="wall budget of the step loop (CPU schedules)")
-    d.add_argument("--amp-bf16", action="store_true", help="bf16 autocast for the PDN passes (CPU speed-up)")
+    d.add_argument("--amp-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: only where the CPU has native bf16)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_distill)

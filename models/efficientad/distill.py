@@ -1,44 +1,53 @@
-"""``distill-teacher``: distil a PDN teacher from a timm backbone over an image folder.
+"""``distill-teacher``: distil a product-independent PDN teacher from a frozen timm backbone.
 
-Paper (supp. §1.2, Alg. 3): the PDN teacher is trained to regress normalised WideResNet-101
-layer-2+3 features (PatchCore-style, locally 3x3-averaged, projected to 384 channels) of ImageNet
-images; the extractor sees 512x512 images, the PDN 256x256. Adam lr 1e-4, wd 1e-5, MSE.
+EfficientAD paper, supplementary "Teacher pretraining" (Algorithm 3): the PDN regresses normalised
+PatchCore features (WideResNet-101 layers 2+3, each 3x3 locally averaged, projected to 384
+channels) of ImageNet images; the extractor sees 512x512 images, the PDN 256x256; MSE; Adam lr 1e-4,
+weight decay 1e-5; 60,000 steps at batch 16. Here:
 
-Here the only ImageNet weights are EfficientNet-Lite0 (shared/data/weights). Our target:
-* backbone levels ``out_indices=(2, 3, 4)`` (strides 8/16/32: 40, 112, 320 channels at 512 input
-  -> 64, 32, 16 px): mid-level texture plus more semantic context, like WRN layers 2+3;
-* each level 3x3 average-pooled (stride 1) for local neighbourhood aggregation (as PatchCore),
-  bilinearly resized to the 64x64 grid of the padded PDN, concatenated (472 channels);
-* reduced to 384 channels by adaptive average pooling over the channel axis (PatchCore's
-  projection: deterministic, no fitted parameters, keeps every level's contribution);
-* centre-cropped by 4 cells to 56x56 because the padding-free PDN's output cell i is centred on
-  input pixel 4i+16.5, i.e. on cell i+4 of the stride-4 64x64 grid;
-* standardised per channel with mean/std over the folder (Alg. 3).
-The backbone is frozen, so targets are computed once and cached (fp16).
+* the extractor is EfficientNet-Lite0 (``tf_efficientnet_lite0``: the TensorFlow port, inputs with
+  mean = std = 0.5) at the stages whose receptive field a 33 px PDN can match, ``out_indices=(2, 3)``
+  (stride 8 and 16, 40 + 112 channels): the analogue of WRN layers 2+3. The stride-32 stage is left
+  out: its receptive field is far beyond the PDN's.
+* PatchCore aggregation: 3x3 average pooling (stride 1) per level, bilinear resize to the 64x64
+  grid of the 512 input's stride 8, concatenation, adaptive average pooling over channels to 384.
+* the PDN without padding gives 56x56; its output cell i is centred on cell i+4 of the 64x64 grid,
+  so the target is centre-cropped by 4 cells.
+* images are augmented afresh at every step (random-resized crop, flips, rotation, colour jitter,
+  grayscale), because 1,000 images are three orders of magnitude fewer than ImageNet.
+* the target is standardised per channel with mean/std over un-augmented images (Alg. 3).
+* progress is checkpointed (model, optimiser, schedule, RNG, loss history) and a rerun with the
+  same output path resumes from it.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from torchvision.transforms import v2
 
-from models.artifacts import write_sha256_sidecar
-from models.backbones import create_backbone
-from models.data import list_images, load_image, normalize
+from models.artifacts import sha256_file, write_sha256_sidecar
+from models.backbones import backbone_normalization, create_backbone
+from models.data import list_images, load_image
 from models.efficientad.networks import TEACHER_CHANNELS, pdn
+from models.precision import native_bf16
 from stream.logs import get_logger
 
 log = get_logger(__name__)
 
+TEACHER_FORMAT = "linewatch-pdn-teacher-v2"
+
 
 class FeatureTarget(torch.nn.Module):
+    """Backbone features at 512 px -> PatchCore-aggregated 384-channel target on the PDN's 56x56 grid."""
+
     def __init__(self, backbone: torch.nn.Module, out_channels: int = TEACHER_CHANNELS, grid: int = 64, crop: int = 4):
         super().__init__()
         self.backbone = backbone.eval()
@@ -49,9 +58,9 @@ class FeatureTarget(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x512: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x512)
-        feats = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in feats]
+        feats = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in feats]  # PatchCore local 3x3 aggregation
         feats = [F.interpolate(f, size=(self.grid, self.grid), mode="bilinear", align_corners=False) for f in feats]
-        f = torch.cat(feats, dim=1)  # [B, 472, 64, 64]
+        f = torch.cat(feats, dim=1)
         b, c, h, w = f.shape
         f = f.permute(0, 2, 3, 1).reshape(-1, 1, c)
         f = F.adaptive_avg_pool1d(f, self.out_channels).reshape(b, h, w, self.out_channels).permute(0, 3, 1, 2)
@@ -59,91 +68,190 @@ class FeatureTarget(torch.nn.Module):
         return f[:, :, k : h - k, k : w - k].contiguous() if k else f
 
 
-def distill_teacher(
-    image_folder: str | Path,
-    out_path: str | Path,
-    backbone: str = "efficientnet_lite0",
-    backbone_weights: str | Path | None = None,
-    model_size: str = "small",
-    steps: int = 60_000,
-    batch_size: int = 16,
-    lr: float = 1e-4,
-    weight_decay: float = 1e-5,
-    out_indices: tuple[int, ...] = (2, 3, 4),
-    max_images: int | None = None,
-    seed: int = 0,
-    max_seconds: float | None = None,
-    amp_bf16: bool = False,
-) -> dict[str, Any]:
-    """``max_seconds`` caps the wall time of the step loop (CPU schedules); ``amp_bf16`` runs the PDN
-    passes under bf16 autocast (CPU speed-up; targets and loss stay fp32)."""
+class FrozenFeatureTeacher(torch.nn.Module):
+    """The backbone target itself used as the teacher (a 256 input upsampled to 512): the benchmark's
+    baseline against a distilled PDN."""
+
+    def __init__(self, target: FeatureTarget):
+        super().__init__()
+        self.target = target
+
+    def forward(self, x256: torch.Tensor) -> torch.Tensor:
+        x512 = F.interpolate(x256, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.target(x512)
+
+
+@dataclass
+class DistillConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    backbone_weights: str | None = None
+    out_indices: tuple[int, ...] = (2, 3)
+    model_size: str = "small"
+    steps: int = 60_000  # paper: 60,000
+    batch_size: int = 16  # paper: 16
+    lr: float = 1e-4  # paper: 1e-4 (Adam), cosine-annealed here to 1% over ``steps``
+    weight_decay: float = 1e-5
+    held_out: int = 50  # images kept out of training for the held-out loss
+    stats_images: int = 200  # un-augmented images for the target's per-channel mean/std
+    checkpoint_every_s: float = 120.0
+    max_seconds: float | None = None  # wall budget for this run (resume continues later)
+    max_images: int | None = None
+    amp_bf16: bool | None = None  # None: bf16 autocast only where the CPU has native bf16
+    seed: int = 0
+
+
+def augmenter() -> v2.Compose:
+    """Fresh views of a generic image (uint8 CHW -> uint8 CHW 512x512)."""
+    return v2.Compose([
+        v2.RandomResizedCrop(512, scale=(0.2, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(0.2),
+        v2.RandomRotation(15),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
+        v2.RandomGrayscale(0.1),  # paper's distillation transform: RandomGrayscale(0.1)
+    ])
+
+
+def _load_uint8(path: Path) -> torch.Tensor:
+    img = load_image(path, None)
+    return torch.from_numpy(np.ascontiguousarray((img * 255.0).round().astype(np.uint8).transpose(2, 0, 1)))
+
+
+def _norm(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    x = x_uint8.float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _checkpoint_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".ckpt")
+
+
+def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: DistillConfig | None = None) -> dict[str, Any]:
+    """Distil (or resume distilling) a PDN teacher; writes ``out_path`` (safetensors, fp16) with a
+    ``.sha256`` sidecar and a ``.json`` provenance file. Returns the provenance."""
+    from safetensors.torch import save_file
+
+    cfg = cfg or DistillConfig()
+    out_path = Path(out_path)
+    ckpt_path = _checkpoint_path(out_path)
+    bf16 = native_bf16() if cfg.amp_bf16 is None else cfg.amp_bf16
+    torch.manual_seed(cfg.seed)
+    paths = list_images(image_folder, recursive=True)[: cfg.max_images or None]
+    if len(paths) < 2:
+        raise ValueError(f"need at least 2 images in {image_folder}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(paths), generator=gen).tolist()
+    n_hold = min(cfg.held_out, len(paths) // 5)
+    hold_paths = [paths[i] for i in order[:n_hold]]
+    fit_paths = [paths[i] for i in order[n_hold:]]
+    mean, std = backbone_normalization(cfg.backbone)
+    target = FeatureTarget(create_backbone(cfg.backbone, cfg.backbone_weights, features_only=True, out_indices=cfg.out_indices))
     t0 = time.time()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    paths = list_images(image_folder, recursive=True)
-    if max_images:
-        paths = paths[:max_images]
-    if not paths:
-        raise ValueError(f"no images in {image_folder}")
-    bb = create_backbone(backbone, backbone_weights, features_only=True, out_indices=out_indices)
-    target = FeatureTarget(bb)
-    rng = random.Random(seed)
-    imgs256, targets = [], []
-    for p in tqdm(paths, desc="distill targets"):
-        img = load_image(p, 512)
-        if rng.random() < 0.1:  # RandomGrayscale(0.1) as in the paper's distillation transform
-            img = np.repeat(img.mean(2, keepdims=True), 3, axis=2)
-        x512 = normalize(img)[None]
-        targets.append(target(x512)[0].half())
-        imgs256.append(F.interpolate(x512, size=(256, 256), mode="bilinear", antialias=True, align_corners=False)[0])
-    y = torch.stack(targets).float()
-    mean = y.mean(dim=(0, 2, 3), keepdim=True)
-    std = y.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    y = ((y - mean) / std).half()
-    x = torch.stack(imgs256)
-    teacher = pdn(model_size, TEACHER_CHANNELS, padding=False)
-    opt = torch.optim.Adam(teacher.parameters(), lr=lr, weight_decay=weight_decay)
-    bs = min(batch_size, len(x))
-    losses = []
-    bar = tqdm(range(steps), desc="distill teacher")
-    t_targets = time.time() - t0
-    t_loop = time.time()
-    steps_done = 0
-    for step in bar:
-        if max_seconds is not None and time.time() - t_loop > max_seconds:
-            log.warning("distill_budget_reached", steps_done=step, steps=steps)
+    images = [_load_uint8(p) for p in fit_paths]
+    resize512 = v2.Resize((512, 512), antialias=True)
+    hold = torch.stack([resize512(_load_uint8(p)) for p in hold_paths]) if hold_paths else None
+
+    teacher = pdn(cfg.model_size, TEACHER_CHANNELS, padding=False)
+    opt = torch.optim.Adam(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr * 0.01)
+    state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0}
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file, written below
+        teacher.load_state_dict(ck["teacher"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        state = ck["state"]
+        t_mean, t_std = ck["t_mean"], ck["t_std"]
+        torch.set_rng_state(ck["rng"])
+        log.info("distill_resumed", step=state["step"], steps=cfg.steps, checkpoint=str(ckpt_path))
+    else:
+        stats = []
+        for i in range(0, min(cfg.stats_images, len(images)), 8):
+            batch = torch.stack([resize512(im) for im in images[i : i + 8]])
+            stats.append(target(_norm(batch, mean, std)))
+        y = torch.cat(stats)
+        t_mean = y.mean(dim=(0, 2, 3), keepdim=True)
+        t_std = y.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    aug = augmenter()
+
+    def save_ckpt() -> None:
+        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        torch.save({"teacher": teacher.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
+                    "t_mean": t_mean, "t_std": t_std, "rng": torch.get_rng_state(), "config": asdict(cfg)}, tmp)
+        tmp.replace(ckpt_path)
+
+    @torch.no_grad()
+    def held_out_loss() -> float | None:
+        if hold is None:
+            return None
+        teacher.eval()
+        losses = []
+        for i in range(0, len(hold), 8):
+            x512 = _norm(hold[i : i + 8], mean, std)
+            y = (target(x512) - t_mean) / t_std
+            x256 = F.interpolate(x512, size=(256, 256), mode="bilinear", antialias=True, align_corners=False)
+            losses.append(float(F.mse_loss(teacher(x256), y)) * len(x512))
+        teacher.train()
+        return sum(losses) / len(hold)
+
+    run_start = time.time()
+    base_seconds = state["seconds"]
+    last_ckpt = time.time()
+    bs = min(cfg.batch_size, len(images))
+    teacher.train()
+    while state["step"] < cfg.steps:
+        if cfg.max_seconds is not None and time.time() - run_start > cfg.max_seconds:
+            log.warning("distill_budget_reached", step=state["step"], steps=cfg.steps)
             break
-        idx = rng.sample(range(len(x)), bs)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp_bf16):
-            out = teacher(x[idx]).float()
-        loss = F.mse_loss(out, y[idx].float())
+        idx = torch.randint(len(images), (bs,)).tolist()
+        x512 = _norm(torch.stack([aug(images[i]) for i in idx]), mean, std)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = (target(x512).float() - t_mean) / t_std
+        x256 = F.interpolate(x512, size=(256, 256), mode="bilinear", antialias=True, align_corners=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = teacher(x256).float()
+        loss = F.mse_loss(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        steps_done = step + 1
-        if step % 10 == 0 or step == steps - 1:
-            losses.append((step, float(loss.detach())))
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        sched.step()
+        state["step"] += 1
+        step = state["step"]
+        if step % 10 == 0 or step == 1:
+            state["history"].append({"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]})
+            log.info("distill_progress", step=step, steps=cfg.steps, loss=round(float(loss.detach()), 4),
+                     seconds=round(base_seconds + time.time() - run_start, 1))
+        if step % 500 == 0:
+            state["history"].append({"step": step, "held_out_loss": held_out_loss()})
+        if time.time() - last_ckpt > cfg.checkpoint_every_s:
+            state["seconds"] = base_seconds + time.time() - run_start
+            save_ckpt()
+            last_ckpt = time.time()
+    state["seconds"] = base_seconds + time.time() - run_start
+    save_ckpt()
+    final_hold = held_out_loss()
+    train_losses = [h["loss"] for h in state["history"] if "loss" in h]
     meta = {
-        "backbone": backbone,
-        "backbone_weights": str(backbone_weights) if backbone_weights else None,
-        "out_indices": list(out_indices),
-        "model_size": model_size,
-        "steps": steps,
-        "steps_done": steps_done,
-        "amp_bf16": amp_bf16,
-        "batch_size": bs,
-        "n_images": len(paths),
+        "format": TEACHER_FORMAT,
+        "config": {**asdict(cfg), "out_indices": list(cfg.out_indices)},
+        "input_mean": list(mean),
+        "input_std": list(std),
+        "steps_done": state["step"],
+        "complete": state["step"] >= cfg.steps,
+        "amp_bf16": bf16,
+        "n_fit_images": len(fit_paths),
+        "n_held_out": len(hold_paths),
         "image_folder": str(image_folder),
-        "final_loss": losses[-1][1] if losses else None,
-        "target_seconds": t_targets,
-        "loop_seconds": time.time() - t_loop,
-        "seconds": time.time() - t0,
+        "final_train_loss_mean_last100": float(np.mean(train_losses[-10:])) if train_losses else None,
+        "held_out_loss": final_hold,
+        "loop_seconds": state["seconds"],
+        "setup_seconds_this_run": round(run_start - t0, 1),
     }
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"teacher": teacher.state_dict(), "meta": meta}, str(out_path))
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in teacher.state_dict().items()}
+    save_file(sd, str(out_path), metadata={"format": TEACHER_FORMAT, "meta": json.dumps(meta)})
     write_sha256_sidecar(out_path)
-    log.info("teacher_distilled", out=str(out_path), **{k: meta[k] for k in ("steps", "final_loss", "seconds")})
+    meta["sha256"] = sha256_file(out_path)
+    out_path.with_suffix(".json").write_text(json.dumps({**meta, "history": state["history"]}, indent=1))
+    log.info("teacher_distilled", out=str(out_path), steps=state["step"], held_out_loss=final_hold)
     return meta

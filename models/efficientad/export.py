@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from models.artifacts import resolve_version, sha256_file
-from models.data import IMAGENET_MEAN, IMAGENET_STD
 from models.efficientad.model import EfficientAD
 from models.efficientad.serving import ARTIFACT, MODEL_PY
 from stream.logs import get_logger
@@ -36,7 +35,8 @@ def trace_model(model: EfficientAD, size: int = 256) -> torch.jit.ScriptModule:
 
 
 def build_spec(model_name: str, product: str, version: int, threshold: float, map_threshold: float,
-               size: int = 256, sha: str | None = None, extra: dict | None = None) -> dict[str, Any]:
+               size: int = 256, sha: str | None = None, extra: dict | None = None,
+               mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "schema": 1,
         "model": model_name,
@@ -44,7 +44,7 @@ def build_spec(model_name: str, product: str, version: int, threshold: float, ma
         "version": int(version),
         "product": product,
         "input": {"name": "image", "height": size, "width": size, "color": "RGB", "layout": "NCHW",
-                  "dtype": "FP32", "scale": 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                  "dtype": "FP32", "scale": 255.0, "mean": list(mean), "std": list(std)},
         "outputs": {"anomaly_map": "anomaly_map", "score": "score"},
         "threshold": float(threshold),
         "map_threshold": float(map_threshold),
@@ -99,7 +99,8 @@ def export_triton(
     traced = trace_model(model)
     traced.save(str(vdir / ARTIFACT))
     sha = sha256_file(vdir / ARTIFACT)
-    spec = build_spec(name, product, version, threshold, map_threshold, sha=sha, extra=extra)
+    spec = build_spec(name, product, version, threshold, map_threshold, sha=sha, extra=extra,
+                      mean=model.input_mean, std=model.input_std)
     (vdir / "model.py").write_text(MODEL_PY)
     (vdir / "metadata.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     (model_dir / "config.pbtxt").write_text(config_pbtxt(name, spec, max_batch_size))

@@ -1,12 +1,14 @@
 """The EfficientAD detector module: teacher + student + autoencoder + map normalisation.
 
-``EfficientAD.forward(x)`` takes ImageNet-normalised NCHW images (256x256) and returns
+``EfficientAD.forward(x)`` takes NCHW images (256x256) normalised with ``input_mean``/``input_std``
+(the teacher's distillation normalisation: 0.5/0.5 for the default Lite0 teacher) and returns
 ``(anomaly_map [B,1,H,W], score [B])`` with quantile normalisation baked in, so the eager module,
 the TorchScript export and the Triton model compute the same thing.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.artifacts import safe_torch_load, write_sha256_sidecar
+from models.artifacts import safe_load_safetensors, safe_torch_load, write_sha256_sidecar
 from models.efficientad.networks import STUDENT_CHANNELS, TEACHER_CHANNELS, autoencoder, pdn
 
 CHECKPOINT_FORMAT = "linewatch-efficientad-v1"
 
 
 class EfficientAD(nn.Module):
-    def __init__(self, model_size: str = "small", out_channels: int = TEACHER_CHANNELS, padding: bool = False):
+    def __init__(self, model_size: str = "small", out_channels: int = TEACHER_CHANNELS, padding: bool = False,
+                 input_mean: tuple[float, ...] = (0.5, 0.5, 0.5), input_std: tuple[float, ...] = (0.5, 0.5, 0.5)):
         super().__init__()
+        self.input_mean = tuple(float(v) for v in input_mean)
+        self.input_std = tuple(float(v) for v in input_std)
         self.model_size = model_size
         self.out_channels = out_channels
         self.padding = padding
@@ -94,6 +99,8 @@ def save_checkpoint(model: EfficientAD, path: str | Path, meta: dict[str, Any]) 
             "model_size": model.model_size,
             "out_channels": model.out_channels,
             "padding": model.padding,
+            "input_mean": list(model.input_mean),
+            "input_std": list(model.input_std),
             "state_dict": model.state_dict(),
             "meta": meta,
         },
@@ -111,26 +118,43 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[Effici
     ck = safe_torch_load(path, sha256=sha256)
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an EfficientAD checkpoint")
-    model = EfficientAD(ck["model_size"], ck["out_channels"], ck["padding"])
+    model = EfficientAD(ck["model_size"], ck["out_channels"], ck["padding"],
+                        input_mean=ck.get("input_mean", (0.5, 0.5, 0.5)), input_std=ck.get("input_std", (0.5, 0.5, 0.5)))
     model.load_state_dict(ck["state_dict"])
     return model.eval(), ck["meta"]
 
 
-def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | None = None) -> None:
-    """Load a PDN teacher state_dict (official nelson1425 ``teacher_small.pth``/``teacher_medium.pth``
-    layout: keys ``0.weight``, ``0.bias``, ``3.*``, ``6.*``, ``8.*`` (+ ``10.*``, ``12.*`` for medium),
-    see :func:`models.efficientad.networks.expected_teacher_keys`). Also accepts our distilled
-    teacher files (``{"teacher": state_dict, ...}``). The file's sha256 is checked first when known
-    (``sha256``, a ``.sha256`` sidecar or a torch-hub name), see :mod:`models.artifacts`."""
+DEFAULT_TEACHER = Path(__file__).resolve().parent / "weights" / "teacher_small_lite0_imagenet.safetensors"
+
+
+def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | None = None) -> dict[str, Any]:
+    """Load a PDN teacher and return its provenance (empty for foreign files).
+
+    Accepts the official nelson1425 ``teacher_small.pth``/``teacher_medium.pth`` layout (keys ``0.*``,
+    ``3.*``, ``6.*``, ``8.*`` (+ ``10.*``, ``12.*`` for medium), see
+    :func:`models.efficientad.networks.expected_teacher_keys`; inputs ImageNet-normalised) and our
+    ``distill-teacher`` output (safetensors, fp16, provenance and input normalisation in its metadata).
+    The sha256 is checked first when known (``sha256``, a ``.sha256`` sidecar or a torch-hub name)."""
+    from models.data import IMAGENET_MEAN, IMAGENET_STD
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights not found: {path}")
-    sd = safe_torch_load(path, sha256=sha256)  # verified first (models.artifacts), weights_only=True
-    if isinstance(sd, dict) and "teacher" in sd and isinstance(sd["teacher"], dict):
-        sd = sd["teacher"]
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    meta: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        sd = safe_load_safetensors(path, sha256=sha256)
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        meta = json.loads(header.get("meta", "{}"))
+    else:
+        sd = safe_torch_load(path, sha256=sha256)  # verified first (models.artifacts), weights_only=True
+        if isinstance(sd, dict) and "teacher" in sd and isinstance(sd["teacher"], dict):
+            sd = sd["teacher"]
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+    sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
     own = model.teacher.state_dict()
     if set(sd) != set(own) or any(tuple(sd[k].shape) != tuple(own[k].shape) for k in own):
         raise ValueError(
@@ -138,6 +162,10 @@ def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | Non
             f"(expected {sorted(own)} with 384 output channels)"
         )
     model.teacher.load_state_dict(sd)
+    model.input_mean = tuple(meta.get("input_mean", IMAGENET_MEAN))
+    model.input_std = tuple(meta.get("input_std", IMAGENET_STD))
+    return meta
 
 
-__all__ = ["EfficientAD", "save_checkpoint", "load_checkpoint", "load_teacher_weights", "STUDENT_CHANNELS"]
+__all__ = ["EfficientAD", "save_checkpoint", "load_checkpoint", "load_teacher_weights", "DEFAULT_TEACHER",
+           "STUDENT_CHANNELS"]

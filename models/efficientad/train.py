@@ -1,20 +1,24 @@
-"""EfficientAD training (paper Alg. 1 of the supplement; official hyper-parameters).
+"""EfficientAD training (EfficientAD paper, supplementary Algorithm 1; official hyper-parameters).
 
-Teacher frozen; its normalised outputs for every training image (clean + ``aug_variants`` AE
-augmentations) are computed once and cached (fp16), so each step only runs student + autoencoder.
+Teacher frozen; its normalised outputs for the clean training images are computed once (they never
+change). Every step draws a *fresh* autoencoder augmentation of the image and runs the teacher on it.
 Loss per step (batch size 1 as in the paper):
   L_hard  = mean of D_ST entries >= their 0.999-quantile                     (§3.2, hard feature loss)
-  L_pen   = mean(S(P)[:384]^2) for an image P of the penalty folder (optional, §3.2 pretraining penalty)
+  L_pen   = mean(S(P)[:384]^2) for an image P of the penalty folder            (§3.2 pretraining penalty)
   L_AE    = mean((T(I') - A(I'))^2),  L_STAE = mean((A(I') - S(I')[384:])^2)  (§3.3, I' augmented)
   L = L_hard + L_pen + L_AE + L_STAE
-Adam lr 1e-4, weight decay 1e-5, LR x0.1 after 95% of the steps (§4.1 / supp.).
+Adam lr 1e-4, weight decay 1e-5, LR x0.1 after 95% of the steps. fp32 unless bf16 is asked for (only
+worth it where the CPU has native bf16, see :mod:`models.precision`).
 Afterwards: quantiles q_a=0.9, q_b=0.995 of M_ST and M_AE over a held-out split of the good train
-images (§3.4), and the decision threshold from the held-out good images (or F1-optimal when
-anomalous validation images are given).
+images (§3.4), and the decision threshold from the held-out good images.
+Early stopping (optional, ``select_every``): every N steps the model is scored on the held-out good
+images and their CutPaste copies (:mod:`models.synthetic`); the best state by that AUROC is kept.
+Test labels are never used.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable
@@ -26,8 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.data import ImageFolderDataset, list_images, load_image, normalize, split_train_val
-from models.efficientad.model import EfficientAD, load_teacher_weights
+from models.data import ImageFolderDataset, load_image, normalize, split_train_val
+from models.efficientad.model import DEFAULT_TEACHER, EfficientAD, load_teacher_weights
+from models.synthetic import cut_paste
 from stream.logs import get_logger
 
 log = get_logger(__name__)
@@ -43,7 +48,6 @@ class TrainConfig:
     q_a: float = 0.9
     q_b: float = 0.995
     val_fraction: float = 0.1  # held-out good train images for map normalisation + threshold
-    aug_variants: int = 2  # cached AE-augmented copies per training image
     penalty_dir: str | None = None  # image folder for the pretraining penalty (paper: ImageNet)
     threshold_quantile: float = 1.0  # quantile of held-out good image scores used as the threshold
     map_threshold_quantile: float = 0.999  # pixel quantile of held-out good maps
@@ -52,8 +56,10 @@ class TrainConfig:
     max_train_images: int | None = None  # cap (tests / CPU benchmarks)
     max_train_seconds: float | None = None  # wall-clock budget for the step loop (CPU benchmarks);
     # with a budget the x0.1 LR drop happens at 95% of the steps OR 95% of the budget, whichever first
-    amp_bf16: bool = False  # bf16 autocast for the teacher cache and the student/AE passes of the
-    # step loop (CPU speed-up, cache stored fp16 anyway); map quantiles and inference stay fp32
+    amp_bf16: bool = False  # bf16 autocast for the teacher and student/AE passes of the step loop; only
+    # where the CPU has native bf16 (models.precision.native_bf16); map quantiles and inference stay fp32
+    select_every: int = 0  # >0: score held-out good + CutPaste every N steps, keep the best state
+    synthetic_seed: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,22 +144,42 @@ def predict(model: EfficientAD, images: torch.Tensor, batch: int = 4) -> tuple[t
     return torch.cat(maps), torch.cat(scores)
 
 
-def _load_stack(paths, size) -> torch.Tensor:
-    return torch.stack([normalize(load_image(p, size)) for p in tqdm(paths, desc="load", leave=False)])
+def _load_stack(paths, size, mean, std) -> torch.Tensor:
+    return torch.stack([normalize(load_image(p, size), mean, std) for p in tqdm(paths, desc="load", leave=False)])
+
+
+@torch.no_grad()
+def synthetic_auroc(model: EfficientAD, good_raw: list[np.ndarray], seed: int, q_a: float, q_b: float) -> float:
+    """Image AUROC of held-out good images against their CutPaste copies (no test labels)."""
+    from models.evaluation import image_auroc
+
+    rng = random.Random(seed)
+    bad_raw = [cut_paste(im, rng)[0] for im in good_raw]
+    norm = [normalize(im, model.input_mean, model.input_std) for im in good_raw + bad_raw]
+    x = torch.stack(norm)
+    was_training = model.training
+    compute_map_quantiles(model, x[: len(good_raw)], q_a, q_b)
+    _, scores = predict(model, x)
+    model.train(was_training)
+    return image_auroc([0] * len(good_raw) + [1] * len(bad_raw), scores.numpy())
 
 
 def train_efficientad(
     train_paths: list[Path],
     cfg: TrainConfig,
-    teacher_weights: str | Path | None = None,
+    teacher_weights: str | Path | None = DEFAULT_TEACHER,
     anomalous_val_paths: list[Path] | None = None,
     callback: Callable[[int, EfficientAD], None] | None = None,
     callback_every: int = 0,
+    teacher: torch.nn.Module | None = None,
 ) -> tuple[EfficientAD, dict[str, Any]]:
     """Train student + AE on good images; returns the model (eval mode) and metadata.
 
-    ``callback(steps_done, model)`` runs every ``callback_every`` steps (schedule studies); it gets
-    the model in train mode and must restore that mode itself if it evaluates.
+    ``teacher_weights``: a PDN teacher file (default: the generic teacher distilled over the ImageNet
+    sample, committed with the package); ``None`` = random teacher (tests only). ``teacher``: any frozen
+    module mapping 256x256 inputs to [B, 384, 56, 56] (the benchmark's frozen-backbone baseline).
+    ``callback(steps_done, model)`` runs every ``callback_every`` steps; it gets the model in train
+    mode and must restore that mode itself if it evaluates.
     """
     t0 = time.time()
     seed_everything(cfg.seed)
@@ -163,38 +189,41 @@ def train_efficientad(
     if cfg.max_train_images:
         fit_paths = fit_paths[: cfg.max_train_images]
     model = EfficientAD(cfg.model_size)
-    if teacher_weights is not None:
-        load_teacher_weights(model, teacher_weights)
+    teacher_meta: dict[str, Any] = {}
+    if teacher is not None:
+        model.teacher = teacher.eval()
+        teacher_meta = {"teacher": type(teacher).__name__}
+    elif teacher_weights is not None:
+        teacher_meta = load_teacher_weights(model, teacher_weights)
     else:
         log.warning("efficientad_random_teacher", note="no teacher weights given: teacher is random (tests only)")
+    for p in model.teacher.parameters():
+        p.requires_grad_(False)
+    mean, std = model.input_mean, model.input_std
     model.train()
     rng = random.Random(cfg.seed)
     raw_imgs = [load_image(p, cfg.image_size) for p in tqdm(fit_paths, desc="load train", leave=False)]
-    clean = torch.stack([normalize(im) for im in raw_imgs])
-    aug = torch.stack(
-        [normalize(ae_augment(im, rng)) for im in raw_imgs for _ in range(cfg.aug_variants)]
-    ) if cfg.aug_variants > 0 else clean
-    # cache the frozen teacher: raw outputs -> per-channel stats -> normalised fp16 cache
+    clean = torch.stack([normalize(im, mean, std) for im in raw_imgs])
+    # the frozen teacher on the clean images: raw outputs -> per-channel stats -> normalised cache
     t_clean = _teacher_outputs(model, clean, "teacher(clean)", amp_bf16=cfg.amp_bf16)
     compute_teacher_normalization(model, t_clean)
-    t_clean = ((t_clean - model.teacher_mean) / model.teacher_std).half()
-    t_aug = (
-        ((_teacher_outputs(model, aug, "teacher(aug)", amp_bf16=cfg.amp_bf16) - model.teacher_mean) / model.teacher_std).half()
-        if cfg.aug_variants > 0
-        else t_clean
-    )
-    n_var = max(cfg.aug_variants, 1)
-    penalty = ImageFolderDataset(cfg.penalty_dir, size=2 * cfg.image_size) if cfg.penalty_dir else None
+    t_clean = (t_clean - model.teacher_mean) / model.teacher_std
+    penalty = (ImageFolderDataset(cfg.penalty_dir, size=2 * cfg.image_size, mean=mean, std=std)
+               if cfg.penalty_dir else None)
+    val_raw = [load_image(p, cfg.image_size) for p in val_paths]
 
     params = list(model.student.parameters()) + list(model.autoencoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * cfg.steps)), gamma=0.1)
     c = model.out_channels
     history: list[dict[str, float]] = []
+    selection: list[dict[str, float]] = []
+    best: tuple[float, int, dict] | None = None
     bar = tqdm(range(cfg.steps), desc="efficientad train")
     t_loop = time.time()
     lr_dropped = False
     steps_done = 0
+    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.amp_bf16)
     for step in bar:
         if cfg.max_train_seconds is not None:
             elapsed = time.time() - t_loop
@@ -206,11 +235,12 @@ def train_efficientad(
                     g["lr"] *= 0.1
                 lr_dropped = True
         i = rng.randrange(len(clean))
-        v = rng.randrange(n_var)
-        x_st, x_ae = clean[i : i + 1], aug[i * n_var + v : i * n_var + v + 1] if cfg.aug_variants > 0 else clean[i : i + 1]
-        t_st = t_clean[i : i + 1].float()
-        t_ae = t_aug[i * n_var + v : i * n_var + v + 1].float() if cfg.aug_variants > 0 else t_st
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp_bf16):
+        x_st = clean[i : i + 1]
+        x_ae = normalize(ae_augment(raw_imgs[i], rng), mean, std)[None]  # fresh augmentation every step
+        t_st = t_clean[i : i + 1]
+        with torch.no_grad(), torch.autocast(**autocast):
+            t_ae = (model.teacher(x_ae).float() - model.teacher_mean) / model.teacher_std
+        with torch.autocast(**autocast):
             s_both = model.student(torch.cat([x_st, x_ae])).float()  # one batched student pass for I and I'
         loss_hard = hard_feature_loss(t_st, s_both[:1, :c], cfg.hard_q)
         loss = loss_hard
@@ -221,11 +251,11 @@ def train_efficientad(
             p = p[:, off : off + cfg.image_size, off : off + cfg.image_size]
             if rng.random() < 0.3:  # RandomGrayscale(0.3)
                 p = p.mean(0, keepdim=True).expand(3, -1, -1)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp_bf16):
+            with torch.autocast(**autocast):
                 s_pen = model.student(p[None]).float()
             loss_pen = torch.mean(s_pen[:, :c] ** 2)
             loss = loss + loss_pen
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp_bf16):
+        with torch.autocast(**autocast):
             a = model.autoencoder(x_ae).float()
         loss_ae = torch.mean((t_ae - a) ** 2)
         loss_stae = torch.mean((a - s_both[1:, c:]) ** 2)
@@ -238,14 +268,27 @@ def train_efficientad(
         steps_done = step + 1
         if callback is not None and callback_every > 0 and steps_done % callback_every == 0:
             callback(steps_done, model)
+        if cfg.select_every > 0 and val_raw and steps_done % cfg.select_every == 0:
+            auc = synthetic_auroc(model, val_raw, cfg.synthetic_seed, cfg.q_a, cfg.q_b)
+            selection.append({"step": steps_done, "synthetic_auroc": auc})
+            log.info("efficientad_selection", step=steps_done, synthetic_auroc=round(auc, 4))
+            if best is None or auc > best[0]:
+                best = (auc, steps_done, copy.deepcopy(model.state_dict()))
         if step % 10 == 0 or step == cfg.steps - 1:
             rec = {"step": step, "loss": float(loss.detach()), "hard": float(loss_hard.detach()), "penalty": float(loss_pen.detach()),
                    "ae": float(loss_ae.detach()), "stae": float(loss_stae.detach())}
             history.append(rec)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     t_loop_end = time.time()
+    selected_step = steps_done
+    if best is not None:
+        final_auc = synthetic_auroc(model, val_raw, cfg.synthetic_seed, cfg.q_a, cfg.q_b)
+        selection.append({"step": steps_done, "synthetic_auroc": final_auc})
+        if best[0] > final_auc:
+            model.load_state_dict(best[2])
+            selected_step = best[1]
     model.eval()
-    val = _load_stack(val_paths, cfg.image_size) if val_paths else clean[:1]
+    val = _load_stack(val_paths, cfg.image_size, mean, std) if val_paths else clean[:1]
     quantiles = compute_map_quantiles(model, val, cfg.q_a, cfg.q_b)
     maps, scores = predict(model, val)
     threshold = float(torch.quantile(scores, cfg.threshold_quantile))
@@ -254,17 +297,22 @@ def train_efficientad(
     if anomalous_val_paths:
         from models.evaluation import f1_max
 
-        _, bad_scores = predict(model, _load_stack(anomalous_val_paths, cfg.image_size))
+        _, bad_scores = predict(model, _load_stack(anomalous_val_paths, cfg.image_size, mean, std))
         y = [0] * len(scores) + [1] * len(bad_scores)
         _, threshold = f1_max(y, torch.cat([scores, bad_scores]).numpy())
         threshold_source = "f1_max_val"
     meta = {
         "config": asdict(cfg),
         "steps_done": steps_done,
+        "selected_step": selected_step,
+        "selection": selection,
         "n_fit_images": len(fit_paths),
         "n_val_images": len(val_paths),
         "val_paths": [str(p) for p in val_paths],
-        "teacher_weights": str(teacher_weights) if teacher_weights else None,
+        "teacher_weights": str(teacher_weights) if teacher_weights and teacher is None else None,
+        "teacher_provenance": {k: v for k, v in teacher_meta.items() if k != "history"},
+        "input_mean": list(mean),
+        "input_std": list(std),
         "quantiles": quantiles,
         "threshold": threshold,
         "threshold_source": threshold_source,
@@ -273,9 +321,6 @@ def train_efficientad(
         "loop_seconds": t_loop_end - t_loop,
         "history": history[-50:],
     }
-    log.info("efficientad_trained", steps=cfg.steps, threshold=threshold, seconds=round(meta["train_seconds"], 1))
+    log.info("efficientad_trained", steps=steps_done, selected_step=selected_step, threshold=threshold,
+             seconds=round(meta["train_seconds"], 1))
     return model, meta
-
-
-def image_paths(folder: str | Path) -> list[Path]:
-    return list_images(folder)

@@ -59,7 +59,7 @@ def _weights(args) -> Path | None:
     if args.random_backbone:
         return None
     auto = data_root() / DEFAULT_LITE0
-    if args.backbone == "efficientnet_lite0" and auto.is_file():
+    if args.backbone in ("tf_efficientnet_lite0", "efficientnet_lite0") and auto.is_file():
         return auto  # local ImageNet weights (never downloaded)
     raise _usage(f"no weights for backbone {args.backbone}: pass --backbone-weights FILE (or --random-backbone)")
 
@@ -88,8 +88,8 @@ def cmd_train_task(args) -> int:
             print(f"task {args.task}: already in {out} (kept; tasks are immutable, use a new name to retrain)")
             return 0
     else:
-        cfg = MoLEFlowConfig(backbone=args.backbone, dim=args.dim or (128 if quick else 256),
-                             subnet_hidden=args.dim or (128 if quick else 256),
+        cfg = MoLEFlowConfig(backbone=args.backbone, dim=args.dim, grid=args.grid,
+                             subnet_hidden=args.hidden or (128 if quick else 256),
                              lora_rank=args.rank or (32 if quick else 64), seed=args.seed)
         cfg.lora_alpha = float(cfg.lora_rank)
         model = MoLEFlow(cfg, backbone_weights=_weights(args))
@@ -125,7 +125,7 @@ def _test_set(model, task: str, data_dir: str, stride: int = 1):
 
         _, test = elpv_split()
         test = test[::stride]
-        x = load_images([p for p, _ in test], S)
+        x = load_images([p for p, _ in test], S, *model.cfg.input_normalization())
         p, g = extract_features(model, x, desc=f"{task}: test features")
         return TaskTestSet(task, p, g, [lab for _, lab in test], ["good" if lab == 0 else "defective" for _, lab in test],
                            paths=[str(q) for q, _ in test]), x
@@ -133,7 +133,8 @@ def _test_set(model, task: str, data_dir: str, stride: int = 1):
     cat = d / task if (d / task / "test").is_dir() else d
     if not (cat / "test").is_dir():
         raise _usage(f"no MVTec test split under {d}")
-    ds = MVTecDataset(cat, "test", S)
+    mean, std = model.cfg.input_normalization()
+    ds = MVTecDataset(cat, "test", S, mean=mean, std=std)
     items = [ds[i] for i in range(0, len(ds), stride)]
     x = torch.stack([it["image"] for it in items])
     p, g = extract_features(model, x, desc=f"{task}: test features")
@@ -183,7 +184,7 @@ def cmd_evaluate(args) -> int:
             ts, x = sets[t]
             o = full.predict_features(ts.patch, ts.image, size=full.cfg.image_size)
             for i in range(len(ts.labels)):
-                save_heatmap_overlay(denormalize(x[i]), o["anomaly_map"][i, 0].numpy(),
+                save_heatmap_overlay(denormalize(x[i], *full.cfg.input_normalization()), o["anomaly_map"][i, 0].numpy(),
                                      Path(args.overlays) / t / f"{ts.defect_types[i]}_{Path(ts.paths[i]).stem}.png",
                                      mask=ts.masks[i] if ts.masks is not None else None, title=o["task"][i])
     for t in order:
@@ -219,17 +220,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--calibration-dir", help="held-out good images that set the task's threshold "
                    "(default: 10%% of the training images are held out)")
     t.add_argument("--out", required=True, help="store dir (created on the first task, extended afterwards)")
-    t.add_argument("--backbone", default="efficientnet_lite0", help="timm model name (new store only)")
+    t.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name (new store only)")
     t.add_argument("--backbone-weights", default=None, help="local weights file (default: shared Lite0 weights)")
     t.add_argument("--random-backbone", action="store_true", help="random backbone weights (tests)")
-    t.add_argument("--dim", type=_positive, default=None)
+    t.add_argument("--dim", type=_positive, default=None,
+                   help="D (default: the backbone's channels, no channel pooling; new store only)")
+    t.add_argument("--grid", type=int, choices=[14, 28], default=14, help="patch grid (new store only)")
+    t.add_argument("--hidden", type=_positive, default=None, help="coupling subnet width (default 256; 128 --quick)")
     t.add_argument("--rank", type=_positive, default=None)
     t.add_argument("--epochs", type=_positive, default=None, help="default 60 (10 with --quick)")
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--batch-size", type=_positive, default=16)
     t.add_argument("--max-images", type=_positive, default=None)
     t.add_argument("--time-budget-s", type=float, default=None, help="cap training time (fewer epochs)")
-    t.add_argument("--quick", action="store_true", help="short CPU schedule: D=128, r=32, 10 epochs, <=120 images")
+    t.add_argument("--quick", action="store_true", help="short CPU schedule: hidden 128, r=32, 10 epochs, <=120 images")
     t.add_argument("--threads", type=_positive, default=1, help="torch threads (1: no OpenMP stalls on shared cores)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_one_line(cmd_train_task))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from models.artifacts import resolve_version
-from models.data import IMAGENET_MEAN, IMAGENET_STD
+from models.backbones import backbone_normalization
 from models.moleflow.serving import MODEL_PY
 from models.moleflow.store import (
     ADAPTER_FILE,
@@ -47,10 +47,11 @@ log = get_logger(__name__)
 def build_spec(name: str, version: int, base_meta: dict, adapters: list[dict], artifacts: dict[str, str]) -> dict[str, Any]:
     cfg = base_meta["config"]
     size = int(cfg["image_size"])
+    mean, std = backbone_normalization(cfg["backbone"])
     return {
         "schema": 1, "model": name, "detector": "moleflow", "version": int(version), "product": None,
         "input": {"name": "image", "height": size, "width": size, "color": "RGB", "layout": "NCHW", "dtype": "FP32",
-                  "scale": 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                  "scale": 255.0, "mean": list(mean), "std": list(std)},
         "outputs": {"anomaly_map": "anomaly_map", "score": "score", "task": "task", "route_distance": "route_distance"},
         # served scores/maps are per-task calibrated (raw top-K NLL minus the task's threshold)
         "threshold": 0.0, "map_threshold": 0.0,

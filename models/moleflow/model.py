@@ -1,9 +1,14 @@
 """MoLE-Flow: frozen normalizing-flow base + one small adapter per product task (seeds 002-004).
 
-Pipeline (seed 002 §3.1.2): image -> timm backbone (multi-layer, pooled to a 14x14 grid) -> Linear
-projection to D -> + 2D sin-cos PE (§3.2.2) + scale context (§3.3.3) -> whitening adapter (§3.3.1,
-per task) -> spatial context mixer (§3.3.2, per-task gate) -> M FrEIA affine couplings whose subnets
-are MoLEContextSubnet (§3.4.1; base Linear + per-task LoRA) -> per-task DIA (§3.4.3) -> patch NLL.
+Pipeline (MoLE-Flow paper, eq. 1): image -> timm backbone (layers 2+3) -> Patch Maker: parameter-free
+pooled patches on a 14x14 or 28x28 grid (3x3 local average, channel average-pooling to D only when D is
+smaller than the backbone's channels) -> + 2D sin-cos PE (eq. 2) + scale context (a learned projection
+that feeds only the additive depthwise context, never the main path) -> whitening adapter (eq. 3-6,
+per task) -> spatial context mixer (per-task gate) -> M FrEIA affine couplings whose subnets are
+MoLEContextSubnet (base Linear + per-task LoRA, eq. 12-13) -> per-task DIA -> patch NLL (eq. 20-25).
+
+The main feature path has no learned parameters, so no product's statistics are baked into what a
+later product's adapter sees, and the flow's density is over the backbone's own patch features.
 
 Parameter ownership: everything not under a task container (``lora_A/lora_B/lora_bias``,
 ``wa_gamma/wa_beta``, ``scm_gate``, ``dia``) is *base*: trained with task 0, frozen afterwards.
@@ -37,11 +42,11 @@ def check_task_name(name: str) -> str:
 
 @dataclass
 class MoLEFlowConfig:
-    backbone: str = "efficientnet_lite0"
-    out_indices: tuple[int, ...] = (2, 3)  # stride 8 + 16 feature maps (seed: layer2 + layer3)
+    backbone: str = "tf_efficientnet_lite0"
+    out_indices: tuple[int, ...] = (2, 3)  # stride 8 + 16 feature maps (the paper's layer2 + layer3)
     image_size: int = 224
-    grid: int = 14  # (H, W) = (14, 14), seed 002 §3.7.1
-    dim: int = 256  # D (seed uses 768 with WRN50; smaller here for CPU)
+    grid: int = 14  # 14x14 patches; 28 keeps the stride-8 layer's resolution (224 input)
+    dim: int | None = None  # D; None = the backbone's channel count (40 + 112 = 152 for Lite0 2+3)
     coupling_layers: int = 8  # M = 8 (seed 002 defaults table)
     subnet_hidden: int = 256
     lora_rank: int = 64  # r = 64, alpha = r -> scaling 1 (§3.4.1)
@@ -54,6 +59,11 @@ class MoLEFlowConfig:
     top_k: int = 10  # image score = mean of top-K patch NLLs (seed 003 eq. 26-28; seed 004 §3.7 k=10)
     router_reg: float = 1e-5  # lambda_reg on the covariance diagonal (seed 002 table)
     seed: int = 0
+
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        from models.backbones import backbone_normalization
+
+        return backbone_normalization(self.backbone)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -211,9 +221,15 @@ class MoLEFlow(nn.Module):
             p.requires_grad_(False)
         chans = list(self.backbone.feature_info.channels())
         self.feat_channels = int(sum(chans))
+        if cfg.dim is None:
+            cfg.dim = self.feat_channels
+        if cfg.dim > self.feat_channels:
+            raise ValueError(f"dim {cfg.dim} exceeds the backbone's {self.feat_channels} channels")
         torch.manual_seed(cfg.seed)
         D, g = cfg.dim, cfg.grid
-        self.proj = nn.Linear(self.feat_channels, D)  # W_proj (seed 002 §3.3.3)
+        # scale context (paper §3.3.3): F_scale = DWConv(W_proj . Concat(Pool(F_L2), F_L3) + b_proj); the
+        # learned projection feeds this additive context only.
+        self.proj = nn.Linear(self.feat_channels, D)
         self.scale_ctx = nn.Conv2d(D, D, cfg.scale_kernel, padding=cfg.scale_kernel // 2, groups=D)
         self.register_buffer("pos", sincos_pos_embed_2d(D, g, g), persistent=False)
         k = cfg.spatial_kernel
@@ -294,19 +310,32 @@ class MoLEFlow(nn.Module):
 
     @torch.no_grad()
     def extract(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features: (patch features [B, C, 14, 14], image-level router features [B, C])."""
+        """Backbone features: (patch features [B, C, g, g], image-level router features [B, C]).
+
+        Patch Maker (paper §3.2.2): each level 3x3 locally averaged, then average-pooled (finer level)
+        or bilinearly resized (coarser level) to the g x g grid; no learned parameters."""
         feats = self.backbone(x)
         g = self.cfg.grid
-        pooled = [F.adaptive_avg_pool2d(f, (g, g)) for f in feats]
-        patch = torch.cat(pooled, dim=1)
+        grid = []
+        for f in feats:
+            f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+            if f.shape[-1] >= g:
+                grid.append(F.adaptive_avg_pool2d(f, (g, g)))
+            else:
+                grid.append(F.interpolate(f, size=(g, g), mode="bilinear", align_corners=False))
+        patch = torch.cat(grid, dim=1)
         image = torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1)  # global pool per layer
         return patch, image
 
     def embed(self, patch: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] backbone features -> F^(1') = proj + P + DWConv(proj) as [B, H, W, D]."""
-        f0 = self.proj(patch.permute(0, 2, 3, 1))  # F^(0)
-        f_scale = self.scale_ctx(f0.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # F_scale (§3.3.3)
-        return f0 + self.pos + f_scale  # F^(1') = F^(0) + P + F_scale
+        """[B, C, H, W] pooled patches -> F^(1') = F + P + F_scale as [B, H, W, D] (paper eq. 2, §3.3.3)."""
+        f = patch.permute(0, 2, 3, 1)
+        if f.shape[-1] != self.cfg.dim:  # parameter-free channel reduction (PatchCore-style)
+            b, h, w, c = f.shape
+            f = F.adaptive_avg_pool1d(f.reshape(-1, 1, c), self.cfg.dim).reshape(b, h, w, self.cfg.dim)
+        proj = self.proj(patch.permute(0, 2, 3, 1))
+        f_scale = self.scale_ctx(proj.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return f + self.pos + f_scale
 
     def adapt(self, f1: torch.Tensor, task: str) -> torch.Tensor:
         """Whitening adapter (§3.3.1) then spatial context mixer (§3.3.2) -> F^(3) [B, H, W, D]."""

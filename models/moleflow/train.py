@@ -5,9 +5,12 @@ its own adapter; task t >= 1 trains ONLY its adapter (LoRA_t, WA_t, SCM gate_t, 
 other tasks are frozen and checked bit-identical after training. Backbone features are computed once
 per image (frozen backbone, no augmentation), so an epoch costs only the flow.
 
-Loss (seed 003 eq. 22): (1 - lambda_tail) mean(NLL) + lambda_tail mean(top-k% NLL), with NLL per patch
-divided by D, + lambda_logdet * mean((log|det J| / D)^2) (log-det regulariser, seed 004 §3.6), + for
-t >= 1 an identity regulariser 0.1 on the whitening adapter (seed 002 §3.3.1).
+Loss in the MoLE-Flow paper's units (eq. 22, per-patch NLL in nats):
+  L = (1 - lambda_tail) mean(NLL) + lambda_tail mean(top-k% NLL)      tail-aware loss
+      + lambda_logdet * mean(log|det J|^2)                            log-det regulariser (1e-4)
+      + lambda_id * (mean((gamma_t - 1)^2) + mean(beta_t^2))          identity regulariser, t >= 1 (0.1)
+and the whole sum is divided by D once, so the optimiser sees per-dimension magnitudes while every
+term keeps the paper's relative strength.
 """
 
 from __future__ import annotations
@@ -58,10 +61,12 @@ def make_optimizer(params, lr: float, weight_decay: float):
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
 
-def load_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
-    from models.data import load_image, normalize
+def load_images(paths: Sequence[str | Path], size: int, mean=None, std=None) -> torch.Tensor:
+    """Images normalised with (mean, std); default: the default backbone's (tf_efficientnet_lite0)."""
+    from models.data import DEFAULT_MEAN, DEFAULT_STD, load_image, normalize
 
-    return torch.stack([normalize(load_image(p, size)) for p in paths])
+    mean, std = mean or DEFAULT_MEAN, std or DEFAULT_STD
+    return torch.stack([normalize(load_image(p, size), mean, std) for p in paths])
 
 
 @torch.no_grad()
@@ -71,21 +76,30 @@ def extract_features(model: MoLEFlow, images, batch_size: int = 16, progress: bo
     patches, globs = [], []
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = images[s:s + batch_size]
-        x = chunk if isinstance(chunk, torch.Tensor) else load_images(chunk, model.cfg.image_size)
+        x = chunk if isinstance(chunk, torch.Tensor) else load_images(chunk, model.cfg.image_size,
+                                                                       *model.cfg.input_normalization())
         p, g = model.extract(x)
         patches.append(p)
         globs.append(g)
     return torch.cat(patches), torch.cat(globs)
 
 
-def tail_aware_loss(nll: torch.Tensor, ld: torch.Tensor, dim: int, cfg: TrainConfig) -> torch.Tensor:
-    per = nll.flatten(1) / dim  # [B, HW]
+def tail_aware_loss(nll: torch.Tensor, ld: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Paper eq. 22 plus the log-det regulariser, in nats per patch (not yet divided by D)."""
+    per = nll.flatten(1)  # [B, HW]
     k = max(1, math.ceil(cfg.tail_top * per.shape[1]))
     tail = per.topk(k, dim=1).values.mean()
     loss = (1 - cfg.tail_weight) * per.mean() + cfg.tail_weight * tail
     if cfg.logdet_reg:
-        loss = loss + cfg.logdet_reg * ((ld / dim) ** 2).mean()
+        loss = loss + cfg.logdet_reg * (ld**2).mean()
     return loss
+
+
+def identity_loss(model: MoLEFlow, task: str) -> torch.Tensor:
+    """Keeps a later task's whitening adapter near the identity: mean((gamma-1)^2) + mean(beta^2)."""
+    gamma = 0.5 + 1.5 * torch.sigmoid(model.wa_gamma[task])
+    beta = 2.0 * torch.tanh(model.wa_beta[task])
+    return ((gamma - 1) ** 2).mean() + (beta**2).mean()
 
 
 def _snapshot(model: MoLEFlow, exclude_task: str) -> dict[str, torch.Tensor]:
@@ -146,11 +160,10 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
         for s in range(0, len(perm), cfg.batch_size):
             idx = perm[s:s + cfg.batch_size]
             nll, ld = model.patch_nll(patch[idx], task)
-            loss = tail_aware_loss(nll, ld, D, cfg)
+            loss = tail_aware_loss(nll, ld, cfg)
             if not first and cfg.identity_reg:
-                gamma = 0.5 + 1.5 * torch.sigmoid(model.wa_gamma[task])
-                beta = 2.0 * torch.tanh(model.wa_beta[task])
-                loss = loss + cfg.identity_reg * (((gamma - 1) ** 2).mean() + (beta**2).mean())
+                loss = loss + cfg.identity_reg * identity_loss(model, task)
+            loss = loss / D
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"task {task!r}: non-finite loss")
             opt.zero_grad(set_to_none=True)

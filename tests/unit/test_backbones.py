@@ -62,3 +62,38 @@ def test_create_backbone_random_and_errors(tmp_path):
     torch.save({"conv_stem.weight": torch.zeros(1)}, bad)
     with pytest.raises(BackboneError):
         create_backbone("efficientnet_lite0", bad)
+
+
+SAMPLE = data_root() / "imagenet-sample"
+
+
+@pytest.mark.skipif(not (WEIGHTS.is_file() and SAMPLE.is_dir()), reason="shared Lite0 weights / ImageNet sample missing")
+def test_tf_lite0_with_its_normalisation_classifies_the_imagenet_sample():
+    """The shared Lite0 file is a TensorFlow port: tf_efficientnet_lite0 ("same" padding, BN eps 1e-3) with
+    inputs at mean = std = 0.5 classifies it; the PyTorch-native build with ImageNet mean/std does not as
+    well. 100 images (every 10th); label = index in sorted WordNet-id order."""
+    import numpy as np
+
+    from models.backbones import backbone_normalization
+    from models.data import IMAGENET_MEAN, IMAGENET_STD, list_images, load_image, normalize
+
+    paths = list_images(SAMPLE)
+    assert len(paths) == 1000
+    wnids = sorted(p.name.split("_")[0] for p in paths)
+    picked = paths[::10]
+    labels = torch.tensor([wnids.index(p.name.split("_")[0]) for p in picked])
+    imgs = [load_image(p, 224) for p in picked]
+
+    def top1(name, mean, std):
+        m = create_backbone(name, WEIGHTS).eval()
+        with torch.no_grad():
+            x = torch.stack([normalize(im, mean, std) for im in imgs])
+            pred = torch.cat([m(x[i:i + 25]).argmax(1) for i in range(0, len(x), 25)])
+        return float((pred == labels).float().mean())
+
+    mean, std = backbone_normalization("tf_efficientnet_lite0")
+    assert mean == std == (0.5, 0.5, 0.5)
+    acc_tf = top1("tf_efficientnet_lite0", mean, std)
+    acc_pt = top1("efficientnet_lite0", IMAGENET_MEAN, IMAGENET_STD)
+    assert acc_tf >= 0.80 and acc_tf > acc_pt + 0.1, (acc_tf, acc_pt)
+    assert np.isfinite(acc_pt)

@@ -126,7 +126,7 @@ def test_tiny_training_is_deterministic_and_stores_threshold(tmp_path):
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(5)
     torch.save(nets.pdn_small().state_dict(), teacher)  # official layout: plain state_dict
-    cfg = TrainConfig(steps=1, aug_variants=1, val_fraction=0.5, seed=7)
+    cfg = TrainConfig(steps=1, val_fraction=0.5, seed=7)
     m1, meta1 = train_efficientad(paths, cfg, teacher_weights=teacher)
     m2, _ = train_efficientad(paths, cfg, teacher_weights=teacher)
     for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
@@ -156,17 +156,39 @@ def test_load_teacher_weights_validates(tmp_path):
         load_teacher_weights(m, bad)
 
 
-def test_distill_teacher_tiny(tmp_path):
-    from models.efficientad.distill import FeatureTarget, distill_teacher
-
-    _write_images(tmp_path / "imgs", 2)
+def test_distill_teacher_tiny_resumes_and_loads(tmp_path):
     from models.backbones import create_backbone
+    from models.efficientad.distill import DistillConfig, FeatureTarget, distill_teacher
 
-    ft = FeatureTarget(create_backbone("efficientnet_lite0", features_only=True, out_indices=(2, 3, 4)))
+    _write_images(tmp_path / "imgs", 6)
+    ft = FeatureTarget(create_backbone("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3)))
     assert ft(torch.zeros(1, 3, 512, 512)).shape == (1, 384, 56, 56)  # PDN grid, 384 channels
-    meta = distill_teacher(tmp_path / "imgs", tmp_path / "t.pth", steps=1, batch_size=2)
-    assert meta["steps"] == 1 and np.isfinite(meta["final_loss"])
-    load_teacher_weights(EfficientAD(), tmp_path / "t.pth")
+    out = tmp_path / "t.safetensors"
+    cfg = DistillConfig(steps=2, batch_size=2, held_out=1, stats_images=4, max_seconds=0.0, amp_bf16=False)
+    meta = distill_teacher(tmp_path / "imgs", out, cfg)  # budget 0: stops before the first step
+    assert meta["steps_done"] == 0 and not meta["complete"]
+    assert out.with_name(out.name + ".ckpt").is_file()
+    cfg.max_seconds = None
+    meta = distill_teacher(tmp_path / "imgs", out, cfg)  # resumes from the checkpoint and finishes
+    assert meta["steps_done"] == 2 and meta["complete"] and np.isfinite(meta["held_out_loss"])
+    assert meta["input_mean"] == [0.5, 0.5, 0.5]
+    prov = json.loads(out.with_suffix(".json").read_text())
+    assert prov["sha256"] == sha256_file(out) and prov["steps_done"] == 2
+    m = EfficientAD()
+    tmeta = load_teacher_weights(m, out)
+    assert tmeta["steps_done"] == 2 and m.input_mean == (0.5, 0.5, 0.5)
+
+
+def test_default_teacher_is_generic_and_pinned():
+    """The shipped teacher: distilled over the ImageNet sample (not a product), sha256-pinned, < 12 MB."""
+    from models.efficientad.model import DEFAULT_TEACHER
+
+    assert DEFAULT_TEACHER.is_file() and DEFAULT_TEACHER.stat().st_size < 8_000_000
+    m = EfficientAD()
+    meta = load_teacher_weights(m, DEFAULT_TEACHER)  # verifies the .sha256 sidecar first
+    assert "imagenet-sample" in meta["image_folder"] and meta["steps_done"] >= 1000
+    assert meta["config"]["backbone"] == "tf_efficientnet_lite0" and meta["config"]["out_indices"] == [2, 3]
+    assert m.input_mean == (0.5, 0.5, 0.5) and m.input_std == (0.5, 0.5, 0.5)
 
 
 def test_export_equals_eager_and_layout(tmp_path):
@@ -292,20 +314,32 @@ def test_local_difference_lands_at_its_image_position():
     assert np.all(w[rows > 55 + 40] == 0) and np.all(w[cols < 170 - 40] == 0)
 
 
-def test_bf16_cpu_schedule_and_step_callback(tmp_path):
-    """The CPU schedule's knobs: bf16 autocast training runs, the callback sees the step count, and the
-    wall budget stops the loop (with the x0.1 LR drop) before ``steps``."""
+def test_cpu_schedule_callback_budget_and_selection(tmp_path):
+    """Training knobs: the callback sees the step count, held-out CutPaste selection runs and records
+    its AUROC, the wall budget stops the loop before ``steps``; bf16 is off unless asked for."""
     paths = _write_images(tmp_path / "good", 3)
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(5)
     torch.save(nets.pdn_small().state_dict(), teacher)
     seen = []
-    cfg = TrainConfig(steps=2, aug_variants=1, val_fraction=0.34, seed=1, amp_bf16=True)
+    cfg = TrainConfig(steps=2, val_fraction=0.34, seed=1, select_every=1)
+    assert cfg.amp_bf16 is False
     m, meta = train_efficientad(paths, cfg, teacher_weights=teacher,
                                 callback=lambda step, model: seen.append((step, model.training)), callback_every=1)
     assert seen == [(1, True), (2, True)] and meta["steps_done"] == 2
+    assert [r["step"] for r in meta["selection"]] == [1, 2, 2] and meta["selected_step"] in (1, 2)
+    assert all(0.0 <= r["synthetic_auroc"] <= 1.0 for r in meta["selection"])
     assert np.isfinite(meta["history"][-1]["loss"]) and np.isfinite(meta["threshold"])
     assert meta["loop_seconds"] > 0 and not m.training
-    cfg = TrainConfig(steps=1000, aug_variants=0, val_fraction=0.34, seed=1, max_train_seconds=0.0)
+    cfg = TrainConfig(steps=1000, val_fraction=0.34, seed=1, max_train_seconds=0.0)
     _, meta = train_efficientad(paths, cfg, teacher_weights=teacher)
     assert meta["steps_done"] < 1000
+
+
+def test_autoencoder_input_is_augmented_afresh_every_step():
+    import random
+
+    img = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32) * 0.8
+    rng = random.Random(0)
+    outs = {round(float(np.abs(ae_augment(img, rng) - img).sum()), 6) for _ in range(20)}
+    assert len(outs) > 10  # a new jitter each call, not one cached variant

@@ -1,0 +1,301 @@
+"""Multi-product accuracy: EfficientAD per product and MoLE-Flow as one continual sequence.
+
+Products: every real inspection set available here. MVTec AD ``bottle`` (pixel masks) and ELPV
+solar ``cells`` (PyPI wheel ``elpv-dataset``, image-level labels: good = probability 0, defective >=
+0.5). Per product: image AUROC, pixel AUROC, AUPRO@30%, pixel AP (where masks exist), mean over
+products, MoLE-Flow routing accuracy, forgetting, bit-identity of earlier tasks, wall time and CPU
+ms/image (1 torch thread, batch 1, eager). Schedules and early stopping use held-out good images and
+CutPaste anomalies only; each test set is scored once, at the end.
+
+    .venv/bin/python benchmarks/accuracy.py                       # both detectors, generic teacher
+    .venv/bin/python benchmarks/accuracy.py --detectors efficientad --teacher frozen-lite0
+    .venv/bin/python benchmarks/accuracy.py --detectors moleflow --moleflow-grid 28 --tag _grid28
+
+Writes benchmarks/results/accuracy<tag>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models.data import (  # noqa: E402
+    data_root,
+    list_images,
+    load_image,
+    load_mask,
+    mvtec_category_dir,
+    mvtec_samples,
+    normalize,
+    split_train_val,
+)
+from models.evaluation import evaluate, write_results_json  # noqa: E402
+from models.moleflow.datasets import elpv_split  # noqa: E402
+
+WEIGHTS = data_root() / "weights" / "efficientnet-lite0-57934424.pth"
+
+
+@dataclass
+class Product:
+    name: str
+    train: list[Path]
+    test: list[Path]
+    labels: list[int]
+    defect_types: list[str]
+    mask_paths: list[Path | None] | None  # None: image-level labels only
+
+
+def products(elpv_train: int, elpv_test: int) -> list[Product]:
+    bottle = mvtec_category_dir("bottle")
+    samples = mvtec_samples(bottle, "test")
+    e_train, e_test = elpv_split(elpv_train, elpv_test, elpv_test)
+    return [
+        Product("bottle", list_images(bottle / "train" / "good"), [s.path for s in samples], [s.label for s in samples],
+                [s.defect_type for s in samples], [s.mask_path for s in samples]),
+        Product("cells", e_train, [p for p, _ in e_test], [lab for _, lab in e_test],
+                ["good" if lab == 0 else "defective" for _, lab in e_test], None),
+    ]
+
+
+def masks_for(p: Product, size: int) -> np.ndarray | None:
+    return None if p.mask_paths is None else np.stack([load_mask(m, size) for m in p.mask_paths])
+
+
+def cpu_ms_per_image(fn, xs: torch.Tensor) -> float:
+    torch.set_num_threads(1)
+    fn(xs[:1])
+    t = time.perf_counter()
+    for i in range(len(xs)):
+        fn(xs[i:i + 1])
+    return (time.perf_counter() - t) * 1000 / len(xs)
+
+
+def summarize(res: dict) -> dict:
+    o = res["overall"]
+    return {k: o.get(k) for k in ("image_auroc", "pixel_auroc", "aupro_30", "pixel_ap")}
+
+
+# ---------------------------------------------------------------- EfficientAD
+def run_efficientad(prods: list[Product], args) -> dict:
+    from models.efficientad.distill import FeatureTarget, FrozenFeatureTeacher
+    from models.efficientad.model import DEFAULT_TEACHER
+    from models.efficientad.train import TrainConfig, predict, train_efficientad
+
+    out = {}
+    for p in prods:
+        torch.set_num_threads(args.threads)
+        t0 = time.time()
+        teacher_mod = None
+        if args.teacher == "frozen-lite0":
+            from models.backbones import create_backbone
+
+            teacher_mod = FrozenFeatureTeacher(FeatureTarget(
+                create_backbone("tf_efficientnet_lite0", WEIGHTS, features_only=True, out_indices=(2, 3))))
+        cfg = TrainConfig(steps=args.efficientad_steps, lr=args.efficientad_lr, seed=0,
+                          max_train_seconds=args.efficientad_seconds, select_every=args.select_every,
+                          penalty_dir=str(data_root() / "imagenet-sample") if args.penalty else None)
+        model, meta = train_efficientad(p.train, cfg, teacher_weights=DEFAULT_TEACHER, teacher=teacher_mod)
+        if teacher_mod is not None:  # the frozen backbone takes ImageNet-style 0.5/0.5 inputs too
+            model.input_mean = model.input_std = (0.5, 0.5, 0.5)
+        train_s = time.time() - t0
+        x = torch.stack([normalize(load_image(q, 256), model.input_mean, model.input_std) for q in p.test])
+        maps, scores = predict(model, x)
+        res = evaluate(scores.numpy(), p.labels, p.defect_types, maps=maps[:, 0].numpy(), masks=masks_for(p, 256))
+        out[p.name] = {"metrics": summarize(res), "per_defect": {k: v.get("image_auroc") for k, v in res["per_defect"].items()},
+                       "steps_done": meta["steps_done"], "selected_step": meta["selected_step"],
+                       "selection_synthetic_auroc": meta["selection"], "train_seconds": round(train_s, 1),
+                       "cpu_ms_per_image": cpu_ms_per_image(lambda b, m=model: predict(m, b), x[:8]),
+                       "n_train": len(p.train), "n_test": len(p.test)}
+        print(f"efficientad {p.name}: {out[p.name]['metrics']} steps={meta['steps_done']} "
+              f"selected={meta['selected_step']} {train_s:.0f}s", flush=True)
+    teacher_desc = ("frozen tf_efficientnet_lite0 layers 2+3 (PatchCore aggregation) as the teacher"
+                    if args.teacher == "frozen-lite0" else
+                    f"generic PDN teacher {DEFAULT_TEACHER.name} (distilled over imagenet-sample)")
+    return {"teacher": teacher_desc, "teacher_sha256": _sha(DEFAULT_TEACHER) if args.teacher == "generic" else None,
+            "schedule": {"steps": args.efficientad_steps, "seconds": args.efficientad_seconds, "lr": args.efficientad_lr,
+                         "select_every": args.select_every, "penalty": args.penalty},
+            "per_product": out, "mean": _mean([v["metrics"] for v in out.values()])}
+
+
+# ---------------------------------------------------------------- MoLE-Flow
+def run_moleflow(prods: list[Product], args) -> dict:
+    from models.moleflow.evaluate import TaskTestSet, evaluate_task, forgetting_bwt
+    from models.moleflow.model import MoLEFlow, MoLEFlowConfig
+    from models.moleflow.train import TrainConfig, extract_features, load_images, train_task
+
+    torch.set_num_threads(args.threads)
+    cfg = MoLEFlowConfig(grid=args.moleflow_grid, dim=args.moleflow_dim, subnet_hidden=args.moleflow_hidden,
+                         lora_rank=args.moleflow_rank, lora_alpha=float(args.moleflow_rank))
+    model = MoLEFlow(cfg, backbone_weights=WEIGHTS)
+    S = cfg.image_size
+    norm = cfg.input_normalization()
+    sets, feats, held = [], [], []
+    t0 = time.time()
+    for p in prods:
+        fit, hold = split_train_val(sorted(p.train), 0.1, 0)
+        feats.append((fit, extract_features(model, fit, desc=f"{p.name} train")))
+        held.append((hold, synthetic_set(model, p.name, hold, norm)))
+        x = load_images(p.test, S, *norm)
+        pt, it = extract_features(model, x, desc=f"{p.name} test")
+        sets.append(TaskTestSet(p.name, pt, it, p.labels, p.defect_types, masks=masks_for(p, S)))
+    feat_s = time.time() - t0
+    tcfg = TrainConfig(epochs=args.moleflow_epochs, progress=False)
+    matrix, metas, before = [], [], {}
+    final = {}
+    for i, p in enumerate(prods):
+        metas.append(train_task(model, p.name, feats[i][0], tcfg, features=feats[i][1], calibration_images=held[i][0]))
+        final = {ts.task: evaluate_task(model, ts) for ts in sets[: i + 1]}
+        matrix.append([final[ts.task]["routed"]["overall"]["image_auroc"] if j <= i else float("nan")
+                       for j, ts in enumerate(sets)])
+        before[p.name] = model.predict_features(sets[i].patch, sets[i].image, [p.name] * len(sets[i].labels))["score"]
+    identical = {t: bool(torch.equal(model.predict_features(ts.patch, ts.image, [t] * len(ts.labels))["score"], before[t]))
+                 for t, ts in ((ts.task, ts) for ts in sets)}
+    fb = forgetting_bwt(matrix)
+    x = load_images(prods[0].test[:4] + prods[-1].test[:4], S, *norm)
+    per = {t: {"metrics": summarize(r["routed"]), "oracle": summarize(r["oracle"]), "routing_accuracy": r["routing_accuracy"],
+               "per_defect": {k: v.get("image_auroc") for k, v in r["routed"]["per_defect"].items()},
+               "held_out_cutpaste_image_auroc": evaluate_task(model, held[k][1])["oracle"]["overall"]["image_auroc"]}
+           for k, (t, r) in enumerate(final.items())}
+    return {"config": cfg.to_dict(), "train_config": metas[0]["train_config"],
+            "accuracy_matrix_image_auroc": matrix, "forgetting": fb["forgetting"], "bwt": fb["bwt"],
+            "earlier_tasks_bit_identical": identical,
+            "routing_accuracy": float(np.mean([r["routing_accuracy"] for r in final.values()])),
+            "per_product": per, "mean": _mean([v["metrics"] for v in per.values()]),
+            "epochs": {m["task"]: m["epochs"] for m in metas},
+            "train_seconds": {m["task"]: m["train_seconds"] for m in metas}, "feature_seconds": round(feat_s, 1),
+            "cpu_ms_per_image": cpu_ms_per_image(lambda b: model.predict(b), x)}
+
+
+def synthetic_set(model, task: str, good: list[Path], norm):
+    """Held-out good images of ``task`` and their CutPaste copies as a labelled selection set."""
+    import random
+
+    from models.moleflow.evaluate import TaskTestSet
+    from models.moleflow.train import extract_features
+    from models.synthetic import cut_paste
+
+    rng = random.Random(1)
+    S = model.cfg.image_size
+    raw = [load_image(q, S) for q in good]
+    imgs = raw + [cut_paste(im, rng)[0] for im in raw]
+    x = torch.stack([normalize(im, *norm) for im in imgs])
+    pt, it = extract_features(model, x, progress=False)
+    return TaskTestSet(task, pt, it, [0] * len(raw) + [1] * len(raw), ["good"] * len(raw) + ["cutpaste"] * len(raw))
+
+
+def _mean(rows: list[dict]) -> dict:
+    keys = rows[0].keys() if rows else []
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None and np.isfinite(r[k])]
+        out[k] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _sha(path: Path) -> str | None:
+    from models.artifacts import sha256_file
+
+    return sha256_file(path) if path.is_file() else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "models", "benchmarks/accuracy.py"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+uncommitted" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["image_auroc", "pixel_auroc", "aupro_30", "pixel_ap"]
+    dets = [d for d in ("efficientad", "moleflow") if d in result]
+    fig, axes = plt.subplots(1, max(1, len(dets)), figsize=(6 * max(1, len(dets)), 4), squeeze=False)
+    for ax, d in zip(axes[0], dets, strict=False):
+        per = result[d]["per_product"]
+        names = list(per)
+        w = 0.8 / len(metrics)
+        for k, m in enumerate(metrics):
+            vals = [per[n]["metrics"].get(m) or 0.0 for n in names]
+            ax.bar(np.arange(len(names)) + k * w, vals, w, label=m)
+        ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(d)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"linewatch accuracy ({result['commit']}, {result['machine']['cpu']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--detectors", nargs="+", choices=["efficientad", "moleflow"], default=["efficientad", "moleflow"])
+    ap.add_argument("--teacher", choices=["generic", "frozen-lite0"], default="generic")
+    ap.add_argument("--efficientad-steps", type=int, default=70_000)
+    ap.add_argument("--efficientad-seconds", type=float, default=1500.0, help="wall budget per product (CPU)")
+    ap.add_argument("--efficientad-lr", type=float, default=1e-4)
+    ap.add_argument("--select-every", type=int, default=250, help="CutPaste selection every N steps (0: off)")
+    ap.add_argument("--penalty", action=argparse.BooleanOptionalAction, default=True,
+                    help="pretraining penalty on the ImageNet sample")
+    ap.add_argument("--moleflow-grid", type=int, choices=[14, 28], default=14)
+    ap.add_argument("--moleflow-dim", type=int, default=None, help="default: backbone channels (152)")
+    ap.add_argument("--moleflow-hidden", type=int, default=128)
+    ap.add_argument("--moleflow-rank", type=int, default=32)
+    ap.add_argument("--moleflow-epochs", type=int, default=30)
+    ap.add_argument("--elpv-train", type=int, default=150)
+    ap.add_argument("--elpv-test", type=int, default=60, help="good and defective cells each")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    prods = products(args.elpv_train, args.elpv_test)
+    result: dict = {"commit": _commit(), "command": " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])]),
+                    "machine": {"cpu": _cpu_model(), "threads": args.threads,
+                                "note": "2 shared CPU cores, no GPU"},
+                    "weights": {"backbone": str(WEIGHTS), "backbone_sha256": _sha(WEIGHTS)},
+                    "data": {p.name: {"train": len(p.train), "test": len(p.test), "masks": p.mask_paths is not None}
+                             for p in prods}}
+    if "efficientad" in args.detectors:
+        result["efficientad"] = run_efficientad(prods, args)
+    if "moleflow" in args.detectors:
+        result["moleflow"] = run_moleflow(prods, args)
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    out = Path(args.out_dir) / f"accuracy{args.tag}.json"
+    write_results_json(result, out)
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({d: result[d]["mean"] for d in ("efficientad", "moleflow") if d in result}), f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
