@@ -105,6 +105,7 @@ def run_efficientad(prods: list[Product], args) -> dict:
                 create_backbone("tf_efficientnet_lite0", WEIGHTS, features_only=True, out_indices=(2, 3))))
         cfg = TrainConfig(steps=args.efficientad_steps, lr=args.efficientad_lr, seed=0,
                           max_train_seconds=args.efficientad_seconds, select_every=args.select_every,
+                          amp_bf16=args.amp_bf16,
                           penalty_dir=str(data_root() / "imagenet-sample") if args.penalty else None)
         model, meta = train_efficientad(p.train, cfg, teacher_weights=DEFAULT_TEACHER, teacher=teacher_mod)
         if teacher_mod is not None:  # the frozen backbone takes ImageNet-style 0.5/0.5 inputs too
@@ -125,6 +126,7 @@ def run_efficientad(prods: list[Product], args) -> dict:
                     f"generic PDN teacher {DEFAULT_TEACHER.name} (distilled over imagenet-sample)")
     return {"teacher": teacher_desc, "teacher_sha256": _sha(DEFAULT_TEACHER) if args.teacher == "generic" else None,
             "schedule": {"steps": args.efficientad_steps, "seconds": args.efficientad_seconds, "lr": args.efficientad_lr,
+                         "amp_bf16": args.amp_bf16,
                          "select_every": args.select_every, "penalty": args.penalty},
             "per_product": out, "mean": _mean([v["metrics"] for v in out.values()])}
 
@@ -264,6 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--efficientad-seconds", type=float, default=1500.0, help="wall budget per product (CPU)")
     ap.add_argument("--efficientad-lr", type=float, default=1e-4)
     ap.add_argument("--select-every", type=int, default=250, help="CutPaste selection every N steps (0: off)")
+    ap.add_argument("--amp-bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast in the EfficientAD step loop (default: only where the CPU has native bf16)")
+    ap.add_argument("--products", nargs="+", choices=["bottle", "cells"], default=["bottle", "cells"])
     ap.add_argument("--penalty", action=argparse.BooleanOptionalAction, default=True,
                     help="pretraining penalty on the ImageNet sample")
     ap.add_argument("--moleflow-grid", type=int, choices=[14, 28], default=14)
@@ -277,8 +282,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if args.amp_bf16 is None:
+        from models.precision import native_bf16
+
+        args.amp_bf16 = native_bf16()
     t0 = time.time()
-    prods = products(args.elpv_train, args.elpv_test)
+    prods = [p for p in products(args.elpv_train, args.elpv_test) if p.name in args.products]
     result: dict = {"commit": _commit(), "command": " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])]),
                     "machine": {"cpu": _cpu_model(), "threads": args.threads,
                                 "note": "2 shared CPU cores, no GPU"},

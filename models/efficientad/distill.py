@@ -23,6 +23,7 @@ weight decay 1e-5; 60,000 steps at batch 16. Here:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,10 +157,13 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr * 0.01)
     state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0}
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file, written below
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         teacher.load_state_dict(ck["teacher"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
+        if sched.T_max != cfg.steps:  # a resumed run may shorten or extend the plan: re-aim the cosine
+            log.info("distill_schedule_changed", old_steps=sched.T_max, steps=cfg.steps)
+            sched.T_max = cfg.steps
         state = ck["state"]
         t_mean, t_std = ck["t_mean"], ck["t_std"]
         torch.set_rng_state(ck["rng"])
@@ -233,6 +237,8 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
     train_losses = [h["loss"] for h in state["history"] if "loss" in h]
     meta = {
         "format": TEACHER_FORMAT,
+        "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)),
+        "torch": torch.__version__,
         "config": {**asdict(cfg), "out_indices": list(cfg.out_indices)},
         "input_mean": list(mean),
         "input_std": list(std),

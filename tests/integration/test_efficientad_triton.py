@@ -23,7 +23,7 @@ def test_efficientad_served_by_triton_matches_eager(local_stack, shared_data, tm
     torch.manual_seed(0)
     teacher = tmp_path / "teacher_small.pth"
     torch.save(pdn_small().state_dict(), teacher)  # official teacher_small.pth layout
-    cfg = TrainConfig(steps=3, aug_variants=1, val_fraction=0.4, seed=0)
+    cfg = TrainConfig(steps=3, val_fraction=0.4, seed=0)
     model, meta = train_efficientad(list_images(cat / "train" / "good")[:5], cfg, teacher_weights=teacher)
     vdir = export_triton(model, local_stack.model_repository, "bottle", threshold=meta["threshold"],
                          map_threshold=meta["map_threshold"])
@@ -33,8 +33,10 @@ def test_efficientad_served_by_triton_matches_eager(local_stack, shared_data, tm
     assert client.is_model_ready(name, str(vdir.name))
     spec = json.loads(client.get_model_config(name, as_json=True)["config"]["parameters"]["linewatch_spec"]["string_value"])
     assert spec["threshold"] == pytest.approx(meta["threshold"]) and spec["artifacts"]["model.pt"]
+    # an official-layout teacher takes ImageNet-normalised inputs; the spec tells the worker so
+    assert spec["input"]["mean"] == pytest.approx(list(model.input_mean)) == pytest.approx([0.485, 0.456, 0.406])
 
-    ds = MVTecDataset(cat, "test", 256)
+    ds = MVTecDataset(cat, "test", 256, mean=model.input_mean, std=model.input_std)
     x = torch.stack([ds[0]["image"], ds[len(ds) - 1]["image"]])  # one defective, one good image
     with torch.no_grad():
         amap, score = model(x)

@@ -1,9 +1,10 @@
 """End-to-end: real Tansu broker + real tritonserver (``local_stack``) + a real exported detector +
 the Faust worker as a subprocess. No mocks.
 
-The detector is the first of: ``$LINEWATCH_IT_MODEL_DIR`` (an exported Triton model dir),
-``triton_repo/moleflow``, ``triton_repo/efficientad_bottle``; else a tiny-schedule MoLE-Flow /
-EfficientAD is trained + exported through the models CLI (subprocess) into a temp dir.
+The detector is ``$LINEWATCH_IT_MODEL_DIR`` (an exported Triton model dir) when set; else a
+tiny-schedule EfficientAD is trained + exported through the models CLI (subprocess) into this
+session's temporary directory. Nothing the repo's ``triton_repo/`` or an earlier command (``make
+demo``) left behind is ever read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stream.demo import REPO_ROOT, WorkerProcess, data_dir, load_model, model_ready
+from stream.demo import WorkerProcess, data_dir, load_model, model_ready
 from stream.envelope import (
     Frame,
     decode_defect_event,
@@ -39,28 +40,20 @@ pytestmark = pytest.mark.integration
 BOTTLE_TEST = data_dir() / "mvtec" / "bottle" / "test"
 
 
-def _tiny_train() -> Path | None:
-    """Train + export a tiny-schedule detector via the models CLI (subprocess: stream has no torch).
+def _tiny_train(work: Path) -> Path:
+    """Train + export a tiny-schedule detector via the models CLI (subprocess: stream has no torch)."""
+    from stream.demo import _models_cli  # noqa: PLC0415
 
-    Cached under .stack/it-model (gitignored) so only the first run pays for it (~1 min on 2 CPU cores)."""
-    from stream.demo import _has_verb, _models_cli  # noqa: PLC0415
-
-    repo = REPO_ROOT / ".stack" / "it-model"
-    for name in ("moleflow", "efficientad_bottle"):
-        if model_ready(repo, name):
-            return repo / name
     cli = _models_cli()
-    art = repo.parent / "it-model-artifacts"
+    repo, art = work / "repo", work / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
     good = data_dir() / "mvtec" / "bottle" / "train" / "good"
-    if _has_verb("efficientad", "train") and _has_verb("efficientad", "export"):
-        # random teacher (the models CLI's "tests only" mode): the pipeline test needs a real export, not accuracy
-        subprocess.run([*cli, "efficientad", "train", "--train-dir", str(good), "--out", str(art / "s.pt"),
-                        "--steps", "3", "--max-train-images", "8"], check=True, timeout=600)
-        subprocess.run([*cli, "efficientad", "export", "--checkpoint", str(art / "s.pt"), "--repository", str(repo),
-                        "--product", "bottle"], check=True, timeout=600)
-        return repo / "efficientad_bottle"
-    return None
+    # the pipeline test needs a real export, not accuracy: 3 steps on 8 images with the shipped teacher
+    subprocess.run([*cli, "efficientad", "train", "--train-dir", str(good), "--out", str(art / "s.pt"),
+                    "--steps", "3", "--max-train-images", "8"], check=True, timeout=600)
+    subprocess.run([*cli, "efficientad", "export", "--checkpoint", str(art / "s.pt"), "--repository", str(repo),
+                    "--product", "bottle"], check=True, timeout=600)
+    return repo / "efficientad_bottle"
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +68,10 @@ def stack(request):
 @pytest.fixture(scope="module")
 def detector(stack, tmp_path_factory):
     """(model name, spec-free) loaded in the stack's Triton."""
-    src = None
     env = os.environ.get("LINEWATCH_IT_MODEL_DIR")
-    cands = [Path(env)] if env else []
-    cands += [REPO_ROOT / "triton_repo" / "moleflow", REPO_ROOT / "triton_repo" / "efficientad_bottle"]
-    for c in cands:
-        if model_ready(c.parent, c.name):
-            src = c
-            break
-    if src is None:
-        src = _tiny_train()
-    if src is None:
-        pytest.skip("no exported detector (triton_repo/moleflow or efficientad_bottle) and no models CLI to train one")
+    if env and not model_ready(Path(env).parent, Path(env).name):
+        pytest.fail(f"LINEWATCH_IT_MODEL_DIR={env} is not an exported Triton model directory")
+    src = Path(env) if env else _tiny_train(tmp_path_factory.mktemp("it-model"))
     dst = Path(stack.model_repository) / src.name
     if dst.resolve() != src.resolve():
         if dst.exists():

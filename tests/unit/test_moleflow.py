@@ -217,3 +217,53 @@ def test_serving_execute_mixed_batch(tiny_pair, tmp_path):
     # a second export is a new version carrying the same adapters
     v2 = export_triton(tmp_path / "store", tmp_path / "repo", "moleflow")
     assert v2.name == "2" and (v2 / "adapters/a/adapter.safetensors").is_file()
+
+
+def test_main_input_path_has_no_learned_parameters():
+    """MoLE-Flow paper, Patch Maker + eq. 2: F' = pooled backbone patches + P; the learned projection
+    only feeds the additive scale context. With that context zeroed, embed() is exactly F + P."""
+    torch.manual_seed(0)
+    m = MoLEFlow(MoLEFlowConfig(**{**TINY, "dim": None}))
+    assert m.cfg.dim == m.feat_channels == 152  # tf_efficientnet_lite0 stages 2+3: 40 + 112 channels
+    patch, _ = m.extract(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        for p in list(m.proj.parameters()) + list(m.scale_ctx.parameters()):
+            p.zero_()
+        f = m.embed(patch)
+    torch.testing.assert_close(f, patch.permute(0, 2, 3, 1) + m.pos)
+    small = MoLEFlow(MoLEFlowConfig(**TINY))  # D=16 < 152: parameter-free channel average pooling
+    with torch.no_grad():
+        for p in list(small.proj.parameters()) + list(small.scale_ctx.parameters()):
+            p.zero_()
+        pooled = torch.nn.functional.adaptive_avg_pool1d(patch.permute(0, 2, 3, 1).reshape(-1, 1, 152), 16)
+        torch.testing.assert_close(small.embed(patch), pooled.reshape(2, *patch.shape[-2:], 16) + small.pos)
+
+
+def test_grid_28_keeps_stride8_resolution():
+    m = MoLEFlow(MoLEFlowConfig(**{**TINY, "grid": 28, "image_size": 224}))
+    patch, image = m.extract(torch.randn(1, 3, 224, 224))
+    assert patch.shape == (1, 152, 28, 28) and image.shape == (1, 152)
+    m.add_task("a")
+    nll, ld = m.patch_nll(patch, "a")
+    assert nll.shape == ld.shape == (1, 28, 28)
+
+
+def test_regularisers_at_the_papers_strength():
+    """Log-det regulariser lambda * mean(logdet^2) and identity regulariser in nats (the paper's units);
+    the training step divides the whole sum by D once."""
+    from models.moleflow.train import identity_loss, tail_aware_loss
+
+    cfg = TrainConfig(tail_weight=0.5, tail_top=0.05, logdet_reg=1e-4)
+    nll = torch.zeros(2, 4, 4)
+    ld = torch.full((2, 4, 4), 30.0)
+    assert float(tail_aware_loss(nll, ld, cfg)) == pytest.approx(1e-4 * 900.0)
+    nll = torch.arange(32, dtype=torch.float32).reshape(2, 4, 4)
+    top = torch.tensor([15.0, 31.0]).mean()  # top 5% of 16 patches = 1 per image
+    expect = 0.5 * nll.mean() + 0.5 * top
+    assert float(tail_aware_loss(nll, torch.zeros_like(nll), cfg)) == pytest.approx(float(expect))
+    m = MoLEFlow(MoLEFlowConfig(**TINY))
+    m.add_task("a")
+    assert float(identity_loss(m, "a")) == pytest.approx(0.0, abs=1e-3)  # gamma ~ 1, beta = 0 at init
+    with torch.no_grad():
+        m.wa_beta["a"].fill_(10.0)  # beta -> 2
+    assert float(identity_loss(m, "a")) == pytest.approx(4.0, abs=1e-3)
