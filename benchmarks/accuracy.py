@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--products", nargs="+", choices=["bottle", "cells"], default=["bottle", "cells"])
     ap.add_argument("--penalty", action=argparse.BooleanOptionalAction, default=True,
                     help="pretraining penalty on the ImageNet sample")
-    ap.add_argument("--moleflow-grid", type=int, choices=[14, 28], default=14)
+    ap.add_argument("--moleflow-grid", type=int, choices=[14, 28], default=28)
     ap.add_argument("--moleflow-dim", type=int, default=None, help="default: backbone channels (152)")
     ap.add_argument("--moleflow-hidden", type=int, default=128)
     ap.add_argument("--moleflow-rank", type=int, default=32)

@@ -88,7 +88,7 @@ def cmd_train_task(args) -> int:
             print(f"task {args.task}: already in {out} (kept; tasks are immutable, use a new name to retrain)")
             return 0
     else:
-        cfg = MoLEFlowConfig(backbone=args.backbone, dim=args.dim, grid=args.grid,
+        cfg = MoLEFlowConfig(backbone=args.backbone, dim=args.dim, grid=args.grid or (14 if quick else 28),
                              subnet_hidden=args.hidden or (128 if quick else 256),
                              lora_rank=args.rank or (32 if quick else 64), seed=args.seed)
         cfg.lora_alpha = float(cfg.lora_rank)
@@ -225,7 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--random-backbone", action="store_true", help="random backbone weights (tests)")
     t.add_argument("--dim", type=_positive, default=None,
                    help="D (default: the backbone's channels, no channel pooling; new store only)")
-    t.add_argument("--grid", type=int, choices=[14, 28], default=14, help="patch grid (new store only)")
+    t.add_argument("--grid", type=int, choices=[14, 28], default=None,
+                   help="patch grid, new store only (default 28, the stride-8 resolution; 14 with --quick)")
     t.add_argument("--hidden", type=_positive, default=None, help="coupling subnet width (default 256; 128 --quick)")
     t.add_argument("--rank", type=_positive, default=None)
     t.add_argument("--epochs", type=_positive, default=None, help="default 60 (10 with --quick)")
@@ -233,7 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=_positive, default=16)
     t.add_argument("--max-images", type=_positive, default=None)
     t.add_argument("--time-budget-s", type=float, default=None, help="cap training time (fewer epochs)")
-    t.add_argument("--quick", action="store_true", help="short CPU schedule: hidden 128, r=32, 10 epochs, <=120 images")
+    t.add_argument("--quick", action="store_true", help="short CPU schedule: grid 14, hidden 128, r=32, 10 epochs, <=120 images")
     t.add_argument("--threads", type=_positive, default=1, help="torch threads (1: no OpenMP stalls on shared cores)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_one_line(cmd_train_task))

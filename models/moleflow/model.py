@@ -45,7 +45,7 @@ class MoLEFlowConfig:
     backbone: str = "tf_efficientnet_lite0"
     out_indices: tuple[int, ...] = (2, 3)  # stride 8 + 16 feature maps (the paper's layer2 + layer3)
     image_size: int = 224
-    grid: int = 14  # 14x14 patches; 28 keeps the stride-8 layer's resolution (224 input)
+    grid: int = 28  # MoLE-Flow paper: the layer-2 (stride 8) resolution, 28x28 at 224; 14 halves it (CPU quick)
     dim: int | None = None  # D; None = the backbone's channel count (40 + 112 = 152 for Lite0 2+3)
     coupling_layers: int = 8  # M = 8 (seed 002 defaults table)
     subnet_hidden: int = 256

@@ -46,7 +46,7 @@ def _check(out, eager):
 def test_moleflow_served_by_triton_and_adapter_rollout_without_restart(local_stack, shared_data, tmp_path):
     torch.set_num_threads(1)
     weights = shared_data / "weights" / "efficientnet-lite0-57934424.pth"
-    cfg = MoLEFlowConfig(dim=32, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, coupling_layers=2, dia_blocks=2)
+    cfg = MoLEFlowConfig(grid=14, dim=32, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, coupling_layers=2, dia_blocks=2)
     model = MoLEFlow(cfg, backbone_weights=weights)
     bottle = shared_data / "mvtec" / "bottle"
     tcfg = TrainConfig(epochs=2, batch_size=4, progress=False)

@@ -13,7 +13,7 @@ from models.moleflow.model import MoLEFlow, MoLEFlowConfig
 from models.moleflow.store import ArtifactError, list_adapters, load_model, save_model
 from models.moleflow.train import TrainConfig, train_task
 
-TINY = dict(dim=16, subnet_hidden=16, lora_rank=4, lora_alpha=4.0, coupling_layers=2, dia_blocks=2, image_size=64)
+TINY = dict(grid=14, dim=16, subnet_hidden=16, lora_rank=4, lora_alpha=4.0, coupling_layers=2, dia_blocks=2, image_size=64)
 
 
 def _perturb(model: MoLEFlow, task: str, scale: float = 0.3) -> None:
