@@ -122,3 +122,18 @@ def test_entrypoints():
 def test_pyproject_scripts_match_entrypoints():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"linewatch", "linewatch-models"} <= set(scripts)
+
+
+def test_wheel_ships_the_generic_teacher(tmp_path):
+    """The train and Triton images run a non-editable ``pip install .``: the built wheel must carry
+    the committed EfficientAD teacher with its sha256 sidecar and provenance."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("linewatch-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    stem = "models/efficientad/weights/teacher_small_lite0_imagenet"
+    assert {f"{stem}.safetensors", f"{stem}.safetensors.sha256", f"{stem}.json"} <= names
