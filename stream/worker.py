@@ -125,7 +125,7 @@ def limit_fetch_wait(ms: int) -> None:
 
 
 def apply_dev_broker_workarounds() -> None:
-    """Tansu quirks (DESIGN §6): aiokafka LeaveGroup for generation 0 (stream.kafka_compat)."""
+    """Tansu quirks: aiokafka LeaveGroup for generation 0 (stream.kafka_compat)."""
     from stream.kafka_compat import apply_dev_broker_workarounds as apply  # noqa: PLC0415
 
     if apply():
@@ -342,7 +342,7 @@ def build_app(cfg: WorkerConfig):
     )
     if cfg.broker_credentials is not None:  # TLS / SASL (stream.config.faust_broker_credentials)
         app_kw["broker_credentials"] = cfg.broker_credentials
-    if cfg.dev_broker:  # DESIGN §6: short joins; single-record batches where end offsets matter
+    if cfg.dev_broker:  # embedded Tansu broker: short joins; single-record batches where end offsets matter
         app_kw.update(broker_session_timeout=6, broker_heartbeat_interval=1, producer_max_batch_size=1,
                       broker_rebalance_timeout=6)
     app = faust.App(cfg.app_id, **app_kw)

@@ -9,7 +9,7 @@ Layouts are ``nn.Sequential`` with the same indices as the official reference im
 * PDN-M keys: ``0.*`` (256x3x4x4), ``3.*`` (512x256x4x4), ``6.*`` (512x512x1x1),
   ``8.*`` (512x512x3x3), ``10.*`` (384x512x4x4), ``12.*`` (384x384x1x1).
 
-``padding=False`` (DESIGN §6, default) drops the table's paddings: a 256x256 input gives a 56x56
+``padding=False`` (default; the official PDN and anomalib train without padding) drops the table's paddings: a 256x256 input gives a 56x56
 feature map, the autoencoder's output size; maps are padded by 4 and upsampled to the input later.
 """
 

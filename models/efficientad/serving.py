@@ -1,6 +1,6 @@
 """Triton Python-backend model for EfficientAD (thin ``model.py`` files subclass this).
 
-``initialize``: torch.set_num_threads(1) (DESIGN §6), read ``metadata.json`` of the version dir,
+``initialize``: torch.set_num_threads(1) (2 threads per instance on a small node spiked latency), read ``metadata.json`` of the version dir,
 verify the sha256 of every artifact, ``torch.jit.load`` the TorchScript module.
 ``execute``: concatenates the ``image`` inputs of all requests of the dynamic batch, one forward
 pass, splits ``anomaly_map`` [n,1,H,W] and ``score`` [n,1] back per request.

@@ -47,17 +47,17 @@ class MoLEFlowConfig:
     image_size: int = 224
     grid: int = 28  # MoLE-Flow paper: the layer-2 (stride 8) resolution, 28x28 at 224; 14 halves it (CPU quick)
     dim: int | None = None  # D; None = the backbone's channel count (40 + 112 = 152 for Lite0 2+3)
-    coupling_layers: int = 8  # M = 8 (seed 002 defaults table)
+    coupling_layers: int = 8  # M = 8 (MoLE-Flow paper, defaults table)
     subnet_hidden: int = 256
     lora_rank: int = 64  # r = 64, alpha = r -> scaling 1 (§3.4.1)
     lora_alpha: float = 64.0
-    dia_blocks: int = 6  # N = 6 (seed 004 Ultimate-Combo2)
+    dia_blocks: int = 6  # N = 6 (MoLE-Flow paper, best ablation setting)
     clamp: float = 1.9  # alpha_clamp (§3.4.3)
     scale_kernel: int = 3  # scale context kernel 3 (Ultimate-Combo2)
     spatial_kernel: int = 3  # spatial context mixer kernel (§3.3.2)
     ctx_alpha_max: float = 1.0  # MoLEContextSubnet ctx gate: alpha = alpha_max * sigmoid(theta)
-    top_k: int = 10  # image score = mean of top-K patch NLLs (seed 003 eq. 26-28; seed 004 §3.7 k=10)
-    router_reg: float = 1e-5  # lambda_reg on the covariance diagonal (seed 002 table)
+    top_k: int = 10  # image score = mean of top-K patch NLLs (MoLE-Flow paper eq. 26-28, k=10)
+    router_reg: float = 1e-5  # lambda_reg on the covariance diagonal (MoLE-Flow paper, defaults table)
     seed: int = 0
 
     def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -86,7 +86,7 @@ class TaskSwitch:
 
 
 def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
-    """2D sin-cos positional encoding P in R^{H x W x D} (seed 002 §3.2.2: F' = F + P)."""
+    """2D sin-cos positional encoding P in R^{H x W x D} (MoLE-Flow paper, Method §3.2.2: F' = F + P)."""
     if dim % 4:
         raise ValueError(f"dim must be divisible by 4 for 2D sin-cos PE, got {dim}")
     q = dim // 4
@@ -99,7 +99,7 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
 
 
 class LoRALinear(nn.Module):
-    """h(x) = W_base x + b_base + (alpha/r) B_t A_t x + b_t (seed 002 §3.4.1 LoRALinear)."""
+    """h(x) = W_base x + b_base + (alpha/r) B_t A_t x + b_t (MoLE-Flow paper, Method §3.4.1 LoRALinear)."""
 
     def __init__(self, in_f: int, out_f: int, rank: int, alpha: float, switch: TaskSwitch, zero_base: bool = False):
         super().__init__()
@@ -115,7 +115,7 @@ class LoRALinear(nn.Module):
         self._switch = switch
 
     def add_task(self, name: str, gen: torch.Generator) -> None:
-        # A ~ N(0, 1/r), B = 0 (seed 002 notation table) -> the adapter starts as the identity on the base
+        # A ~ N(0, 1/r), B = 0 (MoLE-Flow paper, notation) -> the adapter starts as the identity on the base
         self.lora_A[name] = nn.Parameter(torch.randn(self.rank, self.in_f, generator=gen) / math.sqrt(self.rank))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_f, self.rank))
         self.lora_bias[name] = nn.Parameter(torch.zeros(self.out_f))
@@ -129,7 +129,7 @@ class LoRALinear(nn.Module):
 
 
 class SoftClamp:
-    """FrEIA clamp activation so that s~ = clamp * tanh(s / clamp) (seed 002 §3.5.1 soft clamping)."""
+    """FrEIA clamp activation so that s~ = clamp * tanh(s / clamp) (MoLE-Flow paper, Method §3.5.1 soft clamping)."""
 
     def __init__(self, clamp: float):
         self.clamp = clamp
@@ -151,7 +151,7 @@ def _coupling_stack(dim: int, n: int, subnet, clamp: float, seed: int) -> Sequen
 
 
 class MoLEContextSubnet(nn.Module):
-    """Coupling subnet: s-net sees [x; ctx], t-net sees x (seed 002 §3.4.1).
+    """Coupling subnet: s-net sees [x; ctx], t-net sees x (MoLE-Flow paper, Method §3.4.1).
 
     Rows arrive ordered (B, H, W); the 1D input is reshaped to the patch grid for the 3x3
     depthwise context conv. ctx only depends on the passive half, so the coupling stays invertible
@@ -261,7 +261,7 @@ class MoLEFlow(nn.Module):
         idx = len(self.tasks)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + idx + 1)
         D = self.cfg.dim
-        if self.tasks:  # later tasks start from task 0's whitening (seed 002 §3.3.1 init)
+        if self.tasks:  # later tasks start from task 0's whitening (MoLE-Flow paper, Method §3.3.1 init)
             t0 = self.tasks[0]
             g_raw = self.wa_gamma[t0].detach().clone()
             b_raw = self.wa_beta[t0].detach().clone()
@@ -372,7 +372,7 @@ class MoLEFlow(nn.Module):
             self.switch.task = None
 
     def patch_nll(self, patch: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-patch NLL [B, H, W] (seed 003 eq. 20-21, 25) and per-patch log-det [B, H, W]."""
+        """Per-patch NLL [B, H, W] (MoLE-Flow paper eq. 20-21, 25) and per-patch log-det [B, H, W]."""
         _, z, ld = self.flow_forward(patch, task)
         D = self.cfg.dim
         nll = 0.5 * (z**2).sum(1) + 0.5 * D * math.log(2 * math.pi) - ld
@@ -382,7 +382,7 @@ class MoLEFlow(nn.Module):
 
     def image_score(self, nll: torch.Tensor) -> torch.Tensor:
         k = min(self.cfg.top_k, nll[0].numel())
-        return nll.flatten(1).topk(k, dim=1).values.mean(1)  # top-K mean (seed 003 eq. 28)
+        return nll.flatten(1).topk(k, dim=1).values.mean(1)  # top-K mean (MoLE-Flow paper eq. 28)
 
     def upsample(self, nll: torch.Tensor, size: int | None = None) -> torch.Tensor:
         size = size or self.cfg.image_size
@@ -391,7 +391,7 @@ class MoLEFlow(nn.Module):
     # ------------------------------------------------------------------ router
     def set_prototype(self, task: str, feats: torch.Tensor) -> None:
         """Gaussian prototype of task's good images: mean + Ledoit-Wolf shrunk covariance + lambda_reg I
-        (seed 002 §3.6.1), kept as covariance and precision."""
+        (MoLE-Flow paper, Method §3.6.1), kept as covariance and precision."""
         from sklearn.covariance import ledoit_wolf
 
         f = feats.double().cpu().numpy()
@@ -422,7 +422,7 @@ class MoLEFlow(nn.Module):
 
     def route_distances(self, image_feats: torch.Tensor, tasks: list[str] | None = None,
                         pooled: bool = False) -> torch.Tensor:
-        """Mahalanobis distances [B, T] (seed 003 eq. 23) in float64.
+        """Mahalanobis distances [B, T] (MoLE-Flow paper eq. 23) in float64.
 
         ``pooled=False``: each task's own precision (the ``route_distance`` output: depends on that
         task's adapter only, so it is bit-stable when tasks are added). ``pooled=True``: the precision

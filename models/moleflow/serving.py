@@ -1,6 +1,6 @@
 """Triton Python-backend model for MoLE-Flow (the version dir's thin ``model.py`` subclasses this).
 
-``initialize``: torch threads = 1 (DESIGN §6); read ``<version>/metadata.json``, verify the sha256
+``initialize``: torch threads = 1 (2 threads per instance on a small node spiked latency); read ``<version>/metadata.json``, verify the sha256
 of every listed artifact; load the base once and every adapter under ``<version>/adapters/``
 (each adapter's own sha256 and base_sha256 are verified again by :func:`load_model`).
 ``execute``: concatenates the dynamic batch; per item the task is the request's ``task`` input

@@ -1,4 +1,4 @@
-"""Continual training of MoLE-Flow tasks from good images only (seed 002 §3.1.2 training strategy).
+"""Continual training of MoLE-Flow tasks from good images only (MoLE-Flow paper, Method §3.1.2 training strategy).
 
 Task 0 trains the base (projection, scale context, SCM conv, coupling subnets incl. base Linears) and
 its own adapter; task t >= 1 trains ONLY its adapter (LoRA_t, WA_t, SCM gate_t, DIA_t); the base and
@@ -33,11 +33,11 @@ log = get_logger(__name__)
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60  # seed 004 Ultimate-Combo2
+    epochs: int = 60  # MoLE-Flow paper, best ablation setting
     lr: float = 2e-4
     weight_decay: float = 0.01
     batch_size: int = 16
-    tail_weight: float = 0.5  # TopK5-TailW0.5 (seed 004 §9.1)
+    tail_weight: float = 0.5  # TopK5-TailW0.5 (MoLE-Flow paper, tail-loss ablation)
     tail_top: float = 0.05
     logdet_reg: float = 1e-4
     identity_reg: float = 0.1
@@ -52,7 +52,7 @@ class TrainConfig:
 
 
 def make_optimizer(params, lr: float, weight_decay: float):
-    """AdamP when installed (seed 002 optimiser), else AdamW; same betas/eps/decay."""
+    """AdamP when installed (MoLE-Flow paper's optimiser), else AdamW; same betas/eps/decay."""
     try:
         from adamp import AdamP  # type: ignore
 
@@ -145,7 +145,7 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
         p.requires_grad_(True)
     frozen_before = None if first else _snapshot(model, task)
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))  # seed 002: cosine
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))  # MoLE-Flow paper: cosine
     model.train()
     D = model.cfg.dim
     t0_task = model.tasks[0]

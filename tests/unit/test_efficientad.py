@@ -30,7 +30,7 @@ X256 = torch.zeros(1, 3, 256, 256)
 @pytest.mark.parametrize("size", ["small", "medium"])
 def test_pdn_shapes(size):
     with torch.no_grad():
-        assert nets.pdn(size)(X256).shape == (1, 384, 56, 56)  # teacher, padding off (DESIGN §6)
+        assert nets.pdn(size)(X256).shape == (1, 384, 56, 56)  # teacher, padding off
         assert nets.pdn(size, 768)(X256).shape == (1, 768, 56, 56)  # student: 384 (T) + 384 (AE)
         assert nets.pdn(size, padding=True)(X256).shape == (1, 384, 64, 64)  # table paddings
 
