@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.backbones import LITE0_WEIGHTS  # noqa: E402
 from models.data import (  # noqa: E402
     data_root,
     list_images,
@@ -44,7 +45,7 @@ from models.data import (  # noqa: E402
 from models.evaluation import evaluate, write_results_json  # noqa: E402
 from models.moleflow.datasets import elpv_split  # noqa: E402
 
-WEIGHTS = data_root() / "weights" / "efficientnet-lite0-57934424.pth"
+WEIGHTS = data_root() / LITE0_WEIGHTS
 
 
 @dataclass
@@ -89,7 +90,6 @@ def summarize(res: dict) -> dict:
 
 # ---------------------------------------------------------------- EfficientAD
 def run_efficientad(prods: list[Product], args) -> dict:
-    from models.efficientad.distill import FeatureTarget, FrozenFeatureTeacher
     from models.efficientad.model import DEFAULT_TEACHER
     from models.efficientad.train import TrainConfig, predict, train_efficientad
 
@@ -97,19 +97,12 @@ def run_efficientad(prods: list[Product], args) -> dict:
     for p in prods:
         torch.set_num_threads(args.threads)
         t0 = time.time()
-        teacher_mod = None
-        if args.teacher == "frozen-lite0":
-            from models.backbones import create_backbone
-
-            teacher_mod = FrozenFeatureTeacher(FeatureTarget(
-                create_backbone("tf_efficientnet_lite0", WEIGHTS, features_only=True, out_indices=(2, 3))))
         cfg = TrainConfig(steps=args.efficientad_steps, lr=args.efficientad_lr, seed=0,
                           max_train_seconds=args.efficientad_seconds, select_every=args.select_every,
-                          amp_bf16=args.amp_bf16,
+                          amp_bf16=args.amp_bf16, backbone_weights=str(WEIGHTS),
+                          teacher_kind="lite0-features" if args.teacher == "frozen-lite0" else "pdn",
                           penalty_dir=str(data_root() / "imagenet-sample") if args.penalty else None)
-        model, meta = train_efficientad(p.train, cfg, teacher_weights=DEFAULT_TEACHER, teacher=teacher_mod)
-        if teacher_mod is not None:  # the frozen backbone takes ImageNet-style 0.5/0.5 inputs too
-            model.input_mean = model.input_std = (0.5, 0.5, 0.5)
+        model, meta = train_efficientad(p.train, cfg, teacher_weights=DEFAULT_TEACHER)
         train_s = time.time() - t0
         x = torch.stack([normalize(load_image(q, 256), model.input_mean, model.input_std) for q in p.test])
         maps, scores = predict(model, x)

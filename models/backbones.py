@@ -21,6 +21,9 @@ from torch import nn
 
 from stream.logs import get_logger
 
+# the shared EfficientNet-Lite0 file, relative to the data root (models.data.data_root)
+LITE0_WEIGHTS = "weights/efficientnet-lite0-57934424.pth"
+
 log = get_logger(__name__)
 
 

@@ -39,19 +39,25 @@ def _positive(v: str) -> int:
 
 
 def cmd_train(args) -> int:
-    from models.data import list_images
+    from models.backbones import LITE0_WEIGHTS
+    from models.data import data_root, list_images
     from models.efficientad.model import DEFAULT_TEACHER, save_checkpoint
     from models.efficientad.train import TrainConfig, train_efficientad
 
     good = _dir(args.train_dir, "training image folder")
-    teacher = None if args.random_teacher else _file(args.teacher or str(DEFAULT_TEACHER), "teacher weights")
+    lite0 = args.teacher_kind == "lite0-features"
+    if lite0 and (args.teacher or args.random_teacher):
+        raise _usage("--teacher/--random-teacher are PDN teachers; --teacher-kind lite0-features uses --backbone-weights")
+    teacher = None if args.random_teacher or lite0 else _file(args.teacher or str(DEFAULT_TEACHER), "teacher weights")
+    backbone = _file(args.backbone_weights or str(data_root() / LITE0_WEIGHTS), "backbone weights") if lite0 else None
     paths = list_images(good)
     if len(paths) < 2:
         raise _usage(f"need at least 2 images in {good}")
     bad = list_images(_dir(args.anomalous_val_dir, "anomalous validation folder")) if args.anomalous_val_dir else None
     if args.penalty_dir:
         _dir(args.penalty_dir, "penalty image folder")
-    cfg = TrainConfig(model_size=args.model_size, steps=args.steps, lr=args.lr, seed=args.seed,
+    cfg = TrainConfig(model_size=args.model_size, teacher_kind=args.teacher_kind,
+                      backbone_weights=str(backbone) if backbone else None, steps=args.steps, lr=args.lr, seed=args.seed,
                       penalty_dir=args.penalty_dir, select_every=args.select_every,
                       max_train_images=args.max_train_images, max_train_seconds=args.max_seconds,
                       amp_bf16=args.amp_bf16)
@@ -129,6 +135,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--teacher", help="teacher weights (official teacher_small.pth layout or distill-teacher output; "
                    "default: the generic teacher shipped with the package)")
     t.add_argument("--random-teacher", action="store_true", help="random teacher (smoke tests only)")
+    t.add_argument("--teacher-kind", choices=["pdn", "lite0-features"], default="pdn",
+                   help="pdn: a PDN teacher file (default: the shipped generic teacher); lite0-features: the "
+                        "frozen EfficientNet-Lite0 stages 2+3 as the teacher")
+    t.add_argument("--backbone-weights", help="EfficientNet-Lite0 weights for lite0-features "
+                                              "(default: <data>/weights/efficientnet-lite0-57934424.pth)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--model-size", choices=["small", "medium"], default="small")
     t.add_argument("--steps", type=_positive, default=70_000)

@@ -37,6 +37,7 @@ from torchvision.transforms import v2
 from models.artifacts import sha256_file, write_sha256_sidecar
 from models.backbones import backbone_normalization, create_backbone
 from models.data import list_images, load_image
+from models.efficientad.feature_teacher import FeatureTarget
 from models.efficientad.networks import TEACHER_CHANNELS, pdn
 from models.precision import native_bf16
 from stream.logs import get_logger
@@ -44,42 +45,6 @@ from stream.logs import get_logger
 log = get_logger(__name__)
 
 TEACHER_FORMAT = "linewatch-pdn-teacher-v2"
-
-
-class FeatureTarget(torch.nn.Module):
-    """Backbone features at 512 px -> PatchCore-aggregated 384-channel target on the PDN's 56x56 grid."""
-
-    def __init__(self, backbone: torch.nn.Module, out_channels: int = TEACHER_CHANNELS, grid: int = 64, crop: int = 4):
-        super().__init__()
-        self.backbone = backbone.eval()
-        self.out_channels = out_channels
-        self.grid = grid
-        self.crop = crop
-
-    @torch.no_grad()
-    def forward(self, x512: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone(x512)
-        feats = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in feats]  # PatchCore local 3x3 aggregation
-        feats = [F.interpolate(f, size=(self.grid, self.grid), mode="bilinear", align_corners=False) for f in feats]
-        f = torch.cat(feats, dim=1)
-        b, c, h, w = f.shape
-        f = f.permute(0, 2, 3, 1).reshape(-1, 1, c)
-        f = F.adaptive_avg_pool1d(f, self.out_channels).reshape(b, h, w, self.out_channels).permute(0, 3, 1, 2)
-        k = self.crop
-        return f[:, :, k : h - k, k : w - k].contiguous() if k else f
-
-
-class FrozenFeatureTeacher(torch.nn.Module):
-    """The backbone target itself used as the teacher (a 256 input upsampled to 512): the benchmark's
-    baseline against a distilled PDN."""
-
-    def __init__(self, target: FeatureTarget):
-        super().__init__()
-        self.target = target
-
-    def forward(self, x256: torch.Tensor) -> torch.Tensor:
-        x512 = F.interpolate(x256, scale_factor=2, mode="bilinear", align_corners=False)
-        return self.target(x512)
 
 
 @dataclass

@@ -17,21 +17,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.artifacts import safe_load_safetensors, safe_torch_load, write_sha256_sidecar
+from models.efficientad.feature_teacher import lite0_feature_teacher
 from models.efficientad.networks import STUDENT_CHANNELS, TEACHER_CHANNELS, autoencoder, pdn
 
 CHECKPOINT_FORMAT = "linewatch-efficientad-v1"
 
 
+TEACHER_KINDS = ("pdn", "lite0-features")
+
+
 class EfficientAD(nn.Module):
+    """``teacher_kind``: ``"pdn"`` (a distilled PDN teacher, EfficientAD paper §3.1) or
+    ``"lite0-features"`` (the frozen Lite0 distillation target itself, models.efficientad.feature_teacher)."""
+
     def __init__(self, model_size: str = "small", out_channels: int = TEACHER_CHANNELS, padding: bool = False,
-                 input_mean: tuple[float, ...] = (0.5, 0.5, 0.5), input_std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+                 input_mean: tuple[float, ...] = (0.5, 0.5, 0.5), input_std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 teacher_kind: str = "pdn"):
         super().__init__()
+        if teacher_kind not in TEACHER_KINDS:
+            raise ValueError(f"teacher_kind must be one of {TEACHER_KINDS}, got {teacher_kind!r}")
+        if teacher_kind == "lite0-features" and (out_channels != TEACHER_CHANNELS or padding):
+            raise ValueError("the lite0-features teacher gives 384 channels on the unpadded 56x56 grid")
+        self.teacher_kind = teacher_kind
         self.input_mean = tuple(float(v) for v in input_mean)
         self.input_std = tuple(float(v) for v in input_std)
         self.model_size = model_size
         self.out_channels = out_channels
         self.padding = padding
-        self.teacher = pdn(model_size, out_channels, padding)
+        self.teacher = pdn(model_size, out_channels, padding) if teacher_kind == "pdn" else lite0_feature_teacher()
         self.student = pdn(model_size, 2 * out_channels, padding)  # 768 = 384 (T) + 384 (AE)
         self.autoencoder = autoencoder(out_channels, out_size=64 if padding else 56)
         # teacher feature normalisation (Alg. 1: per-channel mean/std over the training images)
@@ -99,6 +112,7 @@ def save_checkpoint(model: EfficientAD, path: str | Path, meta: dict[str, Any]) 
             "model_size": model.model_size,
             "out_channels": model.out_channels,
             "padding": model.padding,
+            "teacher_kind": model.teacher_kind,
             "input_mean": list(model.input_mean),
             "input_std": list(model.input_std),
             "state_dict": model.state_dict(),
@@ -119,7 +133,8 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[Effici
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an EfficientAD checkpoint")
     model = EfficientAD(ck["model_size"], ck["out_channels"], ck["padding"],
-                        input_mean=ck.get("input_mean", (0.5, 0.5, 0.5)), input_std=ck.get("input_std", (0.5, 0.5, 0.5)))
+                        input_mean=ck.get("input_mean", (0.5, 0.5, 0.5)), input_std=ck.get("input_std", (0.5, 0.5, 0.5)),
+                        teacher_kind=ck.get("teacher_kind", "pdn"))
     model.load_state_dict(ck["state_dict"])
     return model.eval(), ck["meta"]
 
@@ -154,6 +169,8 @@ def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | Non
             sd = sd["teacher"]
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
+    if model.teacher_kind != "pdn":
+        raise ValueError(f"{path}: PDN teacher weights given to a {model.teacher_kind} teacher")
     sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
     own = model.teacher.state_dict()
     if set(sd) != set(own) or any(tuple(sd[k].shape) != tuple(own[k].shape) for k in own):
@@ -167,5 +184,20 @@ def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | Non
     return meta
 
 
-__all__ = ["EfficientAD", "save_checkpoint", "load_checkpoint", "load_teacher_weights", "DEFAULT_TEACHER",
+def load_feature_teacher_weights(model: EfficientAD, backbone_weights: str | Path) -> dict[str, Any]:
+    """Fill a ``lite0-features`` teacher from the local EfficientNet-Lite0 file (a plain state dict,
+    loaded weights-only by models.backbones); inputs at mean = std = 0.5 (the TensorFlow port's normalisation)."""
+    from models.efficientad.feature_teacher import LITE0, LITE0_STAGES
+
+    if model.teacher_kind != "lite0-features":
+        raise ValueError("load_feature_teacher_weights needs teacher_kind='lite0-features'")
+    model.teacher = lite0_feature_teacher(backbone_weights)
+    for p in model.teacher.parameters():
+        p.requires_grad_(False)
+    model.input_mean = model.input_std = (0.5, 0.5, 0.5)
+    return {"teacher": "lite0-features", "backbone": LITE0, "out_indices": list(LITE0_STAGES),
+            "backbone_weights": str(backbone_weights)}
+
+
+__all__ = ["EfficientAD", "TEACHER_KINDS", "load_feature_teacher_weights", "save_checkpoint", "load_checkpoint", "load_teacher_weights", "DEFAULT_TEACHER",
            "STUDENT_CHANNELS"]

@@ -31,7 +31,12 @@ import torch
 from tqdm import tqdm
 
 from models.data import ImageFolderDataset, load_image, normalize, split_train_val
-from models.efficientad.model import DEFAULT_TEACHER, EfficientAD, load_teacher_weights
+from models.efficientad.model import (
+    DEFAULT_TEACHER,
+    EfficientAD,
+    load_feature_teacher_weights,
+    load_teacher_weights,
+)
 from models.synthetic import cut_paste
 from stream.logs import get_logger
 
@@ -41,6 +46,8 @@ log = get_logger(__name__)
 @dataclass
 class TrainConfig:
     model_size: str = "small"
+    teacher_kind: str = "pdn"  # "pdn": a distilled PDN teacher file; "lite0-features": frozen Lite0 stages 2+3
+    backbone_weights: str | None = None  # the local EfficientNet-Lite0 file (lite0-features only)
     steps: int = 70_000  # paper: 70,000 iterations
     lr: float = 1e-4
     weight_decay: float = 1e-5
@@ -171,13 +178,13 @@ def train_efficientad(
     anomalous_val_paths: list[Path] | None = None,
     callback: Callable[[int, EfficientAD], None] | None = None,
     callback_every: int = 0,
-    teacher: torch.nn.Module | None = None,
 ) -> tuple[EfficientAD, dict[str, Any]]:
     """Train student + AE on good images; returns the model (eval mode) and metadata.
 
     ``teacher_weights``: a PDN teacher file (default: the generic teacher distilled over the ImageNet
-    sample, committed with the package); ``None`` = random teacher (tests only). ``teacher``: any frozen
-    module mapping 256x256 inputs to [B, 384, 56, 56] (the benchmark's frozen-backbone baseline).
+    sample, committed with the package); ``None`` = random teacher (tests only). With
+    ``cfg.teacher_kind == "lite0-features"`` the teacher is the frozen Lite0 target filled from
+    ``cfg.backbone_weights`` and ``teacher_weights`` is ignored.
     ``callback(steps_done, model)`` runs every ``callback_every`` steps; it gets the model in train
     mode and must restore that mode itself if it evaluates.
     """
@@ -188,11 +195,13 @@ def train_efficientad(
     fit_paths, val_paths = split_train_val(sorted(train_paths), cfg.val_fraction, cfg.seed)
     if cfg.max_train_images:
         fit_paths = fit_paths[: cfg.max_train_images]
-    model = EfficientAD(cfg.model_size)
+    model = EfficientAD(cfg.model_size, teacher_kind=cfg.teacher_kind)
     teacher_meta: dict[str, Any] = {}
-    if teacher is not None:
-        model.teacher = teacher.eval()
-        teacher_meta = {"teacher": type(teacher).__name__}
+    if cfg.teacher_kind == "lite0-features":
+        if not cfg.backbone_weights:
+            raise ValueError("the lite0-features teacher needs backbone_weights (the local EfficientNet-Lite0 file)")
+        teacher_meta = load_feature_teacher_weights(model, cfg.backbone_weights)
+        teacher_weights = None
     elif teacher_weights is not None:
         teacher_meta = load_teacher_weights(model, teacher_weights)
     else:
@@ -309,7 +318,7 @@ def train_efficientad(
         "n_fit_images": len(fit_paths),
         "n_val_images": len(val_paths),
         "val_paths": [str(p) for p in val_paths],
-        "teacher_weights": str(teacher_weights) if teacher_weights and teacher is None else None,
+        "teacher_weights": str(teacher_weights) if teacher_weights else None,
         "teacher_provenance": {k: v for k, v in teacher_meta.items() if k != "history"},
         "input_mean": list(mean),
         "input_std": list(std),

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_LITE0 = "weights/efficientnet-lite0-57934424.pth"
-
 
 def _usage(msg: str):
     from models.cli import UsageError
@@ -58,7 +56,9 @@ def _weights(args) -> Path | None:
         return p
     if args.random_backbone:
         return None
-    auto = data_root() / DEFAULT_LITE0
+    from models.backbones import LITE0_WEIGHTS
+
+    auto = data_root() / LITE0_WEIGHTS
     if args.backbone in ("tf_efficientnet_lite0", "efficientnet_lite0") and auto.is_file():
         return auto  # local ImageNet weights (never downloaded)
     raise _usage(f"no weights for backbone {args.backbone}: pass --backbone-weights FILE (or --random-backbone)")

@@ -49,3 +49,39 @@ def test_export_verb(tmp_path, capsys):
     meta = json.loads((tmp_path / "repo" / "efficientad_bottle" / "3" / "metadata.json").read_text())
     assert meta["threshold"] == 0.3 and meta["version"] == 3
     assert torch.jit.load(str(tmp_path / "repo" / "efficientad_bottle" / "3" / "model.pt")) is not None
+
+
+def test_lite0_features_teacher_train_checkpoint_export(shared_data, tmp_path):
+    """--teacher-kind lite0-features: the frozen Lite0 target is the teacher (no PDN file); the
+    checkpoint rebuilds it and the TorchScript export equals eager."""
+    from models.backbones import LITE0_WEIGHTS
+    from models.efficientad.export import export_triton
+    from models.efficientad.feature_teacher import lite0_feature_teacher
+    from models.efficientad.model import load_checkpoint
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:4]:
+        (good / p.name).symlink_to(p)
+    ckpt = tmp_path / "m.pt"
+    assert main(["efficientad", "train", "--train-dir", str(good), "--out", str(ckpt), "--teacher-kind",
+                 "lite0-features", "--steps", "2"]) == 0
+    model, meta = load_checkpoint(ckpt)
+    assert model.teacher_kind == "lite0-features" and meta["teacher_provenance"]["backbone"] == "tf_efficientnet_lite0"
+    assert model.input_mean == model.input_std == (0.5, 0.5, 0.5)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.teacher(x), lite0_feature_teacher(shared_data / LITE0_WEIGHTS)(x))
+        a1, s1 = model(x)
+    vdir = export_triton(model, tmp_path / "repo", "bottle", threshold=meta["threshold"])
+    with torch.no_grad():
+        a2, s2 = torch.jit.load(str(vdir / "model.pt"))(x)
+    torch.testing.assert_close(a2, a1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s2, s1, atol=1e-4, rtol=1e-4)
+    assert json.loads((vdir / "metadata.json").read_text())["input"]["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_lite0_features_rejects_a_pdn_teacher_file(tmp_path, capsys):
+    assert main(["efficientad", "train", "--train-dir", str(tmp_path), "--out", "x.pt", "--teacher-kind",
+                 "lite0-features", "--random-teacher"]) == 2
+    assert "lite0-features" in capsys.readouterr().err
