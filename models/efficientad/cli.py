@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+DEFAULT_TEACHER_KIND = "lite0-features"
+
 
 def _usage(msg: str):
     from models.cli import UsageError
@@ -45,8 +47,10 @@ def cmd_train(args) -> int:
     from models.efficientad.train import TrainConfig, train_efficientad
 
     good = _dir(args.train_dir, "training image folder")
-    lite0 = args.teacher_kind == "lite0-features"
-    if lite0 and (args.teacher or args.random_teacher):
+    pdn_given = bool(args.teacher or args.random_teacher)
+    kind = args.teacher_kind or ("pdn" if pdn_given else DEFAULT_TEACHER_KIND)
+    lite0 = kind == "lite0-features"
+    if lite0 and pdn_given:
         raise _usage("--teacher/--random-teacher are PDN teachers; --teacher-kind lite0-features uses --backbone-weights")
     teacher = None if args.random_teacher or lite0 else _file(args.teacher or str(DEFAULT_TEACHER), "teacher weights")
     backbone = _file(args.backbone_weights or str(data_root() / LITE0_WEIGHTS), "backbone weights") if lite0 else None
@@ -56,7 +60,7 @@ def cmd_train(args) -> int:
     bad = list_images(_dir(args.anomalous_val_dir, "anomalous validation folder")) if args.anomalous_val_dir else None
     if args.penalty_dir:
         _dir(args.penalty_dir, "penalty image folder")
-    cfg = TrainConfig(model_size=args.model_size, teacher_kind=args.teacher_kind,
+    cfg = TrainConfig(model_size=args.model_size, teacher_kind=kind,
                       backbone_weights=str(backbone) if backbone else None, steps=args.steps, lr=args.lr, seed=args.seed,
                       penalty_dir=args.penalty_dir, select_every=args.select_every,
                       max_train_images=args.max_train_images, max_train_seconds=args.max_seconds,
@@ -132,12 +136,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = verbs.add_parser("train", help="train student + autoencoder on good images")
     t.add_argument("--train-dir", required=True, help="folder of good images (e.g. <mvtec>/bottle/train/good)")
-    t.add_argument("--teacher", help="teacher weights (official teacher_small.pth layout or distill-teacher output; "
-                   "default: the generic teacher shipped with the package)")
+    t.add_argument("--teacher", help="PDN teacher weights (official teacher_small.pth layout or distill-teacher "
+                   "output; implies --teacher-kind pdn; default for pdn: the generic teacher shipped with the package)")
     t.add_argument("--random-teacher", action="store_true", help="random teacher (smoke tests only)")
-    t.add_argument("--teacher-kind", choices=["pdn", "lite0-features"], default="pdn",
-                   help="pdn: a PDN teacher file (default: the shipped generic teacher); lite0-features: the "
-                        "frozen EfficientNet-Lite0 stages 2+3 as the teacher")
+    t.add_argument("--teacher-kind", choices=["pdn", "lite0-features"], default=None,
+                   help=f"lite0-features: the frozen EfficientNet-Lite0 stages 2+3 as the teacher; pdn: a distilled "
+                        f"PDN teacher file (default: {DEFAULT_TEACHER_KIND}, the better on held-out CutPaste "
+                        f"anomalies in benchmarks/accuracy.py)")
     t.add_argument("--backbone-weights", help="EfficientNet-Lite0 weights for lite0-features "
                                               "(default: <data>/weights/efficientnet-lite0-57934424.pth)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
