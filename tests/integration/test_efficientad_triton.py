@@ -34,7 +34,8 @@ def test_efficientad_served_by_triton_matches_eager(local_stack, shared_data, tm
     spec = json.loads(client.get_model_config(name, as_json=True)["config"]["parameters"]["linewatch_spec"]["string_value"])
     assert spec["threshold"] == pytest.approx(meta["threshold"]) and spec["artifacts"]["model.pt"]
     # an official-layout teacher takes ImageNet-normalised inputs; the spec tells the worker so
-    assert spec["input"]["mean"] == pytest.approx(list(model.input_mean)) == pytest.approx([0.485, 0.456, 0.406])
+    assert list(model.input_mean) == pytest.approx([0.485, 0.456, 0.406])
+    assert spec["input"]["mean"] == pytest.approx(list(model.input_mean))
 
     ds = MVTecDataset(cat, "test", 256, mean=model.input_mean, std=model.input_std)
     x = torch.stack([ds[0]["image"], ds[len(ds) - 1]["image"]])  # one defective, one good image
