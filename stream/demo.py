@@ -107,7 +107,7 @@ def train_and_export(repo: Path, workdir: Path, product: str = "bottle", quick: 
         good = data / product / "train" / "good"
         steps = os.environ.get("LINEWATCH_DEMO_STEPS")
         ckpt = art / f"efficientad_{product}.pt"
-        # the generic teacher shipped with the models package (distilled over an ImageNet sample)
+        # the CLI's default teacher: the frozen Lite0 features (product-independent, local weights)
         _run([*cli, "efficientad", "train", "--train-dir", str(good), "--out", str(ckpt),
               "--steps", steps or ("300" if quick else "70000"), *(["--max-train-images", "100"] if quick else [])])
         _run([*cli, "efficientad", "export", "--checkpoint", str(ckpt), "--repository", str(repo), "--product", product])

@@ -58,7 +58,7 @@ class FrozenFeatureTeacher(torch.nn.Module):
 
 
 def lite0_feature_teacher(backbone_weights=None) -> FrozenFeatureTeacher:
-    """Frozen ``tf_efficientnet_lite0`` stages 2+3 as a 384-channel teacher (random weights when
-    ``backbone_weights`` is None: a checkpoint's state dict fills them)."""
+    """Frozen ``tf_efficientnet_lite0`` stages 2+3 as a 384-channel teacher, parameters without
+    gradients (random weights when ``backbone_weights`` is None: a checkpoint's state dict fills them)."""
     target = FeatureTarget(create_backbone(LITE0, backbone_weights, features_only=True, out_indices=LITE0_STAGES))
-    return FrozenFeatureTeacher(target).eval()
+    return FrozenFeatureTeacher(target).eval().requires_grad_(False)

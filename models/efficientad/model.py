@@ -192,12 +192,11 @@ def load_feature_teacher_weights(model: EfficientAD, backbone_weights: str | Pat
     if model.teacher_kind != "lite0-features":
         raise ValueError("load_feature_teacher_weights needs teacher_kind='lite0-features'")
     model.teacher = lite0_feature_teacher(backbone_weights)
-    for p in model.teacher.parameters():
-        p.requires_grad_(False)
     model.input_mean = model.input_std = (0.5, 0.5, 0.5)
     return {"teacher": "lite0-features", "backbone": LITE0, "out_indices": list(LITE0_STAGES),
             "backbone_weights": str(backbone_weights)}
 
 
-__all__ = ["EfficientAD", "TEACHER_KINDS", "load_feature_teacher_weights", "save_checkpoint", "load_checkpoint", "load_teacher_weights", "DEFAULT_TEACHER",
+__all__ = ["EfficientAD", "TEACHER_KINDS", "load_feature_teacher_weights", "save_checkpoint", "load_checkpoint",
+           "load_teacher_weights", "DEFAULT_TEACHER",
            "STUDENT_CHANNELS"]

@@ -48,7 +48,7 @@ def _tiny_train(work: Path) -> Path:
     repo, art = work / "repo", work / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
     good = data_dir() / "mvtec" / "bottle" / "train" / "good"
-    # the pipeline test needs a real export, not accuracy: 3 steps on 8 images with the shipped teacher
+    # the pipeline test needs a real export, not accuracy: 3 steps on 8 images with the CLI's default teacher
     subprocess.run([*cli, "efficientad", "train", "--train-dir", str(good), "--out", str(art / "s.pt"),
                     "--steps", "3", "--max-train-images", "8"], check=True, timeout=600)
     subprocess.run([*cli, "efficientad", "export", "--checkpoint", str(art / "s.pt"), "--repository", str(repo),
