@@ -35,19 +35,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream.demo import (  # noqa: E402
-    WorkerProcess,
-    close_stack,
+from contracts.envelope import decode_result  # noqa: E402
+from contracts.image import decode_image, sniff_image  # noqa: E402
+from contracts.spec import parse_spec, to_tensor  # noqa: E402
+from devstack.demo import (  # noqa: E402
     data_dir,
     find_model,
     load_model,
-    open_stack,
 )
-from stream.envelope import decode_result  # noqa: E402
-from stream.preprocess import decode_image, parse_spec, sniff_image, to_tensor  # noqa: E402
-from stream.publish import ensure_topics, read_topics  # noqa: E402
-from stream.replay import list_images, replay  # noqa: E402
-from stream.worker import WorkerConfig  # noqa: E402
+from devstack.stack import LocalStack  # noqa: E402
+from devstack.worker_process import WorkerProcess  # noqa: E402
+from stream.kafka.clients import ensure_topics, read_topics  # noqa: E402
+from stream.ops.replay import list_images, replay  # noqa: E402
+from stream.worker.app import WorkerConfig  # noqa: E402
 
 
 def pct(a, q):
@@ -115,8 +115,8 @@ def paired_latency(boot: str, url: str, model: str, blobs: list[bytes], gap_s: f
     process received the result from Kafka. Interleaving cancels drift in machine load."""
     from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
 
-    from stream.envelope import Frame, encode_frame, new_frame_id  # noqa: PLC0415
-    from stream.publish import Producer, client_kwargs  # noqa: PLC0415
+    from contracts.envelope import Frame, encode_frame, new_frame_id  # noqa: PLC0415
+    from stream.kafka.clients import Producer, client_kwargs  # noqa: PLC0415
 
     wait = fetch_wait_ms or WorkerConfig().fetch_max_wait_ms
     fmt = sniff_image(blobs[0])[0]
@@ -311,7 +311,8 @@ def main(argv=None) -> int:
         if a.bootstrap and a.triton:
             boot, url = a.bootstrap, a.triton
         else:
-            stack = open_stack(workdir / "stack", Path(a.model_repository))
+            stack = LocalStack(workdir / "stack", Path(a.model_repository))
+            stack.start()
             boot, url = stack.kafka_bootstrap, stack.triton_grpc_url
         load_model(url, model)
         test = data_dir() / "mvtec" / "bottle" / "test"
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
                     for w in (a.fetch_max_wait_ms or [None])]
     finally:
         if stack is not None:
-            close_stack(stack)
+            stack.stop()
     out = {"model": model, "batch": a.batch, "frames": a.frames, "bare_triton": bare, "pipeline": pipe,
            "pipeline_over_bare_fps": pipe["fps"] / bare["fps"] if pipe else None,
            "latency": lat,

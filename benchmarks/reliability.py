@@ -1,4 +1,4 @@
-"""Reliability under faults: the stream/chaos.py scenarios against a real stack this script starts.
+"""Reliability under faults: the tests/harness/chaos.py scenarios against a real stack this script starts.
 
 For each fault (worker SIGKILL mid-batch + restart, broker unreachable, Triton killed + restarted,
 Triton crash loop, model unloaded + reloaded, Triton stalled), a fresh Faust worker on fresh topics
@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream.chaos import FAULTS, load_images, run_scenario, write_probe_model  # noqa: E402
-from stream.demo import data_dir, model_ready  # noqa: E402
-from stream.local import LocalStack  # noqa: E402
+from devstack.demo import data_dir, model_ready  # noqa: E402
+from devstack.stack import LocalStack  # noqa: E402
+from tests.harness.chaos import FAULTS, load_images, run_scenario, write_probe_model  # noqa: E402
 
 COLUMNS = [("fault", "fault injected"), ("fault_s", "fault s"), ("frames_sent", "frames sent"),
            ("sent_during_fault", "sent during fault"), ("lost", "lost"),

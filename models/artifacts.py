@@ -98,7 +98,7 @@ def check_before_load(path: str | Path, sha256: str | None = None, *, require: b
     if _require_digest() if require is None else require:
         raise ArtifactIntegrityError(f"no sha256 known for {p} and LINEWATCH_REQUIRE_SHA256 is set: write "
                                      f"{sidecar_path(p).name} (sha256sum format) or pass the digest")
-    from stream.logs import get_logger  # noqa: PLC0415 - torch/faust-free structured logging
+    from contracts.logs import get_logger  # noqa: PLC0415 - torch/faust-free structured logging
 
     get_logger("models.artifacts").warning("weights_unverified", path=str(p),
                                            hint=f"write {sidecar_path(p).name} to pin this file")

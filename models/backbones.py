@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stream.logs import get_logger
+from contracts.logs import get_logger
 
 # the shared EfficientNet-Lite0 file, relative to the data root (models.data.data_root)
 LITE0_WEIGHTS = "weights/efficientnet-lite0-57934424.pth"

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from stream.logs import configure_logging
+        from contracts.logs import configure_logging
 
         configure_logging()
     except Exception:  # pragma: no cover

@@ -28,7 +28,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
-    from stream.local import LocalStack
+    from devstack.stack import LocalStack
 
     root = tmp_path_factory.mktemp("stack")
     stack = LocalStack(root / "work", root / "model_repository", start_timeout_s=90)

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from contracts.logs import get_logger
 from models.artifacts import sha256_file, write_sha256_sidecar
 from models.backbones import backbone_normalization, create_backbone
 from models.data import list_images, load_image
 from models.efficientad.feature_teacher import FeatureTarget
 from models.efficientad.networks import TEACHER_CHANNELS, pdn
 from models.precision import native_bf16
-from stream.logs import get_logger
 
 log = get_logger(__name__)
 

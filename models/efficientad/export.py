@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from contracts.logs import get_logger
 from models.artifacts import resolve_version, sha256_file
 from models.efficientad.model import EfficientAD
 from models.efficientad.serving import ARTIFACT, MODEL_PY
-from stream.logs import get_logger
 
 log = get_logger(__name__)
 

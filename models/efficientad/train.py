@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from contracts.logs import get_logger
 from models.data import ImageFolderDataset, load_image, normalize, split_train_val
 from models.efficientad.model import (
     DEFAULT_TEACHER,
@@ -38,7 +39,6 @@ from models.efficientad.model import (
     load_teacher_weights,
 )
 from models.synthetic import cut_paste
-from stream.logs import get_logger
 
 log = get_logger(__name__)
 

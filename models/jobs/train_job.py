@@ -57,10 +57,11 @@ def split_good(paths: list[Path], holdout: float, seed: int, min_holdout: int = 
 
 
 def score_images(vdir: Path, detector: str, task: str | None, paths: list[Path]) -> np.ndarray:
-    """Scores of the exported artifact, preprocessed exactly as the worker does (stream.preprocess)."""
+    """Scores of the exported artifact, preprocessed exactly as the worker does (contracts.spec)."""
     import torch  # noqa: PLC0415
 
-    from stream.preprocess import decode_image, parse_spec, to_tensor  # noqa: PLC0415
+    from contracts.image import decode_image  # noqa: PLC0415
+    from contracts.spec import parse_spec, to_tensor  # noqa: PLC0415
 
     meta = json.loads((vdir / "metadata.json").read_text())
     spec = parse_spec(meta)
@@ -181,7 +182,7 @@ def run_job(a) -> int:
         return 3
     if a.no_publish:
         return 0
-    cmd = [sys.executable, "-m", "stream.cli", "release", str(vdir)]
+    cmd = [sys.executable, "-m", "stream.ops.cli", "release", str(vdir)]
     if task:
         cmd += ["--task", task]
     if a.bootstrap:

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contracts.logs import get_logger
 from models.artifacts import resolve_version
 from models.backbones import backbone_normalization
 from models.moleflow.serving import MODEL_PY
@@ -39,7 +40,6 @@ from models.moleflow.store import (
     read_json,
     sha256_file,
 )
-from stream.logs import get_logger
 
 log = get_logger(__name__)
 

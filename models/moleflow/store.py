@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from contracts.logs import get_logger
 from models.artifacts import sha256_file
 from models.moleflow.model import MoLEFlow, MoLEFlowConfig, check_task_name
-from stream.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from contracts.logs import get_logger
 from models.moleflow.model import MoLEFlow, count_parameters
-from stream.logs import get_logger
 
 log = get_logger(__name__)
 

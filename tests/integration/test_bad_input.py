@@ -38,9 +38,9 @@ import pytest
 from aiokafka.errors import MessageSizeTooLargeError
 from test_stream_pipeline import BOTTLE_TEST, _topics, detector, stack  # noqa: F401 - shared fixtures
 
-from stream.demo import WorkerProcess
-from stream.envelope import decode_result, dlq_reason, headers_to_dict
-from stream.publish import Producer, ensure_topics, read_topics
+from contracts.envelope import decode_result, dlq_reason, headers_to_dict
+from devstack.worker_process import WorkerProcess
+from stream.kafka.clients import Producer, ensure_topics, read_topics
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Fault injection on the real embedded stack: Tansu broker + tritonserver + the Faust worker
 (subprocess), loopback only, no mocks.
 
-Each test runs one :func:`stream.chaos.run_scenario`: fresh topics, a worker, a production line
+Each test runs one :func:`tests.harness.chaos.run_scenario`: fresh topics, a worker, a production line
 publishing real MVTec bottle frames at a steady rate, one fault injected while they flow, then
 ``linewatch account`` (the CLI, in-process) must prove that every frame has a result or a DLQ
 record. Expected in every scenario: the worker survives (no crash, no crash loop), transient
@@ -9,7 +9,7 @@ failures are retried and never DLQ'd, nothing is lost; duplicate results are all
 (at-least-once) and counted.
 
 The stack is this module's own (faults are destructive: a SIGSTOPped broker or a killed Triton
-must not leak into other tests). Its detector is the probe model from stream/chaos.py (a real
+must not leak into other tests). Its detector is the probe model from tests/harness/chaos.py (a real
 Triton Python-backend model with a real linewatch_spec, 100 ms per batch) so each scenario costs
 ~20-35 s on 2 cores; with the EfficientAD export a frame costs ~1.2 s of CPU here.
 """
@@ -22,10 +22,10 @@ import json
 import numpy as np
 import pytest
 
-from stream.chaos import load_images, run_scenario, write_probe_model
-from stream.cli import main as linewatch
-from stream.local import LocalStack, free_port
-from stream.triton_infer import TransientInferError, TritonInfer
+from devstack.stack import LocalStack, free_port
+from stream.inference.triton_client import TransientInferError, TritonInfer
+from stream.ops.cli import main as linewatch
+from tests.harness.chaos import load_images, run_scenario, write_probe_model
 
 pytestmark = pytest.mark.integration
 

@@ -23,14 +23,14 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
+from contracts.artifact import path_to_uri, verify_artifact
+from contracts.model_events import ModelEvent, decode
+from contracts.spec import parse_spec, to_tensor
 from models.efficientad.export import build_spec, config_pbtxt
 from models.efficientad.serving import MODEL_PY
-from stream.drift import DriftConfig, DriftMonitor
-from stream.model_events import ModelEvent, decode
-from stream.model_store import path_to_uri, verify_artifact
-from stream.preprocess import parse_spec, to_tensor
-from stream.publish import Producer, ensure_topics, read_topics
-from stream.rollout import HealthPolicy, RolloutController, kafka_publisher, serve_events
+from stream.kafka.clients import Producer, ensure_topics, read_topics
+from stream.lifecycle.drift import DriftConfig, DriftMonitor
+from stream.lifecycle.rollout import HealthPolicy, RolloutController, kafka_publisher, serve_events
 
 pytestmark = pytest.mark.integration
 SIZE = 64
@@ -80,7 +80,7 @@ def scores_eager(net, imgs, spec) -> list[float]:
 
 
 def _dec(b: bytes):
-    from stream.preprocess import decode_image  # noqa: PLC0415
+    from contracts.image import decode_image  # noqa: PLC0415
 
     return decode_image(b)
 
@@ -297,7 +297,7 @@ def _lw(*args: str) -> str:
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
-    r = subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "stream.ops.cli", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -331,8 +331,8 @@ def test_cli_release_rollback_status(life, images, local_stack):
 def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, images, local_stack, tmp_path):
     """The Faust worker (subprocess) runs the rollout agent: a released model for a new product is promoted,
     the product's frames reach it, and a darkened camera raises a drift alert (a clean one does not)."""
-    from stream.demo import WorkerProcess  # noqa: PLC0415
-    from stream.envelope import Frame, decode_result, encode_frame  # noqa: PLC0415
+    from contracts.envelope import Frame, decode_result, encode_frame  # noqa: PLC0415
+    from devstack.worker_process import WorkerProcess  # noqa: PLC0415
 
     uid = uuid.uuid4().hex[:6]
     t = {k: f"it-wk-{uid}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events")}

@@ -8,8 +8,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from stream.config import Settings, aiokafka_client_kwargs
-from stream.kafka_compat import apply_dev_broker_workarounds
+from contracts.config import Settings
+from stream.kafka.clients import aiokafka_client_kwargs
+from stream.kafka.compat import apply_dev_broker_workarounds
 
 pytestmark = pytest.mark.integration
 

@@ -24,8 +24,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stream.demo import WorkerProcess, data_dir, load_model, model_ready
-from stream.envelope import (
+from contracts.envelope import (
     Frame,
     decode_defect_event,
     decode_result,
@@ -33,8 +32,10 @@ from stream.envelope import (
     encode_frame,
     headers_to_dict,
 )
-from stream.publish import Producer, ensure_topics, read_topics
-from stream.replay import replay
+from devstack.demo import data_dir, load_model, model_ready
+from devstack.worker_process import WorkerProcess
+from stream.kafka.clients import Producer, ensure_topics, read_topics
+from stream.ops.replay import replay
 
 pytestmark = pytest.mark.integration
 BOTTLE_TEST = data_dir() / "mvtec" / "bottle" / "test"
@@ -42,7 +43,7 @@ BOTTLE_TEST = data_dir() / "mvtec" / "bottle" / "test"
 
 def _tiny_train(work: Path) -> Path:
     """Train + export a tiny-schedule detector via the models CLI (subprocess: stream has no torch)."""
-    from stream.demo import _models_cli  # noqa: PLC0415
+    from devstack.demo import _models_cli  # noqa: PLC0415
 
     cli = _models_cli()
     repo, art = work / "repo", work / "artifacts"

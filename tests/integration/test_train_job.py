@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream.demo import WorkerProcess
-from stream.envelope import Frame, decode_result, encode_frame
-from stream.publish import Producer, ensure_topics, read_topics
+from contracts.envelope import Frame, decode_result, encode_frame
+from devstack.worker_process import WorkerProcess
+from stream.kafka.clients import Producer, ensure_topics, read_topics
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -1,13 +1,13 @@
-"""The pure counting behind `linewatch account` (stream/accounting.py: Ledger, Report) and its CLI wiring."""
+"""The pure counting behind `linewatch account` (stream/ops/accounting.py: Ledger, Report) and its CLI wiring."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from stream.accounting import Ledger, _frame_key
-from stream.cli import build_parser
-from stream.envelope import Frame, InspectionResult, dlq_record, encode_frame
+from contracts.envelope import Frame, InspectionResult, dlq_record, encode_frame
+from stream.ops.accounting import Ledger, _frame_key
+from stream.ops.cli import build_parser
 
 
 def _frame(fid: str, cam: str = "cam-1", image: bytes = b"\x89PNG..."):
@@ -160,11 +160,11 @@ def test_cli_registers_account_verb_with_topic_flags():
 
 
 def test_cli_bad_args_are_one_line_errors(capsys):
-    from stream.cli import main
+    from stream.ops.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["account", "--wait", "soon"])
     assert e.value.code == 2
-    assert main(["account", "--bootstrap", "127.0.0.1:1", "--wait", "-1"]) == 1
+    assert main(["account", "--bootstrap", "127.0.0.1:1", "--wait", "-1"]) == 2  # a bad value is a usage error (contracts.cli convention)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "linewatch: error: --wait must be >= 0"

@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from stream.config import Settings, aiokafka_client_kwargs
+from contracts.config import Settings
+from stream.kafka.clients import aiokafka_client_kwargs
 
 
 def test_defaults_target_the_embedded_stack():

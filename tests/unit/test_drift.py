@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stream.drift import DriftConfig, DriftMonitor, population_stability_index
+from stream.lifecycle.drift import DriftConfig, DriftMonitor, population_stability_index
 
 
 def _monitor(**kw):

@@ -213,7 +213,7 @@ def test_export_equals_eager_and_layout(tmp_path):
     spec = json.loads(json.loads(re.search(r'string_value: (".*") }', cfg).group(1)))
     assert spec == meta
     assert 'backend: "python"' in cfg and "KIND_CPU" in cfg and "dynamic_batching" in cfg
-    from stream.preprocess import parse_spec
+    from contracts.spec import parse_spec
 
     assert parse_spec(spec).input.width == 256
     assert (vdir / "model.py").read_text() == MODEL_PY

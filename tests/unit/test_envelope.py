@@ -5,12 +5,11 @@ import numpy as np
 import orjson
 import pytest
 
-from stream.envelope import (
+from contracts.envelope import (
     SCHEMA_VERSION,
     EnvelopeError,
     Frame,
     InspectionResult,
-    anomaly_boxes,
     decode_defect_event,
     decode_frame,
     decode_heatmap,
@@ -19,8 +18,8 @@ from stream.envelope import (
     dlq_record,
     encode_frame,
     headers_to_dict,
-    make_defect_event,
 )
+from stream.inference.heatmap import anomaly_boxes, make_defect_event
 
 
 def _frame(**kw):

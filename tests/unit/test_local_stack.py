@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from stream import local
-from stream.cli import main
+from devstack import stack as local
+from stream.ops.cli import main
 
 
 def test_free_port_is_bindable():
@@ -86,7 +86,7 @@ def _write_echo(repo):
 
 
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "stream.ops.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def _wait_gone(pids, timeout_s=20.0):
@@ -139,7 +139,7 @@ def test_cli_stack_up_detaches_then_status_and_down_from_other_processes(tmp_pat
 
 ORPHAN_CHILD = """
 import json, sys
-from stream.local import LocalStack
+from devstack.stack import LocalStack
 st = LocalStack(sys.argv[1], sys.argv[2], load_models=["echo"]).start()
 print(json.dumps(st.pids), flush=True)
 sys.stdin.read()  # block until killed

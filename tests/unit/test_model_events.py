@@ -1,7 +1,7 @@
 import orjson
 import pytest
 
-from stream.model_events import SCHEMA_VERSION, ModelEvent, ModelEventError, decode, encode, fold_status
+from contracts.model_events import SCHEMA_VERSION, ModelEvent, ModelEventError, decode, encode, fold_status
 
 SHA = "a" * 64
 

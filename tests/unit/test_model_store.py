@@ -4,7 +4,7 @@ import json
 import orjson
 import pytest
 
-from stream.model_store import (
+from contracts.artifact import (
     StoreError,
     check_compatibility,
     latest_artifact,

@@ -183,9 +183,9 @@ class _FakePB:
 
 
 def test_serving_execute_mixed_batch(tiny_pair, tmp_path):
+    from contracts.spec import parse_spec
     from models.moleflow.export import export_triton
     from models.moleflow.serving import MoLEFlowServing
-    from stream.preprocess import parse_spec
 
     m, xa, xb, cfg = tiny_pair
     if "b" not in m.tasks:

@@ -5,8 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from stream.envelope import EnvelopeError
-from stream.preprocess import decode_image, parse_spec, preprocess, sniff_image, to_tensor
+from contracts.envelope import EnvelopeError
+from contracts.image import decode_image, sniff_image
+from contracts.spec import parse_spec, preprocess, to_tensor
 
 SPEC = {"schema": 1, "model": "efficientad_bottle", "detector": "efficientad", "version": 1, "product": "bottle",
         "input": {"name": "image", "height": 32, "width": 48, "color": "RGB", "layout": "NCHW", "dtype": "FP32",

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from stream.envelope import EnvelopeError, Frame
-from stream.routing import Route, Router, RoutingConfig
+from contracts.envelope import EnvelopeError, Frame
+from stream.inference.routing import Route, Router, RoutingConfig
 
 
 def F(camera="cam-1", line=None, product=None, task=None):

@@ -252,7 +252,7 @@ def test_sidecar_is_written_for_everything_linewatch_saves(tmp_path):
 
 
 def _sasl_ssl_settings(**kw):
-    from stream.config import Settings  # noqa: PLC0415
+    from contracts.config import Settings  # noqa: PLC0415
 
     base = dict(kafka_bootstrap="kafka-0.example:9093,kafka-1.example:9093", dev_broker=False,
                 kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
@@ -268,7 +268,7 @@ async def test_sasl_ssl_settings_reach_every_aiokafka_client():
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: PLC0415
     from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415
 
-    from stream.config import aiokafka_client_kwargs  # noqa: PLC0415
+    from stream.kafka.clients import aiokafka_client_kwargs  # noqa: PLC0415
 
     s = _sasl_ssl_settings()
     for role in ("producer", "consumer", "any"):
@@ -288,7 +288,7 @@ async def test_sasl_ssl_settings_reach_every_aiokafka_client():
 
 
 def test_ssl_only_and_mutual_tls(tmp_path):
-    from stream.config import aiokafka_client_kwargs, faust_broker_credentials  # noqa: PLC0415
+    from stream.kafka.clients import aiokafka_client_kwargs, faust_broker_credentials  # noqa: PLC0415
 
     key, crt = tmp_path / "client.key", tmp_path / "client.crt"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
@@ -314,8 +314,9 @@ def test_sasl_without_credentials_is_a_config_error():
 
 
 def test_plaintext_default_has_no_credentials(tmp_path):
-    from stream.config import Settings, faust_broker_credentials  # noqa: PLC0415
-    from stream.worker import WorkerConfig, build_app  # noqa: PLC0415
+    from contracts.config import Settings  # noqa: PLC0415
+    from stream.kafka.clients import faust_broker_credentials  # noqa: PLC0415
+    from stream.worker.app import WorkerConfig, build_app  # noqa: PLC0415
 
     assert faust_broker_credentials(Settings(dev_broker=False)) is None
     app = build_app(WorkerConfig.from_settings(Settings(dev_broker=False), datadir=str(tmp_path / "f")))
@@ -326,7 +327,7 @@ def test_faust_app_gets_the_same_broker_credentials(tmp_path):
     import faust  # noqa: PLC0415
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth  # noqa: PLC0415
 
-    from stream.worker import WorkerConfig, build_app  # noqa: PLC0415
+    from stream.worker.app import WorkerConfig, build_app  # noqa: PLC0415
 
     s = _sasl_ssl_settings()
     cfg = WorkerConfig.from_settings(s, datadir=str(tmp_path / "faust"))
@@ -349,8 +350,8 @@ def test_faust_app_gets_the_same_broker_credentials(tmp_path):
 
 
 def test_secret_is_secretstr_and_redacted_everywhere(capsys):
-    from stream.logs import get_logger  # noqa: PLC0415
-    from stream.worker import WorkerConfig  # noqa: PLC0415
+    from contracts.logs import get_logger  # noqa: PLC0415
+    from stream.worker.app import WorkerConfig  # noqa: PLC0415
 
     s = _sasl_ssl_settings(kafka_ssl_key_password="key-" + SECRET)
     assert isinstance(s.kafka_sasl_password, SecretStr) and isinstance(s.kafka_ssl_key_password, SecretStr)
@@ -372,14 +373,14 @@ def test_secret_is_secretstr_and_redacted_everywhere(capsys):
 def test_worker_startup_log_has_no_secret(tmp_path):
     """The real worker process, SASL configured via the environment, pointed at a closed port:
     its whole stdout/stderr (structlog, Faust banner, aiokafka connection errors) has no secret."""
-    from stream.local import free_port  # noqa: PLC0415
+    from devstack.stack import free_port  # noqa: PLC0415
 
     env = {**os.environ, "LINEWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
            "LINEWATCH_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "LINEWATCH_KAFKA_SASL_USERNAME": "linewatch-worker",
            "LINEWATCH_KAFKA_SASL_PASSWORD": SECRET, "LINEWATCH_DEV_BROKER": "false", "LINEWATCH_LOG_LEVEL": "DEBUG",
            "PYTHONUNBUFFERED": "1"}
     logf = tmp_path / "worker.log"
-    cmd = [sys.executable, "-m", "stream.worker", "--bootstrap", f"127.0.0.1:{free_port()}",
+    cmd = [sys.executable, "-m", "stream.worker.app", "--bootstrap", f"127.0.0.1:{free_port()}",
            "--triton", f"127.0.0.1:{free_port()}", "--web-port", str(free_port()), "--datadir", str(tmp_path / "f")]
     with open(logf, "wb") as fh:
         p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True)
@@ -409,8 +410,8 @@ def test_invalid_security_settings_stop_the_worker_with_one_line_and_no_secret()
     """SASL with a password but no username: the worker refuses to start (never falls back to plaintext);
     the message is one line and does not echo the password pydantic saw as input."""
     env = {**os.environ, "LINEWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "LINEWATCH_KAFKA_SASL_PASSWORD": SECRET}
-    for cmd in ([sys.executable, "-m", "stream.worker", "--bootstrap", "127.0.0.1:1"],
-                [sys.executable, "-m", "stream.cli", "worker", "--bootstrap", "127.0.0.1:1"]):
+    for cmd in ([sys.executable, "-m", "stream.worker.app", "--bootstrap", "127.0.0.1:1"],
+                [sys.executable, "-m", "stream.ops.cli", "worker", "--bootstrap", "127.0.0.1:1"]):
         p = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=60)
         assert p.returncode != 0
         err = p.stderr.strip()

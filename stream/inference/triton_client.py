@@ -20,8 +20,8 @@ import orjson
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from stream.logs import get_logger
-from stream.preprocess import ModelSpec, parse_spec
+from contracts.logs import get_logger
+from contracts.spec import ModelSpec, parse_spec
 
 log = get_logger("stream.triton")
 

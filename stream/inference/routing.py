@@ -7,7 +7,7 @@ else ``lines[line_id]``. Then the model:
 2. ``<efficientad_prefix><product>`` (e.g. ``efficientad_bottle``) if loaded;
 3. the MoLE-Flow model with ``task=product`` if it is loaded and knows that task;
 4. the MoLE-Flow model task-agnostic (empty task, its prototype router decides) if loaded;
-5. otherwise :class:`~stream.envelope.EnvelopeError` ``unknown_product`` (-> DLQ).
+5. otherwise :class:`~contracts.envelope.EnvelopeError` ``unknown_product`` (-> DLQ).
 
 A frame's explicit ``task`` header is passed to MoLE-Flow as-is when routed there.
 
@@ -28,8 +28,8 @@ from typing import Any
 
 import orjson
 
-from stream.envelope import EnvelopeError, Frame
-from stream.model_store import CANDIDATE_SUFFIX
+from contracts.artifact import CANDIDATE_SUFFIX
+from contracts.envelope import EnvelopeError, Frame
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from typing import Any
 
 import orjson
 
-from stream.envelope import headers_to_dict, peek_ids
-from stream.logs import get_logger
+from contracts.envelope import headers_to_dict, peek_ids
+from contracts.logs import get_logger
 
-log = get_logger("stream.accounting")
+log = get_logger("stream.ops.accounting")
 
 
 def _content_digest(key: bytes | None, value: bytes | None, headers: Any) -> str:
@@ -173,7 +173,7 @@ class TopicReader:
     def __init__(self, bootstrap: str, topics: list[str], *, required: tuple[str, ...] = ()):
         from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
 
-        from stream.publish import client_kwargs  # noqa: PLC0415
+        from stream.kafka.clients import client_kwargs  # noqa: PLC0415
 
         self.topics = topics
         self.required = required
@@ -272,7 +272,7 @@ async def account(bootstrap: str, *, frames_topic: str = "frames", results_topic
 
 
 def _cmd_account(a) -> int:
-    from stream.cli_worker import _bootstrap  # noqa: PLC0415
+    from stream.ops.cli_worker import _bootstrap  # noqa: PLC0415
 
     if a.wait < 0:
         raise ValueError("--wait must be >= 0")
@@ -308,6 +308,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from stream.cli import main
+    from stream.ops.cli import main
 
     sys.exit(main(["account", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""`linewatch release|rollout|rollback` verbs (model lifecycle), registered into stream/cli.py's parser.
+"""`linewatch release|rollout|rollback` verbs (model lifecycle), registered into stream/ops/cli.py's parser.
 
 release ARTIFACT_DIR        verify an artifact (version dir in the model store) and publish ``released``
 rollout status              fold the ``model-events`` history into the state per model
@@ -17,13 +17,13 @@ from pathlib import Path
 def _topic(a) -> str:
     if getattr(a, "topic", None):
         return a.topic
-    from stream.config import Settings  # noqa: PLC0415
+    from contracts.config import Settings  # noqa: PLC0415
 
     return Settings().topic_model_events
 
 
 async def publish_event(bootstrap: str, topic: str, ev) -> None:
-    from stream.publish import Producer, ensure_topics  # noqa: PLC0415
+    from stream.kafka.clients import Producer, ensure_topics  # noqa: PLC0415
 
     await ensure_topics(bootstrap, [topic])
     async with Producer(bootstrap) as p:
@@ -32,8 +32,8 @@ async def publish_event(bootstrap: str, topic: str, ev) -> None:
 
 def released_event(artifact_dir: str, *, task: str | None = None, product: str | None = None, force: bool = False):
     """Verify ``artifact_dir`` and build its ``released`` event (ValueError with the reasons if broken)."""
-    from stream.model_events import ModelEvent  # noqa: PLC0415
-    from stream.model_store import verify_artifact  # noqa: PLC0415
+    from contracts.artifact import verify_artifact  # noqa: PLC0415
+    from contracts.model_events import ModelEvent  # noqa: PLC0415
 
     v = verify_artifact(artifact_dir)
     if v.artifact is None or (not v.ok and not force):
@@ -45,7 +45,7 @@ def released_event(artifact_dir: str, *, task: str | None = None, product: str |
 
 
 def _cmd_release(a) -> int:
-    from stream.cli_worker import _bootstrap  # noqa: PLC0415
+    from stream.ops.cli_worker import _bootstrap  # noqa: PLC0415
 
     ev = released_event(a.artifact, task=a.task, product=a.product, force=a.force)
     asyncio.run(publish_event(_bootstrap(a), _topic(a), ev))
@@ -54,12 +54,12 @@ def _cmd_release(a) -> int:
 
 
 def _cmd_rollout(a) -> int:
-    from stream.cli_worker import _endpoints  # noqa: PLC0415
+    from stream.ops.cli_worker import _endpoints  # noqa: PLC0415
 
     boot, triton = _endpoints(a)
     if a.action == "status":
-        from stream.model_events import ModelEventError, decode, fold_status  # noqa: PLC0415
-        from stream.publish import read_topics  # noqa: PLC0415
+        from contracts.model_events import ModelEventError, decode, fold_status  # noqa: PLC0415
+        from stream.kafka.clients import read_topics  # noqa: PLC0415
 
         recs = asyncio.run(read_topics(boot, [_topic(a)], timeout_s=a.timeout, idle_s=1.5))
         evs = []
@@ -84,9 +84,9 @@ def _cmd_rollout(a) -> int:
                       f"last={last['type']} v{last['version']}{why}")
         return 0
     if a.action == "run":
-        from stream.config import Settings  # noqa: PLC0415
-        from stream.publish import Producer, ensure_topics  # noqa: PLC0415
-        from stream.rollout import HealthPolicy, RolloutController, kafka_publisher, serve_events  # noqa: PLC0415
+        from contracts.config import Settings  # noqa: PLC0415
+        from stream.kafka.clients import Producer, ensure_topics  # noqa: PLC0415
+        from stream.lifecycle.rollout import HealthPolicy, RolloutController, kafka_publisher, serve_events  # noqa: PLC0415
 
         repo = Path(a.model_repository or Settings().model_repository)
         pol = HealthPolicy(shadow_frames=a.shadow_frames, shadow_timeout_s=a.shadow_timeout)
@@ -106,8 +106,8 @@ def _cmd_rollout(a) -> int:
 
 
 def _cmd_rollback(a) -> int:
-    from stream.cli_worker import _bootstrap  # noqa: PLC0415
-    from stream.model_events import ModelEvent  # noqa: PLC0415
+    from contracts.model_events import ModelEvent  # noqa: PLC0415
+    from stream.ops.cli_worker import _bootstrap  # noqa: PLC0415
 
     ev = ModelEvent("rollback_requested", a.model, a.to_version, reasons=[a.reason])
     asyncio.run(publish_event(_bootstrap(a), _topic(a), ev))

@@ -24,22 +24,23 @@ from typing import Any
 
 import numpy as np
 
-from stream.envelope import (
+from contracts.envelope import (
     EnvelopeError,
     Frame,
     InspectionResult,
     decode_frame,
     dlq_record,
-    make_defect_event,
     peek_ids,
 )
-from stream.logs import get_logger
-from stream.metrics import WorkerMetrics
-from stream.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image, to_tensor
-from stream.routing import Router, RoutingConfig
-from stream.triton_infer import PermanentInferError, TransientInferError, TritonInfer
+from contracts.image import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image
+from contracts.logs import get_logger
+from contracts.spec import to_tensor
+from stream.inference.heatmap import make_defect_event
+from stream.inference.routing import Router, RoutingConfig
+from stream.inference.triton_client import PermanentInferError, TransientInferError, TritonInfer
+from stream.worker.metrics import WorkerMetrics
 
-log = get_logger("stream.worker")
+log = get_logger("stream.worker.app")
 
 
 @dataclass
@@ -61,7 +62,7 @@ class WorkerConfig:
     max_side: int = DEFAULT_MAX_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES  # larger frames -> DLQ too_large (value dropped, size + sha256 kept)
-    broker_credentials: Any = field(default=None, repr=False)  # faust SASL/SSL credentials (stream.config)
+    broker_credentials: Any = field(default=None, repr=False)  # faust SASL/SSL credentials (contracts.config)
     heatmap_size: int = 64
     shadow: bool = False
     partitions: int = 1
@@ -75,10 +76,11 @@ class WorkerConfig:
 
     @classmethod
     def from_settings(cls, settings: Any = None, **overrides) -> WorkerConfig:
-        """Map the project's pydantic ``Settings`` (stream.config) onto the worker config; explicit
+        """Map the project's pydantic ``Settings`` (contracts.config) onto the worker config; explicit
         keyword overrides (CLI flags) win. Invalid settings (e.g. SASL without a password) fail
         here and never fall back to defaults."""
-        from stream.config import Settings, faust_broker_credentials  # noqa: PLC0415
+        from contracts.config import Settings  # noqa: PLC0415
+        from stream.kafka.clients import faust_broker_credentials  # noqa: PLC0415
 
         s = settings if settings is not None else Settings()
         kw: dict[str, Any] = {
@@ -125,8 +127,8 @@ def limit_fetch_wait(ms: int) -> None:
 
 
 def apply_dev_broker_workarounds() -> None:
-    """Tansu quirks: aiokafka LeaveGroup for generation 0 (stream.kafka_compat)."""
-    from stream.kafka_compat import apply_dev_broker_workarounds as apply  # noqa: PLC0415
+    """Tansu quirks: aiokafka LeaveGroup for generation 0 (stream.kafka.compat)."""
+    from stream.kafka.compat import apply_dev_broker_workarounds as apply  # noqa: PLC0415
 
     if apply():
         log.info("dev_broker_workaround_applied", fix="LeaveGroup for generation >= 0")
@@ -314,7 +316,7 @@ class Pipeline:
 
 def build_app(cfg: WorkerConfig):
     """Create the Faust app with its agent, /metrics page and lifecycle hooks."""
-    import faust  # noqa: PLC0415 - keep `import stream.worker` cheap for the CLI
+    import faust  # noqa: PLC0415 - keep `import stream.worker.app` cheap for the CLI
 
     if cfg.dev_broker:
         apply_dev_broker_workarounds()
@@ -340,7 +342,7 @@ def build_app(cfg: WorkerConfig):
         # a DLQ record carries the original frame (<= max_bytes, larger ones are dropped) + headers
         producer_max_request_size=cfg.max_bytes + 1024 * 1024,
     )
-    if cfg.broker_credentials is not None:  # TLS / SASL (stream.config.faust_broker_credentials)
+    if cfg.broker_credentials is not None:  # TLS / SASL (contracts.config.faust_broker_credentials)
         app_kw["broker_credentials"] = cfg.broker_credentials
     if cfg.dev_broker:  # embedded Tansu broker: short joins; single-record batches where end offsets matter
         app_kw.update(broker_session_timeout=6, broker_heartbeat_interval=1, producer_max_batch_size=1,
@@ -382,8 +384,8 @@ def build_app(cfg: WorkerConfig):
                 log.warning("produce_retry", attempt=attempt + 1, error=str(e)[:300], delay_s=delay)
                 await asyncio.sleep(delay)
 
-    # adapter lifecycle + drift (stream/rollout.py): model-events rollout agent, shadow traffic, drift-alerts
-    from stream.rollout import register as register_lifecycle  # noqa: PLC0415
+    # adapter lifecycle + drift (stream/lifecycle/rollout.py): model-events rollout agent, shadow traffic, drift-alerts
+    from stream.lifecycle.rollout import register as register_lifecycle  # noqa: PLC0415
 
     lifecycle = register_lifecycle(app, cfg, pipeline)
 
@@ -456,18 +458,18 @@ def run_worker(cfg: WorkerConfig, loglevel: str = "info") -> None:
     worker.execute_from_commandline()
 
 
-def main(argv: list[str] | None = None) -> None:  # python -m stream.worker
+def main(argv: list[str] | None = None) -> None:  # python -m stream.worker.app
     import argparse  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser("stream.worker")
+    ap = argparse.ArgumentParser("stream.worker.app")
     add_worker_args(ap)
     a = ap.parse_args(argv)
     try:
         cfg = config_from_args(a)
     except ValueError as e:  # pydantic ValidationError included: one line, no traceback
-        from stream.config import one_line_error  # noqa: PLC0415
+        from contracts.config import one_line_error  # noqa: PLC0415
 
-        raise SystemExit(f"stream.worker: error: {one_line_error(e)}") from None
+        raise SystemExit(f"stream.worker.app: error: {one_line_error(e)}") from None
     run_worker(cfg)
 
 

@@ -2,7 +2,7 @@
 
 On a ``released`` event, step by step:
 
-1. **verify**: the artifact at ``artifact_uri`` (model store, :mod:`stream.model_store`) must match the
+1. **verify**: the artifact at ``artifact_uri`` (model store, :mod:`contracts.artifact`) must match the
    event's sha256 (digest of metadata.json) and every file listed in metadata.json its own sha256.
 2. **compatibility**: against the spec Triton serves now for that model (same detector and input
    contract; MoLE-Flow: same frozen base, earlier tasks' adapters unchanged; newer version).
@@ -19,7 +19,7 @@ On a ``released`` event, step by step:
 5. **health** (:func:`decide`, pure): no inference errors; enough frames; the candidate's scores on
    good-looking frames (live frames the incumbent did not flag, and probe images) consistent with the
    candidate's own calibration scores (``metadata.calibration.scores``): KS p-value and PSI as in
-   :mod:`stream.drift`, and the flagged fraction of good frames below ``policy.max_good_flag_rate``.
+   :mod:`stream.lifecycle.drift`, and the flagged fraction of good frames below ``policy.max_good_flag_rate``.
 6. **promote**: the artifact version is linked into ``<model>/<version>``, ``<model>/config.pbtxt`` is
    rewritten atomically with ``version_policy specific [new]`` and ``load_model(<model>)``: Triton loads
    the new version beside the serving one and retires the old one when the new one is READY (0 failed
@@ -46,10 +46,7 @@ import numpy as np
 import orjson
 from scipy import stats
 
-from stream.drift import population_stability_index
-from stream.logs import get_logger
-from stream.model_events import ModelEvent
-from stream.model_store import (
+from contracts.artifact import (
     CANDIDATE_SUFFIX,
     Artifact,
     check_compatibility,
@@ -59,8 +56,11 @@ from stream.model_store import (
     verify_artifact,
     write_config,
 )
+from contracts.logs import get_logger
+from contracts.model_events import ModelEvent
+from stream.lifecycle.drift import population_stability_index
 
-log = get_logger("stream.rollout")
+log = get_logger("stream.lifecycle.rollout")
 
 
 # ----------------------------------------------------------------------------- pure decision logic
@@ -351,8 +351,9 @@ class RolloutController:
         return out
 
     async def _shadow(self, ro: Rollout, ev: ModelEvent) -> Decision:
-        from stream.preprocess import decode_image, parse_spec, to_tensor  # noqa: PLC0415
-        from stream.triton_infer import TritonInfer  # noqa: PLC0415
+        from contracts.image import decode_image  # noqa: PLC0415
+        from contracts.spec import parse_spec, to_tensor  # noqa: PLC0415
+        from stream.inference.triton_client import TritonInfer  # noqa: PLC0415
 
         pol = self.policy
         spec = parse_spec(ro.artifact.metadata)
@@ -412,14 +413,14 @@ class RolloutController:
 
 
 class DriftHook:
-    """Feeds every (non-shadow) result into a :class:`stream.drift.DriftMonitor`; returns alert records.
+    """Feeds every (non-shadow) result into a :class:`stream.lifecycle.drift.DriftMonitor`; returns alert records.
 
     The reference of a (model, version, task) is the calibration in its spec (``calibration.scores``, or
     ``tasks[t].calibration_scores`` for MoLE-Flow) with the task's ``route_distance_threshold``; a model
     without calibration scores gets a warm-up reference (its first ``warmup`` scores)."""
 
     def __init__(self, config=None, warmup: int = 128):
-        from stream.drift import DriftMonitor  # noqa: PLC0415
+        from stream.lifecycle.drift import DriftMonitor  # noqa: PLC0415
 
         self.monitor = DriftMonitor(config)
         self.warmup = warmup
@@ -468,7 +469,7 @@ class Lifecycle:
             for _key, _rj, _dj, res in outputs:
                 if self.controller is not None and self.controller.active:
                     if by_id is None:
-                        from stream.envelope import peek_ids  # noqa: PLC0415
+                        from contracts.envelope import peek_ids  # noqa: PLC0415
 
                         by_id = {peek_ids(h)[0]: v for _k, v, h, _t in records}
                     img = by_id.get(res.frame_id)
@@ -500,9 +501,9 @@ def register(app, cfg, pipeline_getter: Callable[[], Awaitable[Any]], repository
 
     ``cfg.extra`` options: ``rollout`` (default True), ``drift`` (default True), ``drift_window``,
     ``drift_check_every``, ``retrain_on_ood`` (default True)."""
-    from stream.config import Settings  # noqa: PLC0415
-    from stream.drift import DriftConfig  # noqa: PLC0415
-    from stream.model_events import ModelEventError, decode  # noqa: PLC0415
+    from contracts.config import Settings  # noqa: PLC0415
+    from contracts.model_events import ModelEventError, decode  # noqa: PLC0415
+    from stream.lifecycle.drift import DriftConfig  # noqa: PLC0415
 
     s = Settings()
     extra = getattr(cfg, "extra", {}) or {}
@@ -564,8 +565,8 @@ async def serve_events(bootstrap: str, topic: str, controller: RolloutController
     resumes from its committed offsets (a dedicated rollout Deployment)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
 
-    from stream.model_events import ModelEventError, decode  # noqa: PLC0415
-    from stream.publish import client_kwargs  # noqa: PLC0415
+    from contracts.model_events import ModelEventError, decode  # noqa: PLC0415
+    from stream.kafka.clients import client_kwargs  # noqa: PLC0415
 
     stop = stop or asyncio.Event()
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=group_id is not None,
@@ -600,7 +601,7 @@ async def serve_events(bootstrap: str, topic: str, controller: RolloutController
 
 
 def kafka_publisher(producer, topic: str = "model-events") -> Publish:
-    """Publish callable over a started :class:`stream.publish.Producer` (awaits the broker ack)."""
+    """Publish callable over a started :class:`stream.kafka.clients.Producer` (awaits the broker ack)."""
 
     async def publish(ev: ModelEvent) -> None:
         await producer.send_many(topic, [(ev.key, ev.to_json(), [])])

@@ -1,9 +1,9 @@
 """Fault injection against the embedded stack: the harness behind tests/integration/test_faults.py
 and benchmarks/reliability.py.
 
-A scenario runs one Faust worker (subprocess, as in production) against a :class:`~stream.local.LocalStack`
+A scenario runs one Faust worker (subprocess, as in production) against a :class:`~devstack.stack.LocalStack`
 on fresh topics, publishes frames at a steady rate from a background producer, injects one fault
-while they flow, then proves with :func:`stream.accounting.account` that every frame ended in the
+while they flow, then proves with :func:`stream.ops.accounting.account` that every frame ended in the
 results topic or the DLQ. Faults (all loopback, all on the real processes):
 
 - ``worker_sigkill``: SIGKILL the worker while a batch is inside Triton, start a new one (same group);
@@ -38,13 +38,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stream.logs import get_logger
+from contracts.logs import get_logger
 
-log = get_logger("stream.chaos")
+log = get_logger("tests.harness.chaos")
 
 FAULTS = ("worker_sigkill", "broker_pause", "triton_crash", "triton_flap", "model_unload", "triton_stall")
 
-_PROBE_MODEL_PY = '''"""linewatch probe detector (stream/chaos.py): anomaly map = mean |x| over channels."""
+_PROBE_MODEL_PY = '''"""linewatch probe detector (tests/harness/chaos.py): anomaly map = mean |x| over channels."""
 
 import json
 import time
@@ -137,8 +137,8 @@ class Feeder(_LoopThread):
         self.sent_at: list[float] = []
 
     async def main(self) -> None:
-        from stream.envelope import Frame, encode_frame, new_frame_id  # noqa: PLC0415
-        from stream.publish import Producer  # noqa: PLC0415
+        from contracts.envelope import Frame, encode_frame, new_frame_id  # noqa: PLC0415
+        from stream.kafka.clients import Producer  # noqa: PLC0415
 
         t0 = time.monotonic()
         async with Producer(self.bootstrap) as p:
@@ -168,7 +168,7 @@ class ResultWatch(_LoopThread):
     async def main(self) -> None:
         from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
 
-        from stream.publish import client_kwargs  # noqa: PLC0415
+        from stream.kafka.clients import client_kwargs  # noqa: PLC0415
 
         c = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", **client_kwargs("consumer"))
@@ -251,7 +251,7 @@ class ScenarioResult:
 
 
 def load_images(folder: str | Path, limit: int = 16) -> list[bytes]:
-    from stream.replay import list_images  # noqa: PLC0415
+    from stream.ops.replay import list_images  # noqa: PLC0415
 
     return [it.path.read_bytes() for it in list_images(folder)[:limit]]
 
@@ -304,14 +304,14 @@ def _wait_metric(port: int, name: str, pred, timeout_s: float) -> bool:
 def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *, model: str, n: int = 80,
                  fps: float = 10.0, fault_s: float = 8.0, warm_results: int = 5, settle_s: float = 120.0,
                  batch_max: int = 8, web_port: int | None = None) -> ScenarioResult:
-    """Run one fault scenario against ``stack`` (a started :class:`stream.local.LocalStack` with
+    """Run one fault scenario against ``stack`` (a started :class:`devstack.stack.LocalStack` with
     ``model`` loaded). Returns the measured :class:`ScenarioResult`; ``ok`` = nothing lost, nothing
     DLQ'd, the topics read to their end, the worker alive and without crashes."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
-    from stream.accounting import account  # noqa: PLC0415
-    from stream.demo import WorkerProcess  # noqa: PLC0415
-    from stream.publish import ensure_topics  # noqa: PLC0415
+    from devstack.worker_process import WorkerProcess  # noqa: PLC0415
+    from stream.kafka.clients import ensure_topics  # noqa: PLC0415
+    from stream.ops.accounting import account  # noqa: PLC0415
 
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")

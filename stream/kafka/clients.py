@@ -14,21 +14,75 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from stream.logs import get_logger
+from contracts.config import Settings
+from contracts.logs import get_logger
 
-log = get_logger("stream.publish")
+log = get_logger("stream.kafka.clients")
 
 DEFAULT_TOPICS = ("frames", "inspection-results", "defect-events", "frames-dlq", "drift-alerts", "model-events")
 
 
 def client_kwargs(role: str = "any", **extra) -> dict[str, Any]:
-    """aiokafka kwargs (security + dev-broker timings) from stream.config, minus bootstrap_servers."""
-    from stream.config import aiokafka_client_kwargs  # noqa: PLC0415
-
+    """aiokafka kwargs (security + dev-broker timings) from contracts.config, minus bootstrap_servers."""
     kw = aiokafka_client_kwargs(role=role)
     kw.pop("bootstrap_servers", None)
     kw.update(extra)
     return kw
+
+
+def aiokafka_client_kwargs(settings: Settings | None = None, role: str = "any") -> dict[str, Any]:
+    """aiokafka client kwargs from settings: security, and the dev-broker timings.
+
+    role: "producer", "consumer" or "any" (only keys every aiokafka client accepts).
+    """
+    s = settings or Settings()
+    kw: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap, "security_protocol": s.kafka_security_protocol}
+    if s.kafka_security_protocol.startswith("SASL"):
+        kw["sasl_mechanism"] = s.kafka_sasl_mechanism or "PLAIN"
+        kw["sasl_plain_username"] = s.kafka_sasl_username
+        kw["sasl_plain_password"] = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None
+    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        kw["ssl_context"] = ssl_context(s)
+    if s.dev_broker:
+        if role == "consumer":
+            # (b) Tansu keeps a departed fresh member until its session times out: keep it short
+            kw.update(session_timeout_ms=6000, heartbeat_interval_ms=2000)
+        elif role == "producer":
+            # (a) ListOffsets(latest) is wrong on multi-record batches: one record per batch
+            kw.update(max_batch_size=1)
+    return kw
+
+
+def ssl_context(settings: Settings | None = None):
+    """TLS context from the kafka_ssl_* settings (CA bundle, optional client cert/key), or None."""
+    s = settings or Settings()
+    if s.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    from aiokafka.helpers import create_ssl_context  # noqa: PLC0415
+
+    pw = s.kafka_ssl_key_password.get_secret_value() if s.kafka_ssl_key_password else None
+    return create_ssl_context(cafile=s.kafka_ssl_cafile, certfile=s.kafka_ssl_certfile,
+                              keyfile=s.kafka_ssl_keyfile, password=pw)
+
+
+def faust_broker_credentials(settings: Settings | None = None):
+    """The Faust app's ``broker_credentials`` for the same security settings (None for PLAINTEXT).
+
+    Faust turns these into the same aiokafka kwargs for its consumer, producer and admin client
+    (``faust.transport.drivers.aiokafka.credentials_to_aiokafka_auth``)."""
+    s = settings or Settings()
+    proto = s.kafka_security_protocol
+    if proto == "PLAINTEXT":
+        return None
+    import faust  # noqa: PLC0415 - stream may import faust; keep `import contracts.config` light
+
+    ctx = ssl_context(s)
+    if proto == "SSL":
+        return faust.SSLCredentials(ctx)
+    creds = faust.SASLCredentials(username=s.kafka_sasl_username,
+                                  password=s.kafka_sasl_password.get_secret_value(),
+                                  ssl_context=ctx, mechanism=s.kafka_sasl_mechanism or "PLAIN")
+    return creds
 
 
 async def ensure_topics(bootstrap: str, topics: Iterable[str] = DEFAULT_TOPICS, partitions: int = 1) -> None:

@@ -2,7 +2,7 @@
 
 1. make sure a bottle detector exists in ``triton_repo/`` (else train + export a short-schedule one
    by running the models CLI as a *subprocess*; ``stream`` never imports torch);
-2. start the embedded stack (Tansu broker + tritonserver, :class:`stream.local.LocalStack`) and load it;
+2. start the embedded stack (Tansu broker + tritonserver, :class:`devstack.stack.LocalStack`) and load it;
 3. start the Faust worker (subprocess, like production), replay MVTec ``bottle/test`` as a camera;
 4. collect every result / DLQ record, print frames in/out, flagged, streamed image AUROC vs the
    ground-truth labels, p50/p99 end-to-end latency, and write a PNG grid of flagged frames with
@@ -14,35 +14,28 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import orjson
 
-from stream.envelope import decode_defect_event, decode_heatmap, decode_result, dlq_reason
-from stream.logs import get_logger
+from contracts.envelope import decode_defect_event, decode_heatmap, decode_result, dlq_reason
+from contracts.logs import get_logger
+from devstack.stack import LocalStack
+from devstack.worker_process import WorkerProcess
 
-log = get_logger("stream.demo")
+log = get_logger("devstack.demo")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_dir() -> Path:
     try:
-        from stream.config import Settings  # noqa: PLC0415
+        from contracts.config import Settings  # noqa: PLC0415
 
         s = Settings()
         for n in ("data_dir", "linewatch_data_dir"):
@@ -218,73 +211,6 @@ def write_grid(path: Path, events, by_id, *, tile: int = 192, cols: int = 6, max
     return path
 
 
-class WorkerProcess:
-    """The Faust worker as a child process (how it runs in production; SIGTERM stops it cleanly)."""
-
-    def __init__(self, bootstrap: str, triton: str, workdir: Path, *, web_port: int | None = None,
-                 batch_max: int | None = None, batch_within: float | None = None, app_id: str = "linewatch-worker",
-                 log_path: Path | None = None, env: dict[str, str] | None = None, extra_args: list[str] | None = None):
-        self.web_port = web_port or free_port()
-        self.cmd = [sys.executable, "-m", "stream.worker", "--bootstrap", bootstrap, "--triton", triton,
-                    "--web-port", str(self.web_port), "--datadir", str(workdir / "faust"), "--dev-broker",
-                    "--app-id", app_id]
-        if batch_max:
-            self.cmd += ["--batch-max", str(batch_max)]
-        if batch_within is not None:
-            self.cmd += ["--batch-within", str(batch_within)]
-        self.cmd += list(extra_args or [])
-        self.log_path = log_path or workdir / "worker.log"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> WorkerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
-                                     env=self.env, start_new_session=True)
-        return self
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
-def open_stack(workdir: Path, model_repository: Path):
-    """stream.local.LocalStack started (owned by the embedded-stack module)."""
-    from stream.local import LocalStack  # noqa: PLC0415
-
-    stack = LocalStack(workdir, model_repository)
-    start = getattr(stack, "start", None) or getattr(stack, "up", None)
-    if start is not None:
-        start()
-    else:
-        stack.__enter__()
-    return stack
-
-
-def close_stack(stack) -> None:
-    stop = getattr(stack, "stop", None) or getattr(stack, "down", None) or getattr(stack, "close", None)
-    if stop is not None:
-        stop()
-    else:
-        stack.__exit__(None, None, None)
-
-
 def load_model(grpc_url: str, name: str, timeout_s: float = 180.0) -> None:
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
@@ -304,11 +230,11 @@ def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path 
              triton_grpc_url: str | None = None, model: str | None = None) -> Summary:
     """Run the demo. With ``bootstrap`` + ``triton_grpc_url`` an already running stack is used
     (e.g. ``linewatch stack up``) and left running; otherwise the embedded stack is started and stopped."""
-    from stream.publish import ensure_topics, read_topics  # noqa: PLC0415
-    from stream.replay import replay  # noqa: PLC0415
+    from stream.kafka.clients import ensure_topics, read_topics  # noqa: PLC0415
+    from stream.ops.replay import replay  # noqa: PLC0415
 
     t_all = time.monotonic()
-    from stream.config import Settings  # noqa: PLC0415
+    from contracts.config import Settings  # noqa: PLC0415
 
     settings = Settings()
     workdir = Path(workdir or Path(settings.stack_workdir) / "demo").resolve()
@@ -329,9 +255,11 @@ def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path 
         trained_s = time.monotonic() - t0
     print(f"model: {model}; starting embedded stack...", flush=True)
     own_stack = not (bootstrap and triton_grpc_url)
-    stack = open_stack(workdir / "stack", repo) if own_stack else None
+    stack = LocalStack(workdir / "stack", repo) if own_stack else None
     worker = None
     try:
+        if stack is not None:
+            stack.start()
         boot, grpc_url = (stack.kafka_bootstrap, stack.triton_grpc_url) if own_stack else (bootstrap, triton_grpc_url)
         load_model(grpc_url, model)
         asyncio.run(ensure_topics(boot))
@@ -365,13 +293,9 @@ def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path 
         if worker is not None:
             worker.stop()
         if stack is not None:
-            close_stack(stack)
+            stack.stop()
     summary.print()
     print(f"demo wall time   : {time.monotonic() - t_all:.1f} s" + (f" (training {trained_s:.0f} s)" if trained_s else ""))
     (out_dir / "summary.json").write_bytes(orjson.dumps({**summary.__dict__, "wall_s": time.monotonic() - t_all,
                                                          "train_s": trained_s}, option=orjson.OPT_INDENT_2))
     return summary
-
-
-def _unused(*_: Any) -> None:  # pragma: no cover
-    pass

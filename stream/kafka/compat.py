@@ -12,9 +12,9 @@ from aiokafka.consumer import group_coordinator as gc
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 
-from stream.logs import get_logger
+from contracts.logs import get_logger
 
-log = get_logger("stream.kafka_compat")
+log = get_logger("stream.kafka.compat")
 
 
 async def _maybe_leave_group_gen0(self) -> None:
@@ -39,7 +39,7 @@ def apply_dev_broker_workarounds() -> bool:
 
 
 def apply_if_enabled(settings=None) -> bool:
-    from stream.config import Settings  # noqa: PLC0415
+    from contracts.config import Settings  # noqa: PLC0415
 
     s = settings or Settings()
     return apply_dev_broker_workarounds() if s.dev_broker else False

@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     batch_max: int = Field(default=8, ge=1, le=256)
     batch_within_s: float = Field(default=0.02, gt=0, le=10)
     worker_web_port: int = Field(default=6066, ge=1, le=65535)
-    routing: str | None = None  # JSON file path or inline JSON (stream.routing)
-    # bad-input bounds (stream.preprocess): checked from the payload size and the image header
+    routing: str | None = None  # JSON file path or inline JSON (stream.inference.routing)
+    # bad-input bounds (contracts.spec): checked from the payload size and the image header
     # *before* decoding, so a decompression bomb is rejected without allocating it (DLQ too_large)
     max_frame_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
@@ -115,68 +115,8 @@ class Settings(BaseSettings):
         return {k: (str(v) if isinstance(v, SecretStr | Path) else v) for k, v in self.model_dump().items()}
 
 
-def aiokafka_client_kwargs(settings: Settings | None = None, role: str = "any") -> dict[str, Any]:
-    """aiokafka client kwargs from settings: security, and the dev-broker timings.
-
-    role: "producer", "consumer" or "any" (only keys every aiokafka client accepts).
-    """
-    s = settings or Settings()
-    kw: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap, "security_protocol": s.kafka_security_protocol}
-    if s.kafka_security_protocol.startswith("SASL"):
-        kw["sasl_mechanism"] = s.kafka_sasl_mechanism or "PLAIN"
-        kw["sasl_plain_username"] = s.kafka_sasl_username
-        kw["sasl_plain_password"] = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None
-    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        kw["ssl_context"] = ssl_context(s)
-    if s.dev_broker:
-        if role == "consumer":
-            # (b) Tansu keeps a departed fresh member until its session times out: keep it short
-            kw.update(session_timeout_ms=6000, heartbeat_interval_ms=2000)
-        elif role == "producer":
-            # (a) ListOffsets(latest) is wrong on multi-record batches: one record per batch
-            kw.update(max_batch_size=1)
-    return kw
-
-
-def ssl_context(settings: Settings | None = None):
-    """TLS context from the kafka_ssl_* settings (CA bundle, optional client cert/key), or None."""
-    s = settings or Settings()
-    if s.kafka_security_protocol not in ("SSL", "SASL_SSL"):
-        return None
-    from aiokafka.helpers import create_ssl_context  # noqa: PLC0415
-
-    pw = s.kafka_ssl_key_password.get_secret_value() if s.kafka_ssl_key_password else None
-    return create_ssl_context(cafile=s.kafka_ssl_cafile, certfile=s.kafka_ssl_certfile,
-                              keyfile=s.kafka_ssl_keyfile, password=pw)
-
-
-def faust_broker_credentials(settings: Settings | None = None):
-    """The Faust app's ``broker_credentials`` for the same security settings (None for PLAINTEXT).
-
-    Faust turns these into the same aiokafka kwargs for its consumer, producer and admin client
-    (``faust.transport.drivers.aiokafka.credentials_to_aiokafka_auth``)."""
-    s = settings or Settings()
-    proto = s.kafka_security_protocol
-    if proto == "PLAINTEXT":
-        return None
-    import faust  # noqa: PLC0415 - stream may import faust; keep `import stream.config` light
-
-    ctx = ssl_context(s)
-    if proto == "SSL":
-        return faust.SSLCredentials(ctx)
-    creds = faust.SASLCredentials(username=s.kafka_sasl_username,
-                                  password=s.kafka_sasl_password.get_secret_value(),
-                                  ssl_context=ctx, mechanism=s.kafka_sasl_mechanism or "PLAIN")
-    return creds
-
-
 def one_line_error(e: BaseException) -> str:
-    """An exception as one line; pydantic validation errors without their input values (which may hold
-    secrets such as the SASL password)."""
-    from pydantic import ValidationError  # noqa: PLC0415
+    """An exception as one line, without pydantic's input values (see contracts.cli.one_line)."""
+    from contracts.cli import one_line
 
-    if isinstance(e, ValidationError):
-        parts = [f"{'.'.join(map(str, er['loc'])) or er.get('type', '')}: {er['msg']}"
-                 for er in e.errors(include_input=False, include_url=False)]
-        return f"invalid settings: {'; '.join(parts)}"
-    return " ".join(str(e).split())
+    return one_line(e)

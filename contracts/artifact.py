@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlparse
 
 import orjson
 
-from stream.preprocess import parse_spec
+from contracts.spec import parse_spec
 
 METADATA = "metadata.json"
 CONFIG = "config.pbtxt"

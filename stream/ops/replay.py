@@ -15,11 +15,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from stream.envelope import Frame, encode_frame, new_frame_id
-from stream.logs import get_logger
-from stream.publish import Producer
+from contracts.envelope import Frame, encode_frame, new_frame_id
+from contracts.logs import get_logger
+from stream.kafka.clients import Producer
 
-log = get_logger("stream.replay")
+log = get_logger("stream.ops.replay")
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp"}
 
 

@@ -9,8 +9,8 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from stream.envelope import EnvelopeError, decode_result, dlq_reason, headers_to_dict
-from stream.publish import client_kwargs
+from contracts.envelope import EnvelopeError, decode_result, dlq_reason, headers_to_dict
+from stream.kafka.clients import client_kwargs
 
 _RED, _GREEN, _YELLOW, _RESET = "\033[31m", "\033[32m", "\033[33m", "\033[0m"
 

@@ -1,0 +1,57 @@
+"""`linewatch` command line: one parser, verbs registered by the modules that own them.
+
+Core verbs come from stream.ops; development verbs (``stack``, ``demo``) are plugins found through
+the ``linewatch.verbs`` entry point, so the worker image (no devstack) simply lacks them.
+Exit codes follow contracts.cli: 2 usage/data errors, 1 runtime failures, one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from importlib.metadata import entry_points
+
+from contracts.cli import OneLineParser, run_command
+from contracts.config import Settings
+from contracts.logs import configure_logging
+
+CORE_VERBS = ("stream.ops.cli_worker", "stream.ops.cli_lifecycle", "stream.ops.accounting")
+PLUGIN_GROUP = "linewatch.verbs"
+
+
+def plugins() -> list:
+    """Modules registered under the ``linewatch.verbs`` entry point that are importable here."""
+    mods = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            mods.append(importlib.import_module(ep.value.split(":")[0]))
+        except ModuleNotFoundError:  # a plugin whose package this image does not carry
+            continue
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = OneLineParser(prog="linewatch", description="streaming visual inspection service")
+    ap.add_argument("--log-level", default=None)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
+    for name in CORE_VERBS:
+        importlib.import_module(name).register(sub)
+    for mod in plugins():
+        mod.register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    configure_logging(a.log_level)
+
+    def command() -> int:
+        a.settings = Settings()  # the config root: built once here, passed down through `a`
+        return a.func(a)
+
+    return run_command("linewatch", command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
