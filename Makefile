@@ -25,8 +25,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/linewatch demo
 
-## The full test suite: unit + integration against the real Tansu broker and real tritonserver.
+## The full test suite: import boundaries, then unit + integration against the real Tansu broker and tritonserver.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest tests
 
 test-unit: $(STAMP)
@@ -36,7 +37,8 @@ test-integration: $(STAMP)
 	$(VENV)/bin/pytest tests -m integration
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check stream models tests benchmarks
+	$(VENV)/bin/ruff check contracts stream models devstack tests benchmarks
+	$(VENV)/bin/lint-imports
 
 stack-up: $(STAMP)
 	$(VENV)/bin/linewatch stack up

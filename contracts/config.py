@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     stack_workdir: Path = REPO_ROOT / ".stack"
     data_dir: Path = REPO_ROOT.parent / "shared" / "data"
     log_level: str = "INFO"
+    # supply chain: refuse to load weights that have no sha256 (sidecar or pinned digest)
+    require_sha256: bool = False
+    # `linewatch demo`: training steps of the short-schedule model it trains when none exists
+    demo_steps: int | None = Field(default=None, ge=1)
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -14,10 +14,13 @@ RUN python -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" 
 ENV PATH=/opt/linewatch/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contracts ./contracts
 COPY stream ./stream
 COPY models ./models
+# the project's own extra (its pins live in pyproject.toml), not an unpinned package:
+# hadolint ignore=DL3013
 RUN pip install --upgrade "pip==24.3.1" "setuptools==75.6.0" "wheel==0.45.1" \
- && pip install . \
+ && pip install ".[models,worker]" \
  && python -c "import torch, timm, FrEIA, models, stream; print(torch.__version__)"
 
 FROM ${TORCH_IMAGE}

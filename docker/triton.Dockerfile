@@ -22,10 +22,11 @@ ENV PATH=/opt/linewatch/bin:$PATH \
     VIRTUAL_ENV=/opt/linewatch
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY stream ./stream
+COPY contracts ./contracts
 COPY models ./models
-# Full install: torch/torchvision/timm/FrEIA as pinned in pyproject.toml (CUDA wheels from PyPI).
-RUN uv pip install --no-cache . \
+# The [models] extra: torch/torchvision/timm/FrEIA as pinned in pyproject.toml (CUDA wheels from PyPI);
+# nvidia-pytriton only for its Python 3.11 backend stub (copied below; pytriton itself is not in the image).
+RUN uv pip install --no-cache ".[models]" "nvidia-pytriton==0.7.0" \
  && python -c "import torch, timm, FrEIA, models; print(torch.__version__)" \
  && cp "$(python -c 'import pytriton, pathlib; print(pathlib.Path(pytriton.__file__).parent)')/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub" /opt/triton_python_backend_stub
 

@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# linewatch stream worker (Faust). No torch: `stream` never imports it, and the image is
-# built from docker/requirements-worker.txt + `pip install --no-deps .` with only stream/ copied.
+# linewatch stream worker (Faust). No torch: `stream` never imports it (import-linter contract in
+# pyproject), the image installs only the `[worker]` extra, and only contracts/ + stream/ are copied
+# (no models/, devstack/ or tests/: tests/unit/test_dockerfiles.py checks the file set).
 # Build from the repo root:  docker build -f docker/worker.Dockerfile -t linewatch/worker:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -11,15 +12,16 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/linewatch
 ENV PATH=/opt/linewatch/bin:$PATH
 WORKDIR /src
-COPY docker/requirements-worker.txt /tmp/requirements-worker.txt
-RUN pip install --upgrade "pip==24.3.1" "setuptools==75.6.0" "wheel==0.45.1" \
- && pip install -r /tmp/requirements-worker.txt
+RUN pip install --upgrade "pip==24.3.1" "setuptools==75.6.0" "wheel==0.45.1"
 COPY pyproject.toml README.md ./
+COPY contracts ./contracts
 COPY stream ./stream
-# --no-deps: the project's torch/timm pins are never resolved in this image.
-RUN pip install --no-deps . \
+# the [worker] extra only: torch/timm (the [models] extra) are never resolved in this image
+# the project's own extra (its pins live in pyproject.toml), not an unpinned package:
+# hadolint ignore=DL3013
+RUN pip install ".[worker]" \
  && python -c "import importlib.util as u, sys; sys.exit(1 if u.find_spec('torch') else 0)" \
- && python -c "import stream"
+ && python -c "import stream.worker.app, stream.ops.cli; stream.ops.cli.build_parser()"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="linewatch-worker" \

