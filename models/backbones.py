@@ -87,8 +87,6 @@ KEY_MAPS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], dict]]] = {
     "efficientnet_lite0": (_is_lukemelas, lukemelas_efficientnet_lite0_to_timm),
 }
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-
 
 def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Input (mean, std) the backbone's weights were trained with, from timm's pretrained config

@@ -19,7 +19,6 @@ from torch import nn
 
 TEACHER_CHANNELS = 384  # Table 1/2: Conv-4 (S) / Conv-5,6 (M) of the teacher have 384 kernels
 STUDENT_CHANNELS = 768  # "the student has 768 kernels instead of 384": 384 imitate T + 384 imitate AE
-INPUT_SIZE = 256  # §4.1: images resized to 256x256
 OUT_SIZE_NOPAD = 56  # PDN output and AE output for a 256x256 input with padding off
 
 

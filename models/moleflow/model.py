@@ -1,4 +1,4 @@
-"""MoLE-Flow: frozen normalizing-flow base + one small adapter per product task (seeds 002-004).
+"""MoLE-Flow: frozen normalizing-flow base + one small adapter per product task (MoLE-Flow paper).
 
 Pipeline (MoLE-Flow paper, eq. 1): image -> timm backbone (layers 2+3) -> Patch Maker: parameter-free
 pooled patches on a 14x14 or 28x28 grid (3x3 local average, channel average-pooling to D only when D is
@@ -19,191 +19,21 @@ task's outputs (tested with ``torch.equal``).
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from FrEIA.framework import SequenceINN
-from FrEIA.modules import AffineCouplingOneSided, PermuteRandom
 from torch import nn
 
-TASK_CONTAINERS = ("lora_A", "lora_B", "lora_bias", "wa_gamma", "wa_beta", "scm_gate", "dia")
-_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-def check_task_name(name: str) -> str:
-    if not isinstance(name, str) or not _TASK_RE.match(name):
-        raise ValueError(f"bad task name {name!r}: use letters, digits, '_' or '-' (max 64)")
-    return name
-
-
-@dataclass
-class MoLEFlowConfig:
-    backbone: str = "tf_efficientnet_lite0"
-    out_indices: tuple[int, ...] = (2, 3)  # stride 8 + 16 feature maps (the paper's layer2 + layer3)
-    image_size: int = 224
-    grid: int = 28  # MoLE-Flow paper: the layer-2 (stride 8) resolution, 28x28 at 224; 14 halves it (CPU quick)
-    dim: int | None = None  # D; None = the backbone's channel count (40 + 112 = 152 for Lite0 2+3)
-    coupling_layers: int = 8  # M = 8 (MoLE-Flow paper, defaults table)
-    subnet_hidden: int = 256
-    lora_rank: int = 64  # r = 64, alpha = r -> scaling 1 (§3.4.1)
-    lora_alpha: float = 64.0
-    dia_blocks: int = 6  # N = 6 (MoLE-Flow paper, best ablation setting)
-    clamp: float = 1.9  # alpha_clamp (§3.4.3)
-    scale_kernel: int = 3  # scale context kernel 3 (Ultimate-Combo2)
-    spatial_kernel: int = 3  # spatial context mixer kernel (§3.3.2)
-    ctx_alpha_max: float = 1.0  # MoLEContextSubnet ctx gate: alpha = alpha_max * sigmoid(theta)
-    top_k: int = 10  # image score = mean of top-K patch NLLs (MoLE-Flow paper eq. 26-28, k=10)
-    router_reg: float = 1e-5  # lambda_reg on the covariance diagonal (MoLE-Flow paper, defaults table)
-    seed: int = 0
-
-    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        from models.backbones import backbone_normalization
-
-        return backbone_normalization(self.backbone)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["out_indices"] = list(self.out_indices)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MoLEFlowConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "out_indices" in known:
-            known["out_indices"] = tuple(known["out_indices"])
-        return cls(**known)
-
-
-class TaskSwitch:
-    """Shared holder of the active task name, read by every LoRALinear (not a module)."""
-
-    def __init__(self) -> None:
-        self.task: str | None = None
-
-
-def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
-    """2D sin-cos positional encoding P in R^{H x W x D} (MoLE-Flow paper, Method §3.2.2: F' = F + P)."""
-    if dim % 4:
-        raise ValueError(f"dim must be divisible by 4 for 2D sin-cos PE, got {dim}")
-    q = dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(q, dtype=torch.float64) / q))
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    oy = ys.reshape(-1, 1) * omega[None]
-    ox = xs.reshape(-1, 1) * omega[None]
-    pe = torch.cat([torch.sin(oy), torch.cos(oy), torch.sin(ox), torch.cos(ox)], dim=1)
-    return pe.reshape(h, w, dim).float()
-
-
-class LoRALinear(nn.Module):
-    """h(x) = W_base x + b_base + (alpha/r) B_t A_t x + b_t (MoLE-Flow paper, Method §3.4.1 LoRALinear)."""
-
-    def __init__(self, in_f: int, out_f: int, rank: int, alpha: float, switch: TaskSwitch, zero_base: bool = False):
-        super().__init__()
-        self.base = nn.Linear(in_f, out_f)
-        if zero_base:
-            nn.init.zeros_(self.base.weight)
-            nn.init.zeros_(self.base.bias)
-        self.in_f, self.out_f, self.rank = in_f, out_f, rank
-        self.scaling = alpha / rank
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_bias = nn.ParameterDict()
-        self._switch = switch
-
-    def add_task(self, name: str, gen: torch.Generator) -> None:
-        # A ~ N(0, 1/r), B = 0 (MoLE-Flow paper, notation) -> the adapter starts as the identity on the base
-        self.lora_A[name] = nn.Parameter(torch.randn(self.rank, self.in_f, generator=gen) / math.sqrt(self.rank))
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_f, self.rank))
-        self.lora_bias[name] = nn.Parameter(torch.zeros(self.out_f))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        t = self._switch.task
-        if t is not None and t in self.lora_A:
-            y = y + self.scaling * F.linear(F.linear(x, self.lora_A[t]), self.lora_B[t]) + self.lora_bias[t]
-        return y
-
-
-class SoftClamp:
-    """FrEIA clamp activation so that s~ = clamp * tanh(s / clamp) (MoLE-Flow paper, Method §3.5.1 soft clamping)."""
-
-    def __init__(self, clamp: float):
-        self.clamp = clamp
-
-    def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(u / self.clamp)
-
-
-def _coupling_stack(dim: int, n: int, subnet, clamp: float, seed: int) -> SequenceINN:
-    """n x [FrEIA AffineCouplingOneSided (y2 = x2 * exp(clamp tanh(s/clamp)) + t) -> PermuteRandom]."""
-    flow = SequenceINN(dim)
-    state = np.random.get_state()  # PermuteRandom seeds numpy's global RNG: restore it afterwards
-    for i in range(n):
-        flow.append(AffineCouplingOneSided, subnet_constructor=subnet, clamp=clamp,
-                    clamp_activation=SoftClamp(clamp))
-        flow.append(PermuteRandom, seed=seed * 7919 + i)
-    np.random.set_state(state)
-    return flow
-
-
-class MoLEContextSubnet(nn.Module):
-    """Coupling subnet: s-net sees [x; ctx], t-net sees x (MoLE-Flow paper, Method §3.4.1).
-
-    Rows arrive ordered (B, H, W); the 1D input is reshaped to the patch grid for the 3x3
-    depthwise context conv. ctx only depends on the passive half, so the coupling stays invertible
-    and the Jacobian stays block-triangular (per-patch log-det = sum of that patch's s).
-    """
-
-    def __init__(self, c_in: int, c_out: int, cfg: MoLEFlowConfig, switch: TaskSwitch):
-        super().__init__()
-        self.grid = cfg.grid
-        self.clamp = cfg.clamp
-        k = cfg.spatial_kernel
-        self.ctx_conv = nn.Conv2d(c_in, c_in, k, padding=k // 2, groups=c_in)
-        self.ctx_theta = nn.Parameter(torch.zeros(1))
-        self.ctx_alpha_max = cfg.ctx_alpha_max
-        h, r, a = cfg.subnet_hidden, cfg.lora_rank, cfg.lora_alpha
-        half = c_out // 2
-        self.s1 = LoRALinear(2 * c_in, h, r, a, switch)
-        self.s2 = LoRALinear(h, half, r, a, switch, zero_base=True)
-        self.t1 = LoRALinear(c_in, h, r, a, switch)
-        self.t2 = LoRALinear(h, half, r, a, switch, zero_base=True)
-
-    def lora_layers(self) -> list[LoRALinear]:
-        return [self.s1, self.s2, self.t1, self.t2]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape
-        hw = self.grid * self.grid
-        b = n // hw
-        xs = x.reshape(b, self.grid, self.grid, c).permute(0, 3, 1, 2)
-        alpha = self.ctx_alpha_max * torch.sigmoid(self.ctx_theta)
-        ctx = alpha * self.ctx_conv(xs).permute(0, 2, 3, 1).reshape(n, c)  # ctx = alpha * c(x)
-        s = self.s2(F.relu(self.s1(torch.cat([x, ctx], dim=1))))
-        t = self.t2(F.relu(self.t1(x)))
-        return torch.cat([s, t], dim=1)
-
-
-class SimpleSubnet(nn.Module):
-    """DIA subnet: D/2 -> D/2 (ReLU) -> (s, t); Xavier-uniform weights, zero biases, zero output layer."""
-
-    def __init__(self, c_in: int, c_out: int, clamp: float):
-        super().__init__()
-        self.clamp = clamp
-        self.fc1 = nn.Linear(c_in, c_in)
-        self.fc2 = nn.Linear(c_in, c_out)
-        nn.init.xavier_uniform_(self.fc1.weight)
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.fc2(F.relu(self.fc1(x)))
-        return a  # [s, t]
+from models.moleflow.config import TASK_CONTAINERS, MoLEFlowConfig, TaskSwitch, check_task_name
+from models.moleflow.layers import (
+    LoRALinear,
+    MoLEContextSubnet,
+    SimpleSubnet,
+    _coupling_stack,
+    sincos_pos_embed_2d,
+)
 
 
 class MoLEFlow(nn.Module):
@@ -356,7 +186,7 @@ class MoLEFlow(nn.Module):
         return x, z, ld
 
     def transform(self, x: torch.Tensor, task: str, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base flow (+ LoRA_t) then DIA_t (rev: inverse). Seed 003 eq. 19: log|det J| = flow + DIA."""
+        """Base flow (+ LoRA_t) then DIA_t (rev: inverse). MoLE-Flow paper, Eq. 19: log|det J| = flow + DIA."""
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; known: {self.tasks}")
         self.switch.task = task
@@ -482,6 +312,8 @@ class MoLEFlow(nn.Module):
             amap = amap - mthr[:, None, None, None]
         return {"anomaly_map": amap, "score": score, "task": chosen, "route_distance": rd,
                 "routed": [not t for t in tasks], "patch_nll": nll}
+
+__all__ = ["TASK_CONTAINERS", "MoLEFlow", "MoLEFlowConfig", "TaskSwitch", "check_task_name", "count_parameters"]
 
 
 def count_parameters(params) -> int:
