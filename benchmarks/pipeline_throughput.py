@@ -59,7 +59,7 @@ class BareTriton:
     model config, and a batch call with the same inputs the worker sends."""
 
     def __init__(self, url: str, model: str):
-        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+        import tritonclient.grpc as grpcclient
 
         self.grpc, self.model = grpcclient, model
         self.client = grpcclient.InferenceServerClient(url)
@@ -113,10 +113,10 @@ def paired_latency(boot: str, url: str, model: str, blobs: list[bytes], gap_s: f
     costs); (3) pipeline: the same bytes as a frame through a batch-1 Faust worker subprocess; its
     e2e (result produced - frame timestamp) comes from the result, and ``delivered`` is when this
     process received the result from Kafka. Interleaving cancels drift in machine load."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from contracts.envelope import Frame, encode_frame, new_frame_id  # noqa: PLC0415
-    from stream.kafka.clients import Producer, client_kwargs  # noqa: PLC0415
+    from contracts.envelope import Frame, encode_frame, new_frame_id
+    from stream.kafka.clients import Producer, client_kwargs
 
     wait = fetch_wait_ms or WorkerConfig().fetch_max_wait_ms
     fmt = sniff_image(blobs[0])[0]
@@ -240,10 +240,10 @@ def pipeline(boot: str, url: str, n: int, batch: int, workdir: Path) -> dict:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     if out["pipeline"]:

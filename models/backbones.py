@@ -97,7 +97,7 @@ def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, .
         raise BackboneError(f"unknown timm model: {name}")
     cfg = timm.get_pretrained_cfg(name.split(".")[0]) or timm.get_pretrained_cfg(name)
     if cfg is None:
-        from models.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
+        from models.data import IMAGENET_MEAN, IMAGENET_STD
 
         return IMAGENET_MEAN, IMAGENET_STD
     return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
@@ -106,7 +106,7 @@ def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, .
 def load_state_dict_file(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """safetensors, or ``torch.load(weights_only=True)``; the sha256 is verified before reading when
     known (``sha256``, a ``.sha256`` sidecar, or the torch-hub name ``<name>-<hash prefix>.pth``)."""
-    from models.artifacts import safe_load_safetensors, safe_torch_load  # noqa: PLC0415
+    from models.artifacts import safe_load_safetensors, safe_torch_load
 
     path = Path(path)
     if not path.is_file():
