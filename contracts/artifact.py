@@ -1,23 +1,21 @@
-"""Model store: where training jobs put artifacts and the rollout controller reads them.
+"""The artifact contract: model store, manifest, verification and config.pbtxt (torch- and faust-free).
 
 The store is addressed by a URI: ``file:///abs/dir`` or a plain directory path (the default,
 ``LINEWATCH_MODEL_STORE``; in Kubernetes a shared volume). Its layout is the Triton model-repository
-layout the exports already write (docs/CONTRACTS.md), so ``linewatch-models ... export --repo STORE``
-writes straight into it::
+layout the exports write (docs/CONTRACTS.md), so ``linewatch-models ... export --repo STORE`` writes
+straight into it::
 
     <store>/<model>/config.pbtxt                 (or <store>/<model>/<version>/config.pbtxt)
-    <store>/<model>/<version>/metadata.json      linewatch_spec + {"artifacts": {relpath: sha256}}
+    <store>/<model>/<version>/metadata.json      the manifest: linewatch_spec + {"artifacts": {relpath: sha256}}
     <store>/<model>/<version>/model.py + artifacts
 
-An *artifact* is one version directory. Its identity on ``model-events`` is
-(artifact_uri, sha256 of metadata.json); metadata.json pins the sha256 of every other file, so one
-digest covers the whole artifact. :func:`verify_artifact` checks both levels;
-:func:`check_compatibility` checks a new spec against the one serving now (same detector and
-input contract, MoLE-Flow adapters trained on the same frozen base, earlier tasks' adapters
-unchanged). :func:`materialize` hard-links (or copies) an artifact into a Triton repository under
-a given model name with an explicit version policy.
-
-No torch here (package ``stream``).
+An *artifact* is one version directory. Its identity on ``model-events`` is (artifact_uri, sha256 of
+metadata.json); the manifest pins the sha256 of every other file, so one digest covers the whole
+artifact. Exports write the manifest with :func:`write_manifest` and their config.pbtxt with
+:func:`render_config`; the rollout controller and every detector's Triton ``initialize`` check an
+artifact with :func:`verify_artifact` (both levels, plus: no missing, modified or unlisted file) before
+anything is loaded. :func:`check_compatibility` checks a new spec against the one serving now.
+Putting artifacts into a Triton repository is the lifecycle's job (stream/lifecycle/repository.py).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +35,30 @@ from contracts.spec import parse_spec
 
 METADATA = "metadata.json"
 CONFIG = "config.pbtxt"
+MODEL_FILE = "model.py"
 CANDIDATE_SUFFIX = "__candidate"
+# files a version dir may hold without a manifest entry (model.py is pinned too when the export lists it)
+_UNLISTED_OK = frozenset({METADATA, CONFIG, MODEL_FILE})
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
-class StoreError(Exception):
-    """Unreachable store / unsupported URI / artifact that cannot be read at all."""
+class ArtifactError(RuntimeError):
+    """A missing / corrupt / mismatched artifact (CLIs: a one-line error)."""
+
+
+class StoreError(ArtifactError):
+    """Unreachable store / unsupported URI / a directory that is not an artifact at all."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """A file failed sha256 verification (or has no digest where one is required)."""
+
+
+class MissingArtifactError(ArtifactIntegrityError, FileNotFoundError):
+    """A file that must be verified does not exist."""
+
+
+# ----------------------------------------------------------------------------- digests
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -50,6 +67,23 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_sha256(path: str | os.PathLike, expected: str) -> str:
+    """The file's sha256 if it equals ``expected`` (or starts with it, for an 8+ hex torch-hub name
+    prefix); else :class:`ArtifactIntegrityError`. Reads bytes only, never deserialises."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingArtifactError(f"missing {p}")
+    actual = sha256_file(p)
+    exp = str(expected).strip().lower()
+    if not (actual == exp if len(exp) == 64 else len(exp) >= 8 and actual.startswith(exp)):
+        raise ArtifactIntegrityError(f"sha256 mismatch for {p}: {actual} != {expected} (file tampered or corrupt; "
+                                     "refusing to load it)")
+    return actual
+
+
+# ----------------------------------------------------------------------------- store addressing
 
 
 def uri_to_path(uri: str | os.PathLike) -> Path:
@@ -67,6 +101,43 @@ def uri_to_path(uri: str | os.PathLike) -> Path:
 
 def path_to_uri(path: str | os.PathLike) -> str:
     return Path(path).resolve().as_uri()
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def write_manifest(version_dir: str | os.PathLike, spec: Mapping[str, Any], files: Iterable[str]) -> dict[str, Any]:
+    """Write ``<version_dir>/metadata.json`` = ``spec`` + ``{"artifacts": {relpath: sha256}}`` for ``files``
+    (relative to the version dir; any ``spec["artifacts"]`` is replaced: every digest is computed here).
+    Atomic; returns the manifest written (what config.pbtxt's ``linewatch_spec`` should carry)."""
+    vdir = Path(version_dir)
+    arts: dict[str, str] = {}
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ArtifactError(f"manifest paths are relative to the version dir: {rel}")
+        arts[rel] = sha256_file(vdir / rel)
+    if not arts:
+        raise ArtifactError(f"manifest for {vdir} lists no artifact")
+    meta = {**spec, "artifacts": arts}
+    tmp = vdir / f".{METADATA}.tmp"
+    tmp.write_bytes(orjson.dumps(meta, option=_JSON_OPTS | orjson.OPT_INDENT_2) + b"\n")
+    tmp.replace(vdir / METADATA)
+    return meta
+
+
+def read_manifest(version_dir: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """(metadata.json as a dict, sha256 of its bytes). :class:`StoreError` if there is none / it is corrupt."""
+    mp = Path(version_dir) / METADATA
+    if not mp.is_file():
+        raise StoreError(f"not an artifact (no {METADATA}): {mp.parent}")
+    raw = mp.read_bytes()
+    try:
+        meta = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise StoreError(f"corrupt {mp}: {e}") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{mp} is not a JSON object")
+    return meta, hashlib.sha256(raw).hexdigest()
 
 
 @dataclass
@@ -102,35 +173,45 @@ class Verification:
     reasons: list[str] = field(default_factory=list)
     artifact: Artifact | None = None
 
+    def raise_for_reasons(self, what: str | os.PathLike = "artifact") -> Artifact:
+        """The artifact if verification passed, else :class:`ArtifactIntegrityError` naming every reason."""
+        if not self.ok or self.artifact is None:
+            raise ArtifactIntegrityError(f"{what} fails verification: {'; '.join(self.reasons)}")
+        return self.artifact
+
 
 def read_artifact(uri: str | os.PathLike) -> Artifact:
-    """Read metadata.json of one artifact (version dir). StoreError if it is not one."""
+    """Read the manifest of one artifact (version dir). StoreError if it is not one."""
     p = uri_to_path(uri)
     if not p.is_dir():
         raise StoreError(f"artifact directory not found: {p}")
-    mp = p / METADATA
-    if not mp.is_file():
-        raise StoreError(f"not an artifact (no {METADATA}): {p}")
-    raw = mp.read_bytes()
-    try:
-        meta = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise StoreError(f"corrupt {mp}: {e}") from None
-    if not isinstance(meta, dict):
-        raise StoreError(f"{mp} is not a JSON object")
+    meta, digest = read_manifest(p)
     try:
         version = int(meta.get("version", p.name))
     except (TypeError, ValueError):
-        raise StoreError(f"{mp}: version {meta.get('version')!r} is not an integer") from None
+        raise StoreError(f"{p / METADATA}: version {meta.get('version')!r} is not an integer") from None
     model = str(meta.get("model") or p.parent.name)
     cfg = p / CONFIG if (p / CONFIG).is_file() else (p.parent / CONFIG if (p.parent / CONFIG).is_file() else None)
-    return Artifact(p, model, version, meta, hashlib.sha256(raw).hexdigest(), cfg)
+    return Artifact(p, model, version, meta, digest, cfg)
+
+
+def _unlisted_files(root: Path, listed: set[str]) -> list[str]:
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")  # written by Triton's Python backend
+        for f in sorted(files):
+            rel = (Path(dirpath) / f).relative_to(root).as_posix()
+            if rel not in listed and rel not in _UNLISTED_OK:
+                out.append(rel)
+    return out
 
 
 def verify_artifact(uri: str | os.PathLike, expected_sha256: str | None = None,
                     expected_model: str | None = None, expected_version: int | None = None) -> Verification:
-    """Integrity: metadata.json digest == expected, every listed artifact file present with its sha256,
-    model.py + config present, spec parseable. Returns every problem found (never raises for content)."""
+    """Integrity: metadata.json digest == ``expected_sha256`` (when given), every listed file present with
+    its sha256, no unlisted file (beside metadata.json, model.py, config.pbtxt), model.py + config present,
+    spec parseable. Returns every problem found (never raises for content; see
+    :meth:`Verification.raise_for_reasons`)."""
     try:
         a = read_artifact(uri)
     except StoreError as e:
@@ -144,7 +225,7 @@ def verify_artifact(uri: str | os.PathLike, expected_sha256: str | None = None,
         reasons.append(f"version_mismatch: artifact is {a.version}, event says {expected_version}")
     arts = a.metadata.get("artifacts")
     if not isinstance(arts, dict) or not arts:
-        reasons.append("no_artifacts: metadata.json lists no artifact sha256")
+        reasons.append(f"no_artifacts: {METADATA} lists no artifact sha256")
         arts = {}
     root = a.path.resolve()
     for rel, digest in arts.items():
@@ -158,8 +239,9 @@ def verify_artifact(uri: str | os.PathLike, expected_sha256: str | None = None,
         actual = sha256_file(f)
         if actual != digest:
             reasons.append(f"sha256_mismatch: {rel} is {actual[:12]}.., metadata says {str(digest)[:12]}..")
-    if not (a.path / "model.py").is_file():
-        reasons.append("missing_model_py: the version dir has no model.py")
+    reasons += [f"extra_file: {rel} is not listed in {METADATA}" for rel in _unlisted_files(a.path, set(arts))]
+    if not (a.path / MODEL_FILE).is_file():
+        reasons.append(f"missing_model_py: the version dir has no {MODEL_FILE}")
     if a.config_path is None:
         reasons.append(f"missing_config: no {CONFIG} beside the artifact")
     try:
@@ -230,7 +312,68 @@ def latest_artifact(store: str | os.PathLike, model: str) -> Artifact | None:
     return arts[-1] if arts else None
 
 
-# ----------------------------------------------------------------------------- Triton repository
+# ----------------------------------------------------------------------------- config.pbtxt
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """One ``input``/``output`` entry of a Triton model config."""
+
+    name: str
+    data_type: str  # Triton type name: "TYPE_FP32", "TYPE_STRING", ...
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    def render(self) -> str:
+        opt = " optional: true" if self.optional else ""
+        dims = ", ".join(str(int(d)) for d in self.dims)
+        return f'{{ name: "{self.name}" data_type: {self.data_type} dims: [ {dims} ]{opt} }}'
+
+
+def _pbtxt_string(s: str) -> str:
+    return orjson.dumps(s).decode()  # JSON string escaping is valid protobuf text-format escaping
+
+
+def _spec_parameter(spec: Mapping[str, Any]) -> str:
+    quoted = _pbtxt_string(orjson.dumps(spec, option=_JSON_OPTS).decode())
+    return f'parameters {{ key: "linewatch_spec" value {{ string_value: {quoted} }} }}'
+
+
+def _version_policy(versions: Sequence[int] | None = None, latest: int | None = None) -> str | None:
+    if versions is not None and latest is not None:
+        raise ValueError("a version policy is either specific versions or the latest N, not both")
+    if versions is not None:
+        return "version_policy: { specific: { versions: [ " + ", ".join(str(int(v)) for v in versions) + " ] } }"
+    if latest is not None:
+        return f"version_policy: {{ latest: {{ num_versions: {int(latest)} }} }}"
+    return None
+
+
+def render_config(name: str, *, inputs: Sequence[TensorConfig], outputs: Sequence[TensorConfig],
+                  max_batch_size: int = 8, backend: str = "python", instance_kind: str = "KIND_CPU",
+                  instance_count: int = 1, max_queue_delay_us: int | None = 2000,
+                  versions: Sequence[int] | None = None, latest: int | None = None,
+                  spec: Mapping[str, Any] | None = None, parameters: Mapping[str, str] | None = None) -> str:
+    """A Triton config.pbtxt: ``dynamic_batching`` unless ``max_queue_delay_us`` is None, version policy
+    ``specific: versions`` or ``latest: latest`` (neither: Triton's default, the latest 1), string
+    ``parameters`` and the ``linewatch_spec`` parameter (the manifest, JSON)."""
+    def block(key: str, ts: Sequence[TensorConfig]) -> list[str]:
+        return [f"{key} [", ",\n".join(f"  {t.render()}" for t in ts), "]"]
+
+    lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {int(max_batch_size)}",
+             *block("input", inputs), *block("output", outputs)]
+    if max_queue_delay_us is not None:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}")
+    lines.append(f"instance_group [ {{ kind: {instance_kind} count: {int(instance_count)} }} ]")
+    policy = _version_policy(versions, latest)
+    if policy:
+        lines.append(policy)
+    for k, v in (parameters or {}).items():
+        lines.append(f"parameters {{ key: {_pbtxt_string(k)} value {{ string_value: {_pbtxt_string(str(v))} }} }}")
+    if spec is not None:
+        lines.append(_spec_parameter(spec))
+    return "\n".join(lines) + "\n"
+
 
 _NAME_RE = re.compile(r'^\s*name\s*:\s*"[^"]*"\s*$', re.M)
 _POLICY_RE = re.compile(r"^\s*version_policy\s*:.*$", re.M)
@@ -241,63 +384,9 @@ def rewrite_config(text: str, name: str, versions: list[int] | None, spec: dict[
     ``linewatch_spec`` parameter replaced by ``spec`` (metadata.json is the sha-verified source of truth)."""
     if spec is not None:
         text = "\n".join(ln for ln in text.splitlines() if '"linewatch_spec"' not in ln) + "\n"
-        quoted = orjson.dumps(orjson.dumps(spec).decode()).decode()
-        text += f'parameters {{ key: "linewatch_spec" value {{ string_value: {quoted} }} }}\n'
+        text += _spec_parameter(spec) + "\n"
     text = _NAME_RE.sub(f'name: "{name}"', text, count=1) if _NAME_RE.search(text) else f'name: "{name}"\n{text}'
-    if versions is not None:
-        policy = "version_policy: { specific: { versions: [ " + ", ".join(str(v) for v in versions) + " ] } }"
+    policy = _version_policy(versions)
+    if policy is not None:
         text = _POLICY_RE.sub(policy, text, count=1) if _POLICY_RE.search(text) else text.rstrip("\n") + "\n" + policy + "\n"
     return text
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (artifacts are immutable) or copy ``src`` into ``dst``."""
-    for root, _dirs, files in os.walk(src):
-        r = Path(root)
-        if r.name == "__pycache__":
-            continue
-        out = dst / r.relative_to(src)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            if f == CONFIG:
-                continue
-            s, d = r / f, out / f
-            if d.exists():
-                d.unlink()
-            try:
-                d.hardlink_to(s)
-            except OSError:
-                shutil.copy2(s, d)
-
-
-def materialize(artifact: Artifact, repository: str | os.PathLike, name: str, versions: list[int]) -> Path:
-    """Put ``artifact`` into ``<repository>/<name>/<artifact.version>`` and write ``<name>/config.pbtxt``
-    serving exactly ``versions`` (explicit policy, so a rollback is a config rewrite + load)."""
-    if artifact.config_path is None:
-        raise StoreError(f"no {CONFIG} for artifact {artifact.path}")
-    mdir = Path(repository) / name
-    vdir = mdir / str(artifact.version)
-    if vdir.resolve() != artifact.path.resolve():
-        if vdir.exists():
-            shutil.rmtree(vdir)
-        _link_tree(artifact.path, vdir)
-    write_config(mdir, artifact.config_path.read_text(), name, versions, artifact.metadata)
-    return vdir
-
-
-def write_config(model_dir: Path, template: str, name: str, versions: list[int], spec: dict | None = None) -> None:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f".{CONFIG}.tmp"
-    tmp.write_text(rewrite_config(template, name, versions, spec))
-    tmp.replace(model_dir / CONFIG)  # atomic: Triton never reads half a config
-
-
-def repository_versions(repository: str | os.PathLike, name: str) -> list[int]:
-    d = Path(repository) / name
-    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
-
-
-def remove_model_dir(repository: str | os.PathLike, name: str) -> None:
-    d = Path(repository) / name
-    if d.is_dir():
-        shutil.rmtree(d, ignore_errors=True)

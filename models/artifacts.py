@@ -1,4 +1,4 @@
-"""Artifact helpers shared by every detector's export/serving (torch-free at import time).
+"""Torch-side weight loading shared by every detector (torch-free at import time).
 
 Safe loading policy (weights, checkpoints, adapters):
 
@@ -9,34 +9,25 @@ Safe loading policy (weights, checkpoints, adapters):
   file linewatch writes gets one), else the torch-hub file-name convention
   ``name-<first 8+ hex of sha256>.pth``; a mismatch raises :class:`ArtifactIntegrityError`;
 * a file with no known digest (e.g. a user's own pretrained weights) is still read with
-  ``weights_only=True`` and logged as ``weights_unverified``; set ``LINEWATCH_REQUIRE_SHA256=1``
-  to refuse such files instead;
+  ``weights_only=True`` and logged as ``weights_unverified``; ``require_sha256=True`` (callers pass
+  ``Settings.require_sha256``, env ``LINEWATCH_REQUIRE_SHA256``) refuses such files instead;
 * served artifacts (TorchScript ``model.pt``, MoLE-Flow safetensors) are always verified against
-  ``metadata.json`` before loading (``models.*.serving``).
+  their manifest (``contracts.artifact.verify_artifact``) before loading (``models.*.serving``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from contracts.artifact import ArtifactIntegrityError, check_sha256, sha256_file
+from contracts.logs import get_logger
+
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _HUB_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|bin|ckpt|safetensors)$")
 
-
-class ArtifactIntegrityError(RuntimeError):
-    """A weights/artifact file failed sha256 verification (or has no digest when one is required)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+log = get_logger("models.artifacts")
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -61,7 +52,8 @@ def expected_sha256(path: str | Path, sha256: str | None = None) -> str | None:
         return d
     side = sidecar_path(path)
     if side.is_file():
-        d = side.read_text().split()[0].strip().lower() if side.read_text().strip() else ""
+        text = side.read_text().strip()
+        d = text.split()[0].lower() if text else ""
         if not _HEX.match(d):
             raise ArtifactIntegrityError(f"{side} does not hold a sha256 digest")
         return d
@@ -69,55 +61,36 @@ def expected_sha256(path: str | Path, sha256: str | None = None) -> str | None:
     return m.group(1) if m else None
 
 
-def verify_sha256(path: str | Path, expected: str) -> None:
-    """Raise :class:`ArtifactIntegrityError` unless the file's sha256 equals (or, for a torch-hub
-    name prefix, starts with) ``expected``. Reads the bytes only; never deserialises."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file not found: {p}")
-    actual = sha256_file(p)
-    ok = actual == expected if len(expected) == 64 else actual.startswith(expected)
-    if not ok:
-        raise ArtifactIntegrityError(f"sha256 mismatch for {p}: {actual} != {expected} (file tampered or corrupt; "
-                                     "refusing to load it)")
-
-
-def _require_digest() -> bool:
-    return os.environ.get("LINEWATCH_REQUIRE_SHA256", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_before_load(path: str | Path, sha256: str | None = None, *, require: bool | None = None) -> str | None:
-    """Verify ``path`` per the policy above; returns the digest checked (None: none was known)."""
+def check_before_load(path: str | Path, sha256: str | None = None, *, require: bool = False) -> str | None:
+    """Verify ``path`` per the policy above; returns the digest checked (None: none was known).
+    ``require``: refuse a file with no known digest (``Settings.require_sha256``)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file not found: {p}")
     exp = expected_sha256(p, sha256)
     if exp is not None:
-        verify_sha256(p, exp)
+        check_sha256(p, exp)
         return exp
-    if _require_digest() if require is None else require:
-        raise ArtifactIntegrityError(f"no sha256 known for {p} and LINEWATCH_REQUIRE_SHA256 is set: write "
-                                     f"{sidecar_path(p).name} (sha256sum format) or pass the digest")
-    from contracts.logs import get_logger  # noqa: PLC0415 - torch/faust-free structured logging
-
-    get_logger("models.artifacts").warning("weights_unverified", path=str(p),
-                                           hint=f"write {sidecar_path(p).name} to pin this file")
+    if require:
+        raise ArtifactIntegrityError(f"no sha256 known for {p} and a digest is required (require_sha256): "
+                                     f"write {sidecar_path(p).name} (sha256sum format) or pass the digest")
+    log.warning("weights_unverified", path=str(p), hint=f"write {sidecar_path(p).name} to pin this file")
     return None
 
 
-def safe_torch_load(path: str | Path, *, sha256: str | None = None, require_sha256: bool | None = None,
+def safe_torch_load(path: str | Path, *, sha256: str | None = None, require_sha256: bool = False,
                     map_location: str = "cpu") -> Any:
     """sha256-verify (see module doc), then ``torch.load(weights_only=True)``. Never plain pickle."""
     check_before_load(path, sha256, require=require_sha256)
-    import torch  # noqa: PLC0415 - keep this module torch-free at import time
+    import torch  # torch-free at import time
 
     return torch.load(str(path), map_location=map_location, weights_only=True)
 
 
-def safe_load_safetensors(path: str | Path, *, sha256: str | None = None, require_sha256: bool | None = None):
+def safe_load_safetensors(path: str | Path, *, sha256: str | None = None, require_sha256: bool = False):
     """sha256-verify, then ``safetensors.torch.load_file`` (no pickle at all)."""
     check_before_load(path, sha256, require=require_sha256)
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors.torch import load_file
 
     return load_file(str(path))
 

@@ -5,21 +5,21 @@ Layout written:
                                                        parameters.linewatch_spec = metadata JSON
   <repo>/efficientad_<product>/<version>/model.pt     TorchScript (torch.jit.trace, batch-dynamic)
   <repo>/efficientad_<product>/<version>/model.py     thin: subclasses models.efficientad.serving
-  <repo>/efficientad_<product>/<version>/metadata.json  linewatch_spec + artifact sha256
+  <repo>/efficientad_<product>/<version>/metadata.json  the manifest: linewatch_spec + sha256 of model.pt, model.py
 The traced module takes ImageNet-normalised NCHW 256x256 images and returns
 (anomaly_map [B,1,256,256], score [B]); quantile normalisation is baked in.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from contracts.artifact import CONFIG, MODEL_FILE, ArtifactError, TensorConfig, render_config, write_manifest
 from contracts.logs import get_logger
-from models.artifacts import resolve_version, sha256_file
+from models.artifacts import resolve_version
 from models.efficientad.model import EfficientAD
 from models.efficientad.serving import ARTIFACT, MODEL_PY
 
@@ -56,21 +56,11 @@ def build_spec(model_name: str, product: str, version: int, threshold: float, ma
 
 
 def config_pbtxt(model_name: str, spec: dict[str, Any], max_batch_size: int = 8, size: int = 256) -> str:
-    spec_str = json.dumps(json.dumps(spec, sort_keys=True, separators=(",", ":")))  # quoted + escaped
-    return f"""name: "{model_name}"
-backend: "python"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "image" data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] }}
-]
-output [
-  {{ name: "anomaly_map" data_type: TYPE_FP32 dims: [ 1, {size}, {size} ] }},
-  {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-parameters {{ key: "linewatch_spec" value {{ string_value: {spec_str} }} }}
-"""
+    """Python backend, dynamic batching, KIND_CPU x1, Triton's default version policy (latest 1)."""
+    return render_config(
+        model_name, max_batch_size=max_batch_size, spec=spec,
+        inputs=[TensorConfig("image", "TYPE_FP32", (3, size, size))],
+        outputs=[TensorConfig("anomaly_map", "TYPE_FP32", (1, size, size)), TensorConfig("score", "TYPE_FP32", (1,))])
 
 
 def export_triton(
@@ -95,14 +85,15 @@ def export_triton(
     model_dir.mkdir(parents=True, exist_ok=True)
     version = resolve_version(model_dir, version)
     vdir = model_dir / str(version)
+    if vdir.exists() and any(vdir.iterdir()):  # a leftover file would fail verify_artifact at load
+        raise ArtifactError(f"version dir exists and is not empty: {vdir}")
     vdir.mkdir(parents=True, exist_ok=True)
     traced = trace_model(model)
     traced.save(str(vdir / ARTIFACT))
-    sha = sha256_file(vdir / ARTIFACT)
-    spec = build_spec(name, product, version, threshold, map_threshold, sha=sha, extra=extra,
+    (vdir / MODEL_FILE).write_text(MODEL_PY)
+    spec = build_spec(name, product, version, threshold, map_threshold, extra=extra,
                       mean=model.input_mean, std=model.input_std)
-    (vdir / "model.py").write_text(MODEL_PY)
-    (vdir / "metadata.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, spec, max_batch_size))
-    log.info("efficientad_exported", model=name, version=version, dir=str(vdir), sha256=sha)
+    meta = write_manifest(vdir, spec, [ARTIFACT, MODEL_FILE])
+    (model_dir / CONFIG).write_text(config_pbtxt(name, meta, max_batch_size))
+    log.info("efficientad_exported", model=name, version=version, dir=str(vdir), sha256=meta["artifacts"][ARTIFACT])
     return vdir

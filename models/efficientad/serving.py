@@ -1,20 +1,20 @@
 """Triton Python-backend model for EfficientAD (thin ``model.py`` files subclass this).
 
-``initialize``: torch.set_num_threads(1) (2 threads per instance on a small node spiked latency), read ``metadata.json`` of the version dir,
-verify the sha256 of every artifact, ``torch.jit.load`` the TorchScript module.
+``initialize``: torch.set_num_threads(1) (2 threads per instance on a small node spiked latency), verify
+the version dir against its manifest (``contracts.artifact.verify_artifact``: metadata.json, every listed
+sha256, no unlisted file), then ``torch.jit.load`` the TorchScript module.
 ``execute``: concatenates the ``image`` inputs of all requests of the dynamic batch, one forward
 pass, splits ``anomaly_map`` [n,1,H,W] and ``score`` [n,1] back per request.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.artifacts import sha256_file
+from contracts.artifact import ArtifactIntegrityError, verify_artifact
 
 ARTIFACT = "model.pt"
 
@@ -32,15 +32,11 @@ class TritonPythonModel(EfficientADServing):
 
 
 def verify_and_load(version_dir: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """Verify the artifact (:func:`contracts.artifact.verify_artifact`), then load its TorchScript module."""
     version_dir = Path(version_dir)
-    meta = json.loads((version_dir / "metadata.json").read_text())
-    artifacts = meta.get("artifacts") or {}
-    if ARTIFACT not in artifacts:
-        raise RuntimeError(f"{version_dir}/metadata.json lists no {ARTIFACT}")
-    for name, digest in artifacts.items():
-        actual = sha256_file(version_dir / name)
-        if actual != digest:
-            raise RuntimeError(f"sha256 mismatch for {version_dir / name}: {actual} != {digest}")
+    meta = verify_artifact(version_dir).raise_for_reasons(version_dir).metadata
+    if ARTIFACT not in meta["artifacts"]:
+        raise ArtifactIntegrityError(f"{version_dir}/metadata.json lists no {ARTIFACT}")
     module = torch.jit.load(str(version_dir / ARTIFACT), map_location="cpu")
     module.eval()
     return module, meta

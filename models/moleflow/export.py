@@ -8,7 +8,7 @@ Layout written (one model, all tasks)::
     <repo>/<name>/<version>/model.py                    thin: subclasses models.moleflow.serving
     <repo>/<name>/<version>/base.safetensors|base.json  frozen base (backbone included), stored once per version
     <repo>/<name>/<version>/adapters/<task>/adapter.safetensors|adapter.json
-    <repo>/<name>/<version>/metadata.json               linewatch_spec + sha256 of every artifact
+    <repo>/<name>/<version>/metadata.json               the manifest: linewatch_spec + sha256 of every file
 
 Live rollout of a new task adapter (no Triton restart): train it into the store
 (``train-task --out <store>``), ``export`` again -> a NEW version dir (base/adapters hard-linked) and a
@@ -20,10 +20,10 @@ adapters are read once at load (``initialize``), never re-scanned while serving.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from contracts.artifact import CONFIG, MODEL_FILE, TensorConfig, render_config, write_manifest
 from contracts.logs import get_logger
 from models.artifacts import resolve_version
 from models.backbones import backbone_normalization
@@ -38,13 +38,13 @@ from models.moleflow.store import (
     copy_store,
     list_adapters,
     read_json,
-    sha256_file,
 )
 
 log = get_logger(__name__)
 
 
-def build_spec(name: str, version: int, base_meta: dict, adapters: list[dict], artifacts: dict[str, str]) -> dict[str, Any]:
+def build_spec(name: str, version: int, base_meta: dict, adapters: list[dict]) -> dict[str, Any]:
+    """linewatch_spec of one version (its ``artifacts`` are added by :func:`contracts.artifact.write_manifest`)."""
     cfg = base_meta["config"]
     size = int(cfg["image_size"])
     mean, std = backbone_normalization(cfg["backbone"])
@@ -60,31 +60,18 @@ def build_spec(name: str, version: int, base_meta: dict, adapters: list[dict], a
                               "route_distance_threshold": a.get("route_distance_q99"), "adapter_sha256": a["sha256"]}
                   for a in adapters},
         "backbone": cfg["backbone"], "base_sha256": base_meta["sha256"],
-        "artifacts": artifacts,
     }
 
 
 def config_pbtxt(name: str, spec: dict[str, Any], max_batch_size: int = 8) -> str:
+    """Python backend, dynamic batching, KIND_CPU x1, optional BYTES input ``task``, latest 1 version."""
     size = spec["input"]["height"]
-    spec_str = json.dumps(json.dumps(spec, separators=(",", ":")))  # quoted + escaped
-    return f"""name: "{name}"
-backend: "python"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "image" data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] }},
-  {{ name: "task" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
-]
-output [
-  {{ name: "anomaly_map" data_type: TYPE_FP32 dims: [ 1, {size}, {size} ] }},
-  {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }},
-  {{ name: "task" data_type: TYPE_STRING dims: [ 1 ] }},
-  {{ name: "route_distance" data_type: TYPE_FP32 dims: [ 1 ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-version_policy: {{ latest: {{ num_versions: 1 }} }}
-parameters {{ key: "linewatch_spec" value {{ string_value: {spec_str} }} }}
-"""
+    fp32 = "TYPE_FP32"
+    return render_config(
+        name, max_batch_size=max_batch_size, latest=1, spec=spec,
+        inputs=[TensorConfig("image", fp32, (3, size, size)), TensorConfig("task", "TYPE_STRING", (1,), optional=True)],
+        outputs=[TensorConfig("anomaly_map", fp32, (1, size, size)), TensorConfig("score", fp32, (1,)),
+                 TensorConfig("task", "TYPE_STRING", (1,)), TensorConfig("route_distance", fp32, (1,))])
 
 
 def export_triton(store: str | Path, repository: str | Path, name: str = "moleflow", version: int | None = None,
@@ -107,11 +94,9 @@ def export_triton(store: str | Path, repository: str | Path, name: str = "molefl
     copy_store(store, vdir, tasks)
     base_meta = read_json(vdir / BASE_META)
     adapters = [read_json(vdir / ADAPTERS / t / ADAPTER_META) for t in tasks]
+    (vdir / MODEL_FILE).write_text(MODEL_PY)
     rels = [BASE_FILE, BASE_META] + [f"{ADAPTERS}/{t}/{f}" for t in tasks for f in (ADAPTER_FILE, ADAPTER_META)]
-    artifacts = {r: sha256_file(vdir / r) for r in rels}
-    spec = build_spec(name, version, base_meta, adapters, artifacts)
-    (vdir / "model.py").write_text(MODEL_PY)
-    (vdir / "metadata.json").write_text(json.dumps(spec, indent=2) + "\n")
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, spec, max_batch_size))
+    meta = write_manifest(vdir, build_spec(name, version, base_meta, adapters), [*rels, MODEL_FILE])
+    (model_dir / CONFIG).write_text(config_pbtxt(name, meta, max_batch_size))
     log.info("moleflow_exported", model=name, version=version, tasks=tasks, dir=str(vdir))
     return vdir

@@ -7,8 +7,10 @@ Layout of a store directory (also the layout of a Triton version directory, see 
     <dir>/adapters/<task>/adapter.safetensors   LoRA A/B/bias, WA gamma/beta, SCM gate, DIA, router mean/precision
     <dir>/adapters/<task>/adapter.json          {"task", "index", "base_sha256", "sha256", "threshold", ...}
 
-Loading verifies every sha256 and the adapter's ``base_sha256`` before reading tensors; tensors are
-read with safetensors only (no pickle). Any subset of tasks can be loaded (:func:`load_model`).
+Loading verifies every sha256 (``contracts.artifact.check_sha256``) and the adapter's ``base_sha256``
+before reading tensors; tensors are read with safetensors only (no pickle). Errors are
+``contracts.artifact.ArtifactError`` (re-exported here for the CLI). Any subset of tasks can be loaded
+(:func:`load_model`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from contracts.artifact import ArtifactError, check_sha256, sha256_file
 from contracts.logs import get_logger
-from models.artifacts import sha256_file
 from models.moleflow.model import MoLEFlow, MoLEFlowConfig, check_task_name
 
 log = get_logger(__name__)
@@ -32,10 +34,6 @@ BASE_META = "base.json"
 ADAPTERS = "adapters"
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
-
-
-class ArtifactError(Exception):
-    """Missing / corrupted / mismatched MoLE-Flow artifact (CLI: one-line error)."""
 
 
 def _contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,14 +100,6 @@ def read_json(path: Path) -> dict:
         raise ArtifactError(f"corrupt JSON {path}: {exc}") from None
 
 
-def verify(path: Path, expected: str) -> None:
-    if not path.is_file():
-        raise ArtifactError(f"missing {path}")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ArtifactError(f"sha256 mismatch for {path}: {actual} != {expected}")
-
-
 def list_adapters(store: str | Path) -> list[str]:
     """Adapters present in ``store``, ordered by their training index."""
     adir = Path(store) / ADAPTERS
@@ -128,7 +118,7 @@ def load_model(store: str | Path, tasks: list[str] | None = None, backbone_weigh
     if not store.is_dir():
         raise ArtifactError(f"MoLE-Flow store not found: {store}")
     meta = read_json(store / BASE_META)
-    verify(store / BASE_FILE, meta["sha256"])
+    check_sha256(store / BASE_FILE, meta["sha256"])
     cfg = MoLEFlowConfig.from_dict(meta["config"])
     base_sd = load_file(str(store / BASE_FILE))
     # random-init backbone: its weights come from the base artifact (self-contained, nothing downloaded)
@@ -150,7 +140,7 @@ def load_adapter(model: MoLEFlow, adir: str | Path, base_sha256: str) -> str:
     if meta.get("base_sha256") != base_sha256:
         raise ArtifactError(f"adapter {adir.name} was trained on base {str(meta.get('base_sha256'))[:12]}, "
                             f"not {base_sha256[:12]}")
-    verify(adir / ADAPTER_FILE, meta["sha256"])
+    check_sha256(adir / ADAPTER_FILE, meta["sha256"])
     sd = load_file(str(adir / ADAPTER_FILE))
     task = meta["task"]
     model.add_task(task)

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contracts.artifact import CONFIG, MODEL_FILE, TensorConfig, render_config, write_manifest
 from contracts.logs import get_logger
 
 log = get_logger("tests.harness.chaos")
@@ -82,20 +83,12 @@ def write_probe_model(repo: str | Path, name: str = "probe_bottle", *, product: 
             "threshold": threshold, "map_threshold": threshold}
     d = Path(repo) / name
     (d / "1").mkdir(parents=True, exist_ok=True)
-    (d / "1" / "model.py").write_text(_PROBE_MODEL_PY)
-    (d / "config.pbtxt").write_text(f'''name: "{name}"
-backend: "python"
-max_batch_size: {max_batch}
-input [ {{ name: "image" data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] }} ]
-output [
-  {{ name: "anomaly_map" data_type: TYPE_FP32 dims: [ 1, {size}, {size} ] }},
-  {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-parameters {{ key: "delay_ms" value {{ string_value: "{int(delay_ms)}" }} }}
-parameters {{ key: "linewatch_spec" value {{ string_value: {json.dumps(json.dumps(spec))} }} }}
-''')
+    (d / "1" / MODEL_FILE).write_text(_PROBE_MODEL_PY)
+    meta = write_manifest(d / "1", spec, [MODEL_FILE])
+    (d / CONFIG).write_text(render_config(
+        name, max_batch_size=max_batch, spec=meta, parameters={"delay_ms": str(int(delay_ms))},
+        inputs=[TensorConfig("image", "TYPE_FP32", (3, size, size))],
+        outputs=[TensorConfig("anomaly_map", "TYPE_FP32", (1, size, size)), TensorConfig("score", "TYPE_FP32", (1,))]))
     return name
 
 

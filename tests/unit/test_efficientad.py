@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from contracts.artifact import sha256_file
 from models.efficientad import networks as nets
 from models.efficientad.export import export_triton
 from models.efficientad.model import EfficientAD, load_checkpoint, load_teacher_weights, save_checkpoint
-from models.efficientad.serving import MODEL_PY, EfficientADServing, sha256_file
+from models.efficientad.serving import MODEL_PY, EfficientADServing
 from models.efficientad.train import (
     TrainConfig,
     ae_augment,

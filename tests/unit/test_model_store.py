@@ -5,17 +5,25 @@ import orjson
 import pytest
 
 from contracts.artifact import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    MissingArtifactError,
     StoreError,
+    TensorConfig,
     check_compatibility,
+    check_sha256,
     latest_artifact,
     list_artifacts,
-    materialize,
     path_to_uri,
     read_artifact,
+    read_manifest,
+    render_config,
     rewrite_config,
     uri_to_path,
     verify_artifact,
+    write_manifest,
 )
+from stream.lifecycle.repository import materialize, remove_model_dir, repository_versions, write_config
 
 CONFIG = '''name: "efficientad_bottle"
 backend: "python"
@@ -135,3 +143,91 @@ def test_rewrite_config_and_materialize(tmp_path):
     line = [ln for ln in cfg.splitlines() if "linewatch_spec" in ln][0]
     raw = line.split("string_value: ", 1)[1].rsplit(" } }", 1)[0]
     assert orjson.loads(orjson.loads(raw))["version"] == 5
+    assert repository_versions(repo, "efficientad_bottle__candidate") == [5]
+    write_config(repo / "efficientad_bottle__candidate", cfg, "efficientad_bottle__candidate", [5, 6])
+    assert "versions: [ 5, 6 ]" in (repo / "efficientad_bottle__candidate" / "config.pbtxt").read_text()
+    remove_model_dir(repo, "efficientad_bottle__candidate")
+    assert repository_versions(repo, "efficientad_bottle__candidate") == []
+
+
+def test_unlisted_file_rejected_pycache_ignored(tmp_path):
+    vdir, sha = make_artifact(tmp_path)
+    (vdir / "__pycache__").mkdir()
+    (vdir / "__pycache__" / "model.cpython-312.pyc").write_bytes(b"x")  # Triton's Python backend writes these
+    assert verify_artifact(vdir, sha).ok
+    (vdir / "sub").mkdir()
+    (vdir / "sub" / "smuggled.pt").write_bytes(b"x")
+    v = verify_artifact(vdir, sha)
+    assert not v.ok and v.reasons == ["extra_file: sub/smuggled.pt is not listed in metadata.json"]
+    with pytest.raises(ArtifactIntegrityError, match="extra_file: sub/smuggled.pt"):
+        v.raise_for_reasons(vdir)
+
+
+def test_manifest_writer_and_reader(tmp_path):
+    vdir = tmp_path / "m" / "3"
+    (vdir / "adapters" / "a").mkdir(parents=True)
+    (vdir / "model.pt").write_bytes(b"w")
+    (vdir / "adapters" / "a" / "x.bin").write_bytes(b"a")
+    (vdir / "model.py").write_text("# thin\n")
+    (tmp_path / "m" / "config.pbtxt").write_text(CONFIG)
+    tasks = {"zeta": {"index": 0}, "alpha": {"index": 1}}  # insertion order is the task order: never sorted
+    meta = write_manifest(vdir, spec("m", 3, tasks=tasks, artifacts={"stale": "0" * 64}),
+                          ["model.pt", "adapters/a/x.bin", "model.py"])
+    assert set(meta["artifacts"]) == {"model.pt", "adapters/a/x.bin", "model.py"}
+    assert meta["artifacts"]["model.pt"] == hashlib.sha256(b"w").hexdigest()
+    back, digest = read_manifest(vdir)
+    assert back == meta and list(back["tasks"]) == ["zeta", "alpha"]
+    assert digest == hashlib.sha256((vdir / "metadata.json").read_bytes()).hexdigest()
+    assert not list(vdir.glob(".*"))  # the atomic write left no temp file
+    v = verify_artifact(vdir, digest, "m", 3)
+    assert v.ok, v.reasons
+    (vdir / "model.py").write_text("# changed\n")  # listed: model.py is pinned like any artifact
+    assert any(r.startswith("sha256_mismatch: model.py") for r in verify_artifact(vdir).reasons)
+    with pytest.raises(ArtifactError, match="relative"):
+        write_manifest(vdir, spec("m", 3), ["../escape"])
+    with pytest.raises(ArtifactError, match="lists no artifact"):
+        write_manifest(vdir, spec("m", 3), [])
+    with pytest.raises(StoreError, match="no metadata.json"):
+        read_manifest(tmp_path)
+
+
+def test_check_sha256_and_error_hierarchy(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    d = hashlib.sha256(b"weights").hexdigest()
+    assert check_sha256(f, d) == d and check_sha256(f, d[:8]) == d  # torch-hub name prefix
+    with pytest.raises(ArtifactIntegrityError, match="sha256 mismatch"):
+        check_sha256(f, "0" * 64)
+    with pytest.raises(ArtifactIntegrityError):
+        check_sha256(f, d[:4])  # a prefix shorter than 8 hex pins nothing
+    with pytest.raises(MissingArtifactError) as e:
+        check_sha256(tmp_path / "nope", d)
+    assert isinstance(e.value, FileNotFoundError)
+    for cls in (StoreError, ArtifactIntegrityError, MissingArtifactError):
+        assert issubclass(cls, ArtifactError) and issubclass(cls, RuntimeError)
+
+
+def test_render_config():
+    s = {"model": "m", "k": 'q"uote'}
+    txt = render_config("m", max_batch_size=4, latest=1, spec=s, parameters={"delay_ms": "100"},
+                        inputs=[TensorConfig("image", "TYPE_FP32", (3, 64, 64)),
+                                TensorConfig("task", "TYPE_STRING", (1,), optional=True)],
+                        outputs=[TensorConfig("score", "TYPE_FP32", (1,))])
+    lines = txt.splitlines()
+    assert lines[:3] == ['name: "m"', 'backend: "python"', "max_batch_size: 4"]
+    assert '  { name: "image" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] },' in lines
+    assert '  { name: "task" data_type: TYPE_STRING dims: [ 1 ] optional: true }' in lines
+    assert "dynamic_batching { max_queue_delay_microseconds: 2000 }" in lines
+    assert "instance_group [ { kind: KIND_CPU count: 1 } ]" in lines
+    assert "version_policy: { latest: { num_versions: 1 } }" in lines
+    assert 'parameters { key: "delay_ms" value { string_value: "100" } }' in lines
+    line = [ln for ln in lines if "linewatch_spec" in ln][0]
+    assert orjson.loads(orjson.loads(line.split("string_value: ", 1)[1].rsplit(" } }", 1)[0])) == s
+    # the renderer and the rewriter agree: rewriting a rendered config only swaps name / policy / spec
+    again = rewrite_config(txt, "m", None, s)
+    assert sorted(again.splitlines()) == sorted(lines)
+    pinned = render_config("m", versions=[2, 3], max_queue_delay_us=None, inputs=[], outputs=[])
+    assert "versions: [ 2, 3 ]" in pinned and "dynamic_batching" not in pinned
+    assert "version_policy" not in render_config("m", inputs=[], outputs=[])
+    with pytest.raises(ValueError):
+        render_config("m", versions=[1], latest=1, inputs=[], outputs=[])
