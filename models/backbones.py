@@ -103,17 +103,19 @@ def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
 
 
-def load_state_dict_file(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, sha256: str | None = None, *,
+                         require_sha256: bool = False) -> dict[str, torch.Tensor]:
     """safetensors, or ``torch.load(weights_only=True)``; the sha256 is verified before reading when
-    known (``sha256``, a ``.sha256`` sidecar, or the torch-hub name ``<name>-<hash prefix>.pth``)."""
+    known (``sha256``, a ``.sha256`` sidecar, or the torch-hub name ``<name>-<hash prefix>.pth``);
+    ``require_sha256`` (Settings.require_sha256) refuses a file whose digest is not known."""
     from models.artifacts import safe_load_safetensors, safe_torch_load
 
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        return safe_load_safetensors(path, sha256=sha256)
-    obj = safe_torch_load(path, sha256=sha256)
+        return safe_load_safetensors(path, sha256=sha256, require_sha256=require_sha256)
+    obj = safe_torch_load(path, sha256=sha256, require_sha256=require_sha256)
     for k in ("state_dict", "model"):
         if isinstance(obj, dict) and k in obj and isinstance(obj[k], dict):
             obj = obj[k]
@@ -127,9 +129,11 @@ def create_backbone(
     weights: str | Path | None = None,
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
+    require_sha256: bool = False,
     **kwargs,
 ) -> nn.Module:
-    """Create a timm model with ``pretrained=False`` and optionally load a local weights file."""
+    """Create a timm model with ``pretrained=False`` and optionally load a local weights file
+    (``require_sha256``: refuse weights whose digest is not known, see load_state_dict_file)."""
     import timm
 
     if not timm.is_model(name):
@@ -141,7 +145,7 @@ def create_backbone(
             kw["out_indices"] = tuple(out_indices)
     model = timm.create_model(name, pretrained=False, **kw)
     if weights is not None:
-        sd = load_state_dict_file(weights)
+        sd = load_state_dict_file(weights, require_sha256=require_sha256)
         base = name.split(".")[0]
         if base in KEY_MAPS and KEY_MAPS[base][0](sd):
             sd = KEY_MAPS[base][1](sd)

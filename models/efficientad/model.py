@@ -124,12 +124,13 @@ def save_checkpoint(model: EfficientAD, path: str | Path, meta: dict[str, Any]) 
     return path
 
 
-def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[EfficientAD, dict[str, Any]]:
+def load_checkpoint(path: str | Path, sha256: str | None = None, *,
+                    require_sha256: bool = False) -> tuple[EfficientAD, dict[str, Any]]:
     """sha256-verified (``sha256`` or the ``.sha256`` sidecar), then ``torch.load(weights_only=True)``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ck = safe_torch_load(path, sha256=sha256)
+    ck = safe_torch_load(path, sha256=sha256, require_sha256=require_sha256)
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an EfficientAD checkpoint")
     model = EfficientAD(ck["model_size"], ck["out_channels"], ck["padding"],
@@ -142,7 +143,8 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[Effici
 DEFAULT_TEACHER = Path(__file__).resolve().parent / "weights" / "teacher_small_lite0_imagenet.safetensors"
 
 
-def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | None = None) -> dict[str, Any]:
+def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | None = None, *,
+                         require_sha256: bool = False) -> dict[str, Any]:
     """Load a PDN teacher and return its provenance (empty for foreign files).
 
     Accepts the official nelson1425 ``teacher_small.pth``/``teacher_medium.pth`` layout (keys ``0.*``,
@@ -159,12 +161,12 @@ def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | Non
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        sd = safe_load_safetensors(path, sha256=sha256)
+        sd = safe_load_safetensors(path, sha256=sha256, require_sha256=require_sha256)
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         meta = json.loads(header.get("meta", "{}"))
     else:
-        sd = safe_torch_load(path, sha256=sha256)  # verified first (models.artifacts), weights_only=True
+        sd = safe_torch_load(path, sha256=sha256, require_sha256=require_sha256)  # verified first (models.artifacts), weights_only=True
         if isinstance(sd, dict) and "teacher" in sd and isinstance(sd["teacher"], dict):
             sd = sd["teacher"]
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
