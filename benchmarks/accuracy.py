@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from contracts.config import Settings  # noqa: E402
 from models.backbones import LITE0_WEIGHTS  # noqa: E402
 from models.data import (  # noqa: E402
     data_root,
@@ -45,7 +46,8 @@ from models.data import (  # noqa: E402
 from models.evaluation import evaluate, write_results_json  # noqa: E402
 from models.moleflow.datasets import elpv_split  # noqa: E402
 
-WEIGHTS = data_root() / LITE0_WEIGHTS
+SETTINGS = Settings()  # this script's entry point settings (data_dir)
+WEIGHTS = data_root(SETTINGS) / LITE0_WEIGHTS
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Product:
 
 
 def products(elpv_train: int, elpv_test: int) -> list[Product]:
-    bottle = mvtec_category_dir("bottle")
+    bottle = mvtec_category_dir("bottle", data_root(SETTINGS))
     samples = mvtec_samples(bottle, "test")
     e_train, e_test = elpv_split(elpv_train, elpv_test, elpv_test)
     return [
@@ -101,7 +103,7 @@ def run_efficientad(prods: list[Product], args) -> dict:
                           max_train_seconds=args.efficientad_seconds, select_every=args.select_every,
                           amp_bf16=args.amp_bf16, backbone_weights=str(WEIGHTS),
                           teacher_kind="lite0-features" if args.teacher == "frozen-lite0" else "pdn",
-                          penalty_dir=str(data_root() / "imagenet-sample") if args.penalty else None)
+                          penalty_dir=str(data_root(SETTINGS) / "imagenet-sample") if args.penalty else None)
         model, meta = train_efficientad(p.train, cfg, teacher_weights=DEFAULT_TEACHER)
         train_s = time.time() - t0
         x = torch.stack([normalize(load_image(q, 256), model.input_mean, model.input_std) for q in p.test])

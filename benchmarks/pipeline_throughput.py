@@ -35,11 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from contracts.config import process_settings  # noqa: E402
 from contracts.envelope import decode_result  # noqa: E402
 from contracts.image import decode_image, sniff_image  # noqa: E402
 from contracts.spec import parse_spec, to_tensor  # noqa: E402
 from devstack.demo import (  # noqa: E402
-    data_dir,
     find_model,
     load_model,
 )
@@ -47,7 +47,8 @@ from devstack.stack import LocalStack  # noqa: E402
 from devstack.worker_process import WorkerProcess  # noqa: E402
 from stream.kafka.clients import ensure_topics, read_topics  # noqa: E402
 from stream.ops.replay import list_images, replay  # noqa: E402
-from stream.worker.app import WorkerConfig  # noqa: E402
+
+DATA_DIR = process_settings().data_dir  # this script's settings (LINEWATCH_DATA_DIR)
 
 
 def pct(a, q):
@@ -118,7 +119,7 @@ def paired_latency(boot: str, url: str, model: str, blobs: list[bytes], gap_s: f
     from contracts.envelope import Frame, encode_frame, new_frame_id
     from stream.kafka.clients import Producer, client_kwargs
 
-    wait = fetch_wait_ms or WorkerConfig().fetch_max_wait_ms
+    wait = fetch_wait_ms or process_settings().worker_fetch_max_wait_ms
     fmt = sniff_image(blobs[0])[0]
     bare_call = BareTriton(url, model)
 
@@ -210,10 +211,10 @@ def pipeline(boot: str, url: str, n: int, batch: int, workdir: Path) -> dict:
                                   "--defects-topic", t["defects"], "--dlq-topic", t["dlq"]]).start()
     try:
         # warm-up: one frame through (group join + model spec fetch), not measured
-        warm = asyncio.run(replay(boot, data_dir() / "mvtec" / "bottle" / "test", topic=t["frames"], fps=0,
+        warm = asyncio.run(replay(boot, DATA_DIR / "mvtec" / "bottle" / "test", topic=t["frames"], fps=0,
                                   product="bottle", limit=1, cameras=["warm"]))
         asyncio.run(read_topics(boot, [t["results"]], until=lambda o: len(o[t["results"]]) >= 1, timeout_s=120))
-        test = data_dir() / "mvtec" / "bottle" / "test"
+        test = DATA_DIR / "mvtec" / "bottle" / "test"
         loops = max(1, -(-n // len(list_images(test))))
 
         async def go():
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
             stack.start()
             boot, url = stack.kafka_bootstrap, stack.triton_grpc_url
         load_model(url, model)
-        test = data_dir() / "mvtec" / "bottle" / "test"
+        test = DATA_DIR / "mvtec" / "bottle" / "test"
         items = list_images(test)
         blobs = [items[i % len(items)].path.read_bytes() for i in range(a.frames)]
         bare = pipe = None

@@ -31,9 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from devstack.demo import data_dir, model_ready  # noqa: E402
+from contracts.config import Settings  # noqa: E402
+from devstack.demo import model_ready  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
 from tests.harness.chaos import FAULTS, load_images, run_scenario, write_probe_model  # noqa: E402
+
+DATA_DIR = Settings().data_dir  # this script's settings (LINEWATCH_DATA_DIR)
 
 COLUMNS = [("fault", "fault injected"), ("fault_s", "fault s"), ("frames_sent", "frames sent"),
            ("sent_during_fault", "sent during fault"), ("lost", "lost"),
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--frames must be >= 10 and --fps, --fault-s, --batch positive")
     if a.model_dir and not model_ready(Path(a.model_dir).parent, Path(a.model_dir).name):
         ap.error(f"--model-dir {a.model_dir} is not an exported Triton model (config.pbtxt + version dir)")
-    test_dir = data_dir() / "mvtec" / "bottle" / "test"
+    test_dir = DATA_DIR / "mvtec" / "bottle" / "test"
     if not test_dir.is_dir():
         print(f"error: MVTec bottle test set not found at {test_dir} (set LINEWATCH_DATA_DIR)", file=sys.stderr)
         return 2

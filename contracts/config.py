@@ -1,4 +1,10 @@
-"""Typed settings: environment (LINEWATCH_*) and an optional TOML file (LINEWATCH_CONFIG).
+"""Typed settings, the ONE config root: environment (LINEWATCH_*) and an optional TOML file (LINEWATCH_CONFIG).
+
+Every entry point builds :class:`Settings` once (``linewatch`` in stream/ops/cli.py, ``python -m
+stream.worker.app``) and passes it down; nothing else reads the environment. Nested groups use a
+double underscore: ``LINEWATCH_DRIFT__WINDOW=32`` sets ``settings.drift.window`` (TOML:
+``[linewatch.drift] window = 32``). A ``LINEWATCH_*`` variable that names no setting is an error
+(:class:`UnknownSettingError`), never silently ignored.
 
 Defaults target the embedded local stack (`linewatch stack up`): Tansu on loopback with the
 dev-broker workarounds on. Production (Apache Kafka / Strimzi) sets LINEWATCH_DEV_BROKER=false
@@ -7,15 +13,22 @@ plus the security settings; nothing else changes.
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "LINEWATCH_"
+CONFIG_ENV = "LINEWATCH_CONFIG"  # the TOML file; the one LINEWATCH_* variable that is not a field
+
+
+class UnknownSettingError(ValueError):
+    """A LINEWATCH_* environment variable that names no setting (a typo or a stale manifest)."""
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -25,19 +38,71 @@ class _TomlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("LINEWATCH_CONFIG")
+        path = os.environ.get(CONFIG_ENV)
         if not path:
             return {}
         p = Path(path)
         if not p.is_file():
-            raise ValueError(f"LINEWATCH_CONFIG={path}: no such file")
+            raise ValueError(f"{CONFIG_ENV}={path}: no such file")
         with p.open("rb") as f:
             data = tomllib.load(f)
         return data.get("linewatch", data)
 
 
+class _RejectUnknownEnv(PydanticBaseSettingsSource):
+    """Contributes nothing; raises on a LINEWATCH_* variable that is no field (nor a nested one)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused, __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        known = env_names(self.settings_cls)
+        for name in sorted(os.environ):
+            if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+                raise UnknownSettingError(f"unknown setting {name} in the environment (no such field in "
+                                          "contracts.config.Settings; nested fields are LINEWATCH_<GROUP>__<FIELD>)")
+        return {}
+
+
+def env_names(settings_cls: type[BaseSettings]) -> set[str]:
+    """Every LINEWATCH_* name the settings read: fields, nested fields (``__``) and LINEWATCH_CONFIG."""
+    names = {CONFIG_ENV}
+    for name, f in settings_cls.model_fields.items():
+        names.add(f"{ENV_PREFIX}{name}".upper())
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            names |= {f"{ENV_PREFIX}{name}__{sub}".upper() for sub in f.annotation.model_fields}
+    return names
+
+
+class DriftSettings(BaseModel):
+    """Per-camera score drift on the worker (stream/lifecycle/drift.py); alerts go to ``topic_drift``."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    window: int = Field(default=64, ge=8)  # frames per sliding window
+    check_every: int = Field(default=16, ge=1)  # evaluate once every N new frames
+    min_interval_s: float = Field(default=60.0, ge=0)  # per key: at most one alert this often
+    # a model without calibration scores in its spec: its first `warmup` scores are the reference
+    warmup: int = Field(default=128, ge=8)
+    retrain_on_ood: bool = True  # a route_ood alert also publishes `retrain_requested` on model-events
+
+
+class RolloutSettings(BaseModel):
+    """The rollout controller (stream/lifecycle/controller.py) and its health policy (policy.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True  # the worker runs the model-events rollout agent
+    shadow_frames: int = Field(default=32, ge=1)  # frames the candidate scores before a decision
+    min_frames: int = Field(default=16, ge=1)  # fewer at the timeout -> roll back (not enough evidence)
+    shadow_timeout_s: float = Field(default=120.0, gt=0)
+    load_timeout_s: float = Field(default=180.0, gt=0)
+    max_error_rate: float = Field(default=0.0, ge=0, le=1)  # any inference error -> roll back
+    max_good_flag_rate: float = Field(default=0.2, ge=0, le=1)  # good-looking frames the candidate flags
+    group: str = "linewatch-rollout"  # consumer group of the standalone controller (`linewatch rollout run`)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LINEWATCH_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -71,6 +136,18 @@ class Settings(BaseSettings):
     batch_max: int = Field(default=8, ge=1, le=256)
     batch_within_s: float = Field(default=0.02, gt=0, le=10)
     worker_web_port: int = Field(default=6066, ge=1, le=65535)
+    worker_web_host: str = "127.0.0.1"  # /metrics, /healthz, /rollout (a pod binds 0.0.0.0 for its probes)
+    worker_data_dir: Path = REPO_ROOT / ".stack" / "faust"  # Faust's datadir (tables, offsets cache)
+    topic_partitions: int = Field(default=1, ge=1)  # partitions of the topics Faust creates
+    # Faust hard-codes fetch_max_wait_ms=1500; Tansu answers a fetch only when the wait expires
+    worker_fetch_max_wait_ms: int = Field(default=50, ge=0)  # 0 = leave Faust's value
+    # a model missing from Triton this long -> its frames go to the DLQ (unknown_product)
+    worker_transient_grace_s: float = Field(default=120.0, ge=0)
+    # frames buffered per partition ahead of the agent (Faust default 4096: a stalled Triton let a 530 KB-frame
+    # backlog grow the worker by ~22 MB/s of lag); past it Faust stops fetching and the backlog stays in Kafka
+    worker_stream_buffer_max: int = Field(default=0, ge=0)  # 0 = max(16, 4 * batch_max)
+    worker_decode_threads: int = Field(default=0, ge=0)  # 0 = min(4, CPU count)
+    heatmap_size: int = Field(default=64, ge=8, le=1024)  # defect-event heat map side (pixels)
     routing: str | None = None  # JSON file path or inline JSON (stream.inference.routing)
     # bad-input bounds (contracts.spec): checked from the payload size and the image header
     # *before* decoding, so a decompression bomb is rejected without allocating it (DLQ too_large)
@@ -86,6 +163,9 @@ class Settings(BaseSettings):
     require_sha256: bool = False
     # `linewatch demo`: training steps of the short-schedule model it trains when none exists
     demo_steps: int | None = Field(default=None, ge=1)
+
+    drift: DriftSettings = DriftSettings()
+    rollout: RolloutSettings = RolloutSettings()
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -107,20 +187,28 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
-        # precedence: explicit kwargs > environment > TOML file > defaults
-        return (init_settings, env_settings, _TomlSource(settings_cls), file_secret_settings)
+        # precedence: explicit kwargs > environment > TOML file > defaults; unknown LINEWATCH_* names fail first
+        return (_RejectUnknownEnv(settings_cls), init_settings, env_settings, _TomlSource(settings_cls),
+                file_secret_settings)
 
     def topics(self) -> list[str]:
         return [self.topic_frames, self.topic_results, self.topic_defects, self.topic_drift,
                 self.topic_model_events, self.topic_dlq]
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A validated copy with the non-None ``overrides`` (command-line flags) applied; the environment
+        is not read again."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self if not given else type(self).model_validate({**self.model_dump(), **given})
 
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict safe for logs (SecretStr renders as '**********')."""
         return {k: (str(v) if isinstance(v, SecretStr | Path) else v) for k, v in self.model_dump().items()}
 
 
-def one_line_error(e: BaseException) -> str:
-    """An exception as one line, without pydantic's input values (see contracts.cli.one_line)."""
-    from contracts.cli import one_line
-
-    return one_line(e)
+@functools.cache
+def process_settings() -> Settings:
+    """Settings for code called without them by a caller that is no linewatch entry point (a test, a
+    benchmark): built once per process from the environment. Entry points build their own and pass
+    them down; stream/ code never calls this except as the fallback of an optional ``settings``."""
+    return Settings()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import orjson
@@ -32,12 +31,14 @@ def _orjson_dumps(obj, default=None) -> str:
 def configure_logging(level: str | None = None) -> None:
     """Configure structlog and stdlib logging to emit one JSON object per line on stderr.
 
-    Idempotent. Level comes from the argument, else LINEWATCH_LOG_LEVEL, else INFO.
+    Entry points pass the level (``settings.log_level``, or a ``--log-level`` flag); an explicit level
+    always (re)configures. Without one (the first :func:`get_logger` of a library module) it configures
+    INFO once and is a no-op afterwards.
     """
     global _configured
-    if _configured:
+    if _configured and level is None:
         return
-    lvl = getattr(logging, (level or os.environ.get("LINEWATCH_LOG_LEVEL", "INFO")).upper(), logging.INFO)
+    lvl = getattr(logging, (level or "INFO").upper(), logging.INFO)
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

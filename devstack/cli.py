@@ -58,8 +58,8 @@ def _cmd_demo(a) -> int:
     from devstack.demo import run_demo
 
     try:
-        run_demo(workdir=a.workdir, model_repository=a.model_repository, fps=a.fps, retrain=a.retrain,
-                 cameras=a.camera, bootstrap=a.bootstrap, triton_grpc_url=a.triton, model=a.model)
+        run_demo(settings=a.settings, workdir=a.workdir, model_repository=a.model_repository, fps=a.fps,
+                 retrain=a.retrain, cameras=a.camera, bootstrap=a.bootstrap, triton_grpc_url=a.triton, model=a.model)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     return 0

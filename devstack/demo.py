@@ -1,7 +1,8 @@
 """``linewatch demo``: the whole service on one laptop, end to end, then a summary.
 
-1. make sure a bottle detector exists in ``triton_repo/`` (else train + export a short-schedule one
-   by running the models CLI as a *subprocess*; ``stream`` never imports torch);
+1. make sure a bottle detector exists in ``triton_repo/`` (else train + export a short-schedule one:
+   the first registered detector's quick recipe (models/registry.py), run through the models CLI as a
+   *subprocess*; ``stream`` never imports torch);
 2. start the embedded stack (Tansu broker + tritonserver, :class:`devstack.stack.LocalStack`) and load it;
 3. start the Faust worker (subprocess, like production), replay MVTec ``bottle/test`` as a camera;
 4. collect every result / DLQ record, print frames in/out, flagged, streamed image AUROC vs the
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 import orjson
 
+from contracts.config import Settings
+from contracts.detectors import DETECTORS, detector_info
 from contracts.envelope import decode_defect_event, decode_heatmap, decode_result, dlq_reason
 from contracts.logs import get_logger
 from devstack.stack import LocalStack
@@ -31,20 +33,6 @@ from devstack.worker_process import WorkerProcess
 
 log = get_logger("devstack.demo")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def data_dir() -> Path:
-    try:
-        from contracts.config import Settings  # noqa: PLC0415
-
-        s = Settings()
-        for n in ("data_dir", "linewatch_data_dir"):
-            v = getattr(s, n, None)
-            if v:
-                return Path(v)
-    except Exception:  # noqa: BLE001
-        pass
-    return Path(os.environ.get("LINEWATCH_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
 def model_ready(repo: Path, name: str) -> bool:
@@ -55,24 +43,18 @@ def model_ready(repo: Path, name: str) -> bool:
                for p in d.iterdir())
 
 
-def find_model(repo: Path, product: str = "bottle") -> str | None:
-    for name in ("moleflow", f"efficientad_{product}"):
-        if model_ready(repo, name):
+def find_model(repo: Path, product: str = "bottle", detector: str | None = None) -> str | None:
+    """The model for ``product`` of ``detector``, else of the first registered detector (contracts/detectors.py)
+    that has one exported in ``repo``."""
+    for det in ([detector_info(detector)] if detector else DETECTORS.values()):
+        if model_ready(repo, name := det.model_name(product)):
             return name
     return None
 
 
-def _models_cli() -> list[str]:
+def models_cli() -> list[str]:
     exe = Path(sys.executable).with_name("linewatch-models")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "models.cli"]
-
-
-def _has_verb(group: str, verb: str) -> bool:
-    try:
-        r = subprocess.run([*_models_cli(), group, "--help"], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and verb in r.stdout
 
 
 def _run(cmd: list[str]) -> None:
@@ -84,29 +66,19 @@ def _run(cmd: list[str]) -> None:
     log.info("demo_subprocess_done", seconds=round(time.monotonic() - t0, 1))
 
 
-def train_and_export(repo: Path, workdir: Path, product: str = "bottle", quick: bool = True) -> str:
-    """Short-schedule training + export into ``repo`` via the models CLI (subprocess)."""
-    data = data_dir() / "mvtec"
-    cli = _models_cli()
-    art = workdir / "artifacts"
-    art.mkdir(parents=True, exist_ok=True)
-    if _has_verb("moleflow", "train-task") and _has_verb("moleflow", "export"):
-        ckpt = art / "moleflow"
-        _run([*cli, "moleflow", "train-task", "--data-dir", str(data), "--task", product,
-              "--out", str(ckpt), *(["--quick"] if quick else [])])
-        _run([*cli, "moleflow", "export", "--checkpoint", str(ckpt), "--repo", str(repo), "--name", "moleflow"])
-        return "moleflow"
-    if _has_verb("efficientad", "train") and _has_verb("efficientad", "export"):
-        good = data / product / "train" / "good"
-        steps = os.environ.get("LINEWATCH_DEMO_STEPS")
-        ckpt = art / f"efficientad_{product}.pt"
-        # the CLI's default teacher: the frozen Lite0 features (product-independent, local weights)
-        _run([*cli, "efficientad", "train", "--train-dir", str(good), "--out", str(ckpt),
-              "--steps", steps or ("300" if quick else "70000"), *(["--max-train-images", "100"] if quick else [])])
-        _run([*cli, "efficientad", "export", "--checkpoint", str(ckpt), "--repository", str(repo), "--product", product])
-        return f"efficientad_{product}"
-    raise RuntimeError("no detector can be trained: `linewatch-models moleflow train-task/export` and "
-                       "`linewatch-models efficientad train/export` are both unavailable")
+def train_and_export(repo: Path, workdir: Path, settings: Settings, product: str = "bottle",
+                     detector: str | None = None) -> str:
+    """Short-schedule training + export into ``repo``: the detector's quick recipe (models/registry.py,
+    default: the first registered detector), each step a models CLI subprocess. Returns the model name."""
+    from models.registry import get
+
+    recipe = get(detector or next(iter(DETECTORS))).quick_recipe(
+        data_dir=Path(settings.data_dir), product=product, workdir=workdir, repository=repo,
+        steps=settings.demo_steps)
+    (workdir / "artifacts").mkdir(parents=True, exist_ok=True)
+    for step in recipe.steps:
+        _run([*models_cli(), *step])
+    return recipe.model
 
 
 @dataclass
@@ -141,7 +113,7 @@ class Summary:
 
 
 def summarize(sent, recs: dict[str, list], model: str, elapsed_s: float, grid_path: Path | None) -> Summary:
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+    from sklearn.metrics import roc_auc_score
 
     by_id = {s.frame_id: s for s in sent}
     results = {}
@@ -168,7 +140,7 @@ def summarize(sent, recs: dict[str, list], model: str, elapsed_s: float, grid_pa
         for r in recs.get("defect-events", []):
             try:
                 ev = decode_defect_event(r.value)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 continue
             if ev.result.frame_id in by_id:
                 defects[ev.result.frame_id] = ev
@@ -212,7 +184,7 @@ def write_grid(path: Path, events, by_id, *, tile: int = 192, cols: int = 6, max
 
 
 def load_model(grpc_url: str, name: str, timeout_s: float = 180.0) -> None:
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+    import tritonclient.grpc as grpcclient
 
     c = grpcclient.InferenceServerClient(grpc_url)
     c.load_model(name)
@@ -224,34 +196,33 @@ def load_model(grpc_url: str, name: str, timeout_s: float = 180.0) -> None:
     c.close()
 
 
-def run_demo(*, workdir: str | Path | None = None, model_repository: str | Path | None = None,
+def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_repository: str | Path | None = None,
              fps: float = 10.0, cameras: list[str] | None = None, retrain: bool = False,
              out_dir: str | Path | None = None, timeout_s: float = 150.0, bootstrap: str | None = None,
-             triton_grpc_url: str | None = None, model: str | None = None) -> Summary:
-    """Run the demo. With ``bootstrap`` + ``triton_grpc_url`` an already running stack is used
-    (e.g. ``linewatch stack up``) and left running; otherwise the embedded stack is started and stopped."""
-    from stream.kafka.clients import ensure_topics, read_topics  # noqa: PLC0415
-    from stream.ops.replay import replay  # noqa: PLC0415
+             triton_grpc_url: str | None = None, model: str | None = None, detector: str | None = None) -> Summary:
+    """Run the demo (``settings``: the entry point's, stream/ops/cli.py). With ``bootstrap`` +
+    ``triton_grpc_url`` an already running stack is used (e.g. ``linewatch stack up``) and left running;
+    otherwise the embedded stack is started and stopped. ``detector``: the one to train when no model
+    exists (default: the first registered)."""
+    from stream.kafka.clients import ensure_topics, read_topics
+    from stream.ops.replay import replay
 
     t_all = time.monotonic()
-    from contracts.config import Settings  # noqa: PLC0415
-
-    settings = Settings()
     workdir = Path(workdir or Path(settings.stack_workdir) / "demo").resolve()
     repo = Path(model_repository or settings.model_repository).resolve()
     out_dir = Path(out_dir or workdir).resolve()
     if retrain and workdir.exists():
         shutil.rmtree(workdir / "artifacts", ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    test_dir = data_dir() / "mvtec" / "bottle" / "test"
+    test_dir = Path(settings.data_dir) / "mvtec" / "bottle" / "test"
     if not test_dir.is_dir():
         raise FileNotFoundError(f"MVTec bottle test set not found at {test_dir} (set LINEWATCH_DATA_DIR)")
-    model = model or (None if retrain else find_model(repo))
+    model = model or (None if retrain else find_model(repo, detector=detector))
     trained_s = 0.0
     if model is None:
         t0 = time.monotonic()
         print("no bottle model in triton_repo/: training a short-schedule one (subprocess)...", flush=True)
-        model = train_and_export(repo, workdir)
+        model = train_and_export(repo, workdir, settings, detector=detector)
         trained_s = time.monotonic() - t0
     print(f"model: {model}; starting embedded stack...", flush=True)
     own_stack = not (bootstrap and triton_grpc_url)

@@ -1,12 +1,15 @@
 """Process plumbing for the embedded stack: free ports, process groups, parent-death signals,
-ownership checks against a stale state file, and the broker / Triton readiness probes."""
+ownership checks against a stale state file, tritonserver's backends and environment, and the
+broker / Triton readiness probes."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -150,9 +153,9 @@ def _shm_mapped(pid: int) -> set[str]:
 
 def kafka_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
     """True when the broker answers a Metadata request (aiokafka bootstrap)."""
-    import asyncio  # noqa: PLC0415
+    import asyncio
 
-    from aiokafka import AIOKafkaClient  # noqa: PLC0415
+    from aiokafka import AIOKafkaClient
 
     async def probe() -> bool:
         client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
@@ -183,3 +186,32 @@ def triton_ready(http_url: str, timeout_s: float = 2.0) -> bool:
             return r.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
+
+
+def prepare_triton_backends(home: Path, dst: Path) -> Path:
+    """Copy tritonserver's backends to ``dst`` with the Python-backend stub of this Python beside them
+    (the wheel keeps stubs per Python version)."""
+    py = dst / "python"
+    stub_src = home / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
+        "triton_python_backend_stub"
+    if not stub_src.is_file():
+        raise StackError(f"no Triton Python-backend stub for Python {sys.version_info[:2]} at {stub_src}")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(home / "backends", dst)
+    shutil.copy2(stub_src, py / "triton_python_backend_stub")
+    (py / "triton_python_backend_stub").chmod(0o755)
+    return dst
+
+
+def triton_env(libs: Path) -> dict[str, str]:
+    """tritonserver's environment: a copy of ours with the venv first on PATH (the Python backend stub runs
+    the first ``python3`` on PATH: the venv's, with torch + models) and the wheel's shared libraries."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if libs.is_dir():
+        env["LD_LIBRARY_PATH"] = str(libs) + os.pathsep + env.get("LD_LIBRARY_PATH", "")
+    # one intra-op thread per model instance on small machines (2 threads -> 120 ms spikes, measured)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env

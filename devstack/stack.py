@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
@@ -34,7 +32,9 @@ from devstack.processes import (  # re-exported: `stack status|down` and tests u
     kafka_ready,
     owned_alive,
     pid_alive,  # noqa: F401 - re-exported for `stack status` callers
+    prepare_triton_backends,
     stop_pid,
+    triton_env,
     triton_ready,
 )
 
@@ -97,19 +97,12 @@ class StackState:
         }
 
 
-def read_state(workdir: str | Path | None = None) -> StackState | None:
-    """The state a running ``stack up`` recorded, or None."""
-    wd = Path(workdir) if workdir else _default_workdir()
-    p = wd / STATE_FILE
+def read_state(workdir: str | Path) -> StackState | None:
+    """The state a running ``stack up`` recorded in ``workdir`` (settings ``stack_workdir``), or None."""
+    p = Path(workdir) / STATE_FILE
     if not p.is_file():
         return None
     return StackState(**json.loads(p.read_text()))
-
-
-def _default_workdir() -> Path:
-    from contracts.config import Settings  # noqa: PLC0415
-
-    return Path(Settings().stack_workdir)
 
 
 class LocalStack:
@@ -214,7 +207,7 @@ class LocalStack:
 
     # -- children -----------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        logf = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        logf = open(self.workdir / f"{name}.log", "ab")  # owned by the child
         proc = subprocess.Popen(
             argv,
             stdout=logf,
@@ -222,7 +215,7 @@ class LocalStack:
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=self.workdir,
-            preexec_fn=_detach if self.detach else _die_with_parent_of(os.getpid()),  # noqa: PLW1509
+            preexec_fn=_detach if self.detach else _die_with_parent_of(os.getpid()),
             close_fds=True,
         )
         logf.close()
@@ -238,35 +231,10 @@ class LocalStack:
              "--storage-engine", "memory://tansu/"],
         )
 
-    def _prepare_triton_backends(self) -> Path:
-        """Copy the Python backend next to the matching stub (the wheel keeps stubs per Python)."""
-        home = triton_home()
-        dst = self.workdir / "backends"
-        py = dst / "python"
-        stub_src = home / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
-            "triton_python_backend_stub"
-        if not stub_src.is_file():
-            raise StackError(f"no Triton Python-backend stub for Python {sys.version_info[:2]} at {stub_src}")
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(home / "backends", dst)
-        shutil.copy2(stub_src, py / "triton_python_backend_stub")
-        (py / "triton_python_backend_stub").chmod(0o755)
-        return dst
-
     def _start_triton(self) -> None:
         home = triton_home()
-        backends = self._prepare_triton_backends()
-        env = dict(os.environ)
-        venv_bin = str(Path(sys.executable).parent)
-        # the Python backend stub runs the first `python3` on PATH: the venv's, with torch + models
-        env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
-        libs = _package_dir("pytriton").parent / "nvidia_pytriton.libs"
-        if libs.is_dir():
-            env["LD_LIBRARY_PATH"] = str(libs) + os.pathsep + env.get("LD_LIBRARY_PATH", "")
-        # one intra-op thread per model instance on small machines (2 threads -> 120 ms spikes, measured)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env.setdefault("MKL_NUM_THREADS", "1")
+        backends = prepare_triton_backends(home, self.workdir / "backends")
+        env = triton_env(_package_dir("pytriton").parent / "nvidia_pytriton.libs")
         s = self.state
         self._spawn(
             "triton",
@@ -310,7 +278,7 @@ class LocalStack:
             try:
                 if probe():
                     return
-            except Exception as e:  # noqa: BLE001 - keep probing until the deadline
+            except Exception as e:  # keep probing until the deadline
                 last = f"{type(e).__name__}: {e}"
             time.sleep(0.1)
         raise StackError(f"{name} not ready after {self.start_timeout_s:.0f}s ({last}); log tail: {self.log_tail(name)}")
@@ -324,7 +292,7 @@ class LocalStack:
     # -- models -------------------------------------------------------------------------------
     def load_model(self, name: str, timeout_s: float = 180.0) -> None:
         """Explicit-mode load of ``name`` from the model repository; waits until it is ready."""
-        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+        import tritonclient.grpc as grpcclient
 
         with grpcclient.InferenceServerClient(self.triton_grpc_url) as c:
             c.load_model(name)
@@ -336,12 +304,12 @@ class LocalStack:
 
     def ready_models(self, timeout_s: float = 5.0) -> list[str]:
         """Models READY in Triton now (``[]`` when Triton does not answer)."""
-        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+        import tritonclient.grpc as grpcclient
 
         try:
             with grpcclient.InferenceServerClient(self.triton_grpc_url) as c:
                 idx = c.get_model_repository_index(as_json=True, client_timeout=timeout_s)
-        except Exception:  # noqa: BLE001 - down / stopped: nothing is ready
+        except Exception:  # down / stopped: nothing is ready
             return []
         return sorted(m["name"] for m in idx.get("models", []) if m.get("state") == "READY")
 
@@ -401,24 +369,16 @@ class LocalStack:
         return models
 
 
-def status(workdir: str | Path | None = None) -> dict:
+def status(workdir: str | Path) -> dict:
     """Readiness of a stack started by ``stack up`` (from its state file)."""
     st = read_state(workdir)
     if st is None:
         return {"running": False, "services": {}}
+    tansu, triton = st.pids.get("tansu"), st.pids.get("triton")
     services = {
-        "kafka": {
-            "pid": st.pids.get("tansu"),
-            "alive": owned_alive("tansu", st.pids.get("tansu")),
-            "endpoint": st.kafka_bootstrap,
-        },
-        "triton": {
-            "pid": st.pids.get("triton"),
-            "alive": owned_alive("triton", st.pids.get("triton")),
-            "endpoint_grpc": st.triton_grpc_url,
-            "endpoint_http": st.triton_http_url,
-            "model_repository": st.model_repository,
-        },
+        "kafka": {"pid": tansu, "alive": owned_alive("tansu", tansu), "endpoint": st.kafka_bootstrap},
+        "triton": {"pid": triton, "alive": owned_alive("triton", triton), "endpoint_grpc": st.triton_grpc_url,
+                   "endpoint_http": st.triton_http_url, "model_repository": st.model_repository},
     }
     services["kafka"]["ready"] = services["kafka"]["alive"] and _safe(kafka_ready, st.kafka_bootstrap)
     services["triton"]["ready"] = services["triton"]["alive"] and triton_ready(st.triton_http_url)
@@ -428,5 +388,5 @@ def status(workdir: str | Path | None = None) -> dict:
 def _safe(fn, *a) -> bool:
     try:
         return bool(fn(*a))
-    except Exception:  # noqa: BLE001 - status reports not-ready instead of raising
+    except Exception:  # status reports not-ready instead of raising
         return False

@@ -1,80 +1,61 @@
 """``linewatch-models``: training / evaluation / export jobs for every detector.
 
-Each detector group lives in its own module exposing ``register(subparsers)``; adding a detector
-is one line in :data:`GROUP_MODULES` (e.g. ``"models.moleflow.cli"``). ``register`` adds a
-sub-parser per group whose verbs set ``func`` (called with the parsed args, returns an exit code).
-Bad arguments and missing data print ONE line on stderr and exit 2 (no traceback).
+One group per registered detector (contracts/detectors.py -> models/registry.py; each detector's
+``register_cli`` adds its verbs) plus ``job`` (models/jobs/train_job.py). Verbs set ``func``
+(called with the parsed args, ``args.settings`` = the entry point's contracts.config.Settings).
+Exit codes and one-line errors follow contracts/cli.py (2 usage/data, 1 runtime).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 from collections.abc import Sequence
 
-GROUP_MODULES: list[str] = [
-    "models.efficientad.cli",
-    "models.moleflow.cli",
-    "models.jobs.train_job",  # `job train` (adapter lifecycle: train -> store -> released)
-]
+from contracts.cli import OneLineParser, run_command
+from contracts.config import Settings
 
-
-class UsageError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse default prints usage + message
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
+PROG = "linewatch-models"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="linewatch-models", description="linewatch model jobs")
+    from models.jobs import train_job
+    from models.registry import all_detectors
+
+    parser = OneLineParser(prog=PROG, description="linewatch model jobs")
     sub = parser.add_subparsers(dest="group", metavar="GROUP", parser_class=OneLineParser)
     sub.required = True
-    for mod_name in GROUP_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and mod_name.startswith(exc.name):  # group not present in this checkout
-                continue
-            raise
-        mod.register(sub)
+    for det in all_detectors():
+        det.register_cli(sub)
+    train_job.register(sub)
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    # importlib: under ``python -m models.cli`` this module is __main__, group modules raise models.cli's class
-    errs: list[type[BaseException]] = [UsageError, importlib.import_module("models.cli").UsageError,
-                                       FileNotFoundError, NotADirectoryError]
-    for mod, name in (("models.data", "DataError"), ("models.backbones", "BackboneError")):
-        try:
-            errs.append(getattr(importlib.import_module(mod), name))
-        except Exception:  # pragma: no cover
-            pass
-    return tuple(errs)
+def run(argv: Sequence[str], settings: Settings) -> int:
+    """Run one verb in-process (the train job, a detector's ``train``); failures raise (the caller's
+    entry point maps them to the exit convention)."""
+    args = build_parser().parse_args(list(argv))
+    args.settings = settings
+    return int(args.func(args) or 0)
+
+
+def usage_errors() -> tuple[type[BaseException], ...]:
+    from models.backbones import BackboneError
+    from models.data import DataError
+
+    return DataError, BackboneError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    args = build_parser().parse_args(argv)
+
+    def go() -> int:
         from contracts.logs import configure_logging
 
-        configure_logging()
-    except Exception:  # pragma: no cover
-        pass
-    try:
+        args.settings = Settings()
+        configure_logging(args.settings.log_level)
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        sys.stderr.write(f"linewatch-models: error: {msg}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("linewatch-models: interrupted\n")
-        return 130
+
+    return run_command(PROG, go, usage=usage_errors())
 
 
 if __name__ == "__main__":

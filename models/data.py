@@ -2,8 +2,9 @@
 
 API (import from ``models.data``):
 
-* :func:`data_root` -> Path: ``$LINEWATCH_DATA_DIR`` or ``<repo>/../shared/data`` (docs/CONTRACTS.md)
-* :func:`mvtec_category_dir` (category, root=None) -> Path of ``<root>/mvtec/<category>``
+* :func:`data_root` (settings) -> Path: the ``data_dir`` setting (LINEWATCH_DATA_DIR, default
+  ``<repo>/../shared/data``; contracts/config.py, docs/CONTRACTS.md)
+* :func:`mvtec_category_dir` (category, root) -> Path of ``<root>/mvtec/<category>``
 * :func:`list_images` (folder, recursive=False) -> sorted image paths
 * :class:`Sample` (path, label, defect_type, mask_path)
 * :func:`mvtec_samples` (category_dir, split="train"|"test") -> list[Sample]
@@ -24,16 +25,19 @@ serving preprocess contract, so training, evaluation and Triton see the same ten
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from contracts.config import Settings
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,15 +52,13 @@ class DataError(Exception):
     """Missing or malformed dataset folder / image (CLI turns it into a one-line error)."""
 
 
-def data_root() -> Path:
-    env = os.environ.get("LINEWATCH_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+def data_root(settings: Settings) -> Path:
+    """The shared data folder (MVTec, weights, ImageNet sample) of the entry point's settings."""
+    return Path(settings.data_dir)
 
 
-def mvtec_category_dir(category: str, root: str | Path | None = None) -> Path:
-    return Path(root or data_root()) / "mvtec" / category
+def mvtec_category_dir(category: str, root: str | Path) -> Path:
+    return Path(root) / "mvtec" / category
 
 
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:

@@ -6,21 +6,22 @@ the integration suite exists to prove the real components work.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("LINEWATCH_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+from contracts.config import Settings
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    d = data_dir()
+def settings() -> Settings:
+    """The test session's config root (environment + LINEWATCH_CONFIG), built once."""
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def shared_data(settings) -> Path:
+    d = Path(settings.data_dir)
     if not (d / "mvtec" / "bottle" / "train" / "good").is_dir():
         pytest.fail(f"real data not found at {d} (set LINEWATCH_DATA_DIR)")
     return d

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contracts.cli import UsageError
+
 DEFAULT_TEACHER_KIND = "lite0-features"
 
 
-def _usage(msg: str):
-    from models.cli import UsageError
-
+def _usage(msg: str) -> UsageError:
     return UsageError(msg)
 
 
@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     if lite0 and pdn_given:
         raise _usage("--teacher/--random-teacher are PDN teachers; --teacher-kind lite0-features uses --backbone-weights")
     teacher = None if args.random_teacher or lite0 else _file(args.teacher or str(DEFAULT_TEACHER), "teacher weights")
-    backbone = _file(args.backbone_weights or str(data_root() / LITE0_WEIGHTS), "backbone weights") if lite0 else None
+    backbone = _file(args.backbone_weights or str(data_root(args.settings) / LITE0_WEIGHTS), "backbone weights") if lite0 else None
     paths = list_images(good)
     if len(paths) < 2:
         raise _usage(f"need at least 2 images in {good}")
@@ -102,14 +102,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from models.efficientad.export import export_triton
-    from models.efficientad.model import load_checkpoint
+    from models.efficientad.detector import DETECTOR
 
-    model, meta = load_checkpoint(_file(args.checkpoint, "checkpoint"))
-    vdir = export_triton(model, args.repository, args.product, args.version,
-                         threshold=meta.get("threshold", 0.0), map_threshold=meta.get("map_threshold", 0.0),
-                         max_batch_size=args.max_batch_size,
-                         extra={"quantiles": meta.get("quantiles"), "threshold_source": meta.get("threshold_source")})
+    vdir = DETECTOR.export(_file(args.checkpoint, "checkpoint"), Path(args.repository),
+                           DETECTOR.info.model_name(args.product), version=args.version,
+                           max_batch_size=args.max_batch_size)
     print(vdir)
     return 0
 

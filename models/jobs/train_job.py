@@ -4,22 +4,23 @@
         --store /models/store --base-store /models/moleflow-store [--val-good DIR --val-bad DIR] \\
         [--bootstrap kafka:9092] [--no-publish] [-- extra args for the detector's train verb]
 
-Steps: split the good images (held-out part: calibration + probe images), train through the models CLI
-(MoLE-Flow: ``train-task`` adds a task adapter to ``--base-store`` on the frozen base; EfficientAD:
-``train``), export a new version into the model store (Triton layout, ``<store>/<model>/<version>``),
-score the held-out good images with the exported artifact (calibration scores the rollout health check
-and drift monitor compare against), evaluate on labelled validation images if given (image AUROC;
+Steps: split the good images (held-out part: calibration + probe images), train and export through the
+detector registry (models/registry.py: ``--detector`` is any registered detector; a multi-task detector
+such as MoLE-Flow adds the product's task adapter to ``--base-store`` on the frozen base, a per-product
+one such as EfficientAD trains a fresh model), export a new version into the model store (Triton
+layout, ``<store>/<model>/<version>``), score the held-out good images with the exported artifact loaded
+as Triton serves it (calibration scores the rollout health check and drift monitor compare against), evaluate on labelled validation images if given (image AUROC;
 ``--min-auroc`` gates the release), copy probe images into the artifact, rewrite metadata.json with
 every artifact's sha256, and publish ``released`` by running ``linewatch release`` (a subprocess:
-``models`` never imports faust). Exit codes: 0 released (or written with --no-publish), 2 usage /
-data errors, 3 evaluation gate failed (artifact written, not released).
+``models`` never imports faust). Exit codes (contracts/cli.py): 0 released (or written with --no-publish),
+2 usage / data errors, 1 runtime failures (the release command failed), 3 evaluation gate failed
+(artifact written, not released).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -28,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from contracts.artifact import write_manifest
+from contracts.cli import OneLineParser, RuntimeFailure, run_command
+from contracts.config import Settings
+from contracts.detectors import detector_names
+from contracts.image import decode_image
+from contracts.spec import ModelSpec, to_tensor
 from models.artifacts import sha256_file as _sha
+from models.detector import Scorer
 
 
 def _link_files(paths: list[Path], folder: Path) -> Path:
@@ -40,7 +48,7 @@ def _link_files(paths: list[Path], folder: Path) -> Path:
 
 
 def _images(d: str | Path) -> list[Path]:
-    from models.data import list_images  # noqa: PLC0415
+    from models.data import list_images
 
     return [Path(p) for p in list_images(Path(d))]
 
@@ -56,81 +64,40 @@ def split_good(paths: list[Path], holdout: float, seed: int, min_holdout: int = 
     return train, hold
 
 
-def score_images(vdir: Path, detector: str, task: str | None, paths: list[Path]) -> np.ndarray:
+def score_images(scorer: Scorer, spec: ModelSpec, task: str | None, paths: list[Path]) -> np.ndarray:
     """Scores of the exported artifact, preprocessed exactly as the worker does (contracts.spec)."""
-    import torch  # noqa: PLC0415
-
-    from contracts.image import decode_image  # noqa: PLC0415
-    from contracts.spec import parse_spec, to_tensor  # noqa: PLC0415
-
-    meta = json.loads((vdir / "metadata.json").read_text())
-    spec = parse_spec(meta)
-    torch.set_num_threads(1)
-    if detector == "efficientad":
-        from models.efficientad.serving import verify_and_load  # noqa: PLC0415 - sha256 first, then load
-
-        net = verify_and_load(vdir)[0].eval()
-
-        def run(x):
-            return net(x)[1]
-    else:
-        from models.moleflow.store import load_model  # noqa: PLC0415
-
-        mf = load_model(vdir)
-
-        def run(x):
-            return mf.predict(x, tasks=[task] * len(x), calibrated=True)["score"]
     out = []
-    with torch.inference_mode():
-        for i in range(0, len(paths), 8):
-            x = np.stack([to_tensor(decode_image(p.read_bytes()), spec) for p in paths[i:i + 8]])
-            out.append(run(torch.from_numpy(x)).reshape(-1).float().numpy())
+    for i in range(0, len(paths), 8):
+        x = np.stack([to_tensor(decode_image(p.read_bytes()), spec) for p in paths[i:i + 8]])
+        out.append(np.asarray(scorer(x, [task] * len(x))[spec.outputs.get("score", "score")], np.float64).reshape(-1))
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _models_cli(argv: list[str]) -> None:
-    from models.cli import main  # noqa: PLC0415
+def run_job(a, settings: Settings) -> int:
+    from models.registry import get
 
-    rc = main(argv)
-    if rc:
-        raise SystemExit(rc)
-
-
-def _newest_version(model_dir: Path) -> Path:
-    vs = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    if not vs:
-        raise RuntimeError(f"export wrote no version under {model_dir}")
-    return max(vs, key=lambda p: int(p.name))
-
-
-def run_job(a) -> int:
+    det = get(a.detector)
     store = Path(a.store.removeprefix("file://"))
     good = _images(a.train_dir)
     if len(good) < 4:
         raise ValueError(f"need at least 4 good images in {a.train_dir}, found {len(good)}")
+    model = a.model or det.info.model_name(a.product)
+    task = det.info.task_of(a.product)
+    if det.info.multi_task and not a.base_store:
+        raise ValueError(f"--base-store ({det.name} training store: frozen base + task adapters) is required")
     train, hold = split_good(good, a.holdout, a.seed)
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lw-train-") as tmp:
         tdir = _link_files(train, Path(tmp) / "train")  # the training split as symlinks (nothing copied)
-        if a.detector == "moleflow":
-            model = a.model or "moleflow"
-            if not a.base_store:
-                raise ValueError("--base-store (MoLE-Flow training store: frozen base + adapters) is required")
-            # the held-out split sets the adapter's threshold (the scores below use it too)
-            cdir = _link_files(hold, Path(tmp) / "calibration")
-            _models_cli(["moleflow", "train-task", "--data-dir", str(tdir), "--task", a.product, "--out", a.base_store,
-                         "--calibration-dir", str(cdir), *a.extra])
-            _models_cli(["moleflow", "export", "--checkpoint", a.base_store, "--repo", str(store), "--name", model])
-        else:
-            model = a.model or f"efficientad_{a.product}"
-            ckpt = Path(tmp) / "efficientad.pt"
-            _models_cli(["efficientad", "train", "--train-dir", str(tdir), "--out", str(ckpt), *a.extra])
-            _models_cli(["efficientad", "export", "--checkpoint", str(ckpt), "--repository", str(store),
-                         "--product", a.product])
-    vdir = _newest_version(store / model)
+        # the held-out split sets the threshold where the detector takes calibration images (MoLE-Flow adapters)
+        cdir = _link_files(hold, Path(tmp) / "calibration")
+        # a multi-task detector extends its persistent training store; a per-product one trains afresh
+        ckpt = Path(a.base_store) if det.info.multi_task else Path(tmp) / f"{det.name}.ckpt"
+        det.train(tdir, ckpt, product=a.product, settings=settings, calibration_dir=cdir, extra=a.extra)
+        vdir = det.export(ckpt, store, model)
     meta = json.loads((vdir / "metadata.json").read_text())
-    task = a.product if a.detector == "moleflow" else None
-    cal = score_images(vdir, a.detector, task, hold)
+    spec, scorer = det.spec(vdir), det.load_serving(vdir)
+    cal = score_images(scorer, spec, task, hold)
     thr = float(meta.get("threshold", 0.0))
     if task and isinstance(meta.get("tasks"), dict) and task in meta["tasks"]:
         meta["tasks"][task]["calibration_scores"] = [float(x) for x in cal]
@@ -139,18 +106,18 @@ def run_job(a) -> int:
                                "source": "held-out good training images"}
     gate_ok = True
     if a.val_good or a.val_bad:
-        from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+        from sklearn.metrics import roc_auc_score
 
         vg = _images(a.val_good) if a.val_good else list(hold)
         vb = _images(a.val_bad) if a.val_bad else []
-        sg, sb = score_images(vdir, a.detector, task, vg), score_images(vdir, a.detector, task, vb)
+        sg, sb = score_images(scorer, spec, task, vg), score_images(scorer, spec, task, vb)
         ev = {"n_good": len(vg), "n_bad": len(vb), "false_alarm_rate": float(np.mean(sg > thr)) if sg.size else None,
               "recall": float(np.mean(sb > thr)) if sb.size else None}
         if sg.size and sb.size:
             ev["image_auroc"] = float(roc_auc_score(np.r_[np.zeros(sg.size), np.ones(sb.size)], np.r_[sg, sb]))
             gate_ok = a.min_auroc is None or ev["image_auroc"] >= a.min_auroc
         meta["evaluation"] = ev
-    import cv2  # noqa: PLC0415
+    import cv2
 
     pdir = vdir / "probe"
     pdir.mkdir(exist_ok=True)
@@ -165,13 +132,8 @@ def run_job(a) -> int:
         cv2.imwrite(str(vdir / rel), img)
         files.append(rel)
     meta["probe"] = {"files": files, "kind": "good"}
-    arts = dict(meta.get("artifacts") or {})
-    arts.update({f: _sha(vdir / f) for f in files})
-    meta["artifacts"] = arts
     meta["training"] = {"train_images": len(train), "holdout_images": len(hold), "train_dir": str(a.train_dir)}
-    tmpm = vdir / ".metadata.json.tmp"
-    tmpm.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmpm, vdir / "metadata.json")
+    meta = write_manifest(vdir, meta, [*(meta.get("artifacts") or {}), *files])  # the probe images are pinned too
     summary = {"artifact": str(vdir), "model": model, "version": int(meta["version"]),
                "sha256": _sha(vdir / "metadata.json"), "evaluation": meta.get("evaluation"),
                "calibration_median": float(np.median(cal)) if cal.size else None}
@@ -189,18 +151,21 @@ def run_job(a) -> int:
         cmd += ["--bootstrap", a.bootstrap]
     if a.topic:
         cmd += ["--topic", a.topic]
-    subprocess.run(cmd, check=True, timeout=120)
+    try:
+        subprocess.run(cmd, check=True, timeout=120)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        raise RuntimeFailure(f"artifact written, release failed: {e}") from None
     return 0
 
 
 def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     ap = ap or argparse.ArgumentParser(prog="python -m models.jobs.train_job", description=__doc__.splitlines()[0])
-    ap.add_argument("--detector", choices=["moleflow", "efficientad"], default="moleflow")
+    ap.add_argument("--detector", choices=detector_names(), default=detector_names()[0])
     ap.add_argument("--product", required=True, help="product name (MoLE-Flow: the new task)")
     ap.add_argument("--train-dir", required=True, help="folder of good images")
     ap.add_argument("--store", required=True, help="model store (directory or file:// URI)")
-    ap.add_argument("--model", help="model name (default: moleflow / efficientad_<product>)")
-    ap.add_argument("--base-store", help="MoLE-Flow training store (frozen base + adapters)")
+    ap.add_argument("--model", help="model name (default: the detector's, contracts/detectors.py)")
+    ap.add_argument("--base-store", help="multi-task detectors (MoLE-Flow): the training store (frozen base + adapters)")
     ap.add_argument("--val-good", help="labelled validation: good images")
     ap.add_argument("--val-bad", help="labelled validation: defective images")
     ap.add_argument("--min-auroc", type=float, help="do not release below this validation image AUROC")
@@ -216,12 +181,9 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 
 def _cmd(a) -> int:
+    """The verb: ``a.settings`` is the entry point's Settings (models/cli.py main or :func:`main`)."""
     a.extra = [x for x in (a.extra or []) if x != "--"]
-    try:
-        return run_job(a)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        sys.stderr.write(f"train_job: error: {str(e).splitlines()[0]}\n")
-        return 2
+    return run_job(a, a.settings)
 
 
 def register(sub) -> None:
@@ -232,8 +194,19 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    return int(a.func(a) or 0)
+    from models.cli import usage_errors
+
+    a = build_parser(OneLineParser(prog="python -m models.jobs.train_job",
+                                   description=__doc__.splitlines()[0])).parse_args(argv)
+
+    def go() -> int:
+        from contracts.logs import configure_logging
+
+        a.settings = Settings()
+        configure_logging(a.settings.log_level)
+        return a.func(a)
+
+    return run_command("train_job", go, usage=usage_errors())
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contracts.cli import UsageError
 
-def _usage(msg: str):
-    from models.cli import UsageError
 
+def _usage(msg: str) -> UsageError:
     return UsageError(msg)
 
 
@@ -58,7 +58,7 @@ def _weights(args) -> Path | None:
         return None
     from models.backbones import LITE0_WEIGHTS
 
-    auto = data_root() / LITE0_WEIGHTS
+    auto = data_root(args.settings) / LITE0_WEIGHTS
     if args.backbone in ("tf_efficientnet_lite0", "efficientnet_lite0") and auto.is_file():
         return auto  # local ImageNet weights (never downloaded)
     raise _usage(f"no weights for backbone {args.backbone}: pass --backbone-weights FILE (or --random-backbone)")

@@ -4,18 +4,21 @@ Resolution order for the product: the frame's ``product`` header, else ``cameras
 else ``lines[line_id]``. Then the model:
 
 1. ``products[product]`` if configured and loaded in Triton (explicit model name);
-2. ``<efficientad_prefix><product>`` (e.g. ``efficientad_bottle``) if loaded;
-3. the MoLE-Flow model with ``task=product`` if it is loaded and knows that task;
-4. the MoLE-Flow model task-agnostic (empty task, its prototype router decides) if loaded;
-5. otherwise :class:`~contracts.envelope.EnvelopeError` ``unknown_product`` (-> DLQ).
+2. a per-product detector's model for the product (e.g. ``efficientad_bottle``) if loaded;
+3. a multi-task detector's model (e.g. ``moleflow``) with ``task=product`` if loaded and it knows that task;
+4. any other loaded model that reports the product as a task (never a rollout candidate);
+5. a multi-task detector's model task-agnostic (empty task, the model's router decides) if loaded;
+6. otherwise :class:`~contracts.envelope.EnvelopeError` ``unknown_product`` (-> DLQ).
 
-A frame's explicit ``task`` header is passed to MoLE-Flow as-is when routed there.
+Model names come from the detector registry (contracts/detectors.py), in its order;
+``detector_models`` overrides a detector's name (multi-task) or template (per-product, with
+``{product}``). A frame's explicit ``task`` header is passed to a multi-task model as-is.
 
 Configuration (JSON file or dict)::
 
     {"cameras": {"cam-1": "bottle"}, "lines": {"line-a": "bottle"},
      "products": {"bottle": "efficientad_bottle"},
-     "moleflow_model": "moleflow", "efficientad_prefix": "efficientad_"}
+     "detector_models": {"moleflow": "line7_moleflow"}}
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from typing import Any
 import orjson
 
 from contracts.artifact import CANDIDATE_SUFFIX
+from contracts.detectors import DETECTORS, DetectorInfo
 from contracts.envelope import EnvelopeError, Frame
+
+_MAPS = ("cameras", "lines", "products", "detector_models")
 
 
 @dataclass(frozen=True)
@@ -45,22 +51,31 @@ class RoutingConfig:
     cameras: dict[str, str] = field(default_factory=dict)
     lines: dict[str, str] = field(default_factory=dict)
     products: dict[str, str] = field(default_factory=dict)
-    moleflow_model: str = "moleflow"
-    efficientad_prefix: str = "efficientad_"
+    detector_models: dict[str, str] = field(default_factory=dict)  # detector -> model name / template
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoutingConfig:
-        unknown = set(d) - {"cameras", "lines", "products", "moleflow_model", "efficientad_prefix"}
+        unknown = set(d) - set(_MAPS)
         if unknown:
             raise ValueError(f"routing config: unknown keys {sorted(unknown)}")
-        for k in ("cameras", "lines", "products"):
+        for k in _MAPS:
             v = d.get(k, {})
             if not isinstance(v, Mapping) or not all(isinstance(a, str) and isinstance(b, str) for a, b in v.items()):
                 raise ValueError(f"routing config: '{k}' must map strings to strings")
-        return cls(cameras=dict(d.get("cameras", {})), lines=dict(d.get("lines", {})),
-                   products=dict(d.get("products", {})),
-                   moleflow_model=str(d.get("moleflow_model", "moleflow")),
-                   efficientad_prefix=str(d.get("efficientad_prefix", "efficientad_")))
+        cfg = cls(**{k: dict(d.get(k, {})) for k in _MAPS})
+        for det, model in cfg.detector_models.items():
+            if det not in DETECTORS:
+                raise ValueError(f"routing config: detector_models: unknown detector {det!r}; "
+                                 f"registered: {sorted(DETECTORS)}")
+            if not DETECTORS[det].multi_task and "{product}" not in model:
+                raise ValueError(f"routing config: detector_models.{det} must contain '{{product}}'")
+        return cfg
+
+    def model_of(self, det: DetectorInfo, product: str | None = None) -> str:
+        return det.model_name(product, self.detector_models.get(det.name))
+
+    def multi_task_models(self) -> list[str]:
+        return [self.model_of(d) for d in DETECTORS.values() if d.multi_task]
 
     @classmethod
     def load(cls, source: str | os.PathLike | Mapping[str, Any] | None) -> RoutingConfig:
@@ -100,27 +115,29 @@ class Router:
     def route(self, frame: Frame) -> Route:
         c = self.config
         product = self.product_of(frame)
-        mf = c.moleflow_model
+        multi = c.multi_task_models()
         if product:
             explicit = c.products.get(product)
             if explicit and explicit in self.available:
-                if explicit == mf or self.available[explicit]:  # a MoLE-Flow model: pick the product's adapter
+                if explicit in multi or self.available[explicit]:  # a multi-task model: pick the product's task
                     task = frame.task or (product if product in self.available[explicit] else "")
                     return Route(explicit, task, product, routed=not task)
                 return Route(explicit, frame.task or "", product, routed=False)
-            ead = f"{c.efficientad_prefix}{product}"
-            if ead in self.available:
-                return Route(ead, "", product, routed=False)
-            if mf in self.available and product in self.available[mf]:
-                return Route(mf, frame.task or product, product, routed=False)
-            # any other MoLE-Flow model (it reports its tasks) with an adapter for this product; derived from
+            for det in DETECTORS.values():
+                if not det.multi_task and (name := c.model_of(det, product)) in self.available:
+                    return Route(name, "", product, routed=False)
+            for name in multi:
+                if name in self.available and product in self.available[name]:
+                    return Route(name, frame.task or product, product, routed=False)
+            # any other multi-task model (it reports its tasks) with a task for this product; derived from
             # Triton's loaded models, so every worker replica agrees without sharing state. Rollout
             # candidates never take live decisions.
             for name, tasks in sorted(self.available.items()):
                 if product in tasks and not name.endswith(CANDIDATE_SUFFIX):
                     return Route(name, frame.task or product, product, routed=False)
-        if mf in self.available:
-            task = frame.task if (frame.task and frame.task in self.available[mf]) else ""
-            return Route(mf, task, product, routed=not task)
+        for name in multi:
+            if name in self.available:
+                task = frame.task if (frame.task and frame.task in self.available[name]) else ""
+                return Route(name, task, product, routed=not task)
         why = f"product '{product}'" if product else f"camera '{frame.camera_id}' / line '{frame.line_id}' (no product)"
         raise EnvelopeError("unknown_product", f"no loaded model for {why}; loaded: {sorted(self.available) or 'none'}")

@@ -1,7 +1,9 @@
 """Async Triton gRPC client (one shared ``tritonclient.grpc.aio`` client per process).
 
 - ``specs()``: READY models in the repository and their ``linewatch_spec`` (from the model
-  config's ``parameters``, never hard-coded), cached and refreshed on demand.
+  config's ``parameters``, never hard-coded), cached and refreshed on demand; ``spec_for(model)``
+  looks one up (a model seen READY before keeps its spec while it reloads), ``available()`` lists
+  the routable models and their tasks.
 - ``infer()``: one micro-batch for one model, split into chunks of the model's max_batch_size,
   retried with exponential backoff on transient errors (UNAVAILABLE, DEADLINE_EXCEEDED,
   RESOURCE_EXHAUSTED, model not ready while a new version loads). Permanent errors (bad input
@@ -82,7 +84,7 @@ class TritonInfer:
             try:
                 if await self.client.is_server_live():
                     return
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:  # not up yet
                 pass
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"Triton at {self.url} not live after {timeout_s}s")
@@ -117,14 +119,24 @@ class TritonInfer:
         if not self._specs or time.monotonic() - self._refreshed > max_age_s:
             try:
                 await self.refresh()
-            except Exception as e:  # noqa: BLE001 - keep serving with the last known specs
+            except Exception as e:  # keep serving with the last known specs
                 if not (self._specs or self.last_specs):  # never reached Triton: nothing to fall back on
                     raise
                 log.warning("model_refresh_failed", error=str(e)[:300])
         return self._specs
 
-    def available(self) -> dict[str, tuple[str, ...]]:
-        return {k: v.tasks for k, v in self._specs.items()}
+    def spec_for(self, model: str) -> ModelSpec | None:
+        """The spec of ``model``: READY now, else the last one seen (reloading / Triton restarting), else None."""
+        return self._specs.get(model) or self.last_specs.get(model)
+
+    def ready_models(self) -> list[str]:
+        """READY models with a spec, as of the last refresh."""
+        return sorted(self._specs)
+
+    def available(self, *, include_unready: bool = False) -> dict[str, tuple[str, ...]]:
+        """{model: tasks} of the READY models (``include_unready``: every model seen READY before too)."""
+        specs = {**self.last_specs, **self._specs} if include_unready else self._specs
+        return {k: v.tasks for k, v in specs.items()}
 
     async def _infer_once(self, model: str, spec: ModelSpec, has_task: bool, batch: np.ndarray,
                           tasks: list[str] | None) -> tuple:
@@ -153,7 +165,7 @@ class TritonInfer:
         if model not in self._specs:
             try:
                 await self.refresh()
-            except Exception as e:  # noqa: BLE001 - Triton down/restarting: not the frames' fault, never DLQ them
+            except Exception as e:  # Triton down/restarting: not the frames' fault, never DLQ them
                 raise TransientInferError(f"model {model}: cannot list Triton's models: {type(e).__name__}: {e}") from e
             if model not in self._specs:
                 raise TransientInferError(f"model {model} is not READY in Triton")
@@ -171,7 +183,7 @@ class TritonInfer:
                 try:
                     parts.append(await self._infer_once(model, spec, has_task, sub, subt))
                     break
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     if self.metrics is not None:
                         self.metrics.triton_errors.labels(model=model, kind="transient" if is_transient(e) else "permanent").inc()
                     if not is_transient(e):

@@ -14,28 +14,29 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from contracts.config import Settings
+from contracts.config import Settings, process_settings
 from contracts.logs import get_logger
 
 log = get_logger("stream.kafka.clients")
 
-DEFAULT_TOPICS = ("frames", "inspection-results", "defect-events", "frames-dlq", "drift-alerts", "model-events")
 
 
-def client_kwargs(role: str = "any", **extra) -> dict[str, Any]:
-    """aiokafka kwargs (security + dev-broker timings) from contracts.config, minus bootstrap_servers."""
-    kw = aiokafka_client_kwargs(role=role)
+def client_kwargs(role: str = "any", settings: Settings | None = None, **extra) -> dict[str, Any]:
+    """aiokafka kwargs (security + dev-broker timings) from the settings, minus bootstrap_servers.
+
+    ``settings`` come from the entry point; callers that are none (tests, benchmarks) may omit them
+    (contracts.config.process_settings)."""
+    kw = aiokafka_client_kwargs(settings or process_settings(), role=role)
     kw.pop("bootstrap_servers", None)
     kw.update(extra)
     return kw
 
 
-def aiokafka_client_kwargs(settings: Settings | None = None, role: str = "any") -> dict[str, Any]:
+def aiokafka_client_kwargs(s: Settings, role: str = "any") -> dict[str, Any]:
     """aiokafka client kwargs from settings: security, and the dev-broker timings.
 
     role: "producer", "consumer" or "any" (only keys every aiokafka client accepts).
     """
-    s = settings or Settings()
     kw: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap, "security_protocol": s.kafka_security_protocol}
     if s.kafka_security_protocol.startswith("SASL"):
         kw["sasl_mechanism"] = s.kafka_sasl_mechanism or "PLAIN"
@@ -53,28 +54,26 @@ def aiokafka_client_kwargs(settings: Settings | None = None, role: str = "any") 
     return kw
 
 
-def ssl_context(settings: Settings | None = None):
+def ssl_context(s: Settings):
     """TLS context from the kafka_ssl_* settings (CA bundle, optional client cert/key), or None."""
-    s = settings or Settings()
     if s.kafka_security_protocol not in ("SSL", "SASL_SSL"):
         return None
-    from aiokafka.helpers import create_ssl_context  # noqa: PLC0415
+    from aiokafka.helpers import create_ssl_context
 
     pw = s.kafka_ssl_key_password.get_secret_value() if s.kafka_ssl_key_password else None
     return create_ssl_context(cafile=s.kafka_ssl_cafile, certfile=s.kafka_ssl_certfile,
                               keyfile=s.kafka_ssl_keyfile, password=pw)
 
 
-def faust_broker_credentials(settings: Settings | None = None):
+def faust_broker_credentials(s: Settings):
     """The Faust app's ``broker_credentials`` for the same security settings (None for PLAINTEXT).
 
     Faust turns these into the same aiokafka kwargs for its consumer, producer and admin client
     (``faust.transport.drivers.aiokafka.credentials_to_aiokafka_auth``)."""
-    s = settings or Settings()
     proto = s.kafka_security_protocol
     if proto == "PLAINTEXT":
         return None
-    import faust  # noqa: PLC0415 - stream may import faust; keep `import contracts.config` light
+    import faust  # the worker image has faust; the aiokafka-only verbs never get here
 
     ctx = ssl_context(s)
     if proto == "SSL":
@@ -85,8 +84,12 @@ def faust_broker_credentials(settings: Settings | None = None):
     return creds
 
 
-async def ensure_topics(bootstrap: str, topics: Iterable[str] = DEFAULT_TOPICS, partitions: int = 1) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs())
+async def ensure_topics(bootstrap: str, topics: Iterable[str] | None = None, partitions: int = 1, *,
+                        settings: Settings | None = None) -> None:
+    """Create the missing ``topics`` (default: every topic of the settings)."""
+    s = settings or process_settings()
+    topics = s.topics() if topics is None else topics
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs(settings=s))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -94,7 +97,7 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str] = DEFAULT_TOPICS, 
         if new:
             try:
                 await admin.create_topics(new)
-            except Exception as e:  # noqa: BLE001 - raced with another creator
+            except Exception as e:  # raced with another creator
                 if "exist" not in str(e).lower():
                     raise
     finally:
@@ -104,8 +107,9 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str] = DEFAULT_TOPICS, 
 class Producer:
     """Thin aiokafka producer wrapper; ``send`` returns after the broker acknowledged."""
 
-    def __init__(self, bootstrap: str, **kw):
-        self.p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, **client_kwargs("producer", **kw))
+    def __init__(self, bootstrap: str, *, settings: Settings | None = None, **kw):
+        self.p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,
+                                  **client_kwargs("producer", settings, **kw))
 
     async def __aenter__(self):
         await self.p.start()
@@ -121,7 +125,8 @@ class Producer:
 
 async def read_topics(bootstrap: str, topics: Iterable[str], *, until: Callable[[dict[str, list]], bool] | None = None,
                       timeout_s: float = 30.0, idle_s: float | None = None,
-                      on_record: Callable[[Any], None] | None = None) -> dict[str, list]:
+                      on_record: Callable[[Any], None] | None = None,
+                      settings: Settings | None = None) -> dict[str, list]:
     """Read the given topics from offset 0 without a consumer group (no commits, no rebalance).
 
     Stops when ``until(records_by_topic)`` is true, after ``timeout_s``, or after ``idle_s`` without
@@ -129,7 +134,7 @@ async def read_topics(bootstrap: str, topics: Iterable[str], *, until: Callable[
     """
     topics = list(topics)
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                         group_id=None, **client_kwargs("consumer"))
+                         group_id=None, **client_kwargs("consumer", settings))
     await c.start()
     out: dict[str, list] = {t: [] for t in topics}
     try:

@@ -25,17 +25,21 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import stats
 
+from contracts.config import DriftSettings
+
+_DEFAULTS = DriftSettings()  # window / check_every / min_interval_s: one set of defaults, the settings' own
+
 
 @dataclass(frozen=True)
 class DriftConfig:
-    window: int = 64  # frames per sliding window
-    check_every: int = 16  # evaluate once every N new frames once the window is full
+    window: int = _DEFAULTS.window  # frames per sliding window
+    check_every: int = _DEFAULTS.check_every  # evaluate once every N new frames once the window is full
     ks_alpha: float = 1e-3
     psi_threshold: float = 0.25  # common rule of thumb: > 0.25 is a significant shift
     ood_fraction: float = 0.5
     expected_anomaly_rate: float = 0.01
     rate_alpha: float = 1e-4
-    min_interval_s: float = 60.0
+    min_interval_s: float = _DEFAULTS.min_interval_s  # per (detector, key)
     psi_bins: int = 10
 
 

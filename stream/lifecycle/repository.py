@@ -2,7 +2,7 @@
 
 An artifact (a verified version dir of the model store, :mod:`contracts.artifact`) is hard-linked (or
 copied) into ``<repository>/<name>/<version>``; ``<name>/config.pbtxt`` is rewritten with an explicit
-version policy, so a rollback is a config rewrite + load (stream/lifecycle/rollout.py).
+version policy, so a rollback is a config rewrite + load (stream/lifecycle/controller.py).
 """
 
 from __future__ import annotations

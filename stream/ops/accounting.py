@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from contracts.config import Settings
 from contracts.envelope import headers_to_dict, peek_ids
 from contracts.logs import get_logger
 
@@ -170,19 +171,20 @@ class TopicReader:
     one stopped up to the topics' *current* end offsets (then drains briefly: Tansu may under-report
     the end of a partition holding multi-record batches)."""
 
-    def __init__(self, bootstrap: str, topics: list[str], *, required: tuple[str, ...] = ()):
-        from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
+    def __init__(self, bootstrap: str, topics: list[str], *, required: tuple[str, ...] = (),
+                 settings: Settings | None = None):
+        from aiokafka import AIOKafkaConsumer
 
-        from stream.kafka.clients import client_kwargs  # noqa: PLC0415
+        from stream.kafka.clients import client_kwargs
 
         self.topics = topics
         self.required = required
         self.c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                  auto_offset_reset="earliest", **client_kwargs("consumer"))
+                                  auto_offset_reset="earliest", **client_kwargs("consumer", settings))
         self.tps: list = []
 
     async def start(self, timeout_s: float = 10.0) -> None:
-        from aiokafka import TopicPartition  # noqa: PLC0415
+        from aiokafka import TopicPartition
 
         await self.c.start()
         deadline = time.monotonic() + timeout_s
@@ -238,7 +240,7 @@ class TopicReader:
 
 async def account(bootstrap: str, *, frames_topic: str = "frames", results_topic: str = "inspection-results",
                   dlq_topic: str = "frames-dlq", wait_s: float = 0.0, read_timeout_s: float = 60.0,
-                  poll_s: float = 1.0) -> Report:
+                  poll_s: float = 1.0, settings: Settings | None = None) -> Report:
     """Read the three topics to their end offsets and account for every frame.
 
     ``wait_s`` > 0: while frames are missing, keep catching up (new results may still be on their
@@ -249,7 +251,8 @@ async def account(bootstrap: str, *, frames_topic: str = "frames", results_topic
     feed = {frames_topic: lambda r: ledger.add_frame(r.key, r.value, r.headers),
             results_topic: lambda r: ledger.add_result(r.value),
             dlq_topic: lambda r: ledger.add_dlq(r.key, r.value, r.headers)}
-    reader = TopicReader(bootstrap, [frames_topic, results_topic, dlq_topic], required=(frames_topic,))
+    reader = TopicReader(bootstrap, [frames_topic, results_topic, dlq_topic], required=(frames_topic,),
+                         settings=settings)
     await reader.start()
     try:
         while True:
@@ -272,12 +275,14 @@ async def account(bootstrap: str, *, frames_topic: str = "frames", results_topic
 
 
 def _cmd_account(a) -> int:
-    from stream.ops.cli_worker import _bootstrap  # noqa: PLC0415
+    from stream.ops.cli_worker import _bootstrap
 
     if a.wait < 0:
         raise ValueError("--wait must be >= 0")
-    rep = asyncio.run(account(_bootstrap(a), frames_topic=a.frames_topic, results_topic=a.results_topic,
-                              dlq_topic=a.dlq_topic, wait_s=a.wait))
+    s = a.settings
+    rep = asyncio.run(account(_bootstrap(a), frames_topic=a.frames_topic or s.topic_frames,
+                              results_topic=a.results_topic or s.topic_results, dlq_topic=a.dlq_topic or s.topic_dlq,
+                              wait_s=a.wait, settings=s))
     if a.json:
         print(json.dumps(rep.to_dict(), indent=2, sort_keys=True))
     else:
@@ -297,9 +302,9 @@ def _cmd_account(a) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("account", help="prove every produced frame has a result or a DLQ record (exit 1 if not)")
-    p.add_argument("--frames-topic", default="frames")
-    p.add_argument("--results-topic", default="inspection-results")
-    p.add_argument("--dlq-topic", default="frames-dlq")
+    p.add_argument("--frames-topic", help="default: settings topic_frames")
+    p.add_argument("--results-topic", help="default: settings topic_results")
+    p.add_argument("--dlq-topic", help="default: settings topic_dlq")
     p.add_argument("--bootstrap", help="Kafka bootstrap host:port (default from settings / a running stack)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="while frames are missing, keep reading new results for up to this long")

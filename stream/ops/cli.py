@@ -33,7 +33,7 @@ def plugins() -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="linewatch", description="streaming visual inspection service")
-    ap.add_argument("--log-level", default=None)
+    ap.add_argument("--log-level", help="default: settings log_level")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
     for name in CORE_VERBS:
         importlib.import_module(name).register(sub)
@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    configure_logging(a.log_level)
 
     def command() -> int:
         a.settings = Settings()  # the config root: built once here, passed down through `a`
+        configure_logging(a.log_level or a.settings.log_level)
         return a.func(a)
 
     return run_command("linewatch", command)

@@ -15,25 +15,21 @@ from pathlib import Path
 
 
 def _topic(a) -> str:
-    if getattr(a, "topic", None):
-        return a.topic
-    from contracts.config import Settings  # noqa: PLC0415
-
-    return Settings().topic_model_events
+    return a.topic or a.settings.topic_model_events
 
 
-async def publish_event(bootstrap: str, topic: str, ev) -> None:
-    from stream.kafka.clients import Producer, ensure_topics  # noqa: PLC0415
+async def publish_event(bootstrap: str, topic: str, ev, settings) -> None:
+    from stream.kafka.clients import Producer, ensure_topics
 
-    await ensure_topics(bootstrap, [topic])
-    async with Producer(bootstrap) as p:
+    await ensure_topics(bootstrap, [topic], settings=settings)
+    async with Producer(bootstrap, settings=settings) as p:
         await p.send_many(topic, [(ev.key, ev.to_json(), [])])
 
 
 def released_event(artifact_dir: str, *, task: str | None = None, product: str | None = None, force: bool = False):
     """Verify ``artifact_dir`` and build its ``released`` event (ValueError with the reasons if broken)."""
-    from contracts.artifact import verify_artifact  # noqa: PLC0415
-    from contracts.model_events import ModelEvent  # noqa: PLC0415
+    from contracts.artifact import verify_artifact
+    from contracts.model_events import ModelEvent
 
     v = verify_artifact(artifact_dir)
     if v.artifact is None or (not v.ok and not force):
@@ -45,23 +41,24 @@ def released_event(artifact_dir: str, *, task: str | None = None, product: str |
 
 
 def _cmd_release(a) -> int:
-    from stream.ops.cli_worker import _bootstrap  # noqa: PLC0415
+    from stream.ops.cli_worker import _bootstrap
 
     ev = released_event(a.artifact, task=a.task, product=a.product, force=a.force)
-    asyncio.run(publish_event(_bootstrap(a), _topic(a), ev))
+    asyncio.run(publish_event(_bootstrap(a), _topic(a), ev, a.settings))
     print(json.dumps(ev.to_dict()))
     return 0
 
 
 def _cmd_rollout(a) -> int:
-    from stream.ops.cli_worker import _endpoints  # noqa: PLC0415
+    from stream.ops.cli_worker import _endpoints
 
     boot, triton = _endpoints(a)
+    s = a.settings
     if a.action == "status":
-        from contracts.model_events import ModelEventError, decode, fold_status  # noqa: PLC0415
-        from stream.kafka.clients import read_topics  # noqa: PLC0415
+        from contracts.model_events import ModelEventError, decode, fold_status
+        from stream.kafka.clients import read_topics
 
-        recs = asyncio.run(read_topics(boot, [_topic(a)], timeout_s=a.timeout, idle_s=1.5))
+        recs = asyncio.run(read_topics(boot, [_topic(a)], timeout_s=a.timeout, idle_s=1.5, settings=s))
         evs = []
         for r in recs[_topic(a)]:
             try:
@@ -84,19 +81,20 @@ def _cmd_rollout(a) -> int:
                       f"last={last['type']} v{last['version']}{why}")
         return 0
     if a.action == "run":
-        from contracts.config import Settings  # noqa: PLC0415
-        from stream.kafka.clients import Producer, ensure_topics  # noqa: PLC0415
-        from stream.lifecycle.rollout import HealthPolicy, RolloutController, kafka_publisher, serve_events  # noqa: PLC0415
+        from stream.kafka.clients import Producer, ensure_topics
+        from stream.lifecycle.controller import RolloutController
+        from stream.lifecycle.events import kafka_publisher, serve_events
+        from stream.lifecycle.policy import HealthPolicy
 
-        repo = Path(a.model_repository or Settings().model_repository)
-        pol = HealthPolicy(shadow_frames=a.shadow_frames, shadow_timeout_s=a.shadow_timeout)
+        repo = Path(a.model_repository or s.model_repository)
+        pol = HealthPolicy.from_settings(s.rollout, shadow_frames=a.shadow_frames, shadow_timeout_s=a.shadow_timeout)
 
         async def run():
-            await ensure_topics(boot, [_topic(a)])
-            async with Producer(boot) as p:
+            await ensure_topics(boot, [_topic(a)], settings=s)
+            async with Producer(boot, settings=s) as p:
                 ctl = RolloutController(triton, repo, kafka_publisher(p, _topic(a)), pol)
                 try:
-                    await serve_events(boot, _topic(a), ctl, group_id=a.group)
+                    await serve_events(boot, _topic(a), ctl, group_id=a.group or s.rollout.group, settings=s)
                 finally:
                     await ctl.close()
 
@@ -106,11 +104,11 @@ def _cmd_rollout(a) -> int:
 
 
 def _cmd_rollback(a) -> int:
-    from contracts.model_events import ModelEvent  # noqa: PLC0415
-    from stream.ops.cli_worker import _bootstrap  # noqa: PLC0415
+    from contracts.model_events import ModelEvent
+    from stream.ops.cli_worker import _bootstrap
 
     ev = ModelEvent("rollback_requested", a.model, a.to_version, reasons=[a.reason])
-    asyncio.run(publish_event(_bootstrap(a), _topic(a), ev))
+    asyncio.run(publish_event(_bootstrap(a), _topic(a), ev, a.settings))
     print(json.dumps(ev.to_dict()))
     return 0
 
@@ -136,9 +134,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=10.0, help="status: seconds to read the topic")
     p.add_argument("--model-repository", help="run: Triton model repository the controller writes")
-    p.add_argument("--group", default="linewatch-rollout", help="run: consumer group")
-    p.add_argument("--shadow-frames", type=int, default=32)
-    p.add_argument("--shadow-timeout", type=float, default=120.0)
+    p.add_argument("--group", help="run: consumer group (default: settings rollout.group)")
+    p.add_argument("--shadow-frames", type=int, help="run: default settings rollout.shadow_frames")
+    p.add_argument("--shadow-timeout", type=float, help="run: seconds, default settings rollout.shadow_timeout_s")
     common(p, triton=True)
     p.set_defaults(func=_cmd_rollout)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+
+from contracts.cli import UsageError
 
 
 def _endpoints(a) -> tuple[str, str]:
@@ -32,41 +33,39 @@ def _bootstrap(a) -> str:
 
 
 def _cmd_worker(a) -> int:
-    from stream.worker.app import config_from_args, run_worker  # noqa: PLC0415
+    from stream.worker.app import run_worker
+    from stream.worker.config import worker_config
 
     a.bootstrap, a.triton = _endpoints(a)
-    run_worker(config_from_args(a))
+    run_worker(worker_config(a.settings, a))
     return 0
 
 
 def _cmd_replay(a) -> int:
-    from stream.ops.replay import list_images, replay  # noqa: PLC0415
+    from stream.ops.replay import list_images, replay
 
-    try:
-        list_images(a.folder)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    list_images(a.folder)  # FileNotFoundError: a usage error (exit 2, contracts.cli)
     if a.fps < 0:
-        print("error: --fps must be >= 0", file=sys.stderr)
-        return 2
-    sent = asyncio.run(replay(_bootstrap(a), a.folder, cameras=a.camera or ["cam-1"], fps=a.fps, topic=a.topic,
-                              product=a.product, line=a.line, loops=a.loops, limit=a.limit))
-    print(f"published {len(sent)} frames to {a.topic}")
+        raise UsageError("--fps must be >= 0")
+    topic = a.topic or a.settings.topic_frames
+    sent = asyncio.run(replay(_bootstrap(a), a.folder, cameras=a.camera or ["cam-1"], fps=a.fps, topic=topic,
+                              product=a.product, line=a.line, loops=a.loops, limit=a.limit, settings=a.settings))
+    print(f"published {len(sent)} frames to {topic}")
     return 0
 
 
 def _cmd_tail(a) -> int:
-    from stream.ops.tail import run  # noqa: PLC0415
+    from stream.ops.tail import run
 
-    run(_bootstrap(a), results_topic=a.topic, dlq_topic=None if a.no_dlq else a.dlq_topic,
-        defects_topic=a.defects_topic if a.defects else None, from_beginning=a.from_beginning, limit=a.limit,
-        as_json=a.json, timeout_s=a.timeout)
+    s = a.settings
+    run(_bootstrap(a), results_topic=a.topic or s.topic_results, dlq_topic=None if a.no_dlq else a.dlq_topic or s.topic_dlq,
+        defects_topic=(a.defects_topic or s.topic_defects) if a.defects else None, from_beginning=a.from_beginning,
+        limit=a.limit, as_json=a.json, timeout_s=a.timeout, settings=s)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from stream.worker.app import add_worker_args  # noqa: PLC0415 - light module (faust imported lazily)
+    from stream.worker.config import add_worker_args  # light: no faust, no tritonclient
 
     p = sub.add_parser("worker", help="run the Faust stream worker (frames -> Triton -> results/defects/DLQ)")
     add_worker_args(p)
@@ -81,16 +80,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--line")
     p.add_argument("--loops", type=int, default=1)
     p.add_argument("--limit", type=int)
-    p.add_argument("--topic", default="frames")
+    p.add_argument("--topic", help="default: settings topic_frames")
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("tail", help="pretty-print inspection results (and DLQ records) as they arrive")
     p.add_argument("--bootstrap")
-    p.add_argument("--topic", default="inspection-results")
-    p.add_argument("--dlq-topic", default="frames-dlq")
+    p.add_argument("--topic", help="results topic (default: settings topic_results)")
+    p.add_argument("--dlq-topic", help="default: settings topic_dlq")
     p.add_argument("--no-dlq", action="store_true")
     p.add_argument("--defects", action="store_true", help="also show defect events")
-    p.add_argument("--defects-topic", default="defect-events")
+    p.add_argument("--defects-topic", help="default: settings topic_defects")
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--limit", type=int)
     p.add_argument("--timeout", type=float, help="stop after this many seconds")

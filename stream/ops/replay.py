@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from contracts.config import Settings
 from contracts.envelope import Frame, encode_frame, new_frame_id
 from contracts.logs import get_logger
 from stream.kafka.clients import Producer
@@ -57,7 +58,7 @@ def list_images(folder: str | Path) -> list[ReplayItem]:
 
 async def replay(bootstrap: str, folder: str | Path, *, cameras: list[str] | None = None, fps: float = 10.0,
                  topic: str = "frames", product: str | None = None, line: str | None = None, loops: int = 1,
-                 limit: int | None = None, interleave: bool = True) -> list[Sent]:
+                 limit: int | None = None, interleave: bool = True, settings: Settings | None = None) -> list[Sent]:
     items = list_images(folder)
     if interleave:  # good and defect frames mixed, deterministic
         items = sorted(items, key=lambda it: (zlib.crc32(it.path.name.encode() + it.path.parent.name.encode()), str(it.path)))
@@ -69,7 +70,7 @@ async def replay(bootstrap: str, folder: str | Path, *, cameras: list[str] | Non
     period = 1.0 / fps if fps and fps > 0 else 0.0
     t_start = time.monotonic()
     k = 0
-    async with Producer(bootstrap) as prod:
+    async with Producer(bootstrap, settings=settings) as prod:
         for _ in range(max(1, loops)):
             for it in items:
                 recs = []

@@ -9,6 +9,7 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from contracts.config import Settings
 from contracts.envelope import EnvelopeError, decode_result, dlq_reason, headers_to_dict
 from stream.kafka.clients import client_kwargs
 
@@ -43,10 +44,11 @@ def format_dlq(headers, color: bool = False) -> str:
 
 async def tail(bootstrap: str, *, results_topic: str = "inspection-results", dlq_topic: str | None = "frames-dlq",
                defects_topic: str | None = None, from_beginning: bool = False, limit: int | None = None,
-               as_json: bool = False, timeout_s: float | None = None, out=sys.stdout) -> int:
+               as_json: bool = False, timeout_s: float | None = None, out=sys.stdout,
+               settings: Settings | None = None) -> int:
     topics = [t for t in (results_topic, dlq_topic, defects_topic) if t]
     c = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         auto_offset_reset="earliest" if from_beginning else "latest", **client_kwargs("consumer"))
+                         auto_offset_reset="earliest" if from_beginning else "latest", **client_kwargs("consumer", settings))
     await c.start()
     color = out.isatty() if hasattr(out, "isatty") else False
     n = 0

@@ -291,12 +291,12 @@ class Corpus:
 
 
 def _moleflow_serving(grpc_url: str) -> bool:
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+    import tritonclient.grpc as grpcclient
 
     c = grpcclient.InferenceServerClient(grpc_url)
     try:
         return c.is_model_ready("moleflow")
-    except Exception:  # noqa: BLE001 - not in the repository
+    except Exception:  # not in the repository
         return False
     finally:
         c.close()

@@ -29,8 +29,10 @@ from contracts.spec import parse_spec, to_tensor
 from models.efficientad.export import build_spec, config_pbtxt
 from models.efficientad.serving import MODEL_PY
 from stream.kafka.clients import Producer, ensure_topics, read_topics
+from stream.lifecycle.controller import RolloutController
 from stream.lifecycle.drift import DriftConfig, DriftMonitor
-from stream.lifecycle.rollout import HealthPolicy, RolloutController, kafka_publisher, serve_events
+from stream.lifecycle.events import kafka_publisher, serve_events
+from stream.lifecycle.policy import HealthPolicy
 
 pytestmark = pytest.mark.integration
 SIZE = 64
@@ -80,7 +82,7 @@ def scores_eager(net, imgs, spec) -> list[float]:
 
 
 def _dec(b: bytes):
-    from contracts.image import decode_image  # noqa: PLC0415
+    from contracts.image import decode_image
 
     return decode_image(b)
 
@@ -198,7 +200,7 @@ def test_release_new_product_and_new_version_zero_failed_requests(life, images, 
             try:
                 infer_score(c, life.model, x)
                 ok[0] += 1
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 failures.append(str(e)[:200])
         c.close()
 
@@ -294,8 +296,8 @@ def test_drift_alert_on_drifted_stream_not_on_clean(life, images, local_stack):
 
 
 def _lw(*args: str) -> str:
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
+    import subprocess
+    import sys
 
     r = subprocess.run([sys.executable, "-m", "stream.ops.cli", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -331,8 +333,8 @@ def test_cli_release_rollback_status(life, images, local_stack):
 def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, images, local_stack, tmp_path):
     """The Faust worker (subprocess) runs the rollout agent: a released model for a new product is promoted,
     the product's frames reach it, and a darkened camera raises a drift alert (a clean one does not)."""
-    from contracts.envelope import Frame, decode_result, encode_frame  # noqa: PLC0415
-    from devstack.worker_process import WorkerProcess  # noqa: PLC0415
+    from contracts.envelope import Frame, decode_result, encode_frame
+    from devstack.worker_process import WorkerProcess
 
     uid = uuid.uuid4().hex[:6]
     t = {k: f"it-wk-{uid}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events")}

@@ -1,7 +1,7 @@
 """End-to-end: real Tansu broker + real tritonserver (``local_stack``) + a real exported detector +
 the Faust worker as a subprocess. No mocks.
 
-The detector is ``$LINEWATCH_IT_MODEL_DIR`` (an exported Triton model dir) when set; else a
+The detector is ``$IT_MODEL_DIR`` (an exported Triton model dir) when set; else a
 tiny-schedule EfficientAD is trained + exported through the models CLI (subprocess) into this
 session's temporary directory. Nothing the repo's ``triton_repo/`` or an earlier command (``make
 demo``) left behind is ever read.
@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import pytest
 
+from contracts.config import Settings
 from contracts.envelope import (
     Frame,
     decode_defect_event,
@@ -32,23 +33,22 @@ from contracts.envelope import (
     encode_frame,
     headers_to_dict,
 )
-from devstack.demo import data_dir, load_model, model_ready
+from devstack.demo import load_model, model_ready, models_cli
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from stream.ops.replay import replay
 
 pytestmark = pytest.mark.integration
-BOTTLE_TEST = data_dir() / "mvtec" / "bottle" / "test"
+DATA_DIR = Settings().data_dir
+BOTTLE_TEST = DATA_DIR / "mvtec" / "bottle" / "test"
 
 
 def _tiny_train(work: Path) -> Path:
     """Train + export a tiny-schedule detector via the models CLI (subprocess: stream has no torch)."""
-    from devstack.demo import _models_cli  # noqa: PLC0415
-
-    cli = _models_cli()
+    cli = models_cli()
     repo, art = work / "repo", work / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
-    good = data_dir() / "mvtec" / "bottle" / "train" / "good"
+    good = DATA_DIR / "mvtec" / "bottle" / "train" / "good"
     # the pipeline test needs a real export, not accuracy: 3 steps on 8 images with the CLI's default teacher
     subprocess.run([*cli, "efficientad", "train", "--train-dir", str(good), "--out", str(art / "s.pt"),
                     "--steps", "3", "--max-train-images", "8"], check=True, timeout=600)
@@ -69,9 +69,9 @@ def stack(request):
 @pytest.fixture(scope="module")
 def detector(stack, tmp_path_factory):
     """(model name, spec-free) loaded in the stack's Triton."""
-    env = os.environ.get("LINEWATCH_IT_MODEL_DIR")
+    env = os.environ.get("IT_MODEL_DIR")
     if env and not model_ready(Path(env).parent, Path(env).name):
-        pytest.fail(f"LINEWATCH_IT_MODEL_DIR={env} is not an exported Triton model directory")
+        pytest.fail(f"IT_MODEL_DIR={env} is not an exported Triton model directory")
     src = Path(env) if env else _tiny_train(tmp_path_factory.mktemp("it-model"))
     dst = Path(stack.model_repository) / src.name
     if dst.resolve() != src.resolve():

@@ -48,7 +48,7 @@ def outcome(boot: str, topic: str, model: str, version: int, timeout_s: float = 
 
 
 def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local_stack, shared_data, tmp_path):
-    from models.moleflow.datasets import elpv_split  # noqa: PLC0415
+    from models.moleflow.datasets import elpv_split
 
     uid = uuid.uuid4().hex[:6]
     boot = local_stack.kafka_bootstrap

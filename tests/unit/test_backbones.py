@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contracts.config import Settings
 from models.backbones import BackboneError, create_backbone, lukemelas_efficientnet_lite0_to_timm
 from models.data import data_root
 
-WEIGHTS = data_root() / "weights" / "efficientnet-lite0-57934424.pth"
+WEIGHTS = data_root(Settings()) / "weights" / "efficientnet-lite0-57934424.pth"
 
 
 def _timm_lite0_state():
@@ -64,7 +65,7 @@ def test_create_backbone_random_and_errors(tmp_path):
         create_backbone("efficientnet_lite0", bad)
 
 
-SAMPLE = data_root() / "imagenet-sample"
+SAMPLE = data_root(Settings()) / "imagenet-sample"
 
 
 @pytest.mark.skipif(not (WEIGHTS.is_file() and SAMPLE.is_dir()), reason="shared Lite0 weights / ImageNet sample missing")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from contracts.config import Settings, env_names
+
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -31,7 +33,7 @@ K8S_VERSION = "1.30.0"  # oldest Kubernetes minor we support (policy/v1 PDB, bat
 TOPICS = {"frames", "inspection-results", "defect-events", "drift-alerts", "model-events", "frames-dlq"}
 ENV_NAMES = {"LINEWATCH_KAFKA_BOOTSTRAP", "LINEWATCH_KAFKA_SECURITY_PROTOCOL", "LINEWATCH_KAFKA_SASL_MECHANISM",
              "LINEWATCH_KAFKA_SASL_USERNAME", "LINEWATCH_KAFKA_SASL_PASSWORD", "LINEWATCH_KAFKA_SSL_CAFILE",
-             "LINEWATCH_TRITON_URL", "LINEWATCH_DEV_BROKER"}
+             "LINEWATCH_TRITON_GRPC_URL", "LINEWATCH_DEV_BROKER", "LINEWATCH_WORKER_DATA_DIR"}
 
 
 def _renderer() -> list[str] | None:
@@ -262,7 +264,7 @@ def test_triton_serving_contract(name):
     svc = by_kind(docs, "Service")["linewatch-triton"]
     cm = by_kind(docs, "ConfigMap")["linewatch-config"]["data"]
     grpc = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
-    assert cm["LINEWATCH_TRITON_URL"] == f"linewatch-triton.linewatch.svc:{grpc}"
+    assert cm["LINEWATCH_TRITON_GRPC_URL"] == f"linewatch-triton.linewatch.svc:{grpc}"
 
 
 @needs_renderer
@@ -327,6 +329,23 @@ def test_worker_wiring(name):
     vol = vols[mounts[str(Path(ca_file).parent)]]
     assert vol["secret"]["secretName"] == "linewatch-cluster-ca-cert"
     assert Path(ca_file).name in {i["path"] for i in vol["secret"]["items"]}
+
+
+@needs_renderer
+def test_every_linewatch_variable_a_container_gets_is_a_setting():
+    """contracts.config rejects an unknown LINEWATCH_* variable at startup: a stale name in a manifest
+    would stop the pod, so every name a container gets (env + envFrom ConfigMaps) must be a setting."""
+    known = env_names(Settings)
+    cms = {n: d.get("data", {}) for name in KUSTOMIZATIONS for n, d in by_kind(render(name), "ConfigMap").items()}
+    seen = set()
+    for _, obj, spec in all_workloads():
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            names = {e["name"] for e in c.get("env", [])}
+            names |= {k for src in c.get("envFrom", []) if "configMapRef" in src for k in cms[src["configMapRef"]["name"]]}
+            lw = {n for n in names if n.startswith("LINEWATCH_")}
+            assert lw <= known, f"{obj['metadata']['name']}/{c['name']}: not settings: {sorted(lw - known)}"
+            seen |= lw
+    assert ENV_NAMES <= seen
 
 
 @needs_renderer

@@ -1,6 +1,6 @@
 import numpy as np
 
-from stream.lifecycle.rollout import HealthPolicy, ShadowStats, calibration_of, decide
+from stream.lifecycle.policy import HealthPolicy, ShadowStats, calibration_of, decide
 
 POL = HealthPolicy(shadow_frames=32, min_frames=16)
 
@@ -61,7 +61,7 @@ def test_calibration_of_spec_and_task():
 def test_drift_hook_uses_spec_calibration_and_warmup():
     from contracts.envelope import InspectionResult
     from stream.lifecycle.drift import DriftConfig
-    from stream.lifecycle.rollout import DriftHook
+    from stream.lifecycle.hooks import DriftHook
 
     rng = np.random.default_rng(3)
     spec = {"threshold": 3.0, "calibration": {"scores": rng.normal(0, 1, 200).tolist()}}

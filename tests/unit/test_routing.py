@@ -80,3 +80,30 @@ def test_any_moleflow_model_serves_its_tasks_but_never_a_rollout_candidate():
     # an explicit product -> MoLE-Flow model mapping picks the product's adapter
     r2 = Router(RoutingConfig.from_dict({"products": {"pill": "line7_moleflow"}}), {"line7_moleflow": ("pill",)})
     assert r2.route(F("x", product="pill")) == Route("line7_moleflow", "pill", "pill", False)
+
+
+def test_model_names_come_from_the_detector_registry():
+    from contracts.detectors import DETECTORS
+
+    per_product = [d for d in DETECTORS.values() if not d.multi_task]
+    multi = [d for d in DETECTORS.values() if d.multi_task]
+    assert per_product and multi
+    r = Router(CFG, {per_product[0].model_name("bottle"): (), multi[0].model_name(): ("bottle",)})
+    # a per-product model beats the multi-task model's task for the same product (registry order irrelevant)
+    assert r.route(F("cam-1")) == Route(per_product[0].model_name("bottle"), "", "bottle", False)
+    assert r.route(F("cam-77")) == Route(multi[0].model_name(), "", None, True)
+    assert per_product[0].product_of(per_product[0].model_name("bottle")) == "bottle"
+
+
+def test_detector_models_override_names():
+    cfg = RoutingConfig.from_dict({"cameras": {"c": "bottle"},
+                                   "detector_models": {"efficientad": "ead-{product}-v2", "moleflow": "line7_mf"}})
+    r = Router(cfg, {"ead-bottle-v2", "efficientad_bottle"})
+    assert r.route(F("c")).model == "ead-bottle-v2"
+    r.update_models({"line7_mf": ("bottle",), "moleflow": ("bottle",)})
+    assert r.route(F("c")) == Route("line7_mf", "bottle", "bottle", False)
+    assert r.route(F("x")) == Route("line7_mf", "", None, True)  # task-agnostic fallback: the configured name
+    with pytest.raises(ValueError, match="unknown detector"):
+        RoutingConfig.from_dict({"detector_models": {"nope": "x"}})
+    with pytest.raises(ValueError, match="product"):
+        RoutingConfig.from_dict({"detector_models": {"efficientad": "fixed_name"}})

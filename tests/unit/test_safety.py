@@ -18,13 +18,8 @@ import pytest
 import torch
 from pydantic import SecretStr, ValidationError
 
-from models.artifacts import (
-    ArtifactIntegrityError,
-    safe_torch_load,
-    sha256_file,
-    sidecar_path,
-    write_sha256_sidecar,
-)
+from contracts.artifact import ArtifactIntegrityError, sha256_file
+from models.artifacts import safe_load_safetensors, safe_torch_load, sidecar_path, write_sha256_sidecar
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-Pa55word-do-not-log"
@@ -53,9 +48,9 @@ def _refuses_deserialising(monkeypatch):
 
     monkeypatch.setattr(torch, "load", spy)
     monkeypatch.setattr(torch.jit, "load", spy)
-    import safetensors.torch  # noqa: PLC0415
+    import safetensors.torch
 
-    import models.moleflow.store as store  # noqa: PLC0415
+    import models.moleflow.store as store
 
     monkeypatch.setattr(safetensors.torch, "load_file", spy)
     monkeypatch.setattr(store, "load_file", spy)
@@ -121,8 +116,8 @@ def test_the_evil_pickle_is_live(tmp_path):
 
 
 def test_malicious_reduce_refused_even_with_a_matching_sha256(tmp_path):
-    from models.backbones import load_state_dict_file  # noqa: PLC0415
-    from models.efficientad.model import EfficientAD, load_checkpoint, load_teacher_weights  # noqa: PLC0415
+    from models.backbones import load_state_dict_file
+    from models.efficientad.model import EfficientAD, load_checkpoint, load_teacher_weights
 
     marker = tmp_path / "pwned"
     # torch.save zip archive (the attacker also wrote a matching sidecar: integrity is not authenticity)
@@ -144,7 +139,7 @@ def test_malicious_reduce_refused_even_with_a_matching_sha256(tmp_path):
 
 
 def test_tampered_checkpoint_refused_before_deserialising(tmp_path, monkeypatch):
-    from models.efficientad.model import EfficientAD, load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from models.efficientad.model import EfficientAD, load_checkpoint, save_checkpoint
 
     ck = save_checkpoint(EfficientAD().eval(), tmp_path / "m.pt", {"threshold": 0.1})
     side = sidecar_path(ck)
@@ -161,7 +156,7 @@ def test_tampered_checkpoint_refused_before_deserialising(tmp_path, monkeypatch)
 
 
 def test_digest_sources_and_require_mode(tmp_path, monkeypatch, capsys):
-    from models.backbones import load_state_dict_file  # noqa: PLC0415
+    from models.backbones import load_state_dict_file
 
     sd = {"conv_stem.weight": torch.ones(2)}
     f = tmp_path / "plain.pth"
@@ -178,44 +173,66 @@ def test_digest_sources_and_require_mode(tmp_path, monkeypatch, capsys):
         load_state_dict_file(bad_hub)
     with pytest.raises(ArtifactIntegrityError):
         load_state_dict_file(f, sha256="ab" * 32)
-    # no digest anywhere + LINEWATCH_REQUIRE_SHA256: refused before reading
+    # no digest anywhere + require_sha256 (Settings.require_sha256, env LINEWATCH_REQUIRE_SHA256): refused
+    # before reading, for torch.load and safetensors alike
+    from contracts.config import Settings
+
     monkeypatch.setenv("LINEWATCH_REQUIRE_SHA256", "1")
-    with pytest.raises(ArtifactIntegrityError, match="no sha256 known"):
-        load_state_dict_file(f)
+    require = Settings().require_sha256
+    assert require is True
+    st = tmp_path / "plain.safetensors"
+    st.write_bytes(b"not read")
+    for load in (safe_torch_load, safe_load_safetensors):
+        for p in (f, st):
+            with pytest.raises(ArtifactIntegrityError, match="no sha256 known"):
+                load(p, require_sha256=require)
     assert calls == []
     monkeypatch.undo()
-    # default: an unpinned file still loads (weights_only) but is logged as unverified
-    monkeypatch.delenv("LINEWATCH_REQUIRE_SHA256", raising=False)
+    # default: an unpinned file still loads (weights_only) but is logged as unverified; the env var alone
+    # (no Settings passed down) changes nothing in models.artifacts
+    monkeypatch.setenv("LINEWATCH_REQUIRE_SHA256", "1")
     capsys.readouterr()
     assert torch.equal(load_state_dict_file(f)["conv_stem.weight"], torch.ones(2))
     assert "weights_unverified" in capsys.readouterr().err
 
 
 def test_served_torchscript_verified_against_metadata_before_jit_load(tmp_path, monkeypatch):
-    from models.efficientad.serving import ARTIFACT, verify_and_load  # noqa: PLC0415
+    from contracts.artifact import write_manifest
+    from models.efficientad.export import build_spec, config_pbtxt
+    from models.efficientad.serving import ARTIFACT, MODEL_PY, verify_and_load
 
     class Tiny(torch.nn.Module):
         def forward(self, x):
             m = x.abs().mean(1, keepdim=True)
             return m, m.flatten(1).mean(1)
 
-    vdir = tmp_path / "1"
-    vdir.mkdir()
+    vdir = tmp_path / "efficientad_bottle" / "1"
+    vdir.mkdir(parents=True)
     torch.jit.save(torch.jit.trace(Tiny(), torch.zeros(2, 3, 8, 8)), str(vdir / ARTIFACT))
-    (vdir / "metadata.json").write_text(json.dumps({"artifacts": {ARTIFACT: sha256_file(vdir / ARTIFACT)}}))
+    (vdir / "model.py").write_text(MODEL_PY)
+    meta = write_manifest(vdir, build_spec("efficientad_bottle", "bottle", 1, 0.1, 0.1, size=8), [ARTIFACT, "model.py"])
+    (vdir.parent / "config.pbtxt").write_text(config_pbtxt("efficientad_bottle", meta, size=8))
     module, _ = verify_and_load(vdir)
     assert module(torch.ones(1, 3, 8, 8))[1].item() == pytest.approx(1.0)
-    _tamper(vdir / ARTIFACT)
     calls = _refuses_deserialising(monkeypatch)
-    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+    # an unlisted file beside the artifact is refused too (it would be served unpinned)
+    (vdir / "extra.pt").write_bytes(b"x")
+    with pytest.raises(ArtifactIntegrityError, match="extra_file: extra.pt"):
+        verify_and_load(vdir)
+    (vdir / "extra.pt").unlink()
+    _tamper(vdir / ARTIFACT)
+    with pytest.raises(ArtifactIntegrityError, match="sha256_mismatch: model.pt"):
+        verify_and_load(vdir)
+    (vdir / ARTIFACT).unlink()
+    with pytest.raises(ArtifactIntegrityError, match="missing_artifact: model.pt"):
         verify_and_load(vdir)
     assert calls == []
 
 
 def test_moleflow_tampered_base_and_adapter_refused_before_reading(tmp_path, monkeypatch):
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
-    from models.moleflow.store import ArtifactError, load_adapter, load_model  # noqa: PLC0415
+    from models.moleflow.store import ArtifactError, load_adapter, load_model
 
     store = tmp_path / "store"
     adir = store / "adapters" / "bottle"
@@ -240,7 +257,7 @@ def test_moleflow_tampered_base_and_adapter_refused_before_reading(tmp_path, mon
 
 
 def test_sidecar_is_written_for_everything_linewatch_saves(tmp_path):
-    from models.efficientad.model import EfficientAD, save_checkpoint  # noqa: PLC0415
+    from models.efficientad.model import EfficientAD, save_checkpoint
 
     ck = save_checkpoint(EfficientAD(), tmp_path / "c.pt", {})
     assert sidecar_path(ck).is_file()
@@ -252,7 +269,7 @@ def test_sidecar_is_written_for_everything_linewatch_saves(tmp_path):
 
 
 def _sasl_ssl_settings(**kw):
-    from contracts.config import Settings  # noqa: PLC0415
+    from contracts.config import Settings
 
     base = dict(kafka_bootstrap="kafka-0.example:9093,kafka-1.example:9093", dev_broker=False,
                 kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
@@ -263,12 +280,12 @@ def _sasl_ssl_settings(**kw):
 
 
 async def test_sasl_ssl_settings_reach_every_aiokafka_client():
-    import ssl  # noqa: PLC0415
+    import ssl
 
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: PLC0415
-    from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient
 
-    from stream.kafka.clients import aiokafka_client_kwargs  # noqa: PLC0415
+    from stream.kafka.clients import aiokafka_client_kwargs
 
     s = _sasl_ssl_settings()
     for role in ("producer", "consumer", "any"):
@@ -288,7 +305,7 @@ async def test_sasl_ssl_settings_reach_every_aiokafka_client():
 
 
 def test_ssl_only_and_mutual_tls(tmp_path):
-    from stream.kafka.clients import aiokafka_client_kwargs, faust_broker_credentials  # noqa: PLC0415
+    from stream.kafka.clients import aiokafka_client_kwargs, faust_broker_credentials
 
     key, crt = tmp_path / "client.key", tmp_path / "client.crt"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
@@ -299,7 +316,7 @@ def test_ssl_only_and_mutual_tls(tmp_path):
     kw = aiokafka_client_kwargs(s, "consumer")
     assert kw["security_protocol"] == "SSL" and "sasl_mechanism" not in kw
     assert kw["ssl_context"].cert_store_stats()["x509_ca"] == 1  # our CA, not the system bundle
-    import faust  # noqa: PLC0415
+    import faust
 
     creds = faust_broker_credentials(s)
     assert isinstance(creds, faust.SSLCredentials) and creds.context.cert_store_stats()["x509_ca"] == 1
@@ -314,23 +331,25 @@ def test_sasl_without_credentials_is_a_config_error():
 
 
 def test_plaintext_default_has_no_credentials(tmp_path):
-    from contracts.config import Settings  # noqa: PLC0415
-    from stream.kafka.clients import faust_broker_credentials  # noqa: PLC0415
-    from stream.worker.app import WorkerConfig, build_app  # noqa: PLC0415
+    from contracts.config import Settings
+    from stream.kafka.clients import faust_broker_credentials
+    from stream.worker.app import build_app
+    from stream.worker.config import WorkerConfig
 
     assert faust_broker_credentials(Settings(dev_broker=False)) is None
-    app = build_app(WorkerConfig.from_settings(Settings(dev_broker=False), datadir=str(tmp_path / "f")))
+    app = build_app(WorkerConfig.from_settings(Settings(dev_broker=False, worker_data_dir=tmp_path / "f")))
     assert app.conf.broker_credentials is None
 
 
 def test_faust_app_gets_the_same_broker_credentials(tmp_path):
-    import faust  # noqa: PLC0415
-    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth  # noqa: PLC0415
+    import faust
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-    from stream.worker.app import WorkerConfig, build_app  # noqa: PLC0415
+    from stream.worker.app import build_app
+    from stream.worker.config import WorkerConfig
 
-    s = _sasl_ssl_settings()
-    cfg = WorkerConfig.from_settings(s, datadir=str(tmp_path / "faust"))
+    s = _sasl_ssl_settings(worker_data_dir=tmp_path / "faust")
+    cfg = WorkerConfig.from_settings(s)
     assert isinstance(cfg.broker_credentials, faust.SASLCredentials)
     app = build_app(cfg)
     assert [str(u) for u in app.conf.broker] == ["kafka://kafka-0.example:9093", "kafka://kafka-1.example:9093"]
@@ -350,8 +369,8 @@ def test_faust_app_gets_the_same_broker_credentials(tmp_path):
 
 
 def test_secret_is_secretstr_and_redacted_everywhere(capsys):
-    from contracts.logs import get_logger  # noqa: PLC0415
-    from stream.worker.app import WorkerConfig  # noqa: PLC0415
+    from contracts.logs import get_logger
+    from stream.worker.config import WorkerConfig
 
     s = _sasl_ssl_settings(kafka_ssl_key_password="key-" + SECRET)
     assert isinstance(s.kafka_sasl_password, SecretStr) and isinstance(s.kafka_ssl_key_password, SecretStr)
@@ -360,7 +379,7 @@ def test_secret_is_secretstr_and_redacted_everywhere(capsys):
     log = get_logger("test.safety")
     log.info("settings", **s.redacted())
     log.info("settings_obj", settings=repr(s), cfg=repr(cfg), creds=repr(cfg.broker_credentials))
-    import logging  # noqa: PLC0415
+    import logging
 
     logging.getLogger("test.safety.stdlib").warning("settings %s %s", s, cfg)
     out = capsys.readouterr()
@@ -373,7 +392,7 @@ def test_secret_is_secretstr_and_redacted_everywhere(capsys):
 def test_worker_startup_log_has_no_secret(tmp_path):
     """The real worker process, SASL configured via the environment, pointed at a closed port:
     its whole stdout/stderr (structlog, Faust banner, aiokafka connection errors) has no secret."""
-    from devstack.stack import free_port  # noqa: PLC0415
+    from devstack.stack import free_port
 
     env = {**os.environ, "LINEWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
            "LINEWATCH_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "LINEWATCH_KAFKA_SASL_USERNAME": "linewatch-worker",

@@ -1,0 +1,92 @@
+"""The interface every detector implements (``models/<detector>/detector.py`` exposes ``DETECTOR``).
+
+Resolved through models/registry.py from the entries of contracts/detectors.py; the models CLI, the
+train job (models/jobs/train_job.py), the demo (devstack/demo.py) and the detector contract test
+(tests/integration/test_detector_contract.py) use only this interface, never a detector's name.
+
+A checkpoint is whatever ``train`` writes and ``export`` reads (EfficientAD: a checkpoint file;
+MoLE-Flow: a training store of the frozen base + one adapter per task, extended by every ``train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from contracts.config import Settings
+    from contracts.detectors import DetectorInfo
+    from contracts.spec import ModelSpec
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Eager scoring of an exported version dir, exactly what Triton serves from it.
+
+    ``x``: float32 [n, C, H, W] preprocessed per the spec (contracts.spec.to_tensor); ``tasks``: per image
+    the task (None / "" = the model routes; ignored by per-product detectors). Returns every Triton
+    output as numpy, keyed and shaped as Triton serves it: at least ``anomaly_map`` [n, 1, H, W] and
+    ``score`` [n, 1] (output names per the spec's ``outputs``)."""
+
+    def __call__(self, x: np.ndarray, tasks: Sequence[str | None] | None = None) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Short-schedule train + export for the demo: ``linewatch-models`` argv per step, and the Triton
+    model the steps leave in the repository."""
+
+    model: str
+    steps: tuple[tuple[str, ...], ...]
+
+
+@runtime_checkable
+class Detector(Protocol):
+    name: str
+    info: DetectorInfo
+
+    def register_cli(self, subparsers: argparse._SubParsersAction) -> None:
+        """Add the detector's ``linewatch-models <name> VERB`` group (verbs set ``func(args)``)."""
+
+    def train(self, train_dir: Path, out: Path, *, product: str, settings: Settings,
+              calibration_dir: Path | None = None, extra: Sequence[str] = ()) -> Path:
+        """Train on the good images in ``train_dir`` into checkpoint ``out`` (returned); ``extra``: more
+        arguments of the detector's train verb."""
+
+    def export(self, checkpoint: Path, repository: Path, name: str, *, version: int | None = None,
+               max_batch_size: int = 8) -> Path:
+        """Write a new version of Triton model ``name`` into ``repository``; returns the version dir."""
+
+    def spec(self, version_dir: Path) -> ModelSpec:
+        """The version's ``linewatch_spec`` (metadata.json) as contracts.spec.ModelSpec."""
+
+    def load_serving(self, version_dir: Path) -> Scorer:
+        """Verify the version's artifacts and load them the way the Triton model does."""
+
+    def quick_recipe(self, *, data_dir: Path, product: str, workdir: Path, repository: Path,
+                     steps: int | None = None, max_images: int | None = None) -> Recipe:
+        """Demo recipe: a short schedule on ``<data_dir>/mvtec/<product>``, artifacts under ``workdir``,
+        exported into ``repository``. ``steps`` / ``max_images``: the schedule's length (EfficientAD
+        steps, MoLE-Flow epochs) and training-image cap (None: the detector's demo schedule)."""
+
+
+def read_spec(version_dir: Path) -> ModelSpec:
+    """The shared ``spec`` implementation: metadata.json of a version dir, parsed (contracts.spec)."""
+    from contracts.artifact import read_artifact
+    from contracts.spec import parse_spec
+
+    return parse_spec(read_artifact(version_dir).metadata)
+
+
+def serving_instance(serving_cls: type, version_dir: Path):
+    """A Triton Python-backend model class (``models/<detector>/serving.py``) initialised in-process on a
+    version dir, exactly as Triton's ``initialize`` does it (artifact sha256 verified, then loaded)."""
+    vdir = Path(version_dir)
+    srv = serving_cls()
+    srv.initialize({"model_repository": str(vdir.parent), "model_version": vdir.name})
+    return srv

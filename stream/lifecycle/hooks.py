@@ -1,0 +1,106 @@
+"""What the worker's lifecycle does per micro-batch: drift alerts and shadow traffic for a rollout.
+
+:class:`DriftHook` feeds results into a :class:`stream.lifecycle.drift.DriftMonitor`;
+:class:`Lifecycle` is called once per batch with the pipeline's typed :class:`stream.worker.pipeline.Batch`
+and returns the extra records to publish with the batch's results (before the batch is acked).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from contracts.config import DriftSettings
+from contracts.envelope import InspectionResult
+from contracts.logs import get_logger
+from contracts.model_events import ModelEvent
+from stream.lifecycle.controller import RolloutController
+from stream.lifecycle.drift import DriftAlert, DriftConfig, DriftMonitor
+from stream.lifecycle.policy import calibration_of
+from stream.worker.pipeline import Batch, Outgoing, Scored
+
+log = get_logger("stream.lifecycle.hooks")
+
+_DEFAULTS = DriftSettings()
+
+
+class DriftHook:
+    """Feeds every (non-shadow) result into a :class:`stream.lifecycle.drift.DriftMonitor`; returns its alerts.
+
+    The reference of a (model, version, task) is the calibration in its spec (``calibration.scores``, or
+    ``tasks[t].calibration_scores`` for MoLE-Flow) with the task's ``route_distance_threshold``; a model
+    without calibration scores gets a warm-up reference (its first ``warmup`` scores)."""
+
+    def __init__(self, config: DriftConfig | None = None, warmup: int = _DEFAULTS.warmup):
+        self.monitor = DriftMonitor(config)
+        self.warmup = warmup
+        self._warm: dict[str, list[float]] = {}
+
+    @classmethod
+    def from_settings(cls, drift: DriftSettings) -> DriftHook:
+        return cls(DriftConfig(window=drift.window, check_every=drift.check_every,
+                               min_interval_s=drift.min_interval_s), warmup=drift.warmup)
+
+    def _ensure_reference(self, key: str, spec_raw: dict, task: str, score: float) -> None:
+        if self.monitor.has_reference(key):
+            return
+        cal, _ = calibration_of(spec_raw, task or None)
+        tinfo = (spec_raw.get("tasks") or {}).get(task) if isinstance(spec_raw.get("tasks"), dict) else None
+        rthr = tinfo.get("route_distance_threshold") if isinstance(tinfo, dict) else None
+        if cal and len(cal) >= 10:
+            self.monitor.set_reference(key, cal, route_distance_threshold=rthr)
+            return
+        w = self._warm.setdefault(key, [])
+        w.append(score)
+        if len(w) >= self.warmup:
+            self.monitor.set_reference(key, w, route_distance_threshold=rthr)
+            self._warm.pop(key, None)
+
+    def observe(self, res: InspectionResult, spec_raw: dict[str, Any]) -> list[DriftAlert]:
+        if res.shadow:
+            return []
+        key = f"{res.model}@{res.model_version}" + (f"/{res.task}" if res.task else "")
+        self._ensure_reference(key, spec_raw or {}, res.task, float(res.score))
+        return self.monitor.observe(res.camera, key, float(res.score), bool(res.is_anomaly), res.route_distance)
+
+
+class Lifecycle:
+    """The per-batch hook (:meth:`after_batch`): shadow traffic for a rollout candidate and drift alerts
+    (+ ``retrain_requested`` on a route_ood alert)."""
+
+    def __init__(self, controller: RolloutController | None, drift: DriftHook | None, drift_topic: Any,
+                 events_topic: Any, retrain_on_ood: bool):
+        self.controller, self.drift = controller, drift
+        self.drift_topic, self.events_topic = drift_topic, events_topic
+        self.retrain_on_ood = retrain_on_ood
+
+    def after_batch(self, batch: Batch) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        try:
+            for s in batch.scored:
+                self._offer(s)
+                if self.drift is not None:
+                    out += self._drift(s)
+        except Exception as e:  # lifecycle extras never stop the frame stream
+            log.warning("lifecycle_hook_failed", error=f"{type(e).__name__}: {e}"[:300])
+        return out
+
+    def _offer(self, s: Scored) -> None:
+        if self.controller is not None and self.controller.active and s.raw.value is not None:
+            self.controller.offer(s.result.model, s.result.product, s.raw.value, s.result.is_anomaly)
+
+    def _drift(self, s: Scored) -> list[Outgoing]:
+        res, out = s.result, []
+        for alert in self.drift.observe(res, s.spec.raw):
+            d = alert.to_dict()
+            d.update(model=res.model, model_version=res.model_version, task=res.task, camera=res.camera)
+            out.append(Outgoing(self.drift_topic, res.camera.encode(), orjson.dumps(d), None))
+            log.warning("drift_alert", detector=alert.detector, key=alert.key, statistic=alert.statistic)
+            if alert.detector == "route_ood" and self.retrain_on_ood:
+                ev = ModelEvent("retrain_requested", res.model, 0, product=res.product,
+                                reasons=[f"route_ood: {alert.statistic:.0%} of {alert.window} frames beyond "
+                                         f"the task's route distance on camera {res.camera}"],
+                                detail={"camera": res.camera, "task": res.task})
+                out.append(Outgoing(self.events_topic, ev.key, ev.to_json(), None))
+        return out

@@ -1,0 +1,107 @@
+"""The detector contract, the same checks for every registered detector (contracts/detectors.py):
+
+its demo recipe (models.detector.Detector.quick_recipe, tiny schedule) trains on a few real MVTec bottle
+images and exports into a temporary repository -> the manifest verifies (contracts.artifact.verify_artifact)
+-> the real tritonserver loads it -> the spec round-trips (metadata.json == config.pbtxt's linewatch_spec
+== Detector.spec) -> on real images preprocessed as the worker does (contracts.spec.to_tensor) every
+output Triton serves equals the eager ``Detector.load_serving`` one.
+
+Detector-specific checks stay beside their detectors (test_efficientad_triton.py: the exported trace
+equals the eager EfficientAD; test_moleflow_triton.py: in-memory model parity and the adapter rollout).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from contracts.artifact import CONFIG, rewrite_config, verify_artifact
+from contracts.config import Settings
+from contracts.detectors import DETECTORS
+from contracts.image import decode_image
+from contracts.spec import parse_spec, to_tensor
+from models.cli import run
+from models.registry import get
+
+pytestmark = pytest.mark.integration
+
+PRODUCT = "bottle"
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_detector_contract(name, local_stack, shared_data, tmp_path):
+    det = get(name)
+    repo = tmp_path / "repo"
+    recipe = det.quick_recipe(data_dir=shared_data, product=PRODUCT, workdir=tmp_path / "work", repository=repo,
+                              steps=2, max_images=8)
+    (tmp_path / "work" / "artifacts").mkdir(parents=True)
+    settings = Settings(data_dir=shared_data)
+    for argv in recipe.steps:
+        assert run(argv, settings) == 0, argv
+    versions = sorted((p for p in (repo / recipe.model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert [v.name for v in versions] == ["1"]
+    vdir = versions[-1]
+
+    # the manifest pins every file of the version
+    ver = verify_artifact(vdir)
+    assert ver.ok, ver.reasons
+    meta = ver.artifact.metadata
+    assert meta["detector"] == name and meta["model"] == recipe.model
+
+    # Triton (real tritonserver) loads it, under a session-unique name
+    served = f"contract_{name}"
+    dst = Path(local_stack.model_repository) / served
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(vdir.parent, dst)
+    (dst / CONFIG).write_text(rewrite_config((vdir.parent / CONFIG).read_text(), served, None))
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    client.load_model(served)
+    try:
+        assert client.is_model_ready(served, vdir.name)
+
+        # the spec round-trips: metadata.json == Triton's linewatch_spec == Detector.spec
+        cfg = client.get_model_config(served, as_json=True)["config"]
+        triton_spec = json.loads(cfg["parameters"]["linewatch_spec"]["string_value"])
+        spec = parse_spec(meta)
+        assert parse_spec(triton_spec) == spec == det.spec(vdir)
+        assert triton_spec["artifacts"] == meta["artifacts"]
+        if det.info.multi_task:  # one model, the product is one of its tasks
+            assert PRODUCT in spec.tasks
+        else:  # one model per product
+            assert spec.product == PRODUCT and not spec.tasks
+
+        # eager (the version dir loaded in-process as Triton's model does) == served, every output
+        cat = shared_data / "mvtec" / PRODUCT / "test"
+        images = [sorted((cat / "broken_large").glob("*.png"))[0], sorted((cat / "good").glob("*.png"))[0]]
+        x = np.stack([to_tensor(decode_image(p.read_bytes()), spec) for p in images])
+        task = det.info.task_of(PRODUCT)
+        tasks = [task, None]  # multi-task: one named task, one routed by the model
+        eager = det.load_serving(vdir)(x, tasks)
+
+        inp = grpcclient.InferInput(spec.input.name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        inputs = [inp]
+        if det.info.multi_task:
+            t = grpcclient.InferInput("task", [len(tasks), 1], "BYTES")
+            t.set_data_from_numpy(np.array([[(s or "").encode()] for s in tasks], dtype=np.object_))
+            inputs.append(t)
+        outs = list(spec.outputs.values())
+        res = client.infer(served, inputs, outputs=[grpcclient.InferRequestedOutput(o) for o in outs])
+        size = (spec.input.height, spec.input.width)
+        assert res.as_numpy(spec.outputs["anomaly_map"]).shape == (2, 1, *size)
+        assert res.as_numpy(spec.outputs["score"]).shape == (2, 1)
+        for o in outs:
+            got, want = res.as_numpy(o), eager[o]
+            assert got.shape == want.shape, o
+            if want.dtype == np.object_:
+                assert [bytes(v) for v in got.reshape(-1)] == [bytes(v) for v in want.reshape(-1)], o
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=o)
+    finally:
+        client.unload_model(served)
