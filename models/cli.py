@@ -39,10 +39,11 @@ def run(argv: Sequence[str], settings: Settings) -> int:
 
 
 def usage_errors() -> tuple[type[BaseException], ...]:
+    from contracts.artifact import ArtifactError
     from models.backbones import BackboneError
     from models.data import DataError
 
-    return DataError, BackboneError
+    return DataError, BackboneError, ArtifactError  # an artifact that fails verification is bad data
 
 
 def main(argv: Sequence[str] | None = None) -> int:

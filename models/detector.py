@@ -59,8 +59,9 @@ class Detector(Protocol):
         arguments of the detector's train verb."""
 
     def export(self, checkpoint: Path, repository: Path, name: str, *, version: int | None = None,
-               max_batch_size: int = 8) -> Path:
-        """Write a new version of Triton model ``name`` into ``repository``; returns the version dir."""
+               max_batch_size: int = 8, require_sha256: bool = False) -> Path:
+        """Write a new version of Triton model ``name`` into ``repository``; returns the version dir.
+        ``require_sha256`` (Settings.require_sha256): refuse input weights whose digest is not known."""
 
     def spec(self, version_dir: Path) -> ModelSpec:
         """The version's ``linewatch_spec`` (metadata.json) as contracts.spec.ModelSpec."""

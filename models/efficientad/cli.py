@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
                       backbone_weights=str(backbone) if backbone else None, steps=args.steps, lr=args.lr, seed=args.seed,
                       penalty_dir=args.penalty_dir, select_every=args.select_every,
                       max_train_images=args.max_train_images, max_train_seconds=args.max_seconds,
-                      amp_bf16=args.amp_bf16)
+                      amp_bf16=args.amp_bf16, require_sha256=args.settings.require_sha256)
     model, meta = train_efficientad(paths, cfg, teacher_weights=teacher, anomalous_val_paths=bad)
     save_checkpoint(model, args.out, meta)
     print(f"saved {args.out} threshold={meta['threshold']:.6g}")
@@ -83,7 +83,7 @@ def cmd_evaluate(args) -> int:
     ck = _file(args.checkpoint, "checkpoint")
     cat = _dir(args.mvtec_dir, "MVTec category folder")
     samples = mvtec_samples(cat, "test")
-    model, meta = load_checkpoint(ck)
+    model, meta = load_checkpoint(ck, require_sha256=args.settings.require_sha256)
     ds = MVTecDataset(cat, "test", 256, samples=samples, mean=model.input_mean, std=model.input_std)
     items = [ds[i] for i in range(len(ds))]
     maps, scores = predict(model, torch.stack([it["image"] for it in items]))
@@ -106,7 +106,7 @@ def cmd_export(args) -> int:
 
     vdir = DETECTOR.export(_file(args.checkpoint, "checkpoint"), Path(args.repository),
                            DETECTOR.info.model_name(args.product), version=args.version,
-                           max_batch_size=args.max_batch_size)
+                           max_batch_size=args.max_batch_size, require_sha256=args.settings.require_sha256)
     print(vdir)
     return 0
 

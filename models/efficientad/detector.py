@@ -35,14 +35,14 @@ class EfficientADDetector:
         return Path(out)
 
     def export(self, checkpoint: Path, repository: Path, name: str, *, version: int | None = None,
-               max_batch_size: int = 8) -> Path:
+               max_batch_size: int = 8, require_sha256: bool = False) -> Path:
         from models.efficientad.export import export_triton
         from models.efficientad.model import load_checkpoint
 
         product = self.info.product_of(name)
         if product is None:
             raise ValueError(f"EfficientAD model names are {self.info.model!r}, got {name!r}")
-        model, meta = load_checkpoint(checkpoint)
+        model, meta = load_checkpoint(checkpoint, require_sha256=require_sha256)
         return export_triton(model, repository, product, version, threshold=meta.get("threshold", 0.0),
                              map_threshold=meta.get("map_threshold", 0.0), max_batch_size=max_batch_size,
                              extra={"quantiles": meta.get("quantiles"),

@@ -57,8 +57,9 @@ class FrozenFeatureTeacher(torch.nn.Module):
         return self.target(x512)
 
 
-def lite0_feature_teacher(backbone_weights=None) -> FrozenFeatureTeacher:
+def lite0_feature_teacher(backbone_weights=None, *, require_sha256: bool = False) -> FrozenFeatureTeacher:
     """Frozen ``tf_efficientnet_lite0`` stages 2+3 as a 384-channel teacher, parameters without
     gradients (random weights when ``backbone_weights`` is None: a checkpoint's state dict fills them)."""
-    target = FeatureTarget(create_backbone(LITE0, backbone_weights, features_only=True, out_indices=LITE0_STAGES))
+    target = FeatureTarget(create_backbone(LITE0, backbone_weights, features_only=True, out_indices=LITE0_STAGES,
+                                           require_sha256=require_sha256))
     return FrozenFeatureTeacher(target).eval().requires_grad_(False)

@@ -186,14 +186,15 @@ def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | Non
     return meta
 
 
-def load_feature_teacher_weights(model: EfficientAD, backbone_weights: str | Path) -> dict[str, Any]:
+def load_feature_teacher_weights(model: EfficientAD, backbone_weights: str | Path, *,
+                                 require_sha256: bool = False) -> dict[str, Any]:
     """Fill a ``lite0-features`` teacher from the local EfficientNet-Lite0 file (a plain state dict,
     loaded weights-only by models.backbones); inputs at mean = std = 0.5 (the TensorFlow port's normalisation)."""
     from models.efficientad.feature_teacher import LITE0, LITE0_STAGES
 
     if model.teacher_kind != "lite0-features":
         raise ValueError("load_feature_teacher_weights needs teacher_kind='lite0-features'")
-    model.teacher = lite0_feature_teacher(backbone_weights)
+    model.teacher = lite0_feature_teacher(backbone_weights, require_sha256=require_sha256)
     model.input_mean = model.input_std = (0.5, 0.5, 0.5)
     return {"teacher": "lite0-features", "backbone": LITE0, "out_indices": list(LITE0_STAGES),
             "backbone_weights": str(backbone_weights)}

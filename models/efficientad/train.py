@@ -48,6 +48,7 @@ class TrainConfig:
     model_size: str = "small"
     teacher_kind: str = "pdn"  # "pdn": a distilled PDN teacher file; "lite0-features": frozen Lite0 stages 2+3
     backbone_weights: str | None = None  # the local EfficientNet-Lite0 file (lite0-features only)
+    require_sha256: bool = False  # Settings.require_sha256: refuse teacher/backbone files of unknown digest
     steps: int = 70_000  # paper: 70,000 iterations
     lr: float = 1e-4
     weight_decay: float = 1e-5
@@ -200,10 +201,10 @@ def train_efficientad(
     if cfg.teacher_kind == "lite0-features":
         if not cfg.backbone_weights:
             raise ValueError("the lite0-features teacher needs backbone_weights (the local EfficientNet-Lite0 file)")
-        teacher_meta = load_feature_teacher_weights(model, cfg.backbone_weights)
+        teacher_meta = load_feature_teacher_weights(model, cfg.backbone_weights, require_sha256=cfg.require_sha256)
         teacher_weights = None
     elif teacher_weights is not None:
-        teacher_meta = load_teacher_weights(model, teacher_weights)
+        teacher_meta = load_teacher_weights(model, teacher_weights, require_sha256=cfg.require_sha256)
     else:
         log.warning("efficientad_random_teacher", note="no teacher weights given: teacher is random (tests only)")
     for p in model.teacher.parameters():

@@ -94,7 +94,7 @@ def run_job(a, settings: Settings) -> int:
         # a multi-task detector extends its persistent training store; a per-product one trains afresh
         ckpt = Path(a.base_store) if det.info.multi_task else Path(tmp) / f"{det.name}.ckpt"
         det.train(tdir, ckpt, product=a.product, settings=settings, calibration_dir=cdir, extra=a.extra)
-        vdir = det.export(ckpt, store, model)
+        vdir = det.export(ckpt, store, model, require_sha256=settings.require_sha256)
     meta = json.loads((vdir / "metadata.json").read_text())
     spec, scorer = det.spec(vdir), det.load_serving(vdir)
     cal = score_images(scorer, spec, task, hold)

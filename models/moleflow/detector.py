@@ -38,9 +38,10 @@ class MoLEFlowDetector:
         return Path(out)
 
     def export(self, checkpoint: Path, repository: Path, name: str, *, version: int | None = None,
-               max_batch_size: int = 8) -> Path:
+               max_batch_size: int = 8, require_sha256: bool = False) -> Path:
         from models.moleflow.export import export_triton
 
+        # require_sha256 needs nothing here: every file of a MoLE-Flow store is digest-checked on load
         return export_triton(checkpoint, repository, name, version, None, max_batch_size)
 
     def spec(self, version_dir: Path):

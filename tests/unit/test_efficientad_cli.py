@@ -51,6 +51,20 @@ def test_export_verb(tmp_path, capsys):
     assert torch.jit.load(str(tmp_path / "repo" / "efficientad_bottle" / "3" / "model.pt")) is not None
 
 
+def test_require_sha256_setting_reaches_the_export_verb(tmp_path, capsys, monkeypatch):
+    """LINEWATCH_REQUIRE_SHA256=true: a checkpoint without its sha256 sidecar is refused (one line, exit 2)."""
+    ck = save_checkpoint(EfficientAD().eval(), tmp_path / "m.pt", {"threshold": 0.3})
+    (tmp_path / "m.pt.sha256").unlink()
+    argv = ["efficientad", "export", "--checkpoint", str(ck), "--repository", str(tmp_path / "repo"),
+            "--product", "bottle"]
+    monkeypatch.setenv("LINEWATCH_REQUIRE_SHA256", "true")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "require_sha256" in err[0]
+    monkeypatch.delenv("LINEWATCH_REQUIRE_SHA256")
+    assert main(argv) == 0  # default: unverified weights load with a warning
+
+
 def test_lite0_features_teacher_train_checkpoint_export(shared_data, tmp_path):
     """--teacher-kind lite0-features: the frozen Lite0 target is the teacher (no PDN file); the
     checkpoint rebuilds it and the TorchScript export equals eager."""
