@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from contracts.config import Settings  # noqa: E402
 from devstack.demo import model_ready  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
-from tests.harness.chaos import FAULTS, load_images, run_scenario, write_probe_model  # noqa: E402
+from tests.harness.chaos import FAULTS, load_images, run_scenario  # noqa: E402
+from tests.harness.probe_model import write_probe_model  # noqa: E402
 
 DATA_DIR = Settings().data_dir  # this script's settings (LINEWATCH_DATA_DIR)
 

@@ -13,6 +13,11 @@ import pytest
 from contracts.config import Settings
 
 
+def pytest_addoption(parser):
+    parser.addoption("--it-model-dir", default=None,
+                     help="an exported Triton model dir for the streaming integration tests (default: train a tiny one)")
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     """The test session's config root (environment + LINEWATCH_CONFIG), built once."""

@@ -19,7 +19,7 @@ Measured per scenario: frames sent, lost (accounting ``missing``), duplicated re
 recovery time (fault end -> first result record seen on the results topic after it), the worker's
 peak RSS growth, and whether the worker process survived (no crash / crash loop).
 
-The probe detector (:func:`write_probe_model`) is a real Triton Python-backend model with a real
+The probe detector (:func:`tests.harness.probe_model.write_probe_model`) is a real Triton Python-backend model with a real
 ``linewatch_spec`` (64x64 input, anomaly map = mean |x| over channels, a configurable per-batch
 delay); it makes the scenarios cost seconds on a 2-core machine instead of minutes. Any exported
 detector can be used instead.
@@ -38,59 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.artifact import CONFIG, MODEL_FILE, TensorConfig, render_config, write_manifest
 from contracts.logs import get_logger
 
 log = get_logger("tests.harness.chaos")
 
 FAULTS = ("worker_sigkill", "broker_pause", "triton_crash", "triton_flap", "model_unload", "triton_stall")
-
-_PROBE_MODEL_PY = '''"""linewatch probe detector (tests/harness/chaos.py): anomaly map = mean |x| over channels."""
-
-import json
-import time
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"]).get("parameters", {})
-        self.delay_s = float(params.get("delay_ms", {}).get("string_value", "0")) / 1000.0
-
-    def execute(self, requests):
-        if self.delay_s:
-            time.sleep(self.delay_s)  # one "forward pass" per dynamic batch
-        out = []
-        for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "image").as_numpy()
-            amap = np.abs(x).mean(axis=1, keepdims=True).astype(np.float32)
-            score = amap.reshape(len(x), -1).mean(axis=1, keepdims=True).astype(np.float32)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("anomaly_map", amap),
-                                                   pb_utils.Tensor("score", score)]))
-        return out
-'''
-
-
-def write_probe_model(repo: str | Path, name: str = "probe_bottle", *, product: str = "bottle", size: int = 64,
-                      delay_ms: int = 0, max_batch: int = 8, threshold: float = 10.0) -> str:
-    """Write the probe detector into a Triton model repository; returns its name."""
-    spec = {"schema": 1, "model": name, "detector": "probe", "version": 1, "product": product,
-            "input": {"name": "image", "height": size, "width": size, "color": "RGB", "layout": "NCHW",
-                      "dtype": "FP32", "scale": 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-            "outputs": {"anomaly_map": "anomaly_map", "score": "score"},
-            "threshold": threshold, "map_threshold": threshold}
-    d = Path(repo) / name
-    (d / "1").mkdir(parents=True, exist_ok=True)
-    (d / "1" / MODEL_FILE).write_text(_PROBE_MODEL_PY)
-    meta = write_manifest(d / "1", spec, [MODEL_FILE])
-    (d / CONFIG).write_text(render_config(
-        name, max_batch_size=max_batch, spec=meta, parameters={"delay_ms": str(int(delay_ms))},
-        inputs=[TensorConfig("image", "TYPE_FP32", (3, size, size))],
-        outputs=[TensorConfig("anomaly_map", "TYPE_FP32", (1, size, size)), TensorConfig("score", "TYPE_FP32", (1,))]))
-    return name
-
 
 # ----------------------------------------------------------------------------- background helpers
 
@@ -109,7 +61,7 @@ class _LoopThread(threading.Thread):
     def run(self) -> None:
         try:
             asyncio.run(self.main())
-        except BaseException as e:  # noqa: BLE001 - surfaced by the caller
+        except BaseException as e:
             self.error = e
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -130,8 +82,8 @@ class Feeder(_LoopThread):
         self.sent_at: list[float] = []
 
     async def main(self) -> None:
-        from contracts.envelope import Frame, encode_frame, new_frame_id  # noqa: PLC0415
-        from stream.kafka.clients import Producer  # noqa: PLC0415
+        from contracts.envelope import Frame, encode_frame, new_frame_id
+        from stream.kafka.clients import Producer
 
         t0 = time.monotonic()
         async with Producer(self.bootstrap) as p:
@@ -159,9 +111,9 @@ class ResultWatch(_LoopThread):
         self.ready = threading.Event()
 
     async def main(self) -> None:
-        from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
+        from aiokafka import AIOKafkaConsumer
 
-        from stream.kafka.clients import client_kwargs  # noqa: PLC0415
+        from stream.kafka.clients import client_kwargs
 
         c = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", **client_kwargs("consumer"))
@@ -184,7 +136,7 @@ class RssSampler(threading.Thread):
 
     def __init__(self, pid: int, every_s: float = 0.2):
         super().__init__(name="rss", daemon=True)
-        import psutil  # noqa: PLC0415
+        import psutil
 
         self.proc = psutil.Process(pid)
         self.every_s = every_s
@@ -195,7 +147,7 @@ class RssSampler(threading.Thread):
         return self.proc.memory_info().rss / 2**20
 
     def run(self) -> None:
-        import psutil  # noqa: PLC0415
+        import psutil
 
         while not self._halt.is_set():
             try:
@@ -244,7 +196,7 @@ class ScenarioResult:
 
 
 def load_images(folder: str | Path, limit: int = 16) -> list[bytes]:
-    from stream.ops.replay import list_images  # noqa: PLC0415
+    from stream.ops.replay import list_images
 
     return [it.path.read_bytes() for it in list_images(folder)[:limit]]
 
@@ -265,8 +217,8 @@ def _count_events(log_path: Path, event: str) -> int:
 def scrape_metrics(port: int, timeout_s: float = 5.0) -> dict[str, float]:
     """The worker's Prometheus page as {'name{labels}': value} (labels other than ``kind``/``reason``
     dropped and summed, so 'linewatch_triton_errors_total{kind="transient"}' is one key)."""
-    import re  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
+    import re
+    import urllib.request
 
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s).read().decode()
@@ -300,11 +252,11 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
     """Run one fault scenario against ``stack`` (a started :class:`devstack.stack.LocalStack` with
     ``model`` loaded). Returns the measured :class:`ScenarioResult`; ``ok`` = nothing lost, nothing
     DLQ'd, the topics read to their end, the worker alive and without crashes."""
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+    import tritonclient.grpc as grpcclient
 
-    from devstack.worker_process import WorkerProcess  # noqa: PLC0415
-    from stream.kafka.clients import ensure_topics  # noqa: PLC0415
-    from stream.ops.accounting import account  # noqa: PLC0415
+    from devstack.worker_process import WorkerProcess
+    from stream.kafka.clients import ensure_topics
+    from stream.ops.accounting import account
 
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")

@@ -25,7 +25,8 @@ import pytest
 from devstack.stack import LocalStack, free_port
 from stream.inference.triton_client import TransientInferError, TritonInfer
 from stream.ops.cli import main as linewatch
-from tests.harness.chaos import load_images, run_scenario, write_probe_model
+from tests.harness.chaos import load_images, run_scenario
+from tests.harness.probe_model import write_probe_model
 
 pytestmark = pytest.mark.integration
 

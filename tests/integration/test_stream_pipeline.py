@@ -1,19 +1,16 @@
 """End-to-end: real Tansu broker + real tritonserver (``local_stack``) + a real exported detector +
 the Faust worker as a subprocess. No mocks.
 
-The detector is ``$IT_MODEL_DIR`` (an exported Triton model dir) when set; else a
-tiny-schedule EfficientAD is trained + exported through the models CLI (subprocess) into this
-session's temporary directory. Nothing the repo's ``triton_repo/`` or an earlier command (``make
-demo``) left behind is ever read.
+The ``detector`` fixture (tests/integration/conftest.py) is ``pytest --it-model-dir DIR`` (an exported
+Triton model dir) when given; else a tiny-schedule EfficientAD trained + exported through the models
+CLI (subprocess) into this session's temporary directory. Nothing the repo's ``triton_repo/`` or an
+earlier command (``make demo``) left behind is ever read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import struct
-import subprocess
 import sys
 import time
 import uuid
@@ -24,7 +21,6 @@ import cv2
 import numpy as np
 import pytest
 
-from contracts.config import Settings
 from contracts.envelope import (
     Frame,
     decode_defect_event,
@@ -33,58 +29,12 @@ from contracts.envelope import (
     encode_frame,
     headers_to_dict,
 )
-from devstack.demo import load_model, model_ready, models_cli
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from stream.ops.replay import replay
+from tests.harness.streams import topics
 
 pytestmark = pytest.mark.integration
-DATA_DIR = Settings().data_dir
-BOTTLE_TEST = DATA_DIR / "mvtec" / "bottle" / "test"
-
-
-def _tiny_train(work: Path) -> Path:
-    """Train + export a tiny-schedule detector via the models CLI (subprocess: stream has no torch)."""
-    cli = models_cli()
-    repo, art = work / "repo", work / "artifacts"
-    art.mkdir(parents=True, exist_ok=True)
-    good = DATA_DIR / "mvtec" / "bottle" / "train" / "good"
-    # the pipeline test needs a real export, not accuracy: 3 steps on 8 images with the CLI's default teacher
-    subprocess.run([*cli, "efficientad", "train", "--train-dir", str(good), "--out", str(art / "s.pt"),
-                    "--steps", "3", "--max-train-images", "8"], check=True, timeout=600)
-    subprocess.run([*cli, "efficientad", "export", "--checkpoint", str(art / "s.pt"), "--repository", str(repo),
-                    "--product", "bottle"], check=True, timeout=600)
-    return repo / "efficientad_bottle"
-
-
-@pytest.fixture(scope="module")
-def stack(request):
-    """tests/conftest.py's session ``local_stack`` (real Tansu + tritonserver)."""
-    try:
-        return request.getfixturevalue("local_stack")
-    except pytest.FixtureLookupError:
-        pytest.skip("local_stack fixture (tests/conftest.py) not available")
-
-
-@pytest.fixture(scope="module")
-def detector(stack, tmp_path_factory):
-    """(model name, spec-free) loaded in the stack's Triton."""
-    env = os.environ.get("IT_MODEL_DIR")
-    if env and not model_ready(Path(env).parent, Path(env).name):
-        pytest.fail(f"IT_MODEL_DIR={env} is not an exported Triton model directory")
-    src = Path(env) if env else _tiny_train(tmp_path_factory.mktemp("it-model"))
-    dst = Path(stack.model_repository) / src.name
-    if dst.resolve() != src.resolve():
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
-    load_model(stack.triton_grpc_url, src.name)
-    return src.name
-
-
-def _topics(prefix: str) -> dict[str, str]:
-    return {"frames": f"{prefix}-frames", "results": f"{prefix}-results", "defects": f"{prefix}-defects",
-            "dlq": f"{prefix}-dlq"}
 
 
 def _worker(local_stack, tmp: Path, t: dict[str, str], app_id: str) -> WorkerProcess:
@@ -97,7 +47,7 @@ def _worker(local_stack, tmp: Path, t: dict[str, str], app_id: str) -> WorkerPro
 @pytest.fixture(scope="module")
 def running(stack, detector, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worker")
-    t = _topics(f"it-{uuid.uuid4().hex[:6]}")
+    t = topics(f"it-{uuid.uuid4().hex[:6]}")
     asyncio.run(ensure_topics(stack.kafka_bootstrap, t.values(), partitions=2))
     w = _worker(stack, tmp, t, f"lw-it-{uuid.uuid4().hex[:6]}").start()
     yield t, w
@@ -118,9 +68,9 @@ def _collect(bootstrap, t, ids: set[str], timeout_s: float = 90.0):
     return recs, seen(recs)
 
 
-def test_n_frames_in_n_results_out_order_preserved(stack, running):
+def test_n_frames_in_n_results_out_order_preserved(stack, running, bottle_test):
     t, w = running
-    sent = asyncio.run(replay(stack.kafka_bootstrap, BOTTLE_TEST, cameras=["cam-a", "cam-b", "cam-c"], fps=0,
+    sent = asyncio.run(replay(stack.kafka_bootstrap, bottle_test, cameras=["cam-a", "cam-b", "cam-c"], fps=0,
                               topic=t["frames"], product="bottle", limit=6))
     ids = {s.frame_id for s in sent}
     assert len(ids) == 18
@@ -216,7 +166,7 @@ def test_malformed_frames_go_to_dlq_with_reason(stack, running, detector):
     assert set(goods) <= results
     assert w.alive()
     # metrics on the worker's web port count the DLQ by reason
-    import urllib.request  # noqa: PLC0415
+    import urllib.request
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{w.web_port}/metrics", timeout=5).read().decode()
     assert 'linewatch_dlq_total{reason="undecodable_image"}' in body

@@ -1,0 +1,39 @@
+"""Fixtures shared by the streaming integration tests (the session stack is in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from devstack.demo import load_model, model_ready
+from tests.harness.streams import tiny_efficientad
+
+
+@pytest.fixture(scope="session")
+def stack(local_stack):
+    """tests/conftest.py's session ``local_stack`` (real Tansu + tritonserver)."""
+    return local_stack
+
+
+@pytest.fixture(scope="session")
+def bottle_test(shared_data) -> Path:
+    return shared_data / "mvtec" / "bottle" / "test"
+
+
+@pytest.fixture(scope="session")
+def detector(stack, shared_data, tmp_path_factory, pytestconfig) -> str:
+    """Name of a real exported detector loaded in the session Triton: ``--it-model-dir`` when given,
+    else a tiny-schedule EfficientAD trained into a temporary directory (trained once per session)."""
+    given = pytestconfig.getoption("--it-model-dir")
+    if given and not model_ready(Path(given).parent, Path(given).name):
+        pytest.fail(f"--it-model-dir {given} is not an exported Triton model directory")
+    src = Path(given) if given else tiny_efficientad(tmp_path_factory.mktemp("it-model"), shared_data)
+    dst = Path(stack.model_repository) / src.name
+    if dst.resolve() != src.resolve():
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    load_model(stack.triton_grpc_url, src.name)
+    return src.name
