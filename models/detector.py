@@ -76,6 +76,27 @@ class Detector(Protocol):
         steps, MoLE-Flow epochs) and training-image cap (None: the detector's demo schedule)."""
 
 
+class DetectorBase:
+    """What every detector shares: its registry entry, its CLI group (``models/<name>/cli.py``
+    ``register``) and the spec read from a version's metadata.json. Subclasses set ``name``."""
+
+    name: str
+
+    @property
+    def info(self) -> DetectorInfo:
+        from contracts.detectors import detector_info
+
+        return detector_info(self.name)
+
+    def register_cli(self, subparsers: argparse._SubParsersAction) -> None:
+        import importlib
+
+        importlib.import_module(f"models.{self.name}.cli").register(subparsers)
+
+    def spec(self, version_dir: Path) -> ModelSpec:
+        return read_spec(version_dir)
+
+
 def read_spec(version_dir: Path) -> ModelSpec:
     """The shared ``spec`` implementation: metadata.json of a version dir, parsed (contracts.spec)."""
     from contracts.artifact import read_artifact

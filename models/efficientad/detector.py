@@ -6,25 +6,17 @@ Thin: the CLI verbs (models/efficientad/cli.py), export (export.py) and the Trit
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from contracts.config import Settings
-from contracts.detectors import DETECTORS
-from models.detector import Recipe, Scorer, read_spec, serving_instance
+from models.detector import DetectorBase, Recipe, Scorer, serving_instance
 
 
-class EfficientADDetector:
+class EfficientADDetector(DetectorBase):
     name = "efficientad"
-    info = DETECTORS["efficientad"]
-
-    def register_cli(self, subparsers: argparse._SubParsersAction) -> None:
-        from models.efficientad.cli import register
-
-        register(subparsers)
 
     def train(self, train_dir: Path, out: Path, *, product: str, settings: Settings,
               calibration_dir: Path | None = None, extra: Sequence[str] = ()) -> Path:
@@ -47,9 +39,6 @@ class EfficientADDetector:
                              map_threshold=meta.get("map_threshold", 0.0), max_batch_size=max_batch_size,
                              extra={"quantiles": meta.get("quantiles"),
                                     "threshold_source": meta.get("threshold_source")})
-
-    def spec(self, version_dir: Path):
-        return read_spec(version_dir)
 
     def load_serving(self, version_dir: Path) -> Scorer:
         from models.efficientad.serving import EfficientADServing

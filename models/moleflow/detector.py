@@ -8,25 +8,17 @@ Thin: the CLI verbs (models/moleflow/cli.py), export (export.py) and the Triton 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from contracts.config import Settings
-from contracts.detectors import DETECTORS
-from models.detector import Recipe, Scorer, read_spec, serving_instance
+from models.detector import DetectorBase, Recipe, Scorer, serving_instance
 
 
-class MoLEFlowDetector:
+class MoLEFlowDetector(DetectorBase):
     name = "moleflow"
-    info = DETECTORS["moleflow"]
-
-    def register_cli(self, subparsers: argparse._SubParsersAction) -> None:
-        from models.moleflow.cli import register
-
-        register(subparsers)
 
     def train(self, train_dir: Path, out: Path, *, product: str, settings: Settings,
               calibration_dir: Path | None = None, extra: Sequence[str] = ()) -> Path:
@@ -43,9 +35,6 @@ class MoLEFlowDetector:
 
         # require_sha256 needs nothing here: every file of a MoLE-Flow store is digest-checked on load
         return export_triton(checkpoint, repository, name, version, None, max_batch_size)
-
-    def spec(self, version_dir: Path):
-        return read_spec(version_dir)
 
     def load_serving(self, version_dir: Path) -> Scorer:
         from models.moleflow.serving import MoLEFlowServing
