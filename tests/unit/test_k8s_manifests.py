@@ -447,6 +447,8 @@ def test_every_path_a_container_writes_is_on_a_writable_mount(monkeypatch):
         writes = []
         if cmd[1][:1] == ["worker"]:
             writes.append(env.get("LINEWATCH_WORKER_DATA_DIR", str(Settings.model_fields["worker_data_dir"].default)))
+            # the in-worker rollout materialises versions into Triton's repository
+            writes.append(env.get("LINEWATCH_MODEL_REPOSITORY", str(Settings.model_fields["model_repository"].default)))
         writes += [a.split("=", 1)[1] for a in cmd[1] if a.startswith(("--store=", "--base-store=", "--out="))]
         writable = [m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")]
         for path in writes:
