@@ -315,7 +315,7 @@ def main(argv=None) -> int:
             stack = LocalStack(workdir / "stack", Path(a.model_repository))
             stack.start()
             boot, url = stack.kafka_bootstrap, stack.triton_grpc_url
-        load_model(url, model)
+        load_model(url, model, control_key=stack.control_key if stack is not None else None)
         test = DATA_DIR / "mvtec" / "bottle" / "test"
         items = list_images(test)
         blobs = [items[i % len(items)].path.read_bytes() for i in range(a.frames)]

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,17 @@ from urllib.parse import unquote, urlparse
 
 import orjson
 
+from contracts.names import CANDIDATE_SUFFIX as CANDIDATE_SUFFIX
+from contracts.names import BadNameError, check_name, check_version
+from contracts.pbtxt import TensorConfig as TensorConfig
+from contracts.pbtxt import config_sha256 as config_sha256
+from contracts.pbtxt import render_config as render_config
+from contracts.pbtxt import rewrite_config as rewrite_config
 from contracts.spec import parse_spec
 
 METADATA = "metadata.json"
 CONFIG = "config.pbtxt"
 MODEL_FILE = "model.py"
-CANDIDATE_SUFFIX = "__candidate"
 # files a version dir may hold without a manifest entry (model.py is pinned too when the export lists it)
 _UNLISTED_OK = frozenset({METADATA, CONFIG, MODEL_FILE})
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -106,11 +110,17 @@ def path_to_uri(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------- manifest
 
 
-def write_manifest(version_dir: str | os.PathLike, spec: Mapping[str, Any], files: Iterable[str]) -> dict[str, Any]:
+def write_manifest(version_dir: str | os.PathLike, spec: Mapping[str, Any], files: Iterable[str],
+                   config: str | None = None) -> dict[str, Any]:
     """Write ``<version_dir>/metadata.json`` = ``spec`` + ``{"artifacts": {relpath: sha256}}`` for ``files``
     (relative to the version dir; any ``spec["artifacts"]`` is replaced: every digest is computed here).
-    Atomic; returns the manifest written (what config.pbtxt's ``linewatch_spec`` should carry)."""
+    ``config``: the version's config.pbtxt template, written to ``<version_dir>/config.pbtxt`` and pinned
+    as ``config_sha256`` (:func:`contracts.pbtxt.config_sha256`; an existing ``spec["config_sha256"]`` is
+    kept when not given). Atomic; returns the manifest written (what config.pbtxt's ``linewatch_spec``
+    should carry)."""
     vdir = Path(version_dir)
+    if spec.get("model") is not None:
+        check_name(spec["model"])
     arts: dict[str, str] = {}
     for rel in files:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -119,6 +129,9 @@ def write_manifest(version_dir: str | os.PathLike, spec: Mapping[str, Any], file
     if not arts:
         raise ArtifactError(f"manifest for {vdir} lists no artifact")
     meta = {**spec, "artifacts": arts}
+    if config is not None:
+        (vdir / CONFIG).write_text(config)
+        meta["config_sha256"] = config_sha256(config)
     tmp = vdir / f".{METADATA}.tmp"
     tmp.write_bytes(orjson.dumps(meta, option=_JSON_OPTS | orjson.OPT_INDENT_2) + b"\n")
     tmp.replace(vdir / METADATA)
@@ -187,10 +200,10 @@ def read_artifact(uri: str | os.PathLike) -> Artifact:
         raise StoreError(f"artifact directory not found: {p}")
     meta, digest = read_manifest(p)
     try:
-        version = int(meta.get("version", p.name))
-    except (TypeError, ValueError):
-        raise StoreError(f"{p / METADATA}: version {meta.get('version')!r} is not an integer") from None
-    model = str(meta.get("model") or p.parent.name)
+        version = check_version(meta.get("version", p.name))
+        model = check_name(meta.get("model") or p.parent.name)
+    except BadNameError as e:
+        raise StoreError(f"{p / METADATA}: {e}") from None
     cfg = p / CONFIG if (p / CONFIG).is_file() else (p.parent / CONFIG if (p.parent / CONFIG).is_file() else None)
     return Artifact(p, model, version, meta, digest, cfg)
 
@@ -207,11 +220,13 @@ def _unlisted_files(root: Path, listed: set[str]) -> list[str]:
 
 
 def verify_artifact(uri: str | os.PathLike, expected_sha256: str | None = None,
-                    expected_model: str | None = None, expected_version: int | None = None) -> Verification:
+                    expected_model: str | None = None, expected_version: int | None = None, *,
+                    strict: bool = False) -> Verification:
     """Integrity: metadata.json digest == ``expected_sha256`` (when given), every listed file present with
     its sha256, no unlisted file (beside metadata.json, model.py, config.pbtxt), model.py + config present,
-    spec parseable. Returns every problem found (never raises for content; see
-    :meth:`Verification.raise_for_reasons`)."""
+    the config template's digest == ``config_sha256`` (when the manifest has one), spec parseable.
+    ``strict`` (a release into Triton): the manifest must also pin the config and model.py. Returns every
+    problem found (never raises for content; see :meth:`Verification.raise_for_reasons`)."""
     try:
         a = read_artifact(uri)
     except StoreError as e:
@@ -244,11 +259,27 @@ def verify_artifact(uri: str | os.PathLike, expected_sha256: str | None = None,
         reasons.append(f"missing_model_py: the version dir has no {MODEL_FILE}")
     if a.config_path is None:
         reasons.append(f"missing_config: no {CONFIG} beside the artifact")
+    reasons += config_reasons(a, strict=strict)
+    if strict and MODEL_FILE not in arts:
+        reasons.append(f"unpinned_model_py: {METADATA} lists no sha256 for {MODEL_FILE}")
     try:
         parse_spec(a.metadata)
     except (ValueError, TypeError) as e:
         reasons.append(f"bad_spec: {e}")
     return Verification(not reasons, reasons, a)
+
+
+def config_reasons(a: Artifact, *, strict: bool = False) -> list[str]:
+    """Why the artifact's config.pbtxt template does not match the manifest's ``config_sha256``."""
+    pinned = a.metadata.get("config_sha256")
+    if pinned is None:
+        return [f"missing_config_digest: {METADATA} pins no config_sha256"] if strict else []
+    if a.config_path is None:
+        return []
+    actual = config_sha256(a.config_path.read_text())
+    if actual != pinned:
+        return [f"config_sha256_mismatch: {a.config_path.name} is {actual[:12]}.., metadata says {str(pinned)[:12]}.."]
+    return []
 
 
 def check_compatibility(new: dict[str, Any], current: dict[str, Any] | None) -> list[str]:
@@ -299,7 +330,8 @@ def list_artifacts(store: str | os.PathLike) -> list[Artifact]:
     if not root.is_dir():
         return out
     for mdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for vdir in sorted((p for p in mdir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        for vdir in sorted((p for p in mdir.iterdir() if p.is_dir() and p.name.isdigit()),
+                           key=lambda p: int(p.name)):
             try:
                 out.append(read_artifact(vdir))
             except StoreError:
@@ -312,81 +344,3 @@ def latest_artifact(store: str | os.PathLike, model: str) -> Artifact | None:
     return arts[-1] if arts else None
 
 
-# ----------------------------------------------------------------------------- config.pbtxt
-
-
-@dataclass(frozen=True)
-class TensorConfig:
-    """One ``input``/``output`` entry of a Triton model config."""
-
-    name: str
-    data_type: str  # Triton type name: "TYPE_FP32", "TYPE_STRING", ...
-    dims: tuple[int, ...]
-    optional: bool = False
-
-    def render(self) -> str:
-        opt = " optional: true" if self.optional else ""
-        dims = ", ".join(str(int(d)) for d in self.dims)
-        return f'{{ name: "{self.name}" data_type: {self.data_type} dims: [ {dims} ]{opt} }}'
-
-
-def _pbtxt_string(s: str) -> str:
-    return orjson.dumps(s).decode()  # JSON string escaping is valid protobuf text-format escaping
-
-
-def _spec_parameter(spec: Mapping[str, Any]) -> str:
-    quoted = _pbtxt_string(orjson.dumps(spec, option=_JSON_OPTS).decode())
-    return f'parameters {{ key: "linewatch_spec" value {{ string_value: {quoted} }} }}'
-
-
-def _version_policy(versions: Sequence[int] | None = None, latest: int | None = None) -> str | None:
-    if versions is not None and latest is not None:
-        raise ValueError("a version policy is either specific versions or the latest N, not both")
-    if versions is not None:
-        return "version_policy: { specific: { versions: [ " + ", ".join(str(int(v)) for v in versions) + " ] } }"
-    if latest is not None:
-        return f"version_policy: {{ latest: {{ num_versions: {int(latest)} }} }}"
-    return None
-
-
-def render_config(name: str, *, inputs: Sequence[TensorConfig], outputs: Sequence[TensorConfig],
-                  max_batch_size: int = 8, backend: str = "python", instance_kind: str = "KIND_CPU",
-                  instance_count: int = 1, max_queue_delay_us: int | None = 2000,
-                  versions: Sequence[int] | None = None, latest: int | None = None,
-                  spec: Mapping[str, Any] | None = None, parameters: Mapping[str, str] | None = None) -> str:
-    """A Triton config.pbtxt: ``dynamic_batching`` unless ``max_queue_delay_us`` is None, version policy
-    ``specific: versions`` or ``latest: latest`` (neither: Triton's default, the latest 1), string
-    ``parameters`` and the ``linewatch_spec`` parameter (the manifest, JSON)."""
-    def block(key: str, ts: Sequence[TensorConfig]) -> list[str]:
-        return [f"{key} [", ",\n".join(f"  {t.render()}" for t in ts), "]"]
-
-    lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {int(max_batch_size)}",
-             *block("input", inputs), *block("output", outputs)]
-    if max_queue_delay_us is not None:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}")
-    lines.append(f"instance_group [ {{ kind: {instance_kind} count: {int(instance_count)} }} ]")
-    policy = _version_policy(versions, latest)
-    if policy:
-        lines.append(policy)
-    for k, v in (parameters or {}).items():
-        lines.append(f"parameters {{ key: {_pbtxt_string(k)} value {{ string_value: {_pbtxt_string(str(v))} }} }}")
-    if spec is not None:
-        lines.append(_spec_parameter(spec))
-    return "\n".join(lines) + "\n"
-
-
-_NAME_RE = re.compile(r'^\s*name\s*:\s*"[^"]*"\s*$', re.M)
-_POLICY_RE = re.compile(r"^\s*version_policy\s*:.*$", re.M)
-
-
-def rewrite_config(text: str, name: str, versions: list[int] | None, spec: dict[str, Any] | None = None) -> str:
-    """config.pbtxt with ``name`` replaced, ``version_policy`` = specific ``versions`` (None: keep) and the
-    ``linewatch_spec`` parameter replaced by ``spec`` (metadata.json is the sha-verified source of truth)."""
-    if spec is not None:
-        text = "\n".join(ln for ln in text.splitlines() if '"linewatch_spec"' not in ln) + "\n"
-        text += _spec_parameter(spec) + "\n"
-    text = _NAME_RE.sub(f'name: "{name}"', text, count=1) if _NAME_RE.search(text) else f'name: "{name}"\n{text}'
-    policy = _version_policy(versions)
-    if policy is not None:
-        text = _POLICY_RE.sub(policy, text, count=1) if _POLICY_RE.search(text) else text.rstrip("\n") + "\n" + policy + "\n"
-    return text

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     # Triton
     triton_grpc_url: str = "127.0.0.1:8001"
     model_repository: Path = REPO_ROOT / "triton_repo"
+    # key for Triton's restricted model-control API (load/unload/index; contracts/triton_control.py): only
+    # the rollout controller holds it. The embedded stack generates one when unset.
+    triton_control_key: SecretStr | None = None
 
     # worker
     app_id: str = "linewatch-worker"
@@ -143,10 +146,16 @@ class Settings(BaseSettings):
     worker_fetch_max_wait_ms: int = Field(default=50, ge=0)  # 0 = leave Faust's value
     # a model missing from Triton this long -> its frames go to the DLQ (unknown_product)
     worker_transient_grace_s: float = Field(default=120.0, ge=0)
+    # retry safety (stream/worker/breaker.py): a frame whose own request fails transiently more than this
+    # many times while Triton answers (live, model READY) goes to the DLQ (retry_exhausted)
+    worker_retry_budget: int = Field(default=6, ge=0)
+    # Triton unreachable -> the circuit breaker opens: consumption pauses, liveness probed with capped backoff
+    worker_breaker_backoff_s: float = Field(default=0.5, gt=0)
+    worker_breaker_backoff_max_s: float = Field(default=10.0, gt=0)
     # frames buffered per partition ahead of the agent (Faust default 4096: a stalled Triton let a 530 KB-frame
     # backlog grow the worker by ~22 MB/s of lag); past it Faust stops fetching and the backlog stays in Kafka
     worker_stream_buffer_max: int = Field(default=0, ge=0)  # 0 = max(16, 4 * batch_max)
-    worker_decode_threads: int = Field(default=0, ge=0)  # 0 = min(4, CPU count)
+    worker_decode_threads: int = Field(default=0, ge=0)  # 0 = min(4, the cgroup CPU quota, usable CPUs)
     heatmap_size: int = Field(default=64, ge=8, le=1024)  # defect-event heat map side (pixels)
     routing: str | None = None  # JSON file path or inline JSON (stream.inference.routing)
     # bad-input bounds (contracts.spec): checked from the payload size and the image header
@@ -154,6 +163,15 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_image_side: int = Field(default=8192, ge=1)
+    # decode bombs under the cap (contracts.image, stream/worker/budget.py). The worker's pixel cap per frame is
+    # min(max_image_pixels, this x its model's input H x W): 576 = 24 x 24, a 256x256 model takes up to 37.7 MP,
+    # a 128x128 one 9.4 MP; 0 = max_image_pixels alone
+    max_image_pixels_per_input: int = Field(default=576, ge=0)
+    # concurrent decodes hold their estimated peak bytes within this budget (MiB); one that could never fit
+    # is DLQ'd too_large. 0 = a quarter of the cgroup memory limit (memory.max), else 1024 MiB.
+    # (worker_decode_threads 0 resolves from the cgroup CPU quota, cpu.max, not the node's CPU count)
+    worker_decode_budget_mb: int = Field(default=0, ge=0)
+    jpeg_reduced_decode: bool = True  # decode a large JPEG at 1/2..1/8 scale when still >= the model input
 
     # embedded stack + data
     stack_workdir: Path = REPO_ROOT / ".stack"

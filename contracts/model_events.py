@@ -15,7 +15,10 @@ Every event carries ``schema`` (:data:`SCHEMA_VERSION`), ``event_id``, ``ts_ms``
 ``version`` (int >= 1 except retrain_requested), and optionally ``task``, ``product``,
 ``detector``, ``artifact_uri``, ``sha256`` (hex digest of ``metadata.json`` of the artifact, which
 itself lists the sha256 of every artifact file), ``previous_version``, ``reasons`` (list of strings),
-``detail`` (dict). Decoding validates and raises :class:`ModelEventError` naming the bad field.
+``detail`` (dict), ``take_over`` (bool, ``released`` only: the release may take over a product or task
+another model serves; without it the controller refuses such a release). ``model``, ``product`` and
+``task`` are strict names (:mod:`contracts.names`: no ``..``, ``/``, leading ``.``; 1-128 chars) and a
+``released`` / ``rollback_requested`` model is never a rollout candidate (``__candidate``). Decoding validates and raises :class:`ModelEventError` naming the bad field.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from typing import Any
 
 import orjson
 
+from contracts.names import CANDIDATE_SUFFIX, is_candidate, is_safe_name
+
 SCHEMA_VERSION = 1
 EVENT_TYPES = ("released", "promoted", "rolled_back", "refused", "rollback_requested", "retrain_requested")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 
 class ModelEventError(ValueError):
@@ -51,6 +55,7 @@ class ModelEvent:
     previous_version: int | None = None
     reasons: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
+    take_over: bool = False
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     schema: int = SCHEMA_VERSION
@@ -59,7 +64,7 @@ class ModelEvent:
         validate(asdict(self))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and not (k == "take_over" and v is False)}
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
@@ -81,8 +86,16 @@ def validate(d: dict[str, Any]) -> None:
     if t not in EVENT_TYPES:
         bad("type", f"must be one of {EVENT_TYPES}, got {t!r}")
     m = d.get("model")
-    if not isinstance(m, str) or not _NAME.match(m):
-        bad("model", f"must be a model name ([A-Za-z0-9_.-], 1-128 chars), got {m!r}")
+    if not is_safe_name(m):
+        bad("model", f"must be a model name ([A-Za-z0-9_.-], 1-128 chars, no '..', not starting with '.'), "
+                     f"got {str(m)[:80]!r}")
+    if t in ("released", "rollback_requested") and is_candidate(m):
+        bad("model", f"names a rollout candidate ({CANDIDATE_SUFFIX}); release or roll back the model itself")
+    for f in ("product", "task"):
+        if d.get(f) is not None and not is_safe_name(d[f]):
+            bad(f, f"must be a name ([A-Za-z0-9_.-], 1-128 chars, no '..'), got {str(d[f])[:80]!r}")
+    if not isinstance(d.get("take_over", False), bool):
+        bad("take_over", f"must be a boolean, got {d.get('take_over')!r}")
     v = d.get("version", 0)
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         bad("version", f"must be a non-negative integer, got {v!r}")

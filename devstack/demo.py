@@ -183,11 +183,14 @@ def write_grid(path: Path, events, by_id, *, tile: int = 192, cols: int = 6, max
     return path
 
 
-def load_model(grpc_url: str, name: str, timeout_s: float = 180.0) -> None:
+def load_model(grpc_url: str, name: str, timeout_s: float = 180.0, *, control_key: str | None = None) -> None:
+    """Explicit-mode load, sending Triton's model-control key (contracts/triton_control.py)."""
     import tritonclient.grpc as grpcclient
 
+    from contracts.triton_control import grpc_headers
+
     c = grpcclient.InferenceServerClient(grpc_url)
-    c.load_model(name)
+    c.load_model(name, headers=grpc_headers(control_key))
     t0 = time.monotonic()
     while not c.is_model_ready(name):
         if time.monotonic() - t0 > timeout_s:
@@ -232,7 +235,9 @@ def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_rep
         if stack is not None:
             stack.start()
         boot, grpc_url = (stack.kafka_bootstrap, stack.triton_grpc_url) if own_stack else (bootstrap, triton_grpc_url)
-        load_model(grpc_url, model)
+        key = stack.control_key if stack is not None else (
+            settings.triton_control_key.get_secret_value() if settings.triton_control_key else None)
+        load_model(grpc_url, model, control_key=key)
         asyncio.run(ensure_topics(boot))
         worker = WorkerProcess(boot, grpc_url, workdir, app_id=f"linewatch-demo-{int(time.time())}").start()
         print(f"worker pid {worker.proc.pid}, metrics http://127.0.0.1:{worker.web_port}/metrics; replaying "

@@ -215,3 +215,25 @@ def triton_env(libs: Path) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
     return env
+
+
+def stack_status(st) -> dict:
+    """Readiness of a stack from its recorded state (``devstack.stack.StackState`` or None)."""
+    if st is None:
+        return {"running": False, "services": {}}
+    tansu, triton = st.pids.get("tansu"), st.pids.get("triton")
+    services = {
+        "kafka": {"pid": tansu, "alive": owned_alive("tansu", tansu), "endpoint": st.kafka_bootstrap},
+        "triton": {"pid": triton, "alive": owned_alive("triton", triton), "endpoint_grpc": st.triton_grpc_url,
+                   "endpoint_http": st.triton_http_url, "model_repository": st.model_repository},
+    }
+    services["kafka"]["ready"] = services["kafka"]["alive"] and _safe(kafka_ready, st.kafka_bootstrap)
+    services["triton"]["ready"] = services["triton"]["alive"] and triton_ready(st.triton_http_url)
+    return {"running": True, "ready": all(s["ready"] for s in services.values()), "services": services}
+
+
+def _safe(fn, *a) -> bool:
+    try:
+        return bool(fn(*a))
+    except Exception:  # status reports not-ready instead of raising
+        return False

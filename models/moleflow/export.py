@@ -25,6 +25,7 @@ from typing import Any
 
 from contracts.artifact import CONFIG, MODEL_FILE, TensorConfig, render_config, write_manifest
 from contracts.logs import get_logger
+from contracts.names import check_name
 from models.artifacts import resolve_version
 from models.backbones import backbone_normalization
 from models.moleflow.serving import MODEL_PY
@@ -77,12 +78,13 @@ def config_pbtxt(name: str, spec: dict[str, Any], max_batch_size: int = 8) -> st
 def export_triton(store: str | Path, repository: str | Path, name: str = "moleflow", version: int | None = None,
                   tasks: list[str] | None = None, max_batch_size: int = 8) -> Path:
     """Write a new version of ``<repository>/<name>`` from a MoLE-Flow store; returns the version dir."""
+    check_name(name)  # contracts.names: no '..', '/', leading '.'; a ValueError
     store = Path(store)
     if not (store / BASE_META).is_file():
         raise ArtifactError(f"not a MoLE-Flow store (no {BASE_META}): {store}")
-    if not name.replace("_", "a").replace("-", "a").isalnum():
-        raise ValueError(f"bad model name: {name!r}")
     tasks = list_adapters(store) if tasks is None else list(tasks)
+    for t in tasks:
+        check_name(t, "task name")
     if not tasks:
         raise ArtifactError(f"{store} holds no task adapters: train one with `moleflow train-task`")
     model_dir = Path(repository) / name
@@ -96,7 +98,9 @@ def export_triton(store: str | Path, repository: str | Path, name: str = "molefl
     adapters = [read_json(vdir / ADAPTERS / t / ADAPTER_META) for t in tasks]
     (vdir / MODEL_FILE).write_text(MODEL_PY)
     rels = [BASE_FILE, BASE_META] + [f"{ADAPTERS}/{t}/{f}" for t in tasks for f in (ADAPTER_FILE, ADAPTER_META)]
-    meta = write_manifest(vdir, build_spec(name, version, base_meta, adapters), [*rels, MODEL_FILE])
+    spec = build_spec(name, version, base_meta, adapters)
+    # the version's own config template, pinned by the manifest (config_sha256)
+    meta = write_manifest(vdir, spec, [*rels, MODEL_FILE], config=config_pbtxt(name, spec, max_batch_size))
     (model_dir / CONFIG).write_text(config_pbtxt(name, meta, max_batch_size))
     log.info("moleflow_exported", model=name, version=version, tasks=tasks, dir=str(vdir))
     return vdir

@@ -10,6 +10,10 @@ else ``lines[line_id]``. Then the model:
 5. a multi-task detector's model task-agnostic (empty task, the model's router decides) if loaded;
 6. otherwise :class:`~contracts.envelope.EnvelopeError` ``unknown_product`` (-> DLQ).
 
+A rollout candidate (``<model>__candidate``, contracts.names) never takes a live decision: a frame whose
+``product`` or ``task`` header (or the product its camera/line maps to) names one is ``bad_header``
+(-> DLQ), and a routing config naming one is rejected at startup.
+
 Model names come from the detector registry (contracts/detectors.py), in its order;
 ``detector_models`` overrides a detector's name (multi-task) or template (per-product, with
 ``{product}``). A frame's explicit ``task`` header is passed to a multi-task model as-is.
@@ -34,6 +38,7 @@ import orjson
 from contracts.artifact import CANDIDATE_SUFFIX
 from contracts.detectors import DETECTORS, DetectorInfo
 from contracts.envelope import EnvelopeError, Frame
+from contracts.names import is_candidate
 
 _MAPS = ("cameras", "lines", "products", "detector_models")
 
@@ -62,6 +67,12 @@ class RoutingConfig:
             v = d.get(k, {})
             if not isinstance(v, Mapping) or not all(isinstance(a, str) and isinstance(b, str) for a, b in v.items()):
                 raise ValueError(f"routing config: '{k}' must map strings to strings")
+        for k in _MAPS:
+            for a, b in d.get(k, {}).items():
+                if is_candidate(a) or (k != "detector_models" and is_candidate(b)) or \
+                        (k == "detector_models" and CANDIDATE_SUFFIX in b):
+                    raise ValueError(f"routing config: '{k}' names a rollout candidate ({a!r}: {b!r}); "
+                                     f"candidates ({CANDIDATE_SUFFIX}) are never routed")
         cfg = cls(**{k: dict(d.get(k, {})) for k in _MAPS})
         for det, model in cfg.detector_models.items():
             if det not in DETECTORS:
@@ -113,8 +124,18 @@ class Router:
         return frame.product or c.cameras.get(frame.camera_id) or (c.lines.get(frame.line_id) if frame.line_id else None)
 
     def route(self, frame: Frame) -> Route:
-        c = self.config
         product = self.product_of(frame)
+        for what, v in (("product", product), ("task", frame.task)):
+            if v and CANDIDATE_SUFFIX in v:
+                raise EnvelopeError("bad_header", f"frame {what} {v[:80]!r} names a rollout candidate "
+                                                  f"({CANDIDATE_SUFFIX}); candidates never take live decisions")
+        r = self._route(frame, product)
+        if is_candidate(r.model):  # defence in depth: no path above may pick one
+            raise EnvelopeError("unknown_product", f"route for {product!r} resolved to candidate {r.model!r}")
+        return r
+
+    def _route(self, frame: Frame, product: str | None) -> Route:
+        c = self.config
         multi = c.multi_task_models()
         if product:
             explicit = c.products.get(product)

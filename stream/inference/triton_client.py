@@ -5,9 +5,16 @@
   looks one up (a model seen READY before keeps its spec while it reloads), ``available()`` lists
   the routable models and their tasks.
 - ``infer()``: one micro-batch for one model, split into chunks of the model's max_batch_size,
-  retried with exponential backoff on transient errors (UNAVAILABLE, DEADLINE_EXCEEDED,
-  RESOURCE_EXHAUSTED, model not ready while a new version loads). Permanent errors (bad input
-  shape, unknown task) raise :class:`PermanentInferError` so the caller can DLQ those frames.
+  retried (up to ``max_retries``, exponential backoff) on transient errors; then
+  :class:`TransientInferError`. Permanent errors (bad input shape, unknown task) raise
+  :class:`PermanentInferError` so the caller can DLQ those frames. Both carry the gRPC ``code``.
+- Transient or permanent is decided by the gRPC **status code** only (:data:`TRANSIENT_CODES`:
+  UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, CANCELLED, NOT_FOUND = model not
+  loaded), or a connection-level error; never by the error's text, which may echo a frame's own
+  headers (MoLE-Flow: ``unknown task '<task>'``, INTERNAL).
+- ``live()`` / ``health(model)``: is Triton reachable, is the model READY: the worker's circuit
+  breaker and per-frame retry budget tell "Triton is down" from "this frame keeps failing".
+- ``tasks_of(model)``: the tasks the model reports in its spec (MoLE-Flow), for validating ``task``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import orjson
 import tritonclient.grpc.aio as grpcclient
@@ -27,26 +35,42 @@ from contracts.spec import ModelSpec, parse_spec
 
 log = get_logger("stream.triton")
 
-TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED",
-                     "not ready", "unavailable", "Socket closed", "failed to connect", "Connection reset",
-                     "NOT_FOUND", "not found", "no available versions", "unknown model", "UNKNOWN: Stub process")
+# gRPC status codes worth retrying (Triton: server unreachable / overloaded / model not loaded yet)
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED",
+                             "NOT_FOUND"})
+PROBE_TIMEOUT_S = 2.0  # liveness / readiness probes
 
 
-class TransientInferError(RuntimeError):
+class InferError(RuntimeError):
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code  # the gRPC status code name ("UNAVAILABLE"), None for a non-gRPC error
+
+
+class TransientInferError(InferError):
     pass
 
 
-class PermanentInferError(RuntimeError):
+class PermanentInferError(InferError):
     pass
+
+
+def status_code(exc: BaseException) -> str | None:
+    """The gRPC status code name of a tritonclient / grpc error ("UNAVAILABLE"), else None."""
+    if isinstance(exc, InferenceServerException):
+        st = exc.status()
+        return st.rpartition(".")[2] if st else None
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        return getattr(code, "name", None)
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:
+    """Retry-worthy: a connection-level error or a transient gRPC status code (never the message text)."""
     if isinstance(exc, asyncio.TimeoutError | ConnectionError | OSError):
         return True
-    if isinstance(exc, InferenceServerException):
-        s = f"{exc.status()} {exc.message()}"
-        return any(m in s for m in TRANSIENT_MARKERS)
-    return False
+    return status_code(exc) in TRANSIENT_CODES
 
 
 @dataclass
@@ -90,14 +114,35 @@ class TritonInfer:
                 raise TimeoutError(f"Triton at {self.url} not live after {timeout_s}s")
             await asyncio.sleep(0.5)
 
+    async def live(self) -> bool:
+        """Is tritonserver reachable and live (a short probe; any error = no)?"""
+        try:
+            return bool(await self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S))
+        except Exception:
+            return False
+
+    async def health(self, model: str) -> str:
+        """``"down"`` (Triton unreachable), ``"unready"`` (live, ``model`` not READY) or ``"ok"``."""
+        if not await self.live():
+            return "down"
+        try:
+            ready = await self.client.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S)
+        except Exception:
+            ready = False
+        return "ok" if ready else "unready"
+
+    def tasks_of(self, model: str) -> tuple[str, ...] | None:
+        """The tasks ``model`` reports in its spec (() for a single-task model); None: model unknown."""
+        spec = self.spec_for(model)
+        return None if spec is None else spec.tasks
+
     async def refresh(self) -> dict[str, ModelSpec]:
         """Reload the READY model list and their specs. Models without linewatch_spec are skipped."""
-        idx = await self.client.get_model_repository_index(as_json=True)
+        # the statistics API lists the READY models and stays open to workers; the repository index is model
+        # control, restricted to the rollout controller's key (contracts/triton_control.py)
+        stats = await self.client.get_inference_statistics("", as_json=True)
         specs: dict[str, ModelSpec] = {}
-        for m in idx.get("models", []):
-            if m.get("state") != "READY":
-                continue
-            name = m["name"]
+        for name in sorted({m["name"] for m in stats.get("model_stats", []) if m.get("name")}):
             try:
                 cfg = (await self.client.get_model_config(name, as_json=True))["config"]
                 raw = cfg.get("parameters", {}).get("linewatch_spec", {}).get("string_value")
@@ -166,9 +211,10 @@ class TritonInfer:
             try:
                 await self.refresh()
             except Exception as e:  # Triton down/restarting: not the frames' fault, never DLQ them
-                raise TransientInferError(f"model {model}: cannot list Triton's models: {type(e).__name__}: {e}") from e
+                raise TransientInferError(f"model {model}: cannot list Triton's models: {type(e).__name__}: {e}",
+                                          status_code(e) or "UNAVAILABLE") from e
             if model not in self._specs:
-                raise TransientInferError(f"model {model} is not READY in Triton")
+                raise TransientInferError(f"model {model} is not READY in Triton", "NOT_FOUND")
         spec = self._specs[model]  # captured: a concurrent refresh must not change it mid-request
         has_task = "task" in self._inputs.get(model, set())
         mb = self._max_batch.get(model, 0) or len(batch)
@@ -187,9 +233,10 @@ class TritonInfer:
                     if self.metrics is not None:
                         self.metrics.triton_errors.labels(model=model, kind="transient" if is_transient(e) else "permanent").inc()
                     if not is_transient(e):
-                        raise PermanentInferError(f"{type(e).__name__}: {e}") from e
+                        raise PermanentInferError(f"{type(e).__name__}: {e}", status_code(e)) from e
                     if attempt > self.max_retries:
-                        raise TransientInferError(f"{model}: {attempt} attempts failed, last: {e}") from e
+                        raise TransientInferError(f"{model}: {attempt} attempts failed, last: {e}",
+                                                  status_code(e)) from e
                     delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
                     log.warning("triton_retry", model=model, attempt=attempt, delay_s=round(delay, 3), error=str(e)[:300])
                     await asyncio.sleep(delay)

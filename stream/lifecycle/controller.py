@@ -7,8 +7,9 @@ On a ``released`` event, step by step:
 2. **compatibility**: against the spec Triton serves now for that model (same detector and input
    contract; MoLE-Flow: same frozen base, earlier tasks' adapters unchanged; newer version).
    Any failure -> ``refused`` event with reasons; nothing is written to Triton's repository, the
-   serving version is untouched.
-3. **candidate**: the artifact is hard-linked into the Triton repository as a separate model
+   serving version is untouched. **Takeover**: a product (or task) that another model serves now is
+   refused (``takeover``) unless the release carries ``take_over`` (``linewatch release --take-over``).
+3. **candidate**: the artifact is copied (checked copy, stream/lifecycle/repository.py) into the Triton repository as a separate model
    ``<model>__candidate`` (explicit version policy) and loaded with ``load_model``. The serving model
    is not touched, so it keeps answering. A failed load -> ``rolled_back`` (``load_failed``).
 4. **shadow**: for ``policy.shadow_frames`` frames or ``policy.shadow_timeout_s``, the candidate scores
@@ -29,6 +30,9 @@ On a ``released`` event, step by step:
 
 ``rollback_requested`` (``linewatch rollback``): rewrite the policy to the requested older version and
 reload; publish ``rolled_back`` (detail.operator = true).
+
+Triton's model control (load / unload / repository index) is restricted to holders of the control key
+(contracts/triton_control.py); the controller sends it with every such call.
 
 Events reach the controller from the worker's Faust agent (stream/lifecycle/wiring.py) or the standalone
 consumer (stream/lifecycle/events.py); the policy is ``settings.rollout`` (stream/lifecycle/policy.py).
@@ -52,7 +56,9 @@ from contracts.artifact import CANDIDATE_SUFFIX, Artifact, check_compatibility, 
 from contracts.image import decode_image
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
+from contracts.names import is_candidate
 from contracts.spec import parse_spec, to_tensor
+from contracts.triton_control import grpc_headers
 from stream.inference.triton_client import TritonInfer
 from stream.lifecycle.policy import Decision, HealthPolicy, ShadowStats, calibration_of, decide
 from stream.lifecycle.repository import materialize, remove_model_dir, repository_versions, write_config
@@ -84,8 +90,10 @@ class RolloutController:
 
     def __init__(self, triton_grpc_url: str, repository: str | Path, publish: Publish,
                  policy: HealthPolicy | None = None,
-                 on_shadow_result: Callable[[dict[str, Any]], Awaitable[None]] | None = None):
+                 on_shadow_result: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+                 control_key: str | None = None):
         self.url = triton_grpc_url
+        self.headers = grpc_headers(control_key)  # Triton's restricted model-repository protocol
         self.repository = Path(repository)
         self.publish = publish
         self.policy = policy or HealthPolicy()
@@ -123,9 +131,23 @@ class RolloutController:
         spec = orjson.loads(raw) if raw else None
         return spec, (max(versions) if versions else (int(spec.get("version")) if spec else None))
 
+    async def claims(self, exclude: str) -> dict[str, str]:
+        """{product or task: model} over the READY models Triton serves now, except ``exclude`` and candidates."""
+        c = self.client()
+        idx = await c.get_model_repository_index(as_json=True, headers=self.headers)
+        out: dict[str, str] = {}
+        for m in idx.get("models", []):
+            name = m.get("name", "")
+            if m.get("state") != "READY" or name == exclude or is_candidate(name):
+                continue
+            spec, _ = await self.serving_spec(name)
+            for k in _claimed(spec or {}):
+                out.setdefault(k, name)
+        return out
+
     async def _load(self, name: str, version: int | None = None) -> None:
         c = self.client()
-        await c.load_model(name)
+        await c.load_model(name, headers=self.headers)
         t0 = time.monotonic()
         while True:
             try:
@@ -139,7 +161,7 @@ class RolloutController:
 
     async def _unload(self, name: str) -> None:
         try:
-            await self.client().unload_model(name)
+            await self.client().unload_model(name, headers=self.headers)
         except Exception as e:
             log.warning("rollout_unload_failed", model=name, error=str(e)[:200])
 
@@ -175,13 +197,21 @@ class RolloutController:
         if ev.model in self.active:
             return await self._emit(self._event("refused", ev, [f"busy: a rollout of {ev.model} "
                                                                  f"v{self.active[ev.model].version} is running"], None))
-        ver = await asyncio.to_thread(verify_artifact, ev.artifact_uri, ev.sha256, ev.model, ev.version)
+        ver = await asyncio.to_thread(verify_artifact, ev.artifact_uri, ev.sha256, ev.model, ev.version, strict=True)
         current, cur_ver = await self.serving_spec(ev.model)
+        if ver.ok and ver.artifact is not None and _inside(ver.artifact.path, self.repository):
+            ver.ok, ver.reasons = False, [f"artifact_in_repository: {ver.artifact.path} is in Triton's repository; "
+                                          "release it from the model store"]
         if not ver.ok:
             return await self._emit(self._event("refused", ev, ver.reasons, cur_ver, art=ver.artifact))
         art = ver.artifact
         assert art is not None
         reasons = check_compatibility(art.metadata, current)
+        if not reasons and not ev.take_over:
+            owners = await self.claims(exclude=ev.model)
+            mine = _claimed(art.metadata) | {k for k in (ev.product, ev.task) if k}
+            reasons = [f"takeover: {k!r} is served by {owners[k]!r}; release with take_over "
+                       f"(`linewatch release --take-over`) to move it to {ev.model!r}" for k in sorted(mine & set(owners))]
         if reasons:
             return await self._emit(self._event("refused", ev, reasons, cur_ver, art=art))
         cand = f"{ev.model}{CANDIDATE_SUFFIX}"
@@ -324,3 +354,14 @@ class RolloutController:
                            for m, r in self.active.items()},
                 "history": self.history[-50:]}
 
+
+
+def _claimed(spec: dict[str, Any]) -> set[str]:
+    """Products and tasks a spec serves (its product; a multi-task model's tasks)."""
+    tasks = spec.get("tasks") or {}
+    return ({spec["product"]} if spec.get("product") else set()) | set(tasks if isinstance(tasks, dict | list) else ())
+
+
+def _inside(path: Path, root: Path) -> bool:
+    p, r = path.resolve(), root.resolve()
+    return p == r or r in p.parents

@@ -1,55 +1,111 @@
 """Triton model-repository operations of the rollout lifecycle (no torch).
 
-An artifact (a verified version dir of the model store, :mod:`contracts.artifact`) is hard-linked (or
-copied) into ``<repository>/<name>/<version>``; ``<name>/config.pbtxt`` is rewritten with an explicit
-version policy, so a rollback is a config rewrite + load (stream/lifecycle/controller.py).
+The model store (where exports and the training Job write) is not Triton's repository: only the
+rollout controller puts versions into the repository, by **copying** a verified artifact's pinned files
+(never linking: a later change in the store cannot change what Triton serves) into a temporary
+directory, checking the copy against the manifest (every file's sha256, metadata.json's own digest,
+the config template's ``config_sha256``), and only then renaming it to ``<repository>/<name>/<version>``
+and writing ``<name>/config.pbtxt`` with an explicit version policy, so a rollback is a config rewrite +
+load (stream/lifecycle/controller.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import uuid
 from pathlib import Path
 
-from contracts.artifact import CONFIG, Artifact, StoreError, rewrite_config
+from contracts.artifact import (
+    CONFIG,
+    METADATA,
+    MODEL_FILE,
+    Artifact,
+    ArtifactIntegrityError,
+    StoreError,
+    config_sha256,
+    rewrite_config,
+    sha256_file,
+)
+from contracts.names import check_name, check_version
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (artifacts are immutable) or copy ``src`` into ``dst``."""
-    for root, _dirs, files in os.walk(src):
-        r = Path(root)
-        if r.name == "__pycache__":
-            continue
-        out = dst / r.relative_to(src)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            if f == CONFIG:
-                continue
-            s, d = r / f, out / f
-            if d.exists():
-                d.unlink()
-            try:
-                d.hardlink_to(s)
-            except OSError:
-                shutil.copy2(s, d)
+def model_dir(repository: str | os.PathLike, name: str) -> Path:
+    """``<repository>/<name>`` for a strict ``name`` (ValueError otherwise: it could escape the repository)."""
+    return Path(repository) / check_name(name)
+
+
+def _pinned_files(artifact: Artifact) -> dict[str, str | None]:
+    """relpath -> sha256 of every file the rollout copies (None: checked otherwise, config and metadata)."""
+    arts = artifact.metadata.get("artifacts") or {}
+    files: dict[str, str | None] = {str(k): str(v) for k, v in arts.items()} if isinstance(arts, dict) else {}
+    files[METADATA] = None
+    if artifact.config_path is not None and artifact.config_path.parent == artifact.path:
+        files[CONFIG] = None
+    if MODEL_FILE not in files:
+        raise ArtifactIntegrityError(f"{artifact.path}: {MODEL_FILE} is not pinned in {METADATA}")
+    return files
+
+
+def _copy_verified(artifact: Artifact, dst: Path) -> None:
+    """Copy the pinned files of ``artifact`` into ``dst`` (a fresh dir) and check the copy."""
+    src = artifact.path
+    files = _pinned_files(artifact)
+    for rel in files:
+        s, d = src / rel, dst / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ArtifactIntegrityError(f"bad artifact path {rel!r} in {src / METADATA}")
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(s, d, follow_symlinks=True)  # a copy: own inode, own bytes
+    bad = [rel for rel, digest in files.items() if digest is not None and sha256_file(dst / rel) != digest]
+    if hashlib.sha256((dst / METADATA).read_bytes()).hexdigest() != artifact.sha256:
+        bad.append(METADATA)
+    if CONFIG in files and config_sha256((dst / CONFIG).read_text()) != artifact.metadata.get("config_sha256"):
+        bad.append(CONFIG)
+    if bad:
+        raise ArtifactIntegrityError(f"copy of {src} does not match its verified manifest ({', '.join(bad)}): "
+                                     "the store changed after verification; nothing was written")
 
 
 def materialize(artifact: Artifact, repository: str | os.PathLike, name: str, versions: list[int]) -> Path:
-    """Put ``artifact`` into ``<repository>/<name>/<artifact.version>`` and write ``<name>/config.pbtxt``
-    serving exactly ``versions`` (explicit policy, so a rollback is a config rewrite + load)."""
+    """Copy ``artifact`` into ``<repository>/<name>/<artifact.version>`` (checked copy) and write
+    ``<name>/config.pbtxt`` serving exactly ``versions`` from the artifact's pinned config template."""
+    mdir = model_dir(repository, name)
+    version = check_version(artifact.version)
     if artifact.config_path is None:
         raise StoreError(f"no {CONFIG} for artifact {artifact.path}")
-    mdir = Path(repository) / name
-    vdir = mdir / str(artifact.version)
-    if vdir.resolve() != artifact.path.resolve():
+    repo = Path(repository).resolve()
+    if repo == artifact.path.resolve() or repo in artifact.path.resolve().parents:
+        raise StoreError(f"artifact {artifact.path} is inside Triton's repository {repo}: release it from the "
+                         "model store")
+    template = artifact.config_path.read_text()  # what is written below is exactly what was checked
+    pinned = artifact.metadata.get("config_sha256")
+    if pinned is None or config_sha256(template) != pinned:
+        raise ArtifactIntegrityError(f"{artifact.config_path}: config template does not match {METADATA} "
+                                     f"config_sha256 ({str(pinned)[:12]}..); nothing was written")
+    mdir.mkdir(parents=True, exist_ok=True)
+    tmp = mdir / f".{version}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        _copy_verified(artifact, tmp)
+        vdir = mdir / str(version)
         if vdir.exists():
             shutil.rmtree(vdir)
-        _link_tree(artifact.path, vdir)
-    write_config(mdir, artifact.config_path.read_text(), name, versions, artifact.metadata)
+        tmp.rename(vdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_config(mdir, template, name, versions, artifact.metadata)
     return vdir
 
 
 def write_config(model_dir: Path, template: str, name: str, versions: list[int], spec: dict | None = None) -> None:
+    """Atomically write ``<model_dir>/config.pbtxt``: ``template`` named ``name`` with the explicit policy
+    ``specific: versions`` (never Triton's default) and ``linewatch_spec`` = ``spec``."""
+    check_name(name)
+    if not versions:
+        raise ValueError(f"{name}: the rollout writes an explicit version policy; no versions given")
+    versions = [check_version(v) for v in versions]
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{CONFIG}.tmp"
     tmp.write_text(rewrite_config(template, name, versions, spec))
@@ -57,11 +113,22 @@ def write_config(model_dir: Path, template: str, name: str, versions: list[int],
 
 
 def repository_versions(repository: str | os.PathLike, name: str) -> list[int]:
-    d = Path(repository) / name
+    d = model_dir(repository, name)
     return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
 
 
+def repository_models(repository: str | os.PathLike) -> list[str]:
+    """Models the rollout wrote (a config.pbtxt and a version); candidates excluded."""
+    root = Path(repository)
+    if not root.is_dir():
+        return []
+    from contracts.names import is_candidate, is_safe_name
+
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and is_safe_name(p.name) and not is_candidate(p.name)
+                  and (p / CONFIG).is_file() and repository_versions(root, p.name))
+
+
 def remove_model_dir(repository: str | os.PathLike, name: str) -> None:
-    d = Path(repository) / name
+    d = model_dir(repository, name)
     if d.is_dir():
         shutil.rmtree(d, ignore_errors=True)

@@ -38,7 +38,9 @@ def _rollout_agent(app: Any, cfg: WorkerConfig, events_t: Any, pipeline_getter: 
         fut = await events_t.send(key=ev.key, value=ev.to_json(), force=True)
         await fut
 
-    ctl = RolloutController(s.triton_grpc_url, repository, publish, HealthPolicy.from_settings(s.rollout))
+    key = s.triton_control_key.get_secret_value() if s.triton_control_key else None
+    ctl = RolloutController(s.triton_grpc_url, repository, publish, HealthPolicy.from_settings(s.rollout),
+                            control_key=key)
 
     async def route_new_product(art: Artifact) -> None:
         p = await pipeline_getter()

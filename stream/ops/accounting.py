@@ -176,7 +176,9 @@ class TopicReader:
         from aiokafka import AIOKafkaConsumer
 
         from stream.kafka.clients import client_kwargs
+        from stream.kafka.codecs import require_codecs
 
+        require_codecs()
         self.topics = topics
         self.required = required
         self.c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,

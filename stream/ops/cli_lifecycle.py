@@ -1,6 +1,7 @@
 """`linewatch release|rollout|rollback` verbs (model lifecycle), registered into stream/ops/cli.py's parser.
 
 release ARTIFACT_DIR        verify an artifact (version dir in the model store) and publish ``released``
+                            (``--take-over``: it may take over a product/task another model serves)
 rollout status              fold the ``model-events`` history into the state per model
 rollout run                 standalone rollout controller (no Faust): consume ``model-events``, drive Triton
 rollback MODEL --to-version V   publish ``rollback_requested`` (the controller reloads V and reports)
@@ -26,32 +27,35 @@ async def publish_event(bootstrap: str, topic: str, ev, settings) -> None:
         await p.send_many(topic, [(ev.key, ev.to_json(), [])])
 
 
-def released_event(artifact_dir: str, *, task: str | None = None, product: str | None = None, force: bool = False):
+def released_event(artifact_dir: str, *, task: str | None = None, product: str | None = None, force: bool = False,
+                   take_over: bool = False):
     """Verify ``artifact_dir`` and build its ``released`` event (ValueError with the reasons if broken)."""
     from contracts.artifact import verify_artifact
     from contracts.model_events import ModelEvent
 
-    v = verify_artifact(artifact_dir)
+    v = verify_artifact(artifact_dir, strict=True)
     if v.artifact is None or (not v.ok and not force):
         raise ValueError(f"artifact {artifact_dir} fails verification: {'; '.join(v.reasons)}")
     art = v.artifact
     return ModelEvent("released", art.model, art.version, task=task, product=product or art.product,
                       detector=art.detector or None, artifact_uri=art.uri, sha256=art.sha256,
-                      detail={"tasks": art.tasks} if art.tasks else {})
+                      detail={"tasks": art.tasks} if art.tasks else {}, take_over=take_over)
 
 
 def _cmd_release(a) -> int:
     from stream.ops.cli_worker import _bootstrap
 
-    ev = released_event(a.artifact, task=a.task, product=a.product, force=a.force)
+    ev = released_event(a.artifact, task=a.task, product=a.product, force=a.force, take_over=a.take_over)
     asyncio.run(publish_event(_bootstrap(a), _topic(a), ev, a.settings))
     print(json.dumps(ev.to_dict()))
     return 0
 
 
 def _cmd_rollout(a) -> int:
+    from stream.kafka.codecs import require_codecs
     from stream.ops.cli_worker import _endpoints
 
+    require_codecs()  # every consumer of ours reads every codec a producer may use
     boot, triton = _endpoints(a)
     s = a.settings
     if a.action == "status":
@@ -92,7 +96,8 @@ def _cmd_rollout(a) -> int:
         async def run():
             await ensure_topics(boot, [_topic(a)], settings=s)
             async with Producer(boot, settings=s) as p:
-                ctl = RolloutController(triton, repo, kafka_publisher(p, _topic(a)), pol)
+                key = s.triton_control_key.get_secret_value() if s.triton_control_key else None
+                ctl = RolloutController(triton, repo, kafka_publisher(p, _topic(a)), pol, control_key=key)
                 try:
                     await serve_events(boot, _topic(a), ctl, group_id=a.group or s.rollout.group, settings=s)
                 finally:
@@ -125,6 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", help="MoLE-Flow task the release adds")
     p.add_argument("--product", help="product (default: metadata.json product)")
     p.add_argument("--force", action="store_true", help="publish even if verification fails (tests the refusal)")
+    p.add_argument("--take-over", action="store_true",
+                   help="the release may take over a product (or task) another model serves now (else refused)")
     common(p)
     p.set_defaults(func=_cmd_release)
 

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer
 from contracts.config import Settings
 from contracts.envelope import EnvelopeError, decode_result, dlq_reason, headers_to_dict
 from stream.kafka.clients import client_kwargs
+from stream.kafka.codecs import require_codecs
 
 _RED, _GREEN, _YELLOW, _RESET = "\033[31m", "\033[32m", "\033[33m", "\033[0m"
 
@@ -46,6 +47,7 @@ async def tail(bootstrap: str, *, results_topic: str = "inspection-results", dlq
                defects_topic: str | None = None, from_beginning: bool = False, limit: int | None = None,
                as_json: bool = False, timeout_s: float | None = None, out=sys.stdout,
                settings: Settings | None = None) -> int:
+    require_codecs()
     topics = [t for t in (results_topic, dlq_topic, defects_topic) if t]
     c = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                          auto_offset_reset="earliest" if from_beginning else "latest", **client_kwargs("consumer", settings))

@@ -26,8 +26,10 @@ from contracts.cli import OneLineParser, run_command
 from contracts.config import Settings
 from contracts.logs import configure_logging, get_logger
 from stream.inference.triton_client import TritonInfer
+from stream.kafka.codecs import require_codecs
 from stream.kafka.compat import apply_dev_broker_workarounds, limit_fetch_wait
 from stream.lifecycle.wiring import register as register_lifecycle
+from stream.worker.breaker import CircuitBreaker
 from stream.worker.config import WorkerConfig, add_worker_args, worker_config
 from stream.worker.metrics import WorkerMetrics
 from stream.worker.pipeline import Batch, Outgoing, Pipeline, RawRecord
@@ -101,8 +103,29 @@ def _record_lag(app: faust.App, events: list, metrics: WorkerMetrics) -> None:
             metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, hw - off - 1))
 
 
+def attach_breaker(app: faust.App, breaker: CircuitBreaker, topic: str) -> None:
+    """While the Triton circuit breaker is open, pause fetching ``topic``'s assigned partitions (the
+    backlog stays in Kafka, no frames are taken); resume the ones it paused when it closes."""
+    paused: set = set()
+
+    def pause() -> None:
+        tps = {tp for tp in app.consumer.assignment() if tp.topic == topic}
+        app.consumer.pause_partitions(tps)
+        paused.update(tps)
+        log.warning("consumption_paused", reason="triton_unreachable", partitions=len(tps))
+
+    def resume() -> None:
+        tps = paused & set(app.consumer.assignment())
+        app.consumer.resume_partitions(tps)
+        paused.clear()
+        log.info("consumption_resumed", partitions=len(tps))
+
+    breaker.on_open, breaker.on_close = pause, resume
+
+
 def build_app(cfg: WorkerConfig) -> faust.App:
     """Create the Faust app with its agent, /metrics and /healthz pages and the lifecycle hooks."""
+    require_codecs()  # a producer's lz4/snappy/zstd batch must not crash the worker (stream/kafka/codecs.py)
     s = cfg.settings
     if s.dev_broker and apply_dev_broker_workarounds():
         log.info("dev_broker_workaround_applied", fix="LeaveGroup for generation >= 0")
@@ -125,9 +148,11 @@ def build_app(cfg: WorkerConfig) -> faust.App:
             return state["pipeline"]
         async with init_lock:
             if "pipeline" not in state:
-                triton = TritonInfer(s.triton_grpc_url, metrics=metrics)
+                # no retries inside the client: the pipeline retries, per-frame budget + circuit breaker
+                triton = TritonInfer(s.triton_grpc_url, metrics=metrics, max_retries=0)
                 await triton.wait_ready(120)
                 p = Pipeline(cfg, triton, metrics)
+                attach_breaker(app, p.breaker, s.topic_frames)
                 await p.refresh_models()
                 log.info("worker_models", models={m: str(triton.spec_for(m).version) for m in triton.ready_models()})
                 state["pipeline"] = p

@@ -3,13 +3,12 @@ and its command-line flags (light: ``linewatch`` registers them without importin
 
 No defaults live here: every tunable is a field of Settings (``LINEWATCH_*`` / the TOML file /
 command-line flags through :meth:`Settings.with_overrides`); this only resolves what needs the
-runtime (CPU count, broker URLs, Faust's credentials object).
+runtime (the cgroup's CPU and memory limits, broker URLs, Faust's credentials object).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ class WorkerConfig:
     broker_urls: list[str]  # kafka://host:port per bootstrap entry (Faust's broker list)
     broker_credentials: Any = field(repr=False)  # faust SSL/SASL credentials, None for PLAINTEXT
     datadir: Path  # Faust's datadir
-    decode_threads: int  # worker_decode_threads, 0 resolved to min(4, CPU count)
+    decode_threads: int  # worker_decode_threads, 0 resolved to min(4, the cgroup CPU quota, usable CPUs)
+    decode_budget_bytes: int  # worker_decode_budget_mb, 0 resolved to a quarter of the cgroup memory limit
     stream_buffer_max: int  # worker_stream_buffer_max, 0 resolved to max(16, 4 * batch_max)
 
     @classmethod
@@ -31,13 +31,17 @@ class WorkerConfig:
         """Derive the worker config. Invalid settings (e.g. SASL without a password) already failed
         when ``s`` was built; a bad CA path fails here, never falling back to plaintext."""
         from stream.kafka.clients import faust_broker_credentials
+        from stream.worker import budget
 
         return cls(
             settings=s,
             broker_urls=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
             broker_credentials=faust_broker_credentials(s),
             datadir=Path(s.worker_data_dir),
-            decode_threads=s.worker_decode_threads or min(4, os.cpu_count() or 1),
+            decode_threads=budget.decode_threads(s.worker_decode_threads, cpu_limit=budget.cgroup_cpu_limit(),
+                                                 cpus=budget.available_cpus()),
+            decode_budget_bytes=budget.decode_budget_bytes(s.worker_decode_budget_mb,
+                                                           mem_limit=budget.cgroup_memory_limit()),
             stream_buffer_max=s.worker_stream_buffer_max or max(16, 4 * s.batch_max),
         )
 

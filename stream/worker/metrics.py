@@ -11,6 +11,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+# every reason a frame can reach the DLQ with (docs/CONTRACTS.md "DLQ reasons"): exported at 0 from the start
+DLQ_REASONS = ("missing_header", "bad_header", "unsupported_schema", "unsupported_content_type", "empty_payload",
+               "unsupported_format", "undecodable_image", "too_large", "unknown_product", "unknown_task",
+               "inference_error", "retry_exhausted", "internal_error")
+
 _LAT_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 
 
@@ -22,12 +27,22 @@ class WorkerMetrics:
         self.results_out = Counter("linewatch_results_out_total", "Inspection results produced", ["model"], registry=r)
         self.defects_out = Counter("linewatch_defect_events_total", "Defect events produced", ["model"], registry=r)
         self.dlq = Counter("linewatch_dlq_total", "Frames sent to the DLQ", ["reason"], registry=r)
+        for reason in DLQ_REASONS:
+            self.dlq.labels(reason=reason)
         self.triton_errors = Counter("linewatch_triton_errors_total", "Triton errors", ["model", "kind"], registry=r)
         self.stage_latency = Histogram("linewatch_stage_latency_ms", "Per-stage latency (ms)", ["stage"],
                                        buckets=_LAT_BUCKETS, registry=r)
         self.batch_size = Histogram("linewatch_batch_size", "Micro-batch sizes sent to Triton", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.consumer_lag = Gauge("linewatch_consumer_lag", "Highwater - next offset, per partition", ["topic", "partition"], registry=r)
+        self.breaker_open = Gauge("linewatch_triton_breaker_open",
+                                  "1 while Triton is unreachable and consumption is paused (circuit breaker open)",
+                                  registry=r)
+        self.breaker_opened = Counter("linewatch_triton_breaker_opened", "Times the Triton circuit breaker opened",
+                                      registry=r)
+        self.retries = Counter("linewatch_frame_retries_total",
+                               "A frame's own transient inference failures (charged to its retry budget)",
+                               ["model"], registry=r)
         self.inflight = Gauge("linewatch_inflight_frames", "Frames taken but not yet acknowledged", registry=r)
 
     def render(self) -> tuple[bytes, str]:

@@ -3,8 +3,10 @@
     decode    RawRecord -> Decoded    the ``frames`` envelope (contracts.envelope.decode_frame)
     route     Decoded   -> Routed     camera/line/product -> Triton model + its spec (stream.inference.routing)
     prepare   Routed    -> Prepared   bounded image decode + OpenCV preprocess per the spec (contracts.image/spec)
-    infer     Prepared  -> Scored     one Triton request per model; transient errors retried with backoff
-                                      forever (never DLQ'd), a permanent error isolates the poison frame(s)
+    infer     Prepared  -> Scored     one Triton request per model (stream/worker/infer_stage.py): a permanent
+                                      error isolates the poison frame(s); transient ones are retried, within a
+                                      per-frame budget (retry_exhausted) while Triton answers, and behind the
+                                      circuit breaker (no requests, consumption paused) while Triton is down
     publish   Batch     -> Outgoing   results, defect events, dead letters (+ the lifecycle's drift alerts and
                                       events); stream/worker/app.py sends them and awaits every send before the ack
 
@@ -17,21 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from contracts.envelope import EnvelopeError, Frame, InspectionResult, decode_frame, dlq_record, peek_ids
-from contracts.image import decode_image
+from contracts.image import decode_image, model_pixel_cap, plan_decode, read_header
 from contracts.logs import get_logger
 from contracts.spec import ModelSpec, to_tensor
 from stream.inference.heatmap import make_defect_event
 from stream.inference.routing import Route, Router, RoutingConfig
-from stream.inference.triton_client import InferOutput, PermanentInferError, TransientInferError, TritonInfer
+from stream.inference.triton_client import InferOutput, TritonInfer
+from stream.worker.breaker import CircuitBreaker
+from stream.worker.budget import MemoryBudget
 from stream.worker.config import WorkerConfig
+from stream.worker.infer_stage import InferStage
 from stream.worker.metrics import WorkerMetrics
 
 log = get_logger("stream.worker.pipeline")
@@ -39,6 +43,7 @@ log = get_logger("stream.worker.pipeline")
 # frames up to this size are decoded on the event loop when they arrive alone (no thread hop); larger
 # ones, and every frame of a multi-frame batch, go to the decode thread pool (OpenCV releases the GIL)
 INLINE_DECODE_MAX_BYTES = 2 * 1024 * 1024
+INLINE_DECODE_MAX_PIXELS = 4_000_000  # ...and whose header declares at most this (a small PNG can declare 40 MP)
 
 
 # ----------------------------------------------------------------------------- records between the stages
@@ -116,10 +121,11 @@ class Batch:
 # ----------------------------------------------------------------------------- the stages
 
 
-class Pipeline:
+class Pipeline(InferStage):
     """decode -> route -> prepare -> infer for one micro-batch (see the module docstring)."""
 
-    def __init__(self, cfg: WorkerConfig, triton: TritonInfer, metrics: WorkerMetrics):
+    def __init__(self, cfg: WorkerConfig, triton: TritonInfer, metrics: WorkerMetrics,
+                 breaker: CircuitBreaker | None = None):
         s = cfg.settings
         self.triton = triton
         self.metrics = metrics
@@ -127,10 +133,20 @@ class Pipeline:
         self.model_missing_since: dict[str, float] = {}
         self.executor = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
         self.grace_s = s.worker_transient_grace_s
+        self.retry_budget = s.worker_retry_budget
+        self.breaker = breaker or CircuitBreaker(triton.live, backoff_s=s.worker_breaker_backoff_s,
+                                                 backoff_max_s=s.worker_breaker_backoff_max_s, metrics=metrics)
         self.heatmap_size = s.heatmap_size
         self.max_bytes = s.max_frame_bytes
         self._image_limits = {"max_side": s.max_image_side, "max_pixels": s.max_image_pixels,
                               "max_bytes": s.max_frame_bytes}
+        # decode bombs under the cap: a per-model pixel cap, JPEG reduced decoding, a decode memory budget
+        self.pixels_per_input = s.max_image_pixels_per_input
+        self.jpeg_reduced = s.jpeg_reduced_decode
+        self.budget = MemoryBudget(cfg.decode_budget_bytes)
+        log.info("decode_limits", threads=cfg.decode_threads, budget_mb=cfg.decode_budget_bytes >> 20,
+                 max_image_pixels=s.max_image_pixels, pixels_per_input=self.pixels_per_input,
+                 jpeg_reduced=self.jpeg_reduced)
 
     async def refresh_models(self) -> None:
         await self.triton.specs(max_age_s=0)
@@ -155,13 +171,26 @@ class Pipeline:
         spec = self.triton.spec_for(route.model)
         if spec is None:
             raise EnvelopeError("unknown_product", f"model {route.model} has no linewatch_spec")
+        self.check_task(route)
         return Routed(d, route, spec)
 
     def prepare(self, r: Routed, now_ms: float) -> Prepared:
-        raw = r.decoded.raw
-        img = decode_image(r.decoded.frame.image, **self._image_limits)
-        t1 = time.perf_counter()
-        x = to_tensor(img, r.spec)
+        """Bounded decode + preprocess: the limits and the decode's peak bytes come from the header; the decode
+        waits for room in the memory budget (one that could never fit is DLQ'd too_large)."""
+        raw, data, inp = r.decoded.raw, r.decoded.frame.image, r.spec.input
+        cap = model_pixel_cap(self._image_limits["max_pixels"], self.pixels_per_input, inp.width, inp.height)
+        plan = plan_decode(data, **{**self._image_limits, "max_pixels": cap}, target=(inp.width, inp.height),
+                           reduce=self.jpeg_reduced)
+        cost = plan.cost_bytes + 27 * inp.width * inp.height  # + to_tensor's resized uint8 and float32 copies
+        if not self.budget.fits(cost):
+            h = plan.header
+            raise EnvelopeError("too_large", f"decoding the {h.width}x{h.height} {h.fmt} needs ~{cost >> 20} MiB, over "
+                                             f"the decode memory budget of {self.budget.limit >> 20} MiB")
+        with self.budget.hold(cost):
+            img = decode_image(data, plan=plan)
+            t1 = time.perf_counter()
+            x = to_tensor(img, r.spec)
+            del img
         t2 = time.perf_counter()
         queue_ms = max(0.0, now_ms - raw.kafka_ts_s * 1000) if raw.kafka_ts_s else 0.0
         lat = {"queue": round(queue_ms, 3), "decode": round((t1 - r.decoded.t_start) * 1000, 3),
@@ -184,91 +213,24 @@ class Pipeline:
         except Exception as e:  # never stop the stream on one frame
             return self.dead_letter(raw, "internal_error", f"{type(e).__name__}: {e}", stage)
 
+    def _inline(self, raw: RawRecord) -> bool:
+        """Decode this lone frame on the event loop? Only a small one, and only when no decode holds budget
+        (the loop must never wait for it)."""
+        v = raw.value or b""
+        if len(v) > INLINE_DECODE_MAX_BYTES or self.budget.in_use:
+            return False
+        try:
+            return read_header(v).pixels <= INLINE_DECODE_MAX_PIXELS
+        except EnvelopeError:
+            return True  # front() DLQs it, cheaply
+
     async def front_stages(self, records: list[RawRecord], now_ms: float) -> list[Prepared | DeadLetter]:
-        if len(records) == 1 and len(records[0].value or b"") <= INLINE_DECODE_MAX_BYTES:
+        if len(records) == 1 and self._inline(records[0]):
             # a lone frame: decode on the loop, no thread hop (batch-1 latency, ~1.5 ms measured)
             return [self.front(records[0], now_ms)]
         loop = asyncio.get_running_loop()  # OpenCV releases the GIL: frames in parallel threads
         return list(await asyncio.gather(*(loop.run_in_executor(self.executor, self.front, r, now_ms)
                                            for r in records)))
-
-    # -- infer
-    async def infer(self, items: list[Prepared], t_batch: float) -> tuple[list[Scored], list[DeadLetter]]:
-        """Score every prepared frame: transient Triton errors are retried (backoff up to 10 s, re-routing
-        in between, since a model may be unloaded or replaced); frames never DLQ'd for them unless their
-        model stays unroutable past the grace period."""
-        scored: list[Scored] = []
-        dead: list[DeadLetter] = []
-        pending, backoff, t_first_fail = items, 0.5, 0.0
-        while pending:
-            retry: list[Prepared] = []
-            groups: dict[str, list[Prepared]] = defaultdict(list)
-            for p in pending:
-                groups[p.route.model].append(p)
-            for model, group in groups.items():
-                s, r, d = await self._infer_model(model, group, t_batch)
-                scored += s
-                retry += r
-                dead += d
-            if not retry:
-                break
-            t_first_fail = t_first_fail or time.monotonic()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
-            try:
-                await self.refresh_models()
-            except Exception as e:
-                log.warning("triton_refresh_failed", error=str(e)[:300])
-            pending, lost = self._reroute(retry, waited=time.monotonic() - t_first_fail)
-            dead += lost
-        return scored, dead
-
-    async def _infer_model(self, model: str, group: list[Prepared], t_batch: float):
-        """(scored, to retry, dead letters) of one model's share of the batch."""
-        self.metrics.batch_size.labels(model=model).observe(len(group))
-        try:
-            out = await self.triton.infer(model, np.stack([p.tensor for p in group]), [p.route.task for p in group])
-        except TransientInferError as e:
-            log.warning("triton_transient_batch", model=model, n=len(group), error=str(e)[:300])
-            return [], group, []
-        except PermanentInferError as e:
-            if len(group) == 1:
-                return [], [], [self.dead_letter(group[0].raw, "inference_error", str(e), "infer")]
-            return await self._isolate_poison(model, group, t_batch)
-        self.metrics.stage_latency.labels(stage="infer").observe(out.infer_ms)
-        return [self.score(p, out, j, t_batch) for j, p in enumerate(group)], [], []
-
-    async def _isolate_poison(self, model: str, group: list[Prepared], t_batch: float):
-        """A permanent error on a multi-frame request: retry one by one so only the poison frame(s) are DLQ'd."""
-        scored, retry, dead = [], [], []
-        for p in group:
-            try:
-                out = await self.triton.infer(model, p.tensor[None], [p.route.task])
-            except PermanentInferError as e:
-                dead.append(self.dead_letter(p.raw, "inference_error", str(e), "infer"))
-            except TransientInferError:
-                retry.append(p)
-            else:
-                scored.append(self.score(p, out, 0, t_batch))
-        return scored, retry, dead
-
-    def _reroute(self, pending: list[Prepared], waited: float) -> tuple[list[Prepared], list[DeadLetter]]:
-        still: list[Prepared] = []
-        dead: list[DeadLetter] = []
-        for p in pending:
-            try:
-                r = self.router.route(p.frame)
-            except EnvelopeError as e:
-                if waited < self.grace_s:  # e.g. model reloading: keep retrying
-                    still.append(p)
-                else:
-                    dead.append(self.dead_letter(p.raw, e.reason, e.detail, "route"))
-                continue
-            if r.model != p.route.model:  # another model (its own input contract): preprocess again
-                img = decode_image(p.frame.image, **self._image_limits)
-                p = replace(p, tensor=to_tensor(img, self.triton.spec_for(r.model)))
-            still.append(replace(p, route=r))
-        return still, dead
 
     # -- outputs
     def score(self, p: Prepared, out: InferOutput, j: int, t_batch: float) -> Scored:
@@ -321,7 +283,8 @@ class Pipeline:
     async def process(self, records: list[RawRecord]) -> Batch:
         t_batch = time.perf_counter()
         now_ms = time.time() * 1000
-        await self.triton.specs()
+        # a frame naming a task no model reports (yet): re-read the specs (<= 1/s) before calling it unknown
+        await self.triton.specs(max_age_s=1.0 if self.names_unknown_task(records) else 30.0)
         self.router.update_models(self.triton.available())
         for name in self.triton.ready_models():
             self.model_missing_since.pop(name, None)

@@ -334,7 +334,7 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
             t_end = time.monotonic()
         elif fault == "model_unload":
             with grpcclient.InferenceServerClient(stack.triton_grpc_url) as c:
-                c.unload_model(model)
+                c.unload_model(model, headers=stack.control_headers)
                 d = time.monotonic() + 60
                 while c.is_model_ready(model) and time.monotonic() < d:
                     time.sleep(0.05)

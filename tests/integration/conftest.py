@@ -35,5 +35,5 @@ def detector(stack, shared_data, tmp_path_factory, pytestconfig) -> str:
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
-    load_model(stack.triton_grpc_url, src.name)
+    load_model(stack.triton_grpc_url, src.name, control_key=stack.control_key)
     return src.name

@@ -61,7 +61,7 @@ def test_detector_contract(name, local_stack, shared_data, tmp_path):
     shutil.copytree(vdir.parent, dst)
     (dst / CONFIG).write_text(rewrite_config((vdir.parent / CONFIG).read_text(), served, None))
     client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
-    client.load_model(served)
+    client.load_model(served, headers=local_stack.control_headers)
     try:
         assert client.is_model_ready(served, vdir.name)
 
@@ -104,4 +104,4 @@ def test_detector_contract(name, local_stack, shared_data, tmp_path):
             else:
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=o)
     finally:
-        client.unload_model(served)
+        client.unload_model(served, headers=local_stack.control_headers)

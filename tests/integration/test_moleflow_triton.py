@@ -56,7 +56,7 @@ def test_moleflow_served_by_triton_and_adapter_rollout_without_restart(local_sta
 
     v1 = export_triton(store, local_stack.model_repository, NAME)
     client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
-    client.load_model(NAME)
+    client.load_model(NAME, headers=local_stack.control_headers)
     assert client.is_model_ready(NAME, v1.name)
     cfg_json = client.get_model_config(NAME, as_json=True)["config"]
     spec = json.loads(cfg_json["parameters"]["linewatch_spec"]["string_value"])
@@ -73,7 +73,7 @@ def test_moleflow_served_by_triton_and_adapter_rollout_without_restart(local_sta
     save_adapter(model2, "elpv", store, save_base_if_needed(model2, store))
     v2 = export_triton(store, local_stack.model_repository, NAME)
     assert v2.name == str(int(v1.name) + 1)
-    client.load_model(NAME)  # explicit model control: no restart
+    client.load_model(NAME, headers=local_stack.control_headers)  # explicit model control: no restart
     assert client.is_model_ready(NAME, v2.name)
     spec2 = json.loads(client.get_model_config(NAME, as_json=True)["config"]["parameters"]["linewatch_spec"]["string_value"])
     assert list(spec2["tasks"]) == ["bottle", "elpv"] and spec2["version"] == int(v2.name)
@@ -86,4 +86,4 @@ def test_moleflow_served_by_triton_and_adapter_rollout_without_restart(local_sta
     # task 0's outputs are unchanged by task 1 (same eager results as before, served by the new version)
     again = model2.predict(xb, ["bottle", None], calibrated=True)
     assert torch.equal(again["anomaly_map"], eager_b["anomaly_map"]) and torch.equal(again["score"], eager_b["score"])
-    client.unload_model(NAME)
+    client.unload_model(NAME, headers=local_stack.control_headers)

@@ -10,7 +10,6 @@ drives Triton's explicit model control.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import threading
 import time
@@ -25,45 +24,19 @@ import tritonclient.grpc as grpcclient
 
 from contracts.artifact import path_to_uri, verify_artifact
 from contracts.model_events import ModelEvent, decode
-from contracts.spec import parse_spec, to_tensor
-from models.efficientad.export import build_spec, config_pbtxt
-from models.efficientad.serving import MODEL_PY
 from stream.kafka.clients import Producer, ensure_topics, read_topics
-from stream.lifecycle.controller import RolloutController
 from stream.lifecycle.drift import DriftConfig, DriftMonitor
-from stream.lifecycle.events import kafka_publisher, serve_events
-from stream.lifecycle.policy import HealthPolicy
+from tests.harness.rollout import (
+    Broken,
+    Lifecycle,
+    Tiny,
+    infer_score,
+    served_version,
+    sha,
+    write_artifact,
+)
 
 pytestmark = pytest.mark.integration
-SIZE = 64
-
-
-class Tiny(torch.nn.Module):
-    """anomaly map = gain * mean_c |x| + bias; score = mean of the map (CONTRACTS.md I/O)."""
-
-    def __init__(self, gain: float = 1.0, bias: float = 0.0):
-        super().__init__()
-        self.gain, self.bias = gain, bias
-
-    def forward(self, x):
-        amap = self.gain * x.abs().mean(1, keepdim=True) + self.bias
-        return amap, amap.flatten(1).mean(1)
-
-
-class Broken(torch.nn.Module):
-    """Loads fine, fails on every request (traced for 31x31 inputs, served 64x64 ones)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("c", torch.ones(1, 3, 31, 31))
-
-    def forward(self, x):
-        y = (x + self.c).abs().mean(1, keepdim=True)
-        return y, y.flatten(1).mean(1)
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -74,117 +47,19 @@ def images(shared_data):
             for f in files[:170]]
 
 
-def scores_eager(net, imgs, spec) -> list[float]:
-    s = parse_spec(spec)
-    x = np.stack([to_tensor(_dec(b), s) for b in imgs])
-    with torch.inference_mode():
-        return net(torch.from_numpy(x))[1].tolist()
-
-
-def _dec(b: bytes):
-    from contracts.image import decode_image
-
-    return decode_image(b)
-
-
-def write_artifact(store: Path, model: str, version: int, product: str, net, images, *, honest=None,
-                   example=None) -> tuple[Path, str]:
-    """Export like models.efficientad.export + calibration scores + probe images (all sha-pinned)."""
-    vdir = store / model / str(version)
-    (vdir / "probe").mkdir(parents=True)
-    ex = example if example is not None else torch.randn(2, 3, SIZE, SIZE)
-    torch.jit.trace(net.eval(), ex, check_trace=False).save(str(vdir / "model.pt"))
-    (vdir / "model.py").write_text(MODEL_PY)
-    probes = images[60:84]
-    for i, b in enumerate(probes):
-        (vdir / "probe" / f"{i:03d}.png").write_bytes(b)
-    spec = build_spec(model, product, version, threshold=0.0, map_threshold=0.0, size=SIZE)
-    cal = scores_eager(honest or net, images[:60], spec)  # calibration: the honest model on held-out good images
-    spec["threshold"] = spec["map_threshold"] = float(np.quantile(cal, 0.99)) + 0.05
-    spec["calibration"] = {"scores": cal, "n": len(cal)}
-    spec["probe"] = {"files": [f"probe/{i:03d}.png" for i in range(len(probes))], "kind": "good"}
-    spec["artifacts"] = {"model.pt": sha(vdir / "model.pt"),
-                         **{f: sha(vdir / f) for f in spec["probe"]["files"]}}
-    (vdir / "metadata.json").write_text(json.dumps(spec, indent=2))
-    (store / model / "config.pbtxt").write_text(config_pbtxt(model, spec, size=SIZE))
-    return vdir, sha(vdir / "metadata.json")
-
-
-class Lifecycle:
-    """A controller consuming a per-test model-events topic on the real broker, in a thread's loop."""
-
-    def __init__(self, stack, repo: Path, topic: str):
-        self.stack, self.repo, self.topic = stack, repo, topic
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.run(ensure_topics(stack.kafka_bootstrap, [topic]))
-        async def mk():  # aiokafka objects are made inside their loop
-            return await Producer(stack.kafka_bootstrap).__aenter__()
-
-        self.producer = self.run(mk())
-        self.ctl = RolloutController(stack.triton_grpc_url, repo, kafka_publisher(self.producer, topic),
-                                     HealthPolicy(shadow_frames=16, min_frames=8, shadow_timeout_s=60, load_timeout_s=90))
-        self.stop = asyncio.Event()
-        self.task = asyncio.run_coroutine_threadsafe(serve_events(stack.kafka_bootstrap, topic, self.ctl, stop=self.stop),
-                                                     self.loop)
-
-    def run(self, coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def release(self, model: str, version: int, vdir: Path, digest: str, product: str) -> None:
-        ev = ModelEvent("released", model, version, product=product, detector="efficientad",
-                        artifact_uri=path_to_uri(vdir), sha256=digest)
-        self.run(self.producer.send_many(self.topic, [(ev.key, ev.to_json(), [])]))
-
-    def outcome(self, model: str, version: int, timeout_s: float = 90) -> ModelEvent:
-        def done(recs):
-            return any(_match(r, model, version) for r in recs[self.topic])
-
-        recs = asyncio.run(read_topics(self.stack.kafka_bootstrap, [self.topic], until=done, timeout_s=timeout_s))
-        hits = [decode(r.value) for r in recs[self.topic] if _match(r, model, version)]
-        assert hits, f"no outcome for {model} v{version} within {timeout_s}s; history={self.ctl.history}"
-        return hits[0]
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.task.result(30)
-        self.run(self.producer.__aexit__(None, None, None))
-        self.run(self.ctl.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-def _match(r, model, version) -> bool:
-    d = json.loads(r.value)
-    return d.get("model") == model and d.get("version") == version and d.get("type") in ("promoted", "rolled_back", "refused")
-
-
 @pytest.fixture(scope="module")
 def life(local_stack, tmp_path_factory, images):
     store = tmp_path_factory.mktemp("model_store")
     lc = Lifecycle(local_stack, Path(local_stack.model_repository), f"it-model-events-{uuid.uuid4().hex[:6]}")
     lc.store = store
     lc.model = f"lwt_bottle_{uuid.uuid4().hex[:4]}"
-    vdir, digest = write_artifact(store, lc.model, 1, "bottle", Tiny(), images)
-    lc.release(lc.model, 1, vdir, digest, "bottle")  # a new model: loaded, shadow-checked, promoted
+    lc.product = f"bottle{uuid.uuid4().hex[:4]}"  # no other model of the session serves it (no takeover)
+    vdir, digest = write_artifact(store, lc.model, 1, lc.product, Tiny(), images)
+    lc.release(lc.model, 1, vdir, digest, lc.product)  # a new model: loaded, shadow-checked, promoted
     ev = lc.outcome(lc.model, 1)
     assert ev.type == "promoted", ev
     yield lc
     lc.close()
-
-
-def infer_score(client, model, imgs) -> np.ndarray:
-    spec = parse_spec(json.loads(client.get_model_config(model, as_json=True)["config"]["parameters"]
-                                 ["linewatch_spec"]["string_value"]))
-    x = np.stack([to_tensor(_dec(b), spec) for b in imgs])
-    inp = grpcclient.InferInput("image", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    return client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("score")]).as_numpy("score").reshape(-1)
-
-
-def served_version(client, model) -> int:
-    return max(int(v) for v in client.get_model_metadata(model).versions)
 
 
 def test_release_new_product_and_new_version_zero_failed_requests(life, images, local_stack):
@@ -214,8 +89,8 @@ def test_release_new_product_and_new_version_zero_failed_requests(life, images, 
         vdir, digest = write_artifact(life.store, other, 1, "cells", Tiny(gain=0.5), images)
         life.release(other, 1, vdir, digest, "cells")
         n0 = ok[0]
-        vdir2, digest2 = write_artifact(life.store, life.model, 2, "bottle", Tiny(gain=1.01), images)
-        life.release(life.model, 2, vdir2, digest2, "bottle")
+        vdir2, digest2 = write_artifact(life.store, life.model, 2, life.product, Tiny(gain=1.01), images)
+        life.release(life.model, 2, vdir2, digest2, life.product)
         ev_new = life.outcome(other, 1)
         ev_v2 = life.outcome(life.model, 2)
         time.sleep(0.5)
@@ -236,12 +111,12 @@ def test_release_new_product_and_new_version_zero_failed_requests(life, images, 
 def test_corrupted_artifact_refused_old_version_keeps_serving(life, images, local_stack):
     client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
     before = served_version(client, life.model)
-    vdir, digest = write_artifact(life.store, life.model, 90, "bottle", Tiny(), images)
+    vdir, digest = write_artifact(life.store, life.model, 90, life.product, Tiny(), images)
     with open(vdir / "model.pt", "r+b") as f:  # bit rot after the metadata was written
         f.seek(100)
         f.write(b"\x00\x01\x02\x03")
     assert not verify_artifact(vdir, digest).ok
-    life.release(life.model, 90, vdir, digest, "bottle")
+    life.release(life.model, 90, vdir, digest, life.product)
     ev = life.outcome(life.model, 90)
     assert ev.type == "refused" and any(r.startswith("sha256_mismatch: model.pt") for r in ev.reasons), ev
     assert served_version(client, life.model) == before
@@ -254,15 +129,15 @@ def test_misbehaving_candidates_rolled_back(life, images, local_stack):
     client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
     before = served_version(client, life.model)
     # scores far off its own calibration (calibrated on the honest model)
-    vdir, digest = write_artifact(life.store, life.model, 91, "bottle", Tiny(bias=5.0), images, honest=Tiny())
-    life.release(life.model, 91, vdir, digest, "bottle")
+    vdir, digest = write_artifact(life.store, life.model, 91, life.product, Tiny(bias=5.0), images, honest=Tiny())
+    life.release(life.model, 91, vdir, digest, life.product)
     ev = life.outcome(life.model, 91)
     assert ev.type == "rolled_back", ev
     assert any(r.startswith("score_distribution") for r in ev.reasons), ev.reasons
     # errors on every request
-    vdir, digest = write_artifact(life.store, life.model, 92, "bottle", Broken(), images, honest=Tiny(),
+    vdir, digest = write_artifact(life.store, life.model, 92, life.product, Broken(), images, honest=Tiny(),
                                   example=torch.randn(2, 3, 31, 31))
-    life.release(life.model, 92, vdir, digest, "bottle")
+    life.release(life.model, 92, vdir, digest, life.product)
     ev = life.outcome(life.model, 92)
     assert ev.type == "rolled_back" and ev.reasons[0].startswith("inference_errors"), ev
     assert served_version(client, life.model) == before
@@ -308,7 +183,7 @@ def test_cli_release_rollback_status(life, images, local_stack):
     """`linewatch release` -> promoted; `linewatch rollback` -> old version serves again; `rollout status`."""
     client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
     before = served_version(client, life.model)
-    vdir, _ = write_artifact(life.store, life.model, 95, "bottle", Tiny(gain=0.99), images)
+    vdir, _ = write_artifact(life.store, life.model, 95, life.product, Tiny(gain=0.99), images)
     boot = ["--bootstrap", local_stack.kafka_bootstrap, "--topic", life.topic]
     out = json.loads(_lw("release", str(vdir), *boot))
     assert out["type"] == "released" and out["sha256"] == sha(vdir / "metadata.json")
@@ -341,7 +216,8 @@ def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, image
     boot = local_stack.kafka_bootstrap
     asyncio.run(ensure_topics(boot, t.values()))
     env = {"LINEWATCH_TOPIC_MODEL_EVENTS": t["events"], "LINEWATCH_TOPIC_DRIFT": t["drift"],
-           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository)}
+           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository),
+           "LINEWATCH_TRITON_CONTROL_KEY": local_stack.control_key}
     w = WorkerProcess(boot, local_stack.triton_grpc_url, tmp_path, app_id=f"lw-wk-{uid}", batch_max=8,
                       batch_within=0.05, env=env,
                       extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
@@ -384,3 +260,59 @@ def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, image
         assert {a["detector"] for a in alerts} & {"score_shift", "anomaly_rate"}
     finally:
         w.stop()
+
+
+def test_model_control_needs_the_controllers_key(life, local_stack):
+    """tritonserver runs with its restricted model-repository protocol: load/unload/index without the key
+    are refused (gRPC and HTTP); with it they work; inference and metadata stay open."""
+    import urllib.error
+    import urllib.request
+
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    for call in (lambda: client.load_model(life.model), lambda: client.unload_model(life.model),
+                 lambda: client.get_model_repository_index()):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+    req = urllib.request.Request(f"http://{local_stack.triton_http_url}/v2/repository/models/{life.model}/load",
+                                 data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 403
+    assert client.is_model_ready(life.model)  # the refused unload did nothing
+    client.load_model(life.model, headers=local_stack.control_headers)  # the key holder may
+    assert client.is_model_ready(life.model) and client.get_model_metadata(life.model).name == life.model
+    client.close()
+
+
+def test_new_model_cannot_take_over_a_product_without_the_flag(life, images, local_stack):
+    """A released model for a product another model serves is refused unless the release says take_over."""
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    taker = f"lwt_taker_{uuid.uuid4().hex[:4]}"
+    vdir, digest = write_artifact(life.store, taker, 1, life.product, Tiny(gain=0.9), images)
+    life.release(taker, 1, vdir, digest, life.product)
+    ev = life.outcome(taker, 1)
+    assert ev.type == "refused" and any(r.startswith("takeover:") and life.model in r for r in ev.reasons), ev
+    assert not client.is_model_ready(taker) and not (Path(local_stack.model_repository) / taker).exists()
+    vdir2, digest2 = write_artifact(life.store, taker, 2, life.product, Tiny(gain=0.9), images)
+    life.release(taker, 2, vdir2, digest2, life.product, take_over=True)
+    assert life.outcome(taker, 2).type == "promoted"
+    assert client.is_model_ready(taker)
+    client.unload_model(taker, headers=local_stack.control_headers)  # leave life.product to life.model
+    client.close()
+
+
+def test_served_copy_is_independent_of_the_store(life, images, local_stack):
+    """What Triton serves is a checked copy: rewriting the store afterwards changes nothing served."""
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    vdir, digest = write_artifact(life.store, life.model, 96, life.product, Tiny(gain=0.98), images)
+    life.release(life.model, 96, vdir, digest, life.product)
+    assert life.outcome(life.model, 96).type == "promoted"
+    served = Path(local_stack.model_repository) / life.model / "96"
+    assert (served / "model.pt").stat().st_ino != (vdir / "model.pt").stat().st_ino
+    (vdir / "model.pt").write_bytes(b"tampered in the store after the rollout")
+    assert verify_artifact(served, digest).ok
+    assert "version_policy: { specific: { versions: [ 96 ] } }" in (served.parent / "config.pbtxt").read_text()
+    assert infer_score(client, life.model, images[:2]).shape == (2,)
+    client.close()

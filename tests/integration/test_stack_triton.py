@@ -87,5 +87,5 @@ def test_torchscript_model_served_over_grpc_matches_local(local_stack):
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     cfg = client.get_model_config(MODEL).config
     assert cfg.max_batch_size == 8 and cfg.HasField("dynamic_batching")
-    client.unload_model(MODEL)
+    client.unload_model(MODEL, headers=local_stack.control_headers)
     client.close()

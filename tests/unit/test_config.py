@@ -110,7 +110,6 @@ def test_lifecycle_defaults_are_the_settings_defaults():
 
 def test_worker_config_has_no_defaults_of_its_own(tmp_path):
     import dataclasses
-    import os
 
     from stream.worker.config import WorkerConfig, add_worker_args, worker_config
 
@@ -120,7 +119,10 @@ def test_worker_config_has_no_defaults_of_its_own(tmp_path):
     cfg = WorkerConfig.from_settings(s)
     assert cfg.settings is s and cfg.datadir == s.worker_data_dir
     assert cfg.broker_urls == [f"kafka://{s.kafka_bootstrap}"] and cfg.broker_credentials is None
-    assert cfg.decode_threads == (s.worker_decode_threads or min(4, os.cpu_count() or 1))
+    from stream.worker import budget
+
+    assert cfg.decode_threads == budget.decode_threads(s.worker_decode_threads, cpu_limit=budget.cgroup_cpu_limit(),
+                                                       cpus=budget.available_cpus())
     assert cfg.stream_buffer_max == (s.worker_stream_buffer_max or max(16, 4 * s.batch_max))
     # flags override settings (validated), unset flags leave them alone
     import argparse

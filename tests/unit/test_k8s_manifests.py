@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -21,51 +19,20 @@ from contracts.config import Settings, env_names
 
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-
-REPO = Path(__file__).resolve().parents[2]
-K8S = REPO / "k8s"
-SCHEMAS = K8S / "schemas"
-KUSTOMIZATIONS = {"base": K8S / "base", "dev": K8S / "overlays/dev", "prod": K8S / "overlays/prod",
-                  "train": K8S / "train"}
-SERVICE = ("base", "dev", "prod")
-K8S_VERSION = "1.30.0"  # oldest Kubernetes minor we support (policy/v1 PDB, batch/v1 Job TTL, ...)
-TOPICS = {"frames", "inspection-results", "defect-events", "drift-alerts", "model-events", "frames-dlq"}
-ENV_NAMES = {"LINEWATCH_KAFKA_BOOTSTRAP", "LINEWATCH_KAFKA_SECURITY_PROTOCOL", "LINEWATCH_KAFKA_SASL_MECHANISM",
-             "LINEWATCH_KAFKA_SASL_USERNAME", "LINEWATCH_KAFKA_SASL_PASSWORD", "LINEWATCH_KAFKA_SSL_CAFILE",
-             "LINEWATCH_TRITON_GRPC_URL", "LINEWATCH_DEV_BROKER", "LINEWATCH_WORKER_DATA_DIR"}
-
-
-def _renderer() -> list[str] | None:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    kubectl = shutil.which("kubectl")
-    if kubectl:
-        probe = subprocess.run([kubectl, "kustomize", "--help"], capture_output=True, timeout=30)
-        if probe.returncode == 0:
-            return [kubectl, "kustomize"]
-    return None
-
-
-RENDERER = _renderer()
-needs_renderer = pytest.mark.skipif(
-    RENDERER is None,
-    reason="no kustomize renderer: install one (Debian: apt-get install -y kubernetes-client, "
-    "or a kustomize binary on PATH)",
+from tests.harness.k8s import (  # noqa: E402 - after the importorskip guards
+    ENV_NAMES,
+    K8S_VERSION,
+    KUSTOMIZATIONS,
+    SCHEMAS,
+    SERVICE,
+    TOPICS,
+    all_workloads,
+    by_kind,
+    needs_renderer,
+    render,
 )
 
-
-@cache
-def render(name: str) -> tuple[dict, ...]:
-    proc = subprocess.run([*RENDERER, str(KUSTOMIZATIONS[name])], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"kustomize failed for {name}:\n{proc.stderr}"
-    docs = tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
-    assert docs, f"{name} rendered nothing"
-    return docs
-
-
-def by_kind(docs, kind: str) -> dict[str, dict]:
-    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 
 def _strict(schema):
@@ -95,23 +62,6 @@ def crd_validators() -> dict[tuple[str, str], object]:
         jsonschema.Draft7Validator.check_schema(schema)
         out[(doc["apiVersion"], doc["kind"])] = jsonschema.Draft7Validator(schema)
     return out
-
-
-def pod_spec(obj: dict) -> dict | None:
-    kind = obj["kind"]
-    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-        return obj["spec"]["template"]["spec"]
-    if kind == "CronJob":
-        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    return None
-
-
-def all_workloads(names=tuple(KUSTOMIZATIONS)):
-    for name in names:
-        for obj in render(name):
-            spec = pod_spec(obj)
-            if spec is not None:
-                yield name, obj, spec
 
 
 # ---------------------------------------------------------------- schema validation
@@ -255,6 +205,18 @@ def test_triton_serving_contract(name):
     dep = by_kind(docs, "Deployment")["linewatch-triton"]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert "--model-control-mode=explicit" in c["args"]
+    # nothing loads by itself: only the rollout controller loads verified copies (issue #15 item 5)
+    assert not any(a.startswith("--load-model") for a in c["args"]), c["args"]
+    # model control needs the key of Secret linewatch-triton-control, over gRPC and HTTP
+    env = {e["name"]: e for e in c.get("env", [])}
+    key_ref = env["TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"]
+    assert key_ref["name"] == "linewatch-triton-control"
+    for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):
+        assert f"{flag}=model-repository:linewatch-control-key=$(TRITON_CONTROL_KEY)" in c["args"], c["args"]
+    # the worker (it runs the rollout controller) holds the same key
+    (w,) = by_kind(docs, "Deployment")["linewatch-worker"]["spec"]["template"]["spec"]["containers"]
+    wenv = {e["name"]: e for e in w["env"]}
+    assert wenv["LINEWATCH_TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"] == key_ref
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     store = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
@@ -368,107 +330,6 @@ def test_training_job_writes_model_store_and_releases():
     assert job["metadata"]["namespace"] == next(iter(by_kind(base, "Namespace")))
     assert "linewatch-model-store" in by_kind(base, "PersistentVolumeClaim")
     assert "linewatch-trainer" in by_kind(base, "KafkaUser")
-
-
-# ---------------------------------------------------------------- every container starts
-
-
-ENTRYPOINTS = {"linewatch/worker": ["linewatch"], "linewatch/train": ["linewatch-models"]}
-
-
-def _containers():
-    base = {n: d.get("data", {}) for n, d in by_kind(render("base"), "ConfigMap").items()}
-    for name in KUSTOMIZATIONS:
-        # the training Job is applied next to the service: it reads the service's linewatch-config
-        cms = {**base, **{n: d.get("data", {}) for n, d in by_kind(render(name), "ConfigMap").items()}}
-        for _, obj, spec in all_workloads((name,)):
-            for c in spec.get("initContainers", []) + spec["containers"]:
-                yield name, obj, spec, c, cms
-
-
-def _env(c: dict, cms: dict) -> dict[str, str]:
-    """The container's environment as the kubelet builds it (secrets as placeholders)."""
-    env: dict[str, str] = {}
-    for src in c.get("envFrom", []):
-        env.update(cms[src["configMapRef"]["name"]])
-    for e in c.get("env", []):
-        env[e["name"]] = e.get("value", "secret-placeholder")
-    return env
-
-
-def _argv(c: dict, env: dict[str, str]) -> tuple[str, list[str]] | None:
-    """(program, args) of a linewatch container with $(VAR) expanded as Kubernetes does, else None."""
-    image = re.sub(r"^ghcr\.io/", "", c["image"].rsplit(":", 1)[0])
-    command = c.get("command") or ENTRYPOINTS.get(image)
-    if not command or command[0] not in ("linewatch", "linewatch-models"):
-        return None
-    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in [*command[1:], *c.get("args", [])]]
-    return command[0], args
-
-
-@needs_renderer
-def test_every_linewatch_container_parses_its_args_and_settings(monkeypatch):
-    """Each container's command line is parsed by the real CLI parser and its environment loads into
-    Settings (unknown LINEWATCH_* names, bad values or a SASL protocol without credentials fail here,
-    not in the pod)."""
-    from models.cli import build_parser as models_parser
-    from stream.ops.cli import build_parser as linewatch_parser
-
-    parsers = {"linewatch": linewatch_parser(), "linewatch-models": models_parser()}
-    checked = set()
-    for name, obj, _spec, c, cms in _containers():
-        env = _env(c, cms)
-        cmd = _argv(c, env)
-        if cmd is None:
-            continue
-        prog, args = cmd
-        try:
-            parsers[prog].parse_args(args)
-        except SystemExit as e:
-            pytest.fail(f"{name}: {obj['metadata']['name']}/{c['name']}: `{prog} {' '.join(args)}` exits {e.code}")
-        for k in [k for k in __import__("os").environ if k.startswith("LINEWATCH_")]:
-            monkeypatch.delenv(k)
-        for k, v in env.items():
-            if k.startswith("LINEWATCH_"):
-                monkeypatch.setenv(k, v)
-        Settings()
-        checked.add((obj["metadata"]["name"], c["name"]))
-    assert {("linewatch-worker", "worker"), ("linewatch-train-adapter", "train")} <= checked
-
-
-@needs_renderer
-def test_every_path_a_container_writes_is_on_a_writable_mount(monkeypatch):
-    """readOnlyRootFilesystem: the worker's data dir and the train job's stores must be writable mounts."""
-    for name, obj, _spec, c, cms in _containers():
-        env = _env(c, cms)
-        cmd = _argv(c, env)
-        if cmd is None or not c.get("securityContext", {}).get("readOnlyRootFilesystem"):
-            continue
-        writes = []
-        if cmd[1][:1] == ["worker"]:
-            writes.append(env.get("LINEWATCH_WORKER_DATA_DIR", str(Settings.model_fields["worker_data_dir"].default)))
-            # the in-worker rollout materialises versions into Triton's repository
-            writes.append(env.get("LINEWATCH_MODEL_REPOSITORY", str(Settings.model_fields["model_repository"].default)))
-        writes += [a.split("=", 1)[1] for a in cmd[1] if a.startswith(("--store=", "--base-store=", "--out="))]
-        writable = [m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")]
-        for path in writes:
-            assert any(Path(path).is_relative_to(m) for m in writable), \
-                f"{name}: {obj['metadata']['name']}/{c['name']} writes {path}, not on a writable mount {writable}"
-
-
-@needs_renderer
-def test_worker_web_port_is_served_where_the_probe_dials():
-    for name in SERVICE:
-        docs = render(name)
-        cms = {n: d.get("data", {}) for n, d in by_kind(docs, "ConfigMap").items()}
-        (c,) = by_kind(docs, "Deployment")["linewatch-worker"]["spec"]["template"]["spec"]["containers"]
-        env = _env(c, cms)
-        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        probe = c["livenessProbe"]["tcpSocket"]["port"]
-        port = ports.get(probe, probe)
-        assert int(env.get("LINEWATCH_WORKER_WEB_PORT", Settings.model_fields["worker_web_port"].default)) == port
-        # the probe dials the pod IP: the web server must bind all interfaces, not loopback
-        assert env.get("LINEWATCH_WORKER_WEB_HOST") == "0.0.0.0", name
 
 
 @needs_renderer

@@ -12,6 +12,7 @@ from contracts.artifact import (
     TensorConfig,
     check_compatibility,
     check_sha256,
+    config_sha256,
     latest_artifact,
     list_artifacts,
     path_to_uri,
@@ -48,7 +49,9 @@ def make_artifact(store, model="efficientad_bottle", version=1, payload=b"weight
     (vdir / "model.pt").write_bytes(payload)
     (vdir / "model.py").write_text("# thin\n")
     (store / model / "config.pbtxt").write_text(CONFIG)
-    meta = spec(model, version, artifacts={"model.pt": hashlib.sha256(payload).hexdigest()}, **kw)
+    meta = spec(model, version, artifacts={"model.pt": hashlib.sha256(payload).hexdigest(),
+                                           "model.py": hashlib.sha256(b"# thin\n").hexdigest()},
+                config_sha256=config_sha256(CONFIG), **kw)
     (vdir / "metadata.json").write_text(json.dumps(meta))
     return vdir, hashlib.sha256((vdir / "metadata.json").read_bytes()).hexdigest()
 

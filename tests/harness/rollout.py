@@ -1,0 +1,157 @@
+"""Helpers of the lifecycle integration tests (tests/integration/test_rollout.py): tiny traced
+detectors in the EfficientAD export format, artifact writing, and a controller driven over the real
+broker against the real tritonserver."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+
+from contracts.artifact import config_sha256, path_to_uri
+from contracts.model_events import ModelEvent, decode
+from contracts.spec import parse_spec, to_tensor
+from models.efficientad.export import build_spec, config_pbtxt
+from models.efficientad.serving import MODEL_PY
+from stream.kafka.clients import Producer, ensure_topics, read_topics
+from stream.lifecycle.controller import RolloutController
+from stream.lifecycle.events import kafka_publisher, serve_events
+from stream.lifecycle.policy import HealthPolicy
+
+SIZE = 64
+
+
+class Tiny(torch.nn.Module):
+    """anomaly map = gain * mean_c |x| + bias; score = mean of the map (CONTRACTS.md I/O)."""
+
+    def __init__(self, gain: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        self.gain, self.bias = gain, bias
+
+    def forward(self, x):
+        amap = self.gain * x.abs().mean(1, keepdim=True) + self.bias
+        return amap, amap.flatten(1).mean(1)
+
+
+class Broken(torch.nn.Module):
+    """Loads fine, fails on every request (traced for 31x31 inputs, served 64x64 ones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.ones(1, 3, 31, 31))
+
+    def forward(self, x):
+        y = (x + self.c).abs().mean(1, keepdim=True)
+        return y, y.flatten(1).mean(1)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def scores_eager(net, imgs, spec) -> list[float]:
+    s = parse_spec(spec)
+    x = np.stack([to_tensor(_dec(b), s) for b in imgs])
+    with torch.inference_mode():
+        return net(torch.from_numpy(x))[1].tolist()
+
+
+def _dec(b: bytes):
+    from contracts.image import decode_image
+
+    return decode_image(b)
+
+
+def write_artifact(store: Path, model: str, version: int, product: str, net, images, *, honest=None,
+                   example=None) -> tuple[Path, str]:
+    """Export like models.efficientad.export + calibration scores + probe images (all sha-pinned)."""
+    vdir = store / model / str(version)
+    (vdir / "probe").mkdir(parents=True)
+    ex = example if example is not None else torch.randn(2, 3, SIZE, SIZE)
+    torch.jit.trace(net.eval(), ex, check_trace=False).save(str(vdir / "model.pt"))
+    (vdir / "model.py").write_text(MODEL_PY)
+    probes = images[60:84]
+    for i, b in enumerate(probes):
+        (vdir / "probe" / f"{i:03d}.png").write_bytes(b)
+    spec = build_spec(model, product, version, threshold=0.0, map_threshold=0.0, size=SIZE)
+    cal = scores_eager(honest or net, images[:60], spec)  # calibration: the honest model on held-out good images
+    spec["threshold"] = spec["map_threshold"] = float(np.quantile(cal, 0.99)) + 0.05
+    spec["calibration"] = {"scores": cal, "n": len(cal)}
+    spec["probe"] = {"files": [f"probe/{i:03d}.png" for i in range(len(probes))], "kind": "good"}
+    spec["artifacts"] = {"model.pt": sha(vdir / "model.pt"), "model.py": sha(vdir / "model.py"),
+                         **{f: sha(vdir / f) for f in spec["probe"]["files"]}}
+    (vdir / "config.pbtxt").write_text(config_pbtxt(model, spec, size=SIZE))  # the version's pinned template
+    spec["config_sha256"] = config_sha256((vdir / "config.pbtxt").read_text())
+    (vdir / "metadata.json").write_text(json.dumps(spec, indent=2))
+    (store / model / "config.pbtxt").write_text(config_pbtxt(model, spec, size=SIZE))
+    return vdir, sha(vdir / "metadata.json")
+
+
+class Lifecycle:
+    """A controller consuming a per-test model-events topic on the real broker, in a thread's loop."""
+
+    def __init__(self, stack, repo: Path, topic: str):
+        self.stack, self.repo, self.topic = stack, repo, topic
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(ensure_topics(stack.kafka_bootstrap, [topic]))
+        async def mk():  # aiokafka objects are made inside their loop
+            return await Producer(stack.kafka_bootstrap).__aenter__()
+
+        self.producer = self.run(mk())
+        self.ctl = RolloutController(stack.triton_grpc_url, repo, kafka_publisher(self.producer, topic),
+                                     HealthPolicy(shadow_frames=16, min_frames=8, shadow_timeout_s=60, load_timeout_s=90),
+                                     control_key=stack.control_key)
+        self.stop = asyncio.Event()
+        self.task = asyncio.run_coroutine_threadsafe(serve_events(stack.kafka_bootstrap, topic, self.ctl, stop=self.stop),
+                                                     self.loop)
+
+    def run(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def release(self, model: str, version: int, vdir: Path, digest: str, product: str, take_over=False) -> None:
+        ev = ModelEvent("released", model, version, product=product, detector="efficientad",
+                        artifact_uri=path_to_uri(vdir), sha256=digest, take_over=take_over)
+        self.run(self.producer.send_many(self.topic, [(ev.key, ev.to_json(), [])]))
+
+    def outcome(self, model: str, version: int, timeout_s: float = 90) -> ModelEvent:
+        def done(recs):
+            return any(_match(r, model, version) for r in recs[self.topic])
+
+        recs = asyncio.run(read_topics(self.stack.kafka_bootstrap, [self.topic], until=done, timeout_s=timeout_s))
+        hits = [decode(r.value) for r in recs[self.topic] if _match(r, model, version)]
+        assert hits, f"no outcome for {model} v{version} within {timeout_s}s; history={self.ctl.history}"
+        return hits[0]
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.task.result(30)
+        self.run(self.producer.__aexit__(None, None, None))
+        self.run(self.ctl.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _match(r, model, version) -> bool:
+    d = json.loads(r.value)
+    return d.get("model") == model and d.get("version") == version and d.get("type") in ("promoted", "rolled_back", "refused")
+
+
+def infer_score(client, model, imgs) -> np.ndarray:
+    spec = parse_spec(json.loads(client.get_model_config(model, as_json=True)["config"]["parameters"]
+                                 ["linewatch_spec"]["string_value"]))
+    x = np.stack([to_tensor(_dec(b), spec) for b in imgs])
+    inp = grpcclient.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("score")]).as_numpy("score").reshape(-1)
+
+
+def served_version(client, model) -> int:
+    return max(int(v) for v in client.get_model_metadata(model).versions)
