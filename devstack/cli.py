@@ -76,6 +76,17 @@ def running_endpoints(settings: Settings) -> tuple[str, str] | None:
     return None
 
 
+def running_control_key(settings: Settings) -> str | None:
+    """Triton's model-control key of a running ``linewatch stack up`` (its state file, mode 0600), or None."""
+    from devstack.processes import pid_alive
+    from devstack.stack import read_state
+
+    st = read_state(settings.stack_workdir)
+    if st is not None and st.control_key and all(pid_alive(p) for p in st.pids.values()):
+        return st.control_key
+    return None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stack", help="embedded local stack: Tansu Kafka broker + tritonserver")
     p.add_argument("action", choices=["up", "status", "down"])

@@ -13,8 +13,17 @@ from contracts.cli import UsageError
 
 
 def _endpoints(a) -> tuple[str, str]:
-    """(kafka bootstrap, triton gRPC url): flag > LINEWATCH_* setting > a running dev stack > default."""
+    """(kafka bootstrap, triton gRPC url): flag > LINEWATCH_* setting > a running dev stack > default.
+    A running dev stack also supplies Triton's model-control key when no setting gives one."""
     s = a.settings
+    if s.triton_control_key is None:
+        from stream.ops.cli import plugins
+
+        for mod in plugins():
+            key = getattr(mod, "running_control_key", lambda _s: None)(s)
+            if key:
+                a.settings = s = s.with_overrides(triton_control_key=key)
+                break
     boot = getattr(a, "bootstrap", None) or (s.kafka_bootstrap if "kafka_bootstrap" in s.model_fields_set else None)
     triton = getattr(a, "triton", None) or (s.triton_grpc_url if "triton_grpc_url" in s.model_fields_set else None)
     if not (boot and triton):

@@ -63,7 +63,9 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
     w = WorkerProcess(boot, local_stack.triton_grpc_url, tmp_path, app_id=f"lw-job-{uid}", batch_max=8,
                       batch_within=0.05,
                       env={"LINEWATCH_TOPIC_MODEL_EVENTS": t["events"], "LINEWATCH_TOPIC_DRIFT": t["drift"],
-                           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository)},
+                           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository),
+                           # the worker's rollout drives Triton's model control: only with the key
+                           "LINEWATCH_TRITON_CONTROL_KEY": local_stack.control_key},
                       extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
                                   "--defects-topic", t["defects"], "--dlq-topic", t["dlq"]]).start()
     bottle = [p.read_bytes() for p in sorted((shared_data / "mvtec" / "bottle" / "test" / "good").glob("*.png"))[:8]]
