@@ -172,6 +172,18 @@ class Settings(BaseSettings):
     # (worker_decode_threads 0 resolves from the cgroup CPU quota, cpu.max, not the node's CPU count)
     worker_decode_budget_mb: int = Field(default=0, ge=0)
     jpeg_reduced_decode: bool = True  # decode a large JPEG at 1/2..1/8 scale when still >= the model input
+    # ack safety (stream/worker/app.py, issue #15 item 1): how long the worker waits for Triton at start before it
+    # opens the circuit breaker (consumption paused, capped-backoff probes) instead of failing a batch
+    worker_ready_wait_s: float = Field(default=120.0, gt=0)
+    # SIGTERM / a fatal error: a graceful stop that takes longer (e.g. the broker unreachable, so no commit or
+    # LeaveGroup can finish) ends the process; nothing unpublished was acked, so its frames are redelivered
+    worker_shutdown_timeout_s: float = Field(default=15.0, gt=0)
+    # producer errors (stream/kafka/produce.py): retriable ones re-send only the unacknowledged records,
+    # with capped exponential backoff; fatal ones stop the worker without acking
+    worker_produce_backoff_s: float = Field(default=0.2, gt=0)
+    worker_produce_backoff_max_s: float = Field(default=10.0, gt=0)
+    # max.message.bytes assumed for a topic that reports none (Tansu; stream/kafka/limits.py); None = no limit known
+    kafka_max_message_bytes: int | None = Field(default=None, ge=1024)
 
     # embedded stack + data
     stack_workdir: Path = REPO_ROOT / ".stack"

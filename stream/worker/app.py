@@ -5,9 +5,13 @@ Per micro-batch (``stream.take_events(batch_max, within=batch_within_s)``) the s
 ``inspection-results``, one defect event per anomalous frame on ``defect-events`` and a DLQ record
 per malformed frame on ``frames-dlq``; the lifecycle hook (stream/lifecycle/hooks.py) adds drift
 alerts and feeds a rollout's shadow window. Every send future is awaited before the iteration
-returns, and Faust's ``take_events`` acks the batch only after the iteration, so offsets commit
-only after the outputs are on the broker (at-least-once; results are keyed by camera and carry
-``frame_id`` so a replayed frame yields an identical, idempotent result).
+returns (stream/kafka/produce.py: retriable errors re-send only the unacknowledged records, fatal ones
+stop the worker), so offsets commit only after the outputs are on the broker (at-least-once; results are
+keyed by camera and carry ``frame_id`` so a replayed frame yields an identical, idempotent result).
+Faust's ``take_events`` would also ack a batch whose body raised: the agent withholds such a batch and
+stops the worker instead (stream/worker/acks.py), and every stop is bounded (``worker_shutdown_timeout_s``).
+At start the DLQ topic's ``max.message.bytes`` caps the original bytes a DLQ record keeps
+(stream/kafka/limits.py), and Triton being down waits behind the circuit breaker.
 
 ``python -m stream.worker.app`` is an entry point of its own (the container runs ``linewatch worker``):
 it builds the Settings once and passes them down.
@@ -16,19 +20,24 @@ it builds the Settings once and passes them down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
 
-from contracts.cli import OneLineParser, run_command
+from contracts.cli import EXIT_RUNTIME, OneLineParser, run_command
 from contracts.config import Settings
 from contracts.logs import configure_logging, get_logger
 from stream.inference.triton_client import TritonInfer
 from stream.kafka.codecs import require_codecs
 from stream.kafka.compat import apply_dev_broker_workarounds, limit_fetch_wait
+from stream.kafka.limits import DLQ_HEADROOM_BYTES, dlq_value_cap, read_topic_limits
+from stream.kafka.produce import send_all as _send_records
 from stream.lifecycle.wiring import register as register_lifecycle
+from stream.worker.acks import ShutdownWatchdog, exit_code_for, fatal_stop, reach_triton, withhold
 from stream.worker.breaker import CircuitBreaker
 from stream.worker.config import WorkerConfig, add_worker_args, worker_config
 from stream.worker.metrics import WorkerMetrics
@@ -56,7 +65,7 @@ def _app_kwargs(cfg: WorkerConfig) -> dict[str, Any]:
         producer_acks=-1,
         producer_linger_ms=0,
         # a DLQ record carries the original frame (<= max_frame_bytes, larger ones are dropped) + headers
-        producer_max_request_size=s.max_frame_bytes + 1024 * 1024,
+        producer_max_request_size=s.max_frame_bytes + DLQ_HEADROOM_BYTES,
     )
     if cfg.broker_credentials is not None:  # TLS / SASL (stream.kafka.clients.faust_broker_credentials)
         kw["broker_credentials"] = cfg.broker_credentials
@@ -66,18 +75,16 @@ def _app_kwargs(cfg: WorkerConfig) -> dict[str, Any]:
     return kw
 
 
-async def send_all(sends: list[Outgoing]) -> None:
-    """Send and await every future (results before the batch is acked); a broker hiccup resends the
-    whole list (idempotent by frame_id)."""
-    for attempt in range(1_000_000):
-        try:
-            futs = [await o.topic.send(key=o.key, value=o.value, headers=o.headers, force=True) for o in sends]
-            await asyncio.gather(*futs)
-            return
-        except Exception as e:
-            delay = min(10.0, 0.2 * 2 ** min(attempt, 6))
-            log.warning("produce_retry", attempt=attempt + 1, error=str(e)[:300], delay_s=delay)
-            await asyncio.sleep(delay)
+async def send_all(sends: list[Outgoing], backoff_s: float = 0.2, backoff_max_s: float = 10.0) -> int:
+    """Publish every record and await its acknowledgement (before the batch is acked): a retriable error
+    re-sends only the records not yet acknowledged (capped backoff); a fatal one raises
+    :class:`stream.kafka.produce.FatalProduceError`. Returns the retry rounds it took."""
+
+    async def send(o: Outgoing):
+        return await o.topic.send(key=o.key, value=o.value, headers=o.headers, force=True)
+
+    return await _send_records(sends, send, target=lambda o: f"topic {o.topic.get_topic_name()}",
+                               backoff_s=backoff_s, backoff_max_s=backoff_max_s)
 
 
 def _count(batch: Batch, metrics: WorkerMetrics) -> None:
@@ -150,10 +157,10 @@ def build_app(cfg: WorkerConfig) -> faust.App:
             if "pipeline" not in state:
                 # no retries inside the client: the pipeline retries, per-frame budget + circuit breaker
                 triton = TritonInfer(s.triton_grpc_url, metrics=metrics, max_retries=0)
-                await triton.wait_ready(120)
                 p = Pipeline(cfg, triton, metrics)
                 attach_breaker(app, p.breaker, s.topic_frames)
-                await p.refresh_models()
+                # Triton down at start: the breaker pauses consumption and probes; nothing raises into the agent
+                await reach_triton(p, s.worker_ready_wait_s)
                 log.info("worker_models", models={m: str(triton.spec_for(m).version) for m in triton.ready_models()})
                 state["pipeline"] = p
         return state["pipeline"]
@@ -161,20 +168,32 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     # adapter lifecycle + drift (stream/lifecycle/wiring.py): model-events rollout agent, shadow traffic, drift-alerts
     lifecycle = register_lifecycle(app, cfg, pipeline)
 
+    async def handle(events: list) -> None:
+        p = await pipeline()
+        metrics.inflight.set(len(events))
+        m = [e.message for e in events]
+        batch = await p.process([RawRecord(i, x.key, x.value, x.headers, x.timestamp) for i, x in enumerate(m)])
+        _count(batch, metrics)
+        sends = p.outgoing(batch, results_t, defects_t, dlq_t) + lifecycle.after_batch(batch)
+        t0 = time.perf_counter()
+        await send_all(sends, s.worker_produce_backoff_s, s.worker_produce_backoff_max_s)
+        metrics.stage_latency.labels(stage="publish").observe((time.perf_counter() - t0) * 1000)
+        metrics.inflight.set(0)
+        _record_lag(app, events, metrics)
+
     @app.agent(frames_t)
     async def inspect(stream):
         async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
-            p = await pipeline()
-            metrics.inflight.set(len(events))
-            m = [e.message for e in events]
-            batch = await p.process([RawRecord(i, x.key, x.value, x.headers, x.timestamp) for i, x in enumerate(m)])
-            _count(batch, metrics)
-            sends = p.outgoing(batch, results_t, defects_t, dlq_t) + lifecycle.after_batch(batch)
-            t0 = time.perf_counter()
-            await send_all(sends)
-            metrics.stage_latency.labels(stage="publish").observe((time.perf_counter() - t0) * 1000)
-            metrics.inflight.set(0)
-            _record_lag(app, events, metrics)
+            # take_events acks `events` in a finally block, even when this body raises: only a batch whose
+            # every output is on the broker may reach it (stream/worker/acks.py)
+            try:
+                await handle(events)
+            except asyncio.CancelledError:  # stopping (SIGTERM, rebalance) mid-batch: redelivered later
+                withhold(events)
+                raise
+            except BaseException as e:
+                fatal_stop(state, e, events)
+                await asyncio.Event().wait()  # take no further batch; the stop cancels this task
 
     @app.page("/metrics")
     async def metrics_page(web, request):
@@ -197,18 +216,49 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     return app
 
 
+def check_topic_limits(cfg: WorkerConfig) -> WorkerConfig:
+    """Read the output topics' max.message.bytes and cap the DLQ record's original value to fit; refuse to
+    start (TopicLimitError, one line, exit 2) when the DLQ topic cannot hold a DLQ record at all."""
+    s = cfg.settings
+    with ThreadPoolExecutor(1) as ex:  # its own event loop, before Faust's exists
+        limits = ex.submit(asyncio.run, read_topic_limits(s, [s.topic_dlq, s.topic_results, s.topic_defects])).result()
+    cap = dlq_value_cap(s.max_frame_bytes, s.topic_dlq, limits.get(s.topic_dlq))
+    log.info("topic_limits", max_message_bytes=limits, max_frame_bytes=s.max_frame_bytes, dlq_value_bytes=cap)
+    if cap < s.max_frame_bytes:
+        log.warning("dlq_value_capped", topic=s.topic_dlq, max_message_bytes=limits.get(s.topic_dlq), cap=cap,
+                    note="a DLQ'd frame larger than the cap keeps its size and sha256, not its bytes")
+    return dataclasses.replace(cfg, dlq_value_bytes=cap)
+
+
 def run_worker(cfg: WorkerConfig, loglevel: str = "info") -> None:
-    """Run the Faust worker in the foreground until SIGINT/SIGTERM."""
+    """Run the Faust worker in the foreground until SIGINT/SIGTERM (or a fatal error: exit 1)."""
     from faust.worker import Worker
 
     s = cfg.settings
+    cfg = check_topic_limits(cfg)
     app = build_app(cfg)
+    state = app.linewatch_state  # type: ignore[attr-defined]
+    watchdog = ShutdownWatchdog(s.worker_shutdown_timeout_s)
+
+    class BoundedWorker(Worker):
+        def _schedule_shutdown(self, sig) -> None:
+            fatal = state.get("fatal")
+            watchdog.exit_code = exit_code_for(fatal) if fatal is not None else EXIT_RUNTIME
+            watchdog.arm(f"{getattr(sig, 'name', sig)}" + (f" after {type(fatal).__name__}" if fatal else ""))
+            super()._schedule_shutdown(sig)
+
     log.info("worker_start", bootstrap=s.kafka_bootstrap, triton=s.triton_grpc_url, topic=s.topic_frames,
              batch_max=s.batch_max, within_s=s.batch_within_s, web_port=s.worker_web_port, dev_broker=s.dev_broker,
              security=type(cfg.broker_credentials).__name__ if cfg.broker_credentials else "PLAINTEXT",
              max_frame_bytes=s.max_frame_bytes, max_image_pixels=s.max_image_pixels)
-    worker = Worker(app, loglevel=loglevel, redirect_stdouts=False, override_logging=False)
-    worker.execute_from_commandline()
+    worker = BoundedWorker(app, loglevel=loglevel, redirect_stdouts=False, override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        fatal = state.get("fatal")
+        if fatal is not None:
+            raise SystemExit(exit_code_for(fatal)) from None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:  # python -m stream.worker.app

@@ -25,6 +25,9 @@ class WorkerConfig:
     decode_threads: int  # worker_decode_threads, 0 resolved to min(4, the cgroup CPU quota, usable CPUs)
     decode_budget_bytes: int  # worker_decode_budget_mb, 0 resolved to a quarter of the cgroup memory limit
     stream_buffer_max: int  # worker_stream_buffer_max, 0 resolved to max(16, 4 * batch_max)
+    # original bytes a DLQ record may keep: max_frame_bytes, capped to the DLQ topic's max.message.bytes at start
+    # (stream.worker.app.check_topic_limits, stream/kafka/limits.py)
+    dlq_value_bytes: int
 
     @classmethod
     def from_settings(cls, s: Settings) -> WorkerConfig:
@@ -43,6 +46,7 @@ class WorkerConfig:
             decode_budget_bytes=budget.decode_budget_bytes(s.worker_decode_budget_mb,
                                                            mem_limit=budget.cgroup_memory_limit()),
             stream_buffer_max=s.worker_stream_buffer_max or max(16, 4 * s.batch_max),
+            dlq_value_bytes=s.max_frame_bytes,
         )
 
 

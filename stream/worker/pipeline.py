@@ -137,7 +137,7 @@ class Pipeline(InferStage):
         self.breaker = breaker or CircuitBreaker(triton.live, backoff_s=s.worker_breaker_backoff_s,
                                                  backoff_max_s=s.worker_breaker_backoff_max_s, metrics=metrics)
         self.heatmap_size = s.heatmap_size
-        self.max_bytes = s.max_frame_bytes
+        self.max_bytes = cfg.dlq_value_bytes or s.max_frame_bytes  # a DLQ record's original value
         self._image_limits = {"max_side": s.max_image_side, "max_pixels": s.max_image_pixels,
                               "max_bytes": s.max_frame_bytes}
         # decode bombs under the cap: a per-model pixel cap, JPEG reduced decoding, a decode memory budget
