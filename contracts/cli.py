@@ -33,6 +33,17 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def positive_int(v: str) -> int:
+    """argparse ``type=`` for a count that must be > 0 (a bad value is a one-line usage error)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {v}")
+    return n
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line; pydantic validation errors without their input values (which may
     hold secrets such as the SASL password)."""

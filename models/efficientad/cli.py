@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contracts.cli import UsageError
+from contracts.cli import UsageError, positive_int
 
 DEFAULT_TEACHER_KIND = "lite0-features"
 
@@ -28,16 +28,6 @@ def _file(p: str | None, what: str) -> Path | None:
     if not path.is_file():
         raise _usage(f"{what} not found: {path}")
     return path
-
-
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {v}")
-    return n
 
 
 def cmd_train(args) -> int:
@@ -144,10 +134,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                               "(default: <data>/weights/efficientnet-lite0-57934424.pth)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--model-size", choices=["small", "medium"], default="small")
-    t.add_argument("--steps", type=_positive, default=70_000)
+    t.add_argument("--steps", type=positive_int, default=70_000)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-train-images", type=_positive)
+    t.add_argument("--max-train-images", type=positive_int)
     t.add_argument("--max-seconds", type=float, help="wall budget of the step loop (LR drop at 95%% of it); CPU schedules")
     t.add_argument("--amp-bf16", action="store_true", help="bf16 autocast (only worth it on CPUs with native bf16)")
     t.add_argument("--select-every", type=int, default=0,
@@ -167,8 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--repository", required=True, help="Triton model repository (e.g. triton_repo)")
     x.add_argument("--product", required=True)
-    x.add_argument("--version", type=_positive, help="default: next free version")
-    x.add_argument("--max-batch-size", type=_positive, default=8)
+    x.add_argument("--version", type=positive_int, help="default: next free version")
+    x.add_argument("--max-batch-size", type=positive_int, default=8)
     x.set_defaults(func=cmd_export)
 
     d = verbs.add_parser("distill-teacher", help="distil a PDN teacher from a timm backbone (resumes from <out>.ckpt)")
@@ -178,10 +168,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out-indices", type=int, nargs="+", default=[2, 3], help="backbone stages of the target")
     d.add_argument("--backbone-weights", help="local weights file (never downloaded)")
     d.add_argument("--model-size", choices=["small", "medium"], default="small")
-    d.add_argument("--steps", type=_positive, default=60_000)
-    d.add_argument("--batch-size", type=_positive, default=16)
+    d.add_argument("--steps", type=positive_int, default=60_000)
+    d.add_argument("--batch-size", type=positive_int, default=16)
     d.add_argument("--lr", type=float, default=1e-4)
-    d.add_argument("--max-images", type=_positive)
+    d.add_argument("--max-images", type=positive_int)
     d.add_argument("--max-seconds", type=float, help="wall budget of the step loop (CPU schedules)")
     d.add_argument("--amp-bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: only where the CPU has native bf16)")

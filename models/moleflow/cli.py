@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contracts.cli import UsageError
+from contracts.cli import UsageError, positive_int
 
 
 def _usage(msg: str) -> UsageError:
@@ -34,16 +34,6 @@ def _one_line(fn):
             raise _usage(str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__) from None
 
     return wrapper
-
-
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {v}")
-    return n
 
 
 def _weights(args) -> Path | None:
@@ -223,19 +213,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name (new store only)")
     t.add_argument("--backbone-weights", default=None, help="local weights file (default: shared Lite0 weights)")
     t.add_argument("--random-backbone", action="store_true", help="random backbone weights (tests)")
-    t.add_argument("--dim", type=_positive, default=None,
+    t.add_argument("--dim", type=positive_int, default=None,
                    help="D (default: the backbone's channels, no channel pooling; new store only)")
     t.add_argument("--grid", type=int, choices=[14, 28], default=None,
                    help="patch grid, new store only (default 28, the stride-8 resolution; 14 with --quick)")
-    t.add_argument("--hidden", type=_positive, default=None, help="coupling subnet width (default 256; 128 --quick)")
-    t.add_argument("--rank", type=_positive, default=None)
-    t.add_argument("--epochs", type=_positive, default=None, help="default 60 (10 with --quick)")
+    t.add_argument("--hidden", type=positive_int, default=None, help="coupling subnet width (default 256; 128 --quick)")
+    t.add_argument("--rank", type=positive_int, default=None)
+    t.add_argument("--epochs", type=positive_int, default=None, help="default 60 (10 with --quick)")
     t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--batch-size", type=_positive, default=16)
-    t.add_argument("--max-images", type=_positive, default=None)
+    t.add_argument("--batch-size", type=positive_int, default=16)
+    t.add_argument("--max-images", type=positive_int, default=None)
     t.add_argument("--time-budget-s", type=float, default=None, help="cap training time (fewer epochs)")
     t.add_argument("--quick", action="store_true", help="short CPU schedule: grid 14, hidden 128, r=32, 10 epochs, <=120 images")
-    t.add_argument("--threads", type=_positive, default=1, help="torch threads (1: no OpenMP stalls on shared cores)")
+    t.add_argument("--threads", type=positive_int, default=1, help="torch threads (1: no OpenMP stalls on shared cores)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_one_line(cmd_train_task))
 
@@ -245,15 +235,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="test data per task: MVTec root/category dir, or 'elpv' (repeatable)")
     e.add_argument("--out", required=True, help="results JSON (matrix PNG written beside it)")
     e.add_argument("--overlays", default=None, help="folder for heat-map overlay PNGs")
-    e.add_argument("--stride", type=_positive, default=1, help="use every n-th test image")
-    e.add_argument("--threads", type=_positive, default=2)
+    e.add_argument("--stride", type=positive_int, default=1, help="use every n-th test image")
+    e.add_argument("--threads", type=positive_int, default=2)
     e.set_defaults(func=_one_line(cmd_evaluate))
 
     x = verbs.add_parser("export", help="write a new Triton model version from the store")
     x.add_argument("--checkpoint", required=True, help="store dir")
     x.add_argument("--repo", "--repository", dest="repo", required=True)
     x.add_argument("--name", default="moleflow")
-    x.add_argument("--version", type=_positive, default=None)
+    x.add_argument("--version", type=positive_int, default=None)
     x.add_argument("--tasks", default=None, help="comma-separated subset (default: all adapters)")
-    x.add_argument("--max-batch-size", type=_positive, default=8)
+    x.add_argument("--max-batch-size", type=positive_int, default=8)
     x.set_defaults(func=_one_line(cmd_export))

@@ -5,7 +5,6 @@ broker against the real tritonserver."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import threading
 from pathlib import Path
@@ -14,7 +13,8 @@ import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 
-from contracts.artifact import config_sha256, path_to_uri
+from contracts.artifact import config_sha256, path_to_uri, sha256_file
+from contracts.image import decode_image
 from contracts.model_events import ModelEvent, decode
 from contracts.spec import parse_spec, to_tensor
 from models.efficientad.export import build_spec, config_pbtxt
@@ -51,21 +51,11 @@ class Broken(torch.nn.Module):
         return y, y.flatten(1).mean(1)
 
 
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def scores_eager(net, imgs, spec) -> list[float]:
     s = parse_spec(spec)
-    x = np.stack([to_tensor(_dec(b), s) for b in imgs])
+    x = np.stack([to_tensor(decode_image(b), s) for b in imgs])
     with torch.inference_mode():
         return net(torch.from_numpy(x))[1].tolist()
-
-
-def _dec(b: bytes):
-    from contracts.image import decode_image
-
-    return decode_image(b)
 
 
 def write_artifact(store: Path, model: str, version: int, product: str, net, images, *, honest=None,
@@ -84,13 +74,13 @@ def write_artifact(store: Path, model: str, version: int, product: str, net, ima
     spec["threshold"] = spec["map_threshold"] = float(np.quantile(cal, 0.99)) + 0.05
     spec["calibration"] = {"scores": cal, "n": len(cal)}
     spec["probe"] = {"files": [f"probe/{i:03d}.png" for i in range(len(probes))], "kind": "good"}
-    spec["artifacts"] = {"model.pt": sha(vdir / "model.pt"), "model.py": sha(vdir / "model.py"),
-                         **{f: sha(vdir / f) for f in spec["probe"]["files"]}}
+    spec["artifacts"] = {"model.pt": sha256_file(vdir / "model.pt"), "model.py": sha256_file(vdir / "model.py"),
+                         **{f: sha256_file(vdir / f) for f in spec["probe"]["files"]}}
     (vdir / "config.pbtxt").write_text(config_pbtxt(model, spec, size=SIZE))  # the version's pinned template
     spec["config_sha256"] = config_sha256((vdir / "config.pbtxt").read_text())
     (vdir / "metadata.json").write_text(json.dumps(spec, indent=2))
     (store / model / "config.pbtxt").write_text(config_pbtxt(model, spec, size=SIZE))
-    return vdir, sha(vdir / "metadata.json")
+    return vdir, sha256_file(vdir / "metadata.json")
 
 
 class Lifecycle:
@@ -147,7 +137,7 @@ def _match(r, model, version) -> bool:
 def infer_score(client, model, imgs) -> np.ndarray:
     spec = parse_spec(json.loads(client.get_model_config(model, as_json=True)["config"]["parameters"]
                                  ["linewatch_spec"]["string_value"]))
-    x = np.stack([to_tensor(_dec(b), spec) for b in imgs])
+    x = np.stack([to_tensor(decode_image(b), spec) for b in imgs])
     inp = grpcclient.InferInput("image", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     return client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("score")]).as_numpy("score").reshape(-1)

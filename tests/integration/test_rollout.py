@@ -22,7 +22,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from contracts.artifact import path_to_uri, verify_artifact
+from contracts.artifact import path_to_uri, sha256_file, verify_artifact
 from contracts.model_events import ModelEvent, decode
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from stream.lifecycle.drift import DriftConfig, DriftMonitor
@@ -32,7 +32,6 @@ from tests.harness.rollout import (
     Tiny,
     infer_score,
     served_version,
-    sha,
     write_artifact,
 )
 
@@ -186,7 +185,7 @@ def test_cli_release_rollback_status(life, images, local_stack):
     vdir, _ = write_artifact(life.store, life.model, 95, life.product, Tiny(gain=0.99), images)
     boot = ["--bootstrap", local_stack.kafka_bootstrap, "--topic", life.topic]
     out = json.loads(_lw("release", str(vdir), *boot))
-    assert out["type"] == "released" and out["sha256"] == sha(vdir / "metadata.json")
+    assert out["type"] == "released" and out["sha256"] == sha256_file(vdir / "metadata.json")
     assert life.outcome(life.model, 95).type == "promoted"
     assert served_version(client, life.model) == 95
     _lw("rollback", life.model, "--to-version", str(before), *boot)
