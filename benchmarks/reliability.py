@@ -10,10 +10,20 @@ first per frame: at-least-once redelivery), DLQ'd, recovery (fault end -> first 
 seen on the results topic after it), fault duration, the worker's peak RSS growth over its
 pre-fault level, and the retries the worker logged.
 
+Then the failure-safety scenarios of issue #15 (Triton down at start, a fatal produce error, an
+exception in the batch, SIGTERM with the broker stopped, a DLQ record over the topic limit, poison
+task headers, a retry budget running out, Triton down behind the circuit breaker, decode bombs just
+under the pixel cap, a tampered model.py released while frames flow, and frames from librdkafka under
+each compression codec). Each is the integration test that guards the fix, run here by pytest with
+``--reliability-out``: the test records its ``linewatch account`` report (tests/harness/reliability.py)
+and passes only if nothing was lost. A row is ok when the test passed, nothing is lost, every topic was
+read to its end and the DLQ holds exactly the records the scenario must produce (the poison frames).
+
 Writes benchmarks/results/reliability.json and reliability.md.
 
     .venv/bin/python benchmarks/reliability.py [--frames 200] [--fps 20] [--fault-s 8]
         [--faults worker_sigkill,broker_pause,...] [--model-dir triton_repo/efficientad_bottle]
+        [--safety | --no-safety]
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +65,50 @@ DESCRIBE = {
 }
 
 
+# the integration tests that guard each failure-safety fix (issue #15); each records its accounting rows
+SAFETY_TESTS = [
+    "tests/integration/test_ack_safety.py::test_worker_started_while_triton_down_past_the_ready_wait_loses_nothing",
+    "tests/integration/test_ack_safety.py::test_exception_escaping_the_batch_commits_nothing_and_frames_are_redelivered",
+    "tests/integration/test_ack_safety.py::test_sigterm_with_the_broker_stopped_exits_within_the_bound",
+    "tests/integration/test_ack_safety.py::test_dlq_record_fits_the_dlq_topic_limit",
+    "tests/integration/test_retry_safety.py::test_unknown_task_goes_to_dlq_promptly_and_never_stalls_the_batch",
+    "tests/integration/test_retry_safety.py::test_frame_failing_transiently_past_its_budget_is_dlq_retry_exhausted",
+    "tests/integration/test_retry_safety.py::test_triton_down_opens_breaker_pauses_consumption_and_resumes_without_loss",
+    "tests/integration/test_decode_budget.py::test_bombs_under_the_cap_stay_in_budget",
+    "tests/integration/test_rollout.py::test_tampered_model_py_refused_while_frames_flow_nothing_lost",
+    "tests/integration/test_codecs.py::test_every_compression_codec_from_librdkafka",
+]
+
+SAFETY_DESCRIBE = {
+    "triton_down_at_start": "worker started while Triton is down 3x its readiness wait, then Triton starts",
+    "fatal_produce_error": "the broker refuses the results topic (authorization): worker stops, exit 1, restarted",
+    "exception_in_batch": "an exception escapes the batch body: worker stops, exit 1, restarted",
+    "sigterm_broker_stopped": "SIGTERM while the broker is SIGSTOPped; a new worker after the broker is back",
+    "dlq_record_over_topic_limit": "an undecodable 2 MiB frame, DLQ topic max.message.bytes 1.5 MiB",
+    "poison_task_header": "frames whose task header names no task (some contain 'UNAVAILABLE') among good ones",
+    "retry_budget_exhausted": "frames Triton fails transiently for ever (retry budget 2) among good ones",
+    "triton_down_breaker": "Triton killed for 12 s under traffic: circuit breaker pauses consumption",
+    "decode_bombs_under_cap": "16-bit RGBA PNGs just under the model-derived pixel cap (+1 just over it)",
+    "tampered_model_py": "a version whose model.py changed after its manifest, released while frames flow",
+}
+SAFETY_COLUMNS = [("scenario", "scenario"), ("frames_sent", "frames sent"), ("lost", "lost"),
+                  ("duplicated", "duplicated"), ("dlq_reasons", "DLQ'd (reason)"), ("expected_dlq", "DLQ expected"),
+                  ("ok", "ok")]
+
+
+def run_safety(out_json: Path) -> tuple[list[dict], int]:
+    """Run the failure-safety integration tests; their accounting rows and pytest's exit code."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--reliability-out", str(out_json),
+           *SAFETY_TESTS]
+    print("--- failure-safety scenarios: " + " ".join(cmd[3:6]) + " ...", flush=True)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    rows = json.loads(out_json.read_text()) if out_json.exists() else []
+    for r in rows:
+        r["ok"] = bool(r["ok"] and rc == 0)
+        print("    " + "  ".join(f"{h}={_fmt(r.get(k))}" for k, h in SAFETY_COLUMNS), flush=True)
+    return rows, rc
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -66,7 +121,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
+def write_markdown(path: Path, rows: list[dict], meta: dict, safety: list[dict] | None = None) -> None:
     lines = ["# Reliability under faults", "",
              f"{meta['when']} on {meta['machine']}; detector `{meta['model']}`; {meta['frames']} frames per scenario "
              f"at {meta['fps']} fps (+1 warm-up frame), batch {meta['batch']}; fault injected once the worker was "
@@ -81,6 +136,14 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
               "acknowledged while the fault lasted (0 for `broker_pause`: the line's producer was blocked too). Recovery after `broker_pause` is "
               "near 0 because results computed during the outage were waiting in the worker's producer. "
               f"Wall time {meta['wall_s']} s."]
+    if safety is not None:
+        lines += ["", "## Failure-safety scenarios (issue #15)", "",
+                  f"Each row is the integration test that guards the fix (pytest exit code {meta.get('safety_rc')}); "
+                  "DLQ'd records are the poison frames the scenario must reject, by reason.", "",
+                  "| " + " | ".join(h for _, h in SAFETY_COLUMNS) + " | what |", "|" + "---|" * (len(SAFETY_COLUMNS) + 1)]
+        for r in safety:
+            what = SAFETY_DESCRIBE.get(r["scenario"], "librdkafka producer, compression.type " + r["scenario"].split("_", 1)[-1])
+            lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in SAFETY_COLUMNS) + f" | {what} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -94,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", help="an exported Triton model dir to serve instead of the probe detector")
     ap.add_argument("--probe-delay-ms", type=int, default=100, help="probe detector time per batch")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--safety", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the failure-safety scenarios (issue #15) through their integration tests")
     a = ap.parse_args(argv)
     faults = [f.strip() for f in a.faults.split(",") if f.strip()]
     bad = [f for f in faults if f not in FAULTS]
@@ -133,16 +198,28 @@ def main(argv: list[str] | None = None) -> int:
             print("    " + "  ".join(f"{h}={_fmt(d.get(k))}" for k, h in COLUMNS[1:]), flush=True)
     finally:
         stack.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    safety, safety_rc = run_safety(root / "safety.json") if a.safety else (None, None)
+    shutil.rmtree(root, ignore_errors=True)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.node()} ({os.cpu_count()} CPU, "
             f"{platform.machine()}, no GPU)" if not shutil.which("nvidia-smi") else platform.node(),
             "model": model if a.model_dir else f"{model} (probe detector, {a.probe_delay_ms} ms per batch)",
             "frames": a.frames, "fps": a.fps, "fault_s": a.fault_s, "batch": a.batch, "faults": faults,
-            "wall_s": round(time.monotonic() - t0, 1)}
-    (out / "reliability.json").write_text(json.dumps({"meta": meta, "scenarios": rows}, indent=2))
-    write_markdown(out / "reliability.md", rows, meta)
+            "wall_s": round(time.monotonic() - t0, 1), "commit": _commit(), "safety_rc": safety_rc}
+    doc = {"meta": meta, "scenarios": rows}
+    if safety is not None:
+        doc["safety_scenarios"] = safety
+    (out / "reliability.json").write_text(json.dumps(doc, indent=2))
+    write_markdown(out / "reliability.md", rows, meta, safety)
     print((out / "reliability.md").read_text())
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(r["ok"] for r in rows + (safety or [])) and not safety_rc else 1
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from contracts.config import Settings
 def pytest_addoption(parser):
     parser.addoption("--it-model-dir", default=None,
                      help="an exported Triton model dir for the streaming integration tests (default: train a tiny one)")
+    parser.addoption("--reliability-out", default=None,
+                     help="write the failure-safety scenarios' accounting rows here (benchmarks/reliability.py)")
 
 
 @pytest.fixture(scope="session")

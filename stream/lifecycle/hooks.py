@@ -75,6 +75,11 @@ class Lifecycle:
         self.drift_topic, self.events_topic = drift_topic, events_topic
         self.retrain_on_ood = retrain_on_ood
 
+    @property
+    def output_topics(self) -> tuple[Any, ...]:
+        """The topics this hook (and the rollout it drives) publishes to: drift alerts, model events."""
+        return (self.drift_topic, self.events_topic)
+
     def after_batch(self, batch: Batch) -> list[Outgoing]:
         out: list[Outgoing] = []
         try:

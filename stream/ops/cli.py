@@ -16,7 +16,7 @@ from contracts.cli import OneLineParser, run_command
 from contracts.config import Settings
 from contracts.logs import configure_logging
 
-CORE_VERBS = ("stream.ops.cli_worker", "stream.ops.cli_lifecycle", "stream.ops.accounting")
+CORE_VERBS = ("stream.ops.cli_worker", "stream.ops.cli_lifecycle", "stream.ops.accounting", "stream.ops.acls")
 PLUGIN_GROUP = "linewatch.verbs"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 
 def _topic(a) -> str:
+    """The model-events topic the lifecycle verbs publish to and read."""
     return a.topic or a.settings.topic_model_events
 
 

@@ -50,13 +50,26 @@ def _cmd_worker(a) -> int:
     return 0
 
 
+def replay_topic(a) -> str:
+    """The topic `linewatch replay` publishes frames to."""
+    return a.topic or a.settings.topic_frames
+
+
+def tail_topics(a) -> dict[str, str | None]:
+    """The topics `linewatch tail` reads: results, DLQ (unless --no-dlq), defects (with --defects)."""
+    s = a.settings
+    return {"results_topic": a.topic or s.topic_results,
+            "dlq_topic": None if a.no_dlq else a.dlq_topic or s.topic_dlq,
+            "defects_topic": (a.defects_topic or s.topic_defects) if a.defects else None}
+
+
 def _cmd_replay(a) -> int:
     from stream.ops.replay import list_images, replay
 
     list_images(a.folder)  # FileNotFoundError: a usage error (exit 2, contracts.cli)
     if a.fps < 0:
         raise UsageError("--fps must be >= 0")
-    topic = a.topic or a.settings.topic_frames
+    topic = replay_topic(a)
     sent = asyncio.run(replay(_bootstrap(a), a.folder, cameras=a.camera or ["cam-1"], fps=a.fps, topic=topic,
                               product=a.product, line=a.line, loops=a.loops, limit=a.limit, settings=a.settings))
     print(f"published {len(sent)} frames to {topic}")
@@ -66,10 +79,8 @@ def _cmd_replay(a) -> int:
 def _cmd_tail(a) -> int:
     from stream.ops.tail import run
 
-    s = a.settings
-    run(_bootstrap(a), results_topic=a.topic or s.topic_results, dlq_topic=None if a.no_dlq else a.dlq_topic or s.topic_dlq,
-        defects_topic=(a.defects_topic or s.topic_defects) if a.defects else None, from_beginning=a.from_beginning,
-        limit=a.limit, as_json=a.json, timeout_s=a.timeout, settings=s)
+    run(_bootstrap(a), **tail_topics(a), from_beginning=a.from_beginning, limit=a.limit, as_json=a.json,
+        timeout_s=a.timeout, settings=a.settings)
     return 0
 
 

@@ -211,9 +211,16 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         except Exception as e:  # the agent retries on its first batch
             log.error("triton_unreachable_at_start", error=str(e))
 
+    # every topic this app publishes to (stream/ops/acls.py derives the worker's KafkaUser from it)
+    app.linewatch_writes = tuple(t.get_topic_name() for t in (results_t, defects_t, dlq_t, *lifecycle.output_topics))  # type: ignore[attr-defined]
     app.linewatch_metrics = metrics  # type: ignore[attr-defined]
     app.linewatch_state = state  # type: ignore[attr-defined]
     return app
+
+
+def limit_topics(s: Settings) -> list[str]:
+    """The topics whose ``max.message.bytes`` the worker reads at start (DescribeConfigs)."""
+    return [s.topic_dlq, s.topic_results, s.topic_defects]
 
 
 def check_topic_limits(cfg: WorkerConfig) -> WorkerConfig:
@@ -221,7 +228,7 @@ def check_topic_limits(cfg: WorkerConfig) -> WorkerConfig:
     start (TopicLimitError, one line, exit 2) when the DLQ topic cannot hold a DLQ record at all."""
     s = cfg.settings
     with ThreadPoolExecutor(1) as ex:  # its own event loop, before Faust's exists
-        limits = ex.submit(asyncio.run, read_topic_limits(s, [s.topic_dlq, s.topic_results, s.topic_defects])).result()
+        limits = ex.submit(asyncio.run, read_topic_limits(s, limit_topics(s))).result()
     cap = dlq_value_cap(s.max_frame_bytes, s.topic_dlq, limits.get(s.topic_dlq))
     log.info("topic_limits", max_message_bytes=limits, max_frame_bytes=s.max_frame_bytes, dlq_value_bytes=cap)
     if cap < s.max_frame_bytes:

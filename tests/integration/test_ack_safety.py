@@ -155,7 +155,7 @@ def _log(w: WorkerProcess) -> str:
 # ----------------------------------------------------------------------------- (a) Triton down at start
 
 
-def test_worker_started_while_triton_down_past_the_ready_wait_loses_nothing(ack_stack, images, tmp_path):
+def test_worker_started_while_triton_down_past_the_ready_wait_loses_nothing(ack_stack, images, tmp_path, reliability):
     boot = ack_stack.kafka_bootstrap
     t = _topics("start")
     _create(boot, t)
@@ -176,6 +176,8 @@ def test_worker_started_while_triton_down_past_the_ready_wait_loses_nothing(ack_
         print(f"\ntriton down at start: results before Triton {before.results}, all {rep.produced} accounted "
               f"{time.monotonic() - t_up:.1f}s after it came up, lost {len(rep.missing)}, dlq {rep.dlq}, "
               f"breaker opened {lg.count('triton_breaker_open')}x")
+        reliability.record("triton_down_at_start", rep, results_before_triton=before.results,
+                           accounted_s_after_triton_up=round(time.monotonic() - t_up, 1))
         assert before.results == 0
         assert rep.missing == [] and rep.dlq == 0 and rep.produced == 10, (rep.missing, rep.dlq_reasons, lg[-3000:])
         assert '"event":"triton_breaker_open"' in lg and "worker_fatal" not in lg
@@ -193,7 +195,7 @@ def test_worker_started_while_triton_down_past_the_ready_wait_loses_nothing(ack_
 
 @pytest.mark.parametrize("inject", ["auth", "raise"])
 def test_exception_escaping_the_batch_commits_nothing_and_frames_are_redelivered(ack_stack, images, tmp_path,
-                                                                                 inject):
+                                                                                 inject, reliability):
     boot = ack_stack.kafka_bootstrap
     t = _topics(f"fatal-{inject}")
     _create(boot, t)
@@ -227,6 +229,8 @@ def test_exception_escaping_the_batch_commits_nothing_and_frames_are_redelivered
         rep = _account(boot, t, 90)
         print(f"\n{inject}: fatal stop after {stop_s:.1f}s (rc {rc}); after restart "
               f"{rep.accounted}/{rep.produced} accounted, lost {len(rep.missing)}, duplicates {rep.duplicate_results}")
+        reliability.record("fatal_produce_error" if inject == "auth" else "exception_in_batch", rep, worker_exit=rc,
+                           fatal_stop_s=round(stop_s, 1), published_before_restart=mid.results + mid.dlq)
         assert rep.missing == [] and rep.produced == 10 and rep.dlq == 0, (rep.missing, _log(w2)[-3000:])
     finally:
         w2.stop()
@@ -235,7 +239,7 @@ def test_exception_escaping_the_batch_commits_nothing_and_frames_are_redelivered
 # ----------------------------------------------------------------------------- (c) SIGTERM, broker stopped
 
 
-def test_sigterm_with_the_broker_stopped_exits_within_the_bound(ack_stack, images, tmp_path):
+def test_sigterm_with_the_broker_stopped_exits_within_the_bound(ack_stack, images, tmp_path, reliability):
     boot = ack_stack.kafka_bootstrap
     t = _topics("term")
     _create(boot, t)
@@ -263,6 +267,7 @@ def test_sigterm_with_the_broker_stopped_exits_within_the_bound(ack_stack, image
     w2 = _worker(ack_stack, t, tmp_path, app_id=group, name="term2")
     try:
         rep = _account(boot, t, 90)
+        reliability.record("sigterm_broker_stopped", rep, exit_s=round(exit_s, 1), worker_exit=rc)
         assert rep.missing == [] and rep.produced == 7, (rep.missing, _log(w2)[-3000:])
     finally:
         w2.stop()
@@ -271,7 +276,7 @@ def test_sigterm_with_the_broker_stopped_exits_within_the_bound(ack_stack, image
 # ----------------------------------------------------------------------------- item 2: record sizes
 
 
-def test_dlq_record_fits_the_dlq_topic_limit(ack_stack, tmp_path):
+def test_dlq_record_fits_the_dlq_topic_limit(ack_stack, tmp_path, reliability):
     boot = ack_stack.kafka_bootstrap
     t = _topics("size")
     limit = 3 * MIB // 2
@@ -288,6 +293,7 @@ def test_dlq_record_fits_the_dlq_topic_limit(ack_stack, tmp_path):
                      image=os.urandom(2 * MIB), product="bottle", content_type="image/png")  # undecodable, 2 MiB
         _publish(boot, t["frames"], [junk], max_request_size=8 * MIB)
         rep = _account(boot, t, 120)
+        reliability.record("dlq_record_over_topic_limit", rep, expect_dlq={"decode_error": 1})
         assert rep.missing == [] and rep.dlq == 1, (rep, _log(w)[-3000:])
         rec = asyncio.run(read_topics(boot, [t["dlq"]], timeout_s=15, idle_s=2.0))[t["dlq"]][0]
         size = len(rec.key or b"") + len(rec.value or b"") + sum(len(k) + len(v) for k, v in rec.headers)

@@ -102,7 +102,7 @@ async def _stored_codecs(bootstrap: str, topic: str) -> list[int]:
         await client.close()
 
 
-def test_every_compression_codec_from_librdkafka(stack, detector, bottle_test, tmp_path, capsys):
+def test_every_compression_codec_from_librdkafka(stack, detector, bottle_test, tmp_path, capsys, reliability):
     boot = stack.kafka_bootstrap
     t = topics(f"codec-{uuid.uuid4().hex[:6]}")
     mirror = f"{t['results']}-mirror"
@@ -154,6 +154,10 @@ def test_every_compression_codec_from_librdkafka(stack, detector, bottle_test, t
 
     missing = {c: [f for f in ids if f not in got] for c, ids in by_codec.items()}
     missing = {c: m for c, m in missing.items() if m}
+    for c, ids in by_codec.items():
+        reliability.record_counts(f"librdkafka_{c}", frames_sent=len(ids), lost=len(missing.get(c, [])),
+                                  complete=True, batch_codec_stored=c in {k for k, v in CODEC_ID.items() if v in stored},
+                                  worker_alive=alive)
     assert alive, f"worker died (frames without a result per codec: {missing}); log: {log_tail}"
     assert not missing, f"frames without a result per codec: {missing}; log: {log_tail}"
 

@@ -80,7 +80,7 @@ def _spec_input(grpc_url: str, model: str) -> tuple[int, int]:
     return asyncio.run(get())
 
 
-def test_bombs_under_the_cap_stay_in_budget(stack, detector, bottle_test, tmp_path):
+def test_bombs_under_the_cap_stay_in_budget(stack, detector, bottle_test, tmp_path, reliability):
     t0 = time.monotonic()
     boot = stack.kafka_bootstrap
     assert _spec_input(stack.triton_grpc_url, detector) == MODEL_INPUT
@@ -140,6 +140,8 @@ def test_bombs_under_the_cap_stay_in_budget(stack, detector, bottle_test, tmp_pa
                "results": rep.results, "dlq": rep.dlq_reasons, "missing": len(rep.missing),
                "test_s": round(time.monotonic() - t0, 1)}
     print("decode budget:", summary)
+    reliability.record("decode_bombs_under_cap", rep, expect_dlq={"too_large": 1}, worker_alive=alive,
+                       peak_over_warm_mb=summary["peak_over_warm_mb"], budget_mb=BUDGET_MB)
     assert alive, f"worker died on the batch: {summary}; log: {log_tail}"
     assert rep.ok and rep.missing == [] and rep.produced == len(batch) + 1, (summary, log_tail)
     assert rep.dlq_reasons == {"too_large": 1}, (summary, log_tail)  # the over-cap frame only

@@ -48,14 +48,19 @@ def images(shared_data):
     return load_images(shared_data / "mvtec" / "bottle" / "test", limit=16)
 
 
-def _account(stack, topics, capsys) -> dict:
+def _worker_logs(workdir, lines: int = 25) -> str:
+    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+                     for p in sorted(workdir.glob("worker-*.log")))
+
+
+def _account(stack, topics, capsys, why: str = "") -> dict:
     """`linewatch account --json` on the scenario's topics: exit 0 and the parsed report."""
     capsys.readouterr()
     rc = linewatch(["account", "--bootstrap", stack.kafka_bootstrap, "--frames-topic", topics["frames"],
                     "--results-topic", topics["results"], "--dlq-topic", topics["dlq"], "--json"])
     out = capsys.readouterr().out
     rep = json.loads(out)
-    assert rc == 0, f"linewatch account failed: missing {rep['missing'][:10]}"
+    assert rc == 0, f"linewatch account failed: {len(rep['missing'])} missing {rep['missing'][:5]}\n{why}"
     return rep
 
 
@@ -64,7 +69,7 @@ def _run(fault_stack, images, tmp_path, capsys, fault: str, **kw):
     r = run_scenario(stack, fault, images, tmp_path, model=model, **kw)
     summary = {k: v for k, v in r.to_dict().items() if k not in ("report", "topics")}
     print(f"\n{fault}: {summary}")
-    rep = _account(stack, r.topics, capsys)
+    rep = _account(stack, r.topics, capsys, f"scenario {summary}\n{_worker_logs(tmp_path)}")
     # nothing lost, nothing DLQ'd: every frame produced has a result
     assert r.frames_sent == kw["n"] + 1, r.notes  # + the warm-up frame
     assert r.sent_before_fault < r.frames_sent  # the fault hit while the line was still publishing

@@ -198,7 +198,8 @@ def moleflow_model(rs_stack, shared_data, tmp_path_factory):
         c.unload_model(MOLEFLOW, headers=rs_stack.control_headers)  # (the breaker test restarted Triton with the flaky model only)
 
 
-def test_unknown_task_goes_to_dlq_promptly_and_never_stalls_the_batch(rs_stack, moleflow_model, good_png, tmp_path):
+def test_unknown_task_goes_to_dlq_promptly_and_never_stalls_the_batch(rs_stack, moleflow_model, good_png, tmp_path,
+                                                                      reliability):
     boot = rs_stack.kafka_bootstrap
     t = topics(f"rs-task-{uuid.uuid4().hex[:6]}")
     asyncio.run(ensure_topics(boot, t.values(), partitions=1))
@@ -216,6 +217,7 @@ def test_unknown_task_goes_to_dlq_promptly_and_never_stalls_the_batch(rs_stack, 
                 poison.add(p.frame_id)
         # before the fix the "unavailable" frames were retried for ever and this never completed
         rep = _poison_only_in_dlq(boot, t, w, frames, poison, "unknown_task")
+        reliability.record("poison_task_header", rep, expect_dlq={"unknown_task": len(poison)})
         assert rep.produced == len(frames) + 1 and rep.accounted == rep.produced and rep.ok
         assert w.alive()
     finally:
@@ -225,7 +227,7 @@ def test_unknown_task_goes_to_dlq_promptly_and_never_stalls_the_batch(rs_stack, 
 # ----------------------------------------------------------------------------- retry budget
 
 
-def test_frame_failing_transiently_past_its_budget_is_dlq_retry_exhausted(rs_stack, good_png, tmp_path):
+def test_frame_failing_transiently_past_its_budget_is_dlq_retry_exhausted(rs_stack, good_png, tmp_path, reliability):
     boot = rs_stack.kafka_bootstrap
     t = topics(f"rs-budget-{uuid.uuid4().hex[:6]}")
     asyncio.run(ensure_topics(boot, t.values(), partitions=1))
@@ -240,7 +242,8 @@ def test_frame_failing_transiently_past_its_budget_is_dlq_retry_exhausted(rs_sta
                 p = _frame(white)
                 frames.append(p)
                 poison.add(p.frame_id)
-        _poison_only_in_dlq(boot, t, w, frames, poison, "retry_exhausted")
+        rep = _poison_only_in_dlq(boot, t, w, frames, poison, "retry_exhausted")
+        reliability.record("retry_budget_exhausted", rep, expect_dlq={"retry_exhausted": len(poison)})
         m = scrape_metrics(w.web_port)
         assert m.get('linewatch_dlq_total{reason="retry_exhausted"}') == len(poison), m
         assert m.get('linewatch_triton_breaker_opened_total', 0) == 0, "Triton answered: the breaker must stay closed"
@@ -251,7 +254,8 @@ def test_frame_failing_transiently_past_its_budget_is_dlq_retry_exhausted(rs_sta
 # ----------------------------------------------------------------------------- circuit breaker
 
 
-def test_triton_down_opens_breaker_pauses_consumption_and_resumes_without_loss(rs_stack, good_png, tmp_path):
+def test_triton_down_opens_breaker_pauses_consumption_and_resumes_without_loss(rs_stack, good_png, tmp_path,
+                                                                               reliability):
     boot = rs_stack.kafka_bootstrap
     t = topics(f"rs-breaker-{uuid.uuid4().hex[:6]}")
     asyncio.run(ensure_topics(boot, t.values(), partitions=1))
@@ -286,6 +290,7 @@ def test_triton_down_opens_breaker_pauses_consumption_and_resumes_without_loss(r
         probes = log_outage.count('"event":"triton_breaker_probe"')
         print(f"\nbreaker: Triton down {down_s:.0f}s, back + all accounted after {time.monotonic() - t_kill:.1f}s, retry lines {retries}, probes {probes}, "
               f"lost {len(rep.missing)}, dlq {rep.dlq}, duplicates {rep.duplicate_results}")
+        reliability.record("triton_down_breaker", rep, down_s=down_s, retry_lines=retries, probes=probes)
         assert retries <= 3, log_outage[-3000:]
         assert 1 <= probes <= down_s / 0.5 + 2, probes
         assert rep.missing == [] and rep.dlq == 0 and rep.ok, (rep.missing[:5], rep.dlq_reasons)

@@ -315,3 +315,68 @@ def test_served_copy_is_independent_of_the_store(life, images, local_stack):
     assert "version_policy: { specific: { versions: [ 96 ] } }" in (served.parent / "config.pbtxt").read_text()
     assert infer_score(client, life.model, images[:2]).shape == (2,)
     client.close()
+
+
+def test_tampered_model_py_refused_while_frames_flow_nothing_lost(life, images, local_stack, tmp_path, reliability):
+    """A released version whose model.py was changed after its manifest was written (the code Triton would
+    run) is refused by the worker's rollout agent while the product's frames keep flowing: every frame is
+    scored by the version already serving, none lost, none DLQ'd."""
+    from contracts.envelope import Frame, decode_result, encode_frame
+    from devstack.worker_process import WorkerProcess
+    from stream.ops.accounting import account
+
+    uid = uuid.uuid4().hex[:6]
+    t = {k: f"it-tamper-{uid}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events")}
+    boot = local_stack.kafka_bootstrap
+    asyncio.run(ensure_topics(boot, t.values()))
+    client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
+    before = served_version(client, life.model)
+    vdir, digest = write_artifact(life.store, life.model, 97, life.product, Tiny(gain=0.97), images)
+    with open(vdir / "model.py", "a") as f:
+        f.write("\nimport os  # tampered: code that would run inside tritonserver\n")
+    env = {"LINEWATCH_TOPIC_MODEL_EVENTS": t["events"], "LINEWATCH_TOPIC_DRIFT": t["drift"],
+           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository),
+           "LINEWATCH_TRITON_CONTROL_KEY": local_stack.control_key}
+    w = WorkerProcess(boot, local_stack.triton_grpc_url, tmp_path, app_id=f"lw-tamper-{uid}", batch_max=8,
+                      batch_within=0.05, env=env,
+                      extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"], "--defects-topic",
+                                  t["defects"], "--dlq-topic", t["dlq"],
+                                  "--routing", json.dumps({"products": {life.product: life.model}})]).start()
+
+    def frames(tag: str, n: int) -> list:
+        return [encode_frame(Frame(f"{tag}-{uid}-{i}", "cam-tamper", int(time.time() * 1000), images[i], product=life.product,
+                                   content_type="image/png")) for i in range(n)]
+
+    async def send(topic, recs):
+        async with Producer(boot) as p:
+            await p.send_many(topic, recs)
+
+    try:
+        asyncio.run(send(t["frames"], frames("a", 20)))
+        ev = ModelEvent("released", life.model, 97, product=life.product, detector="efficientad",
+                        artifact_uri=path_to_uri(vdir), sha256=digest)
+        asyncio.run(send(t["events"], [(ev.key, ev.to_json(), [])]))
+        asyncio.run(send(t["frames"], frames("b", 20)))
+
+        def outcome(o):
+            return [json.loads(r.value) for r in o[t["events"]] if json.loads(r.value).get("type") != "released"]
+
+        evs = asyncio.run(read_topics(boot, [t["events"]], until=lambda o: bool(outcome(o)), timeout_s=120))
+        asyncio.run(send(t["frames"], frames("c", 20)))
+        rep = asyncio.run(account(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"],
+                                  wait_s=120))
+        res = [decode_result(r.value) for r in asyncio.run(read_topics(boot, [t["results"]], timeout_s=30,
+                                                                       idle_s=2.0))[t["results"]]]
+        alive = w.alive()
+    finally:
+        w.stop()
+    out = outcome(evs)
+    reliability.record("tampered_model_py", rep, outcome=out[0]["type"] if out else None,
+                       served_versions=sorted({r.model_version for r in res}))
+    assert out and out[0]["type"] == "refused", (out, w.log_path.read_text()[-3000:])
+    assert any(r.startswith("sha256_mismatch: model.py") for r in out[0]["reasons"]), out[0]
+    assert rep.ok and rep.missing == [] and rep.dlq == 0 and rep.produced == 60, (rep.missing[:5], rep.dlq_reasons)
+    assert alive and {r.model for r in res} == {life.model} and {r.model_version for r in res} == {str(before)}
+    assert served_version(client, life.model) == before
+    assert not (Path(local_stack.model_repository) / life.model / "97").exists()
+    client.close()

@@ -1,0 +1,142 @@
+"""The Kafka ACLs each component needs, derived from its code (issue #15 item 7).
+
+Nothing here is a hand-kept list of topics: each component's grants are read from the code that does
+the reading and writing.
+
+- **worker**: the Faust app that ``linewatch worker`` runs (:func:`stream.worker.app.build_app`).
+  It reads its agents' source topics and writes the topics in ``app.linewatch_writes`` (the ones its
+  pipeline and lifecycle hooks publish to). At start it reads the ``max.message.bytes`` of
+  :func:`stream.worker.app.limit_topics` (DescribeConfigs). Faust creates its internal topics (the
+  assignor's leader topic, table changelogs) under the ``<app id>-`` prefix, and its consumer group
+  is the app id.
+- **trainer**: ``linewatch release`` (run by the training Job) publishes to the topic its parser
+  resolves (:func:`stream.ops.cli_lifecycle._topic`).
+- **line**: a factory line publishes frames the way ``linewatch replay`` does and follows its
+  results the way ``linewatch tail --defects`` does. Neither uses a consumer group.
+
+None of these producers is idempotent or transactional, so no cluster grant is needed.
+``tests/unit/test_kafka_acls.py`` checks that the KafkaUsers in ``k8s/base/kafka-users.yaml``
+grant exactly these. ``linewatch acls`` prints them as Strimzi ``acls`` entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts.config import Settings
+
+READ = frozenset({"Read", "Describe"})
+WRITE = frozenset({"Write", "Describe"})
+
+
+@dataclass(frozen=True, order=True)
+class Resource:
+    type: str  # topic | group | cluster
+    name: str = ""
+    pattern: str = "literal"  # literal | prefix
+
+
+Grants = dict[Resource, frozenset[str]]
+
+
+def _add(g: Grants, res: Resource, ops: frozenset[str]) -> None:
+    g[res] = g.get(res, frozenset()) | ops
+
+
+def _topic(name: str) -> Resource:
+    return Resource("topic", name)
+
+
+def _parse(argv: list[str], settings: Settings) -> argparse.Namespace:
+    from stream.ops.cli import build_parser
+
+    a = build_parser().parse_args(argv)
+    a.settings = settings
+    return a
+
+
+def worker_grants(settings: Settings, args: list[str] | None = None) -> Grants:
+    """What the Faust app of ``linewatch worker ARGS`` reads, writes, creates and joins (built, never started)."""
+    from stream.worker.app import build_app, limit_topics
+    from stream.worker.config import worker_config
+
+    with tempfile.TemporaryDirectory() as d:
+        a = _parse(["worker", *(args or []), "--datadir", str(Path(d) / "worker")], settings)
+        cfg = worker_config(settings, a)
+        s = cfg.settings
+        app = build_app(cfg)
+        g: Grants = {}
+        for agent in app.agents.values():
+            for name in agent.channel.topics:
+                _add(g, _topic(name), READ)
+        for name in app.linewatch_writes:  # type: ignore[attr-defined]
+            _add(g, _topic(name), WRITE)
+        for name in limit_topics(s):
+            _add(g, _topic(name), frozenset({"DescribeConfigs"}))
+        internal = [] if app.conf.topic_disable_leader else [app._leader_assignor._leader_topic_name]
+        internal += [t.changelog_topic.get_topic_name() for t in app.tables.values()]
+        prefix = f"{app.conf.id}-"
+        if any(not n.startswith(prefix) for n in internal):
+            raise RuntimeError(f"a Faust internal topic outside the {prefix!r} prefix: {internal}")
+        ops = {"Create", "Read", "Describe"} | ({"Write"} if app.tables else set())
+        _add(g, Resource("topic", prefix, "prefix"), frozenset(ops))
+        _add(g, Resource("group", app.conf.id), READ)
+        return g
+
+
+def trainer_grants(settings: Settings) -> Grants:
+    """``linewatch release DIR``: describes (metadata) and writes the model-events topic."""
+    from stream.ops.cli_lifecycle import _topic as events_topic
+
+    return {_topic(events_topic(_parse(["release", "artifact"], settings))): WRITE}
+
+
+def line_grants(settings: Settings) -> Grants:
+    """A factory line: frames out (as ``linewatch replay``), results in (as ``linewatch tail --defects``)."""
+    from stream.ops.cli_worker import replay_topic, tail_topics
+
+    g: Grants = {}
+    _add(g, _topic(replay_topic(_parse(["replay", "folder"], settings))), WRITE)
+    for name in tail_topics(_parse(["tail", "--defects"], settings)).values():
+        if name:
+            _add(g, _topic(name), READ)
+    return g
+
+
+COMPONENTS = {"linewatch-worker": worker_grants, "linewatch-trainer": trainer_grants, "linewatch-line": line_grants}
+
+
+def from_strimzi(acls: list[dict]) -> Grants:
+    """A KafkaUser's ``spec.authorization.acls`` as :data:`Grants`."""
+    g: Grants = {}
+    for a in acls:
+        r = a["resource"]
+        res = Resource(r["type"], r.get("name", ""), r.get("patternType", "literal") if r["type"] != "cluster" else "literal")
+        _add(g, res, frozenset(a.get("operations") or [a["operation"]]))
+    return g
+
+
+def to_strimzi(g: Grants) -> list[dict]:
+    out = []
+    for res in sorted(g):
+        r = {"type": res.type} if res.type == "cluster" else {"type": res.type, "name": res.name, "patternType": res.pattern}
+        out.append({"resource": r, "operations": sorted(g[res])})
+    return out
+
+
+def _cmd_acls(a) -> int:
+    import yaml
+
+    names = [a.component] if a.component else list(COMPONENTS)
+    docs = {n: {"authorization": {"type": "simple", "acls": to_strimzi(COMPONENTS[n](a.settings))}} for n in names}
+    print(yaml.safe_dump(docs, sort_keys=False).rstrip())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("acls", help="print the Kafka ACLs each component needs (Strimzi KafkaUser acls), derived from the code")
+    p.add_argument("--component", choices=sorted(COMPONENTS), help="one component (default: all)")
+    p.set_defaults(func=_cmd_acls)

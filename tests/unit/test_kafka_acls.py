@@ -1,0 +1,82 @@
+"""Issue #15 item 7: each KafkaUser grants exactly what its component's code reads, writes, creates and
+joins (stream/ops/acls.py derives it from the worker's Faust app and the CLI parsers), for the settings
+and arguments its container really gets in k8s."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from contracts.config import Settings
+from stream.ops.acls import COMPONENTS, from_strimzi, line_grants, to_strimzi, trainer_grants, worker_grants
+from tests.harness.k8s import by_kind, needs_renderer, render
+from tests.unit.test_k8s_containers import _argv, _containers, _env
+
+pytest.importorskip("yaml")
+
+# credentials and TLS do not change what a component touches; the pod's CA file does not exist here
+_TRANSPORT = ("LINEWATCH_KAFKA_SECURITY_PROTOCOL", "LINEWATCH_KAFKA_SASL_MECHANISM", "LINEWATCH_KAFKA_SASL_USERNAME",
+              "LINEWATCH_KAFKA_SASL_PASSWORD", "LINEWATCH_KAFKA_SSL_CAFILE")
+
+
+def _settings_of(env: dict[str, str], monkeypatch) -> Settings:
+    for k in [k for k in os.environ if k.startswith("LINEWATCH_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        if k.startswith("LINEWATCH_") and k not in _TRANSPORT:
+            monkeypatch.setenv(k, v)
+    return Settings()
+
+
+def _user_of(c: dict) -> str | None:
+    """The KafkaUser whose Strimzi secret holds the container's SASL password."""
+    for e in c.get("env", []):
+        if e["name"] == "LINEWATCH_KAFKA_SASL_PASSWORD":
+            return e["valueFrom"]["secretKeyRef"]["name"]
+    return None
+
+
+@needs_renderer
+def test_kafka_users_grant_exactly_what_the_code_uses(monkeypatch):
+    users = {n: from_strimzi(u["spec"]["authorization"]["acls"]) for n, u in by_kind(render("base"), "KafkaUser").items()}
+    assert set(users) == set(COMPONENTS)
+    checked = set()
+    for name, obj, _spec, c, cms in _containers():
+        env = _env(c, cms)
+        cmd, user = _argv(c, env), _user_of(c)
+        if cmd is None or user is None:
+            continue
+        s = _settings_of(env, monkeypatch)
+        prog, args = cmd
+        if prog == "linewatch" and args[:1] == ["worker"]:
+            want = worker_grants(s, args[1:])
+        elif prog == "linewatch-models" and args[:2] == ["job", "train"]:
+            want = trainer_grants(s)  # the job publishes with `linewatch release` in the same container
+        else:
+            pytest.fail(f"{name}: {obj['metadata']['name']}/{c['name']} runs `{prog} {args[:2]}` as {user}: no derivation")
+        assert users[user] == want, (f"{name}: KafkaUser {user} for {obj['metadata']['name']}/{c['name']}:\n"
+                                     f"has  {to_strimzi(users[user])}\nneeds {to_strimzi(want)}")
+        checked.add(user)
+    assert checked == {"linewatch-worker", "linewatch-trainer"}
+    # factory lines run outside the cluster with the ConfigMap's topic names
+    base_cm = by_kind(render("base"), "ConfigMap")["linewatch-config"]["data"]
+    assert users["linewatch-line"] == line_grants(_settings_of(base_cm, monkeypatch))
+
+
+def test_worker_grants_follow_the_worker_flags_and_settings():
+    """Derived, not listed: renamed topics and another app id move every grant with them."""
+    s = Settings(app_id="lw-plant2", topic_dlq="plant2-dlq", dev_broker=False)
+    g = {(r.type, r.name, r.pattern): ops for r, ops in worker_grants(s, ["--frames-topic", "plant2-frames"]).items()}
+    assert g[("topic", "plant2-frames", "literal")] == {"Read", "Describe"}
+    assert g[("topic", "plant2-dlq", "literal")] == {"Write", "Describe", "DescribeConfigs"}
+    assert g[("group", "lw-plant2", "literal")] == {"Read", "Describe"}
+    assert g[("topic", "lw-plant2-", "prefix")] >= {"Create", "Read"}  # Faust's assignor leader topic
+    assert ("topic", "frames", "literal") not in g and ("cluster", "", "literal") not in g
+    # the in-worker rollout reads model-events and the lifecycle hooks write it (retrain_requested, outcomes)
+    assert g[("topic", "model-events", "literal")] == {"Read", "Write", "Describe"}
+
+
+def test_strimzi_round_trip():
+    g = line_grants(Settings())
+    assert from_strimzi(to_strimzi(g)) == g
