@@ -91,14 +91,15 @@ class RolloutSettings(BaseModel):
     """The rollout controller (stream/lifecycle/controller.py) and its health policy (policy.py)."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = True  # the worker runs the model-events rollout agent
     shadow_frames: int = Field(default=32, ge=1)  # frames the candidate scores before a decision
     min_frames: int = Field(default=16, ge=1)  # fewer at the timeout -> roll back (not enough evidence)
     shadow_timeout_s: float = Field(default=120.0, gt=0)
     load_timeout_s: float = Field(default=180.0, gt=0)
     max_error_rate: float = Field(default=0.0, ge=0, le=1)  # any inference error -> roll back
     max_good_flag_rate: float = Field(default=0.2, ge=0, le=1)  # good-looking frames the candidate flags
-    group: str = "linewatch-rollout"  # consumer group of the standalone controller (`linewatch rollout run`)
+    group: str = "linewatch-controller"  # consumer group of the controller service (`linewatch controller`)
+    reconcile_s: float = Field(default=5.0, gt=0)  # serving state -> every Triton replica, this often
+    shadow_sample_every: int = Field(default=1, ge=1)  # the controller shadows every n-th live frame of a product
 
 
 class Settings(BaseSettings):
@@ -126,6 +127,7 @@ class Settings(BaseSettings):
     topic_drift: str = "drift-alerts"
     topic_model_events: str = "model-events"
     topic_dlq: str = "frames-dlq"
+    topic_serving_state: str = "serving-state"  # compacted; written by the controller only
 
     # Triton
     triton_grpc_url: str = "127.0.0.1:8001"
@@ -133,6 +135,10 @@ class Settings(BaseSettings):
     # key for Triton's restricted model-control API (load/unload/index; contracts/triton_control.py): only
     # the rollout controller holds it. The embedded stack generates one when unset.
     triton_control_key: SecretStr | None = None
+    # the Triton replicas the controller loads on: a comma list of gRPC host:port, or a headless Service
+    # host:port resolved to every address on each reconcile pass (wins when set); empty: triton_grpc_url
+    controller_triton_urls: str = ""
+    controller_triton_service: str = ""
 
     # worker
     app_id: str = "linewatch-worker"
@@ -223,7 +229,7 @@ class Settings(BaseSettings):
 
     def topics(self) -> list[str]:
         return [self.topic_frames, self.topic_results, self.topic_defects, self.topic_drift,
-                self.topic_model_events, self.topic_dlq]
+                self.topic_model_events, self.topic_dlq, self.topic_serving_state]
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A validated copy with the non-None ``overrides`` (command-line flags) applied; the environment

@@ -25,7 +25,7 @@ def _cmd_stack(a) -> int:
 
     workdir, repo = _stack_paths(a)
     if a.action == "up":
-        stack = local.LocalStack(workdir, repo, detach=True, load_models=a.load or [])
+        stack = local.LocalStack(workdir, repo, detach=True, load_models=a.load or [], controller=not a.no_controller)
         st = stack.start()
         print(json.dumps({"ready": True, **st.endpoints(), "pids": st.pids, "workdir": str(workdir)}, indent=2))
         return 0
@@ -93,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", help="state, logs and Triton backends (default: settings stack_workdir)")
     p.add_argument("--model-repository", help="Triton model repository (default: settings model_repository)")
     p.add_argument("--load", action="append", help="model to load after start (repeatable)")
+    p.add_argument("--no-controller", action="store_true", help="up: do not start the rollout controller")
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_stack)
 

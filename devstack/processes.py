@@ -229,6 +229,10 @@ def stack_status(st) -> dict:
     }
     services["kafka"]["ready"] = services["kafka"]["alive"] and _safe(kafka_ready, st.kafka_bootstrap)
     services["triton"]["ready"] = services["triton"]["alive"] and triton_ready(st.triton_http_url)
+    if "controller" in st.pids:
+        ctl = st.pids["controller"]
+        services["controller"] = {"pid": ctl, "alive": owned_alive("controller", ctl)}
+        services["controller"]["ready"] = services["controller"]["alive"]
     return {"running": True, "ready": all(s["ready"] for s in services.values()), "services": services}
 
 

@@ -126,12 +126,14 @@ class LocalStack:
         load_models: list[str] | None = None,
         host: str = "127.0.0.1",
         control_key: str | None = None,
+        controller: bool = False,
     ):
         self.workdir = Path(workdir).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.detach = detach
         self.start_timeout_s = start_timeout_s
         self.load_models = list(load_models or [])
+        self.controller = controller  # also run `linewatch controller` (rollouts, serving state) as a child
         self.host = host
         self.control_key = control_key or secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
         self.state: StackState | None = None
@@ -195,6 +197,8 @@ class LocalStack:
             self._wait_triton()
             for name in self.load_models:
                 self.load_model(name)
+            if self.controller:
+                self.start_controller()
         except BaseException:
             self.stop()
             raise
@@ -209,7 +213,7 @@ class LocalStack:
         pids = {k: p for k, p in (state.pids if state else {}).items() if owned_alive(k, p)}
         pids.update({k: p.pid for k, p in self._procs.items()})
         # Triton first (it may hold gRPC clients), then the broker
-        for name in sorted(pids, key=lambda n: 0 if n == "triton" else 1):
+        for name in sorted(pids, key=lambda n: {"controller": 0, "triton": 1}.get(n, 2)):
             stop_pid(pids[name])
         for p in self._procs.values():
             try:
@@ -271,6 +275,18 @@ class LocalStack:
             ],
             env=env,
         )
+
+    def start_controller(self) -> None:
+        """`linewatch controller` as a child (settings from the environment, endpoints and key from here):
+        the embedded stack's rollouts and serving state, restored on every start."""
+        import sys
+
+        s = self.state
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LINEWATCH_TRITON_CONTROL_KEY": self.control_key}
+        self._spawn("controller", [sys.executable, "-m", "stream.ops.cli", "controller", "--bootstrap",
+                                   s.kafka_bootstrap, "--triton", s.triton_grpc_url, "--model-repository",
+                                   s.model_repository], env=env)
+        self._write_state()
 
     def _write_state(self) -> None:
         p = self.workdir / STATE_FILE

@@ -81,6 +81,7 @@ class InferOutput:
     route_distance: np.ndarray | None  # (N,)
     infer_ms: float
     attempts: int
+    versions: list[str] | None = None  # per item: the model version Triton says served it (the response's)
 
 
 class TritonInfer:
@@ -98,6 +99,9 @@ class TritonInfer:
         self._max_batch: dict[str, int] = {}
         self._inputs: dict[str, set[str]] = {}
         self._refreshed = 0.0
+        # (model, version) -> spec: every version seen in Triton's config or announced by the serving state,
+        # so a score is judged by the spec of the version that served it (not the newest one configured)
+        self._versioned: dict[tuple[str, str], ModelSpec] = {}
 
     async def close(self) -> None:
         await self.client.close()
@@ -156,6 +160,8 @@ class TritonInfer:
             except (InferenceServerException, ValueError, orjson.JSONDecodeError) as e:
                 log.warning("model_spec_unreadable", model=name, error=str(e))
         self._specs = specs
+        for name, spec in specs.items():
+            self._versioned[(name, str(spec.version))] = spec
         self.last_specs.update(specs)  # every model ever seen: a reloading model keeps its spec
         self._refreshed = time.monotonic()
         return specs
@@ -173,6 +179,22 @@ class TritonInfer:
     def spec_for(self, model: str) -> ModelSpec | None:
         """The spec of ``model``: READY now, else the last one seen (reloading / Triton restarting), else None."""
         return self._specs.get(model) or self.last_specs.get(model)
+
+    def add_spec(self, model: str, version: int | str, spec: ModelSpec) -> None:
+        """A spec for ``model`` v``version`` from the serving state (stream/worker/serving.py); the model
+        list is re-read on the next batch (a newly promoted model is READY now)."""
+        self._versioned[(model, str(version))] = spec
+        self._refreshed = 0.0
+
+    def spec_at(self, model: str, version: str | None) -> ModelSpec | None:
+        """The spec of the version that served (``version`` from the response); None when unknown."""
+        if version:
+            return self._versioned.get((model, str(version)))
+        return self.spec_for(model)
+
+    def available_specs(self) -> dict[str, ModelSpec]:
+        """{model: spec} of the READY models, as of the last refresh."""
+        return dict(self._specs)
 
     def ready_models(self) -> list[str]:
         """READY models with a spec, as of the last refresh."""
@@ -197,6 +219,7 @@ class TritonInfer:
             out_names += ["task", "route_distance"]
         outputs = [grpcclient.InferRequestedOutput(n) for n in out_names]
         res = await self.client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+        served = str(res.get_response().model_version or "")
         scores = res.as_numpy(out_names[0]).reshape(len(batch), -1)[:, 0].astype(np.float32)
         amap = res.as_numpy(out_names[1])
         amap = amap.reshape(len(batch), amap.shape[-2], amap.shape[-1])
@@ -204,7 +227,7 @@ class TritonInfer:
         if has_task:
             otasks = [(x.decode() if isinstance(x, bytes) else str(x)) for x in res.as_numpy("task").reshape(-1)]
             rdist = res.as_numpy("route_distance").reshape(-1).astype(np.float32)
-        return scores, amap, otasks, rdist
+        return scores, amap, otasks, rdist, served
 
     async def infer(self, model: str, batch: np.ndarray, tasks: list[str] | None = None) -> InferOutput:
         if model not in self._specs:
@@ -245,4 +268,10 @@ class TritonInfer:
         maps = np.concatenate([p[1] for p in parts])
         tasks_o = sum((p[2] for p in parts), []) if parts[0][2] is not None else None
         rdist = np.concatenate([p[3] for p in parts]) if parts[0][3] is not None else None
-        return InferOutput(scores, maps, tasks_o, rdist, (time.perf_counter() - t0) * 1000, attempts_total)
+        versions = [p[4] for p in parts for _ in range(len(p[0]))]
+        if any(self.spec_at(model, v) is None for v in set(versions)):  # a version just loaded: read its spec
+            try:
+                await self.refresh()
+            except Exception as e:
+                log.warning("model_refresh_failed", error=str(e)[:300])
+        return InferOutput(scores, maps, tasks_o, rdist, (time.perf_counter() - t0) * 1000, attempts_total, versions)

@@ -85,15 +85,16 @@ def faust_broker_credentials(s: Settings):
 
 
 async def ensure_topics(bootstrap: str, topics: Iterable[str] | None = None, partitions: int = 1, *,
-                        settings: Settings | None = None) -> None:
-    """Create the missing ``topics`` (default: every topic of the settings)."""
+                        settings: Settings | None = None, config: dict[str, str] | None = None) -> None:
+    """Create the missing ``topics`` (default: every topic of the settings), with topic ``config``."""
     s = settings or process_settings()
     topics = s.topics() if topics is None else topics
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs(settings=s))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        new = [NewTopic(t, num_partitions=partitions, replication_factor=1, topic_configs=dict(config or {}))
+               for t in topics if t not in existing]
         if new:
             try:
                 await admin.create_topics(new)
@@ -111,12 +112,18 @@ class Producer:
         self.p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,
                                   **client_kwargs("producer", settings, **kw))
 
-    async def __aenter__(self):
+    async def start(self) -> None:
         await self.p.start()
+
+    async def stop(self) -> None:
+        await self.p.stop()
+
+    async def __aenter__(self):
+        await self.start()
         return self
 
     async def __aexit__(self, *exc):
-        await self.p.stop()
+        await self.stop()
 
     async def send_many(self, topic: str, records: Iterable[tuple[bytes | None, bytes, list]]) -> None:
         futs = [await self.p.send(topic, key=k, value=v, headers=h) for k, v, h in records]

@@ -14,14 +14,15 @@ On a ``released`` event, step by step:
    is not touched, so it keeps answering. A failed load -> ``rolled_back`` (``load_failed``).
 4. **shadow**: for ``policy.shadow_frames`` frames or ``policy.shadow_timeout_s``, the candidate scores
    (a) the probe images shipped with the artifact (good validation images listed under
-   ``metadata.probe``) and (b) live frames the worker offers (:meth:`RolloutController.offer`) for
-   that model/product. Shadow results are tagged ``shadow=true`` (optional callback) and never used for
+   ``metadata.probe``) and (b) live frames from every ``frames`` partition that the controller's
+   sampler (stream/lifecycle/sampler.py) offers (:meth:`RolloutController.offer`) for that model/product
+   (stream/lifecycle/shadow.py). Shadow results are tagged ``shadow=true`` (optional callback) and never used for
    decisions on frames.
 5. **health** (:func:`stream.lifecycle.policy.decide`, pure): no inference errors; enough frames; the candidate's scores on
    good-looking frames (live frames the incumbent did not flag, and probe images) consistent with the
    candidate's own calibration scores (``metadata.calibration.scores``): KS p-value and PSI as in
    :mod:`stream.lifecycle.drift`, and the flagged fraction of good frames below ``policy.max_good_flag_rate``.
-6. **promote**: the artifact version is linked into ``<model>/<version>``, ``<model>/config.pbtxt`` is
+6. **promote**: the artifact version is copied into ``<model>/<version>``, ``<model>/config.pbtxt`` is
    rewritten atomically with ``version_policy specific [new]`` and ``load_model(<model>)``: Triton loads
    the new version beside the serving one and retires the old one when the new one is READY (0 failed
    requests, tested). ``promoted`` is published; ``on_promoted`` callbacks update routing
@@ -34,14 +35,15 @@ reload; publish ``rolled_back`` (detail.operator = true).
 Triton's model control (load / unload / repository index) is restricted to holders of the control key
 (contracts/triton_control.py); the controller sends it with every such call.
 
-Events reach the controller from the worker's Faust agent (stream/lifecycle/wiring.py) or the standalone
-consumer (stream/lifecycle/events.py); the policy is ``settings.rollout`` (stream/lifecycle/policy.py).
+Events reach the controller from its service (stream/lifecycle/service.py: ``linewatch controller``, one
+replica, its own consumer group; the event is acked once its rollout has ended); the policy is
+``settings.rollout`` (stream/lifecycle/policy.py). Model control goes to every Triton replica; the serving
+state it changes is published through ``on_serving`` (contracts/serving_state.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -49,19 +51,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 
 from contracts.artifact import CANDIDATE_SUFFIX, Artifact, check_compatibility, verify_artifact
-from contracts.image import decode_image
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
 from contracts.names import is_candidate
-from contracts.spec import parse_spec, to_tensor
 from contracts.triton_control import grpc_headers
-from stream.inference.triton_client import TritonInfer
-from stream.lifecycle.policy import Decision, HealthPolicy, ShadowStats, calibration_of, decide
+from stream.lifecycle.policy import Decision, HealthPolicy, ShadowStats
 from stream.lifecycle.repository import materialize, remove_model_dir, repository_versions, write_config
+from stream.lifecycle.shadow import run_shadow
 
 log = get_logger("stream.lifecycle.controller")
 
@@ -88,33 +87,48 @@ class Rollout:
 class RolloutController:
     """Runs one rollout at a time per model; events are handled in order."""
 
-    def __init__(self, triton_grpc_url: str, repository: str | Path, publish: Publish,
+    def __init__(self, triton_grpc_url: str | list[str], repository: str | Path, publish: Publish,
                  policy: HealthPolicy | None = None,
                  on_shadow_result: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
                  control_key: str | None = None):
-        self.url = triton_grpc_url
+        self.urls: list[str] = []
+        self._clients: dict[str, Any] = {}
+        self.set_replicas([triton_grpc_url] if isinstance(triton_grpc_url, str) else list(triton_grpc_url))
         self.headers = grpc_headers(control_key)  # Triton's restricted model-repository protocol
         self.repository = Path(repository)
         self.publish = publish
         self.policy = policy or HealthPolicy()
         self.on_shadow_result = on_shadow_result
         self.on_promoted: list[Callable[[Artifact], Any]] = []
+        # (model, version, spec) after a promotion or an operator rollback: the serving state changed
+        self.on_serving: list[Callable[[str, int, dict[str, Any]], Awaitable[None]]] = []
         self.active: dict[str, Rollout] = {}
+        self._busy: set[str] = set()
         self.history: list[dict[str, Any]] = []
-        self._client = None
 
-    # -- Triton helpers
-    def client(self):
-        if self._client is None:
+    # -- Triton helpers (every replica shares the model repository; model control goes to each of them)
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def set_replicas(self, urls: list[str]) -> None:
+        """The Triton replicas (gRPC host:port) model control reaches; reads go to the first."""
+        if not urls:
+            raise ValueError("the rollout controller needs at least one Triton replica")
+        self.urls = list(dict.fromkeys(urls))
+
+    def client(self, url: str | None = None):
+        url = url or self.url
+        if url not in self._clients:
             import tritonclient.grpc.aio as grpcclient
 
-            self._client = grpcclient.InferenceServerClient(url=self.url)
-        return self._client
+            self._clients[url] = grpcclient.InferenceServerClient(url=url)
+        return self._clients[url]
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        clients, self._clients = self._clients, {}
+        for c in clients.values():
+            await c.close()
 
     async def serving_spec(self, model: str) -> tuple[dict[str, Any] | None, int | None]:
         """(linewatch_spec, version) Triton serves for ``model`` now, or (None, None)."""
@@ -146,7 +160,11 @@ class RolloutController:
         return out
 
     async def _load(self, name: str, version: int | None = None) -> None:
-        c = self.client()
+        """Load ``name`` on every replica and wait until each serves ``version`` (all at once)."""
+        await asyncio.gather(*(self._load_on(u, name, version) for u in self.urls))
+
+    async def _load_on(self, url: str, name: str, version: int | None) -> None:
+        c = self.client(url)
         await c.load_model(name, headers=self.headers)
         t0 = time.monotonic()
         while True:
@@ -156,14 +174,40 @@ class RolloutController:
             except Exception:
                 pass
             if time.monotonic() - t0 > self.policy.load_timeout_s:
-                raise TimeoutError(f"{name} v{version} not ready after {self.policy.load_timeout_s}s")
+                raise TimeoutError(f"{name} v{version} not ready on {url} after {self.policy.load_timeout_s}s")
             await asyncio.sleep(0.2)
 
     async def _unload(self, name: str) -> None:
-        try:
-            await self.client().unload_model(name, headers=self.headers)
-        except Exception as e:
-            log.warning("rollout_unload_failed", model=name, error=str(e)[:200])
+        for u in self.urls:
+            try:
+                await self.client(u).unload_model(name, headers=self.headers)
+            except Exception as e:
+                log.warning("rollout_unload_failed", model=name, replica=u, error=str(e)[:200])
+
+    async def ensure_serving(self, model: str, version: int) -> list[str]:
+        """Reconcile: load ``model`` on each replica that does not serve ``version`` (a restarted Triton
+        in explicit mode serves nothing). Returns the replicas it loaded it on."""
+        fixed = []
+        for u in self.urls:
+            try:
+                if await self.client(u).is_model_ready(model, str(version)):
+                    continue
+                await self._load_on(u, model, version)
+                fixed.append(u)
+            except Exception as e:  # that replica is down: the next pass retries
+                log.warning("reconcile_failed", model=model, version=version, replica=u, error=str(e)[:200])
+        return fixed
+
+    async def _serving_changed(self, model: str) -> None:
+        spec, version = await self.serving_spec(model)
+        if spec is None or version is None:
+            return
+        for cb in self.on_serving:
+            try:
+                await cb(model, version, spec)
+            except Exception as e:
+                log.error("serving_state_publish_failed", model=model, version=version, error=str(e)[:300])
+                raise
 
     # -- events
     async def handle(self, ev: ModelEvent) -> ModelEvent | None:
@@ -194,9 +238,18 @@ class RolloutController:
                           sha256=ev.sha256, previous_version=prev, reasons=reasons, detail=detail or {})
 
     async def rollout(self, ev: ModelEvent) -> ModelEvent:
-        if ev.model in self.active:
+        # claimed before the first await: a second release of the same model cannot slip in meanwhile
+        if ev.model in self._busy:
+            running = self.active.get(ev.model)
             return await self._emit(self._event("refused", ev, [f"busy: a rollout of {ev.model} "
-                                                                 f"v{self.active[ev.model].version} is running"], None))
+                                                                 f"v{running.version if running else '?'} is running"], None))
+        self._busy.add(ev.model)
+        try:
+            return await self._rollout(ev)
+        finally:
+            self._busy.discard(ev.model)
+
+    async def _rollout(self, ev: ModelEvent) -> ModelEvent:
         ver = await asyncio.to_thread(verify_artifact, ev.artifact_uri, ev.sha256, ev.model, ev.version, strict=True)
         current, cur_ver = await self.serving_spec(ev.model)
         if ver.ok and ver.artifact is not None and _inside(ver.artifact.path, self.repository):
@@ -206,6 +259,8 @@ class RolloutController:
             return await self._emit(self._event("refused", ev, ver.reasons, cur_ver, art=ver.artifact))
         art = ver.artifact
         assert art is not None
+        if cur_ver == ev.version and await asyncio.to_thread(self._is_served_copy, ev):
+            return await self._recovered(ev, art)
         reasons = check_compatibility(art.metadata, current)
         if not reasons and not ev.take_over:
             owners = await self.claims(exclude=ev.model)
@@ -237,6 +292,7 @@ class RolloutController:
                     await self._restore(ev.model, cur_ver)
                 return await self._fail(ro, ev, [f"promote_failed: {str(e)[:300]}"], decision.stats)
             await self._drop_candidate(ro)
+            await self._serving_changed(ev.model)
             for cb in self.on_promoted:
                 try:
                     r = cb(art)
@@ -247,6 +303,24 @@ class RolloutController:
             return await self._emit(self._event("promoted", ev, [], cur_ver, decision.stats, art))
         finally:
             self.active.pop(ev.model, None)
+
+    def _is_served_copy(self, ev: ModelEvent) -> bool:
+        """The repository's copy of ``ev.model`` v``ev.version`` is this very artifact (same manifest digest)."""
+        from stream.lifecycle.repository import model_dir
+
+        return verify_artifact(model_dir(self.repository, ev.model) / str(ev.version), ev.sha256, ev.model,
+                               ev.version, strict=True).ok
+
+    async def _recovered(self, ev: ModelEvent, art: Artifact) -> ModelEvent:
+        """A redelivered ``released`` whose rollout had already promoted it when the controller died (before
+        the event was acked): finish what the crash cut short -- candidate gone, serving state written,
+        ``promoted`` announced -- instead of refusing it as not newer."""
+        cand = f"{ev.model}{CANDIDATE_SUFFIX}"
+        await self._unload(cand)
+        await asyncio.to_thread(remove_model_dir, self.repository, cand)
+        await self._serving_changed(ev.model)
+        log.info("rollout_recovered", model=ev.model, version=ev.version)
+        return await self._emit(self._event("promoted", ev, [], None, {"recovered": True}, art))
 
     async def _restore(self, model: str, version: int) -> None:
         mdir = self.repository / model
@@ -276,6 +350,7 @@ class RolloutController:
         _, now = await self.serving_spec(model)
         if now != version:
             return await self._emit(self._event("refused", ev, [f"reload_failed: serving v{now}"], cur))
+        await self._serving_changed(model)
         out = ModelEvent("rolled_back", model, cur or version, previous_version=version, reasons=[reason],
                          detail={"operator": True, "serving_version": version})
         return await self._emit(out)
@@ -290,70 +365,14 @@ class RolloutController:
                     continue  # another task's frame would be scored by this adapter: meaningless evidence
                 ro.queue.append((image, flagged_by_serving))
 
-    def _probe_images(self, art: Artifact) -> list[bytes]:
-        probe = art.metadata.get("probe") or {}
-        files = probe.get("files", []) if isinstance(probe, dict) else []
-        out = []
-        for rel in files:
-            p = (art.path / rel)
-            if p.is_file() and rel in (art.metadata.get("artifacts") or {}):  # only sha-verified files
-                out.append(p.read_bytes())
-        return out
-
     async def _shadow(self, ro: Rollout, ev: ModelEvent) -> Decision:
-        pol = self.policy
-        spec = parse_spec(ro.artifact.metadata)
-        cal, thr = calibration_of(ro.artifact.metadata, ev.task)
-        infer = TritonInfer(self.url, max_retries=2)
-        probes = [(b, False) for b in self._probe_images(ro.artifact)]
-        if ro.previous_version is None or ev.task:
-            # a new model/product or a MoLE-Flow adapter: the serving model may never see (or route) its frames
-            # yet, so the shipped probe images are enough evidence; do not idle until the timeout waiting for
-            # live traffic that may not come (live frames of its own product still count when they do)
-            pol = dataclasses.replace(pol, shadow_frames=min(pol.shadow_frames, max(len(probes), pol.min_frames)))
-        t0 = time.monotonic()
-        s = ro.stats
-        try:
-            await infer.refresh()
-            while True:
-                items = []
-                while probes and len(items) < pol.batch:
-                    items.append(probes.pop(0))
-                while ro.queue and len(items) < pol.batch:
-                    items.append(ro.queue.popleft())
-                if items:
-                    good = [not f for _, f in items]
-                    try:
-                        x = np.stack([to_tensor(decode_image(b), spec) for b, _ in items])
-                        task = [ev.task or ""] * len(items) if ev.task else None
-                        out = await infer.infer(ro.candidate, x, task)
-                        sc = out.scores.astype(np.float64)
-                        s.frames += len(items)
-                        s.scores.extend(float(v) for v, g in zip(sc, good, strict=True) if g)
-                        s.flagged_good += int(sum(1 for v, g in zip(sc, good, strict=True) if g and v > thr))
-                        if self.on_shadow_result is not None:
-                            for v in sc:
-                                await self.on_shadow_result({"model": ro.candidate, "model_version": str(ro.version),
-                                                             "score": float(v), "threshold": thr,
-                                                             "is_anomaly": bool(v > thr), "shadow": True})
-                    except Exception as e:  # a candidate error is evidence, not a crash
-                        s.errors += len(items)
-                        s.last_error = f"{type(e).__name__}: {e}"
-                timed_out = time.monotonic() - t0 > pol.shadow_timeout_s
-                d = decide(s, cal, thr, pol, timed_out=timed_out)
-                if d.action != "wait":
-                    return d
-                if not items:
-                    await asyncio.sleep(0.1)
-        finally:
-            await infer.close()
+        return await run_shadow(ro, ev.task, self.url, self.policy, self.on_shadow_result)
 
     def status(self) -> dict[str, Any]:
         return {"active": {m: {"version": r.version, "state": r.state, "frames": r.stats.frames,
                                "errors": r.stats.errors, "since_s": round(time.monotonic() - r.started, 1)}
                            for m, r in self.active.items()},
                 "history": self.history[-50:]}
-
 
 
 def _claimed(spec: dict[str, Any]) -> set[str]:

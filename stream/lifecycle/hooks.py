@@ -1,4 +1,4 @@
-"""What the worker's lifecycle does per micro-batch: drift alerts and shadow traffic for a rollout.
+"""What the worker's lifecycle does per micro-batch: drift alerts (+ ``retrain_requested`` on route OOD).
 
 :class:`DriftHook` feeds results into a :class:`stream.lifecycle.drift.DriftMonitor`;
 :class:`Lifecycle` is called once per batch with the pipeline's typed :class:`stream.worker.pipeline.Batch`
@@ -15,7 +15,6 @@ from contracts.config import DriftSettings
 from contracts.envelope import InspectionResult
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
-from stream.lifecycle.controller import RolloutController
 from stream.lifecycle.drift import DriftAlert, DriftConfig, DriftMonitor
 from stream.lifecycle.policy import calibration_of
 from stream.worker.pipeline import Batch, Outgoing, Scored
@@ -66,34 +65,28 @@ class DriftHook:
 
 
 class Lifecycle:
-    """The per-batch hook (:meth:`after_batch`): shadow traffic for a rollout candidate and drift alerts
-    (+ ``retrain_requested`` on a route_ood alert)."""
+    """The per-batch hook (:meth:`after_batch`): drift alerts (+ ``retrain_requested`` on a route_ood alert)."""
 
-    def __init__(self, controller: RolloutController | None, drift: DriftHook | None, drift_topic: Any,
-                 events_topic: Any, retrain_on_ood: bool):
-        self.controller, self.drift = controller, drift
+    def __init__(self, drift: DriftHook | None, drift_topic: Any, events_topic: Any, retrain_on_ood: bool):
+        self.drift = drift
         self.drift_topic, self.events_topic = drift_topic, events_topic
         self.retrain_on_ood = retrain_on_ood
 
     @property
     def output_topics(self) -> tuple[Any, ...]:
-        """The topics this hook (and the rollout it drives) publishes to: drift alerts, model events."""
+        """The topics this hook publishes to: drift alerts, model events (retrain_requested)."""
         return (self.drift_topic, self.events_topic)
 
     def after_batch(self, batch: Batch) -> list[Outgoing]:
         out: list[Outgoing] = []
+        if self.drift is None:
+            return out
         try:
             for s in batch.scored:
-                self._offer(s)
-                if self.drift is not None:
-                    out += self._drift(s)
+                out += self._drift(s)
         except Exception as e:  # lifecycle extras never stop the frame stream
             log.warning("lifecycle_hook_failed", error=f"{type(e).__name__}: {e}"[:300])
         return out
-
-    def _offer(self, s: Scored) -> None:
-        if self.controller is not None and self.controller.active and s.raw.value is not None:
-            self.controller.offer(s.result.model, s.result.product, s.raw.value, s.result.is_anomaly)
 
     def _drift(self, s: Scored) -> list[Outgoing]:
         res, out = s.result, []

@@ -128,6 +128,16 @@ def repository_models(repository: str | os.PathLike) -> list[str]:
                   and (p / CONFIG).is_file() and repository_versions(root, p.name))
 
 
+def pinned_version(repository: str | os.PathLike, name: str) -> int | None:
+    """The one version ``name``'s config.pbtxt pins (``version_policy: specific``), else None."""
+    import re
+
+    cfg = model_dir(repository, name) / CONFIG
+    m = re.search(r"version_policy\s*:\s*\{\s*specific\s*:\s*\{\s*versions\s*:\s*\[\s*(\d+)\s*\]",
+                  cfg.read_text()) if cfg.is_file() else None
+    return int(m.group(1)) if m else None
+
+
 def remove_model_dir(repository: str | os.PathLike, name: str) -> None:
     d = model_dir(repository, name)
     if d.is_dir():

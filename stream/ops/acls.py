@@ -11,6 +11,9 @@ the reading and writing.
   is the app id.
 - **trainer**: ``linewatch release`` (run by the training Job) publishes to the topic its parser
   resolves (:func:`stream.ops.cli_lifecycle._topic`).
+- **controller**: ``linewatch controller`` (:class:`stream.lifecycle.service.ControllerService`) reads
+  and writes the topics of its ``ControllerTopics`` (model events in its own group, the compacted serving
+  state) and reads frames without a group (the shadow sampler).
 - **line**: a factory line publishes frames the way ``linewatch replay`` does and follows its
   results the way ``linewatch tail --defects`` does. Neither uses a consumer group.
 
@@ -72,6 +75,8 @@ def worker_grants(settings: Settings, args: list[str] | None = None) -> Grants:
         for agent in app.agents.values():
             for name in agent.channel.topics:
                 _add(g, _topic(name), READ)
+        for name in app.linewatch_follows:  # type: ignore[attr-defined]  # compacted topics read whole, no group
+            _add(g, _topic(name), READ)
         for name in app.linewatch_writes:  # type: ignore[attr-defined]
             _add(g, _topic(name), WRITE)
         for name in limit_topics(s):
@@ -94,6 +99,20 @@ def trainer_grants(settings: Settings) -> Grants:
     return {_topic(events_topic(_parse(["release", "artifact"], settings))): WRITE}
 
 
+def controller_grants(settings: Settings) -> Grants:
+    """What the rollout controller service reads, writes and joins (the ``topics`` it is built with)."""
+    from stream.lifecycle.service import ControllerTopics
+
+    t = ControllerTopics.of(settings)
+    g: Grants = {}
+    for name in t.reads:
+        _add(g, _topic(name), READ)
+    for name in t.writes:
+        _add(g, _topic(name), WRITE)
+    _add(g, Resource("group", t.group), READ)
+    return g
+
+
 def line_grants(settings: Settings) -> Grants:
     """A factory line: frames out (as ``linewatch replay``), results in (as ``linewatch tail --defects``)."""
     from stream.ops.cli_worker import replay_topic, tail_topics
@@ -106,7 +125,8 @@ def line_grants(settings: Settings) -> Grants:
     return g
 
 
-COMPONENTS = {"linewatch-worker": worker_grants, "linewatch-trainer": trainer_grants, "linewatch-line": line_grants}
+COMPONENTS = {"linewatch-worker": worker_grants, "linewatch-controller": controller_grants,
+              "linewatch-trainer": trainer_grants, "linewatch-line": line_grants}
 
 
 def from_strimzi(acls: list[dict]) -> Grants:

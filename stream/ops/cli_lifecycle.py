@@ -1,9 +1,11 @@
-"""`linewatch release|rollout|rollback` verbs (model lifecycle), registered into stream/ops/cli.py's parser.
+"""`linewatch release|rollout|controller|rollback` verbs (model lifecycle), registered into stream/ops/cli.py.
 
 release ARTIFACT_DIR        verify an artifact (version dir in the model store) and publish ``released``
                             (``--take-over``: it may take over a product/task another model serves)
 rollout status              fold the ``model-events`` history into the state per model
-rollout run                 standalone rollout controller (no Faust): consume ``model-events``, drive Triton
+controller                  the rollout controller service (stream/lifecycle/service.py): consumes
+                            ``model-events``, drives every Triton replica, writes the serving state
+rollout run                 the same (older name)
 rollback MODEL --to-version V   publish ``rollback_requested`` (the controller reloads V and reports)
 """
 
@@ -85,28 +87,40 @@ def _cmd_rollout(a) -> int:
                       f"{'v' + str(s['candidate_version']) if s['candidate_version'] else '-'}  "
                       f"last={last['type']} v{last['version']}{why}")
         return 0
-    if a.action == "run":
-        from stream.kafka.clients import Producer, ensure_topics
-        from stream.lifecycle.controller import RolloutController
-        from stream.lifecycle.events import kafka_publisher, serve_events
-        from stream.lifecycle.policy import HealthPolicy
-
-        repo = Path(a.model_repository or s.model_repository)
-        pol = HealthPolicy.from_settings(s.rollout, shadow_frames=a.shadow_frames, shadow_timeout_s=a.shadow_timeout)
-
-        async def run():
-            await ensure_topics(boot, [_topic(a)], settings=s)
-            async with Producer(boot, settings=s) as p:
-                key = s.triton_control_key.get_secret_value() if s.triton_control_key else None
-                ctl = RolloutController(triton, repo, kafka_publisher(p, _topic(a)), pol, control_key=key)
-                try:
-                    await serve_events(boot, _topic(a), ctl, group_id=a.group or s.rollout.group, settings=s)
-                finally:
-                    await ctl.close()
-
-        asyncio.run(run())
-        return 0
+    if a.action == "run":  # the controller service under its older name
+        return _cmd_controller(a)
     raise ValueError(f"unknown rollout action {a.action}")
+
+
+def _cmd_controller(a) -> int:
+    """`linewatch controller`: the rollout controller service (stream/lifecycle/service.py)."""
+    import signal
+
+    from stream.lifecycle.policy import HealthPolicy
+    from stream.lifecycle.service import ControllerService
+    from stream.ops.cli_worker import _endpoints
+
+    boot, triton = _endpoints(a)
+    over = {"kafka_bootstrap": boot, "triton_grpc_url": triton}
+    if a.triton_replicas:
+        over["controller_triton_urls"] = a.triton_replicas
+    if a.topic:
+        over["topic_model_events"] = a.topic
+    s = a.settings.with_overrides(**over)
+    if a.group:
+        s = s.with_overrides(rollout=s.rollout.model_copy(update={"group": a.group}))
+    pol = HealthPolicy.from_settings(s.rollout, shadow_frames=a.shadow_frames, shadow_timeout_s=a.shadow_timeout)
+    repo = Path(a.model_repository or s.model_repository)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await ControllerService(s, repo, pol).run(stop)
+
+    asyncio.run(run())
+    return 0
 
 
 def _cmd_rollback(a) -> int:
@@ -136,17 +150,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.set_defaults(func=_cmd_release)
 
-    p = sub.add_parser("rollout", help="rollout status / standalone rollout controller")
+    def controller_args(p, pre: str = ""):
+        p.add_argument("--model-repository", help=f"{pre}Triton model repository the controller writes")
+        p.add_argument("--group", help=f"{pre}consumer group (default: settings rollout.group)")
+        p.add_argument("--shadow-frames", type=int, help=f"{pre}default settings rollout.shadow_frames")
+        p.add_argument("--shadow-timeout", type=float, help=f"{pre}seconds, default settings rollout.shadow_timeout_s")
+        p.add_argument("--triton-replicas", help=f"{pre}comma list of Triton gRPC host:port the controller loads "
+                                                 "on (default: settings controller_triton_urls / --triton)")
+
+    p = sub.add_parser("rollout", help="rollout status (`rollout run` = `linewatch controller`)")
     p.add_argument("action", choices=["status", "run"])
     p.add_argument("--model", help="status of one model")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=10.0, help="status: seconds to read the topic")
-    p.add_argument("--model-repository", help="run: Triton model repository the controller writes")
-    p.add_argument("--group", help="run: consumer group (default: settings rollout.group)")
-    p.add_argument("--shadow-frames", type=int, help="run: default settings rollout.shadow_frames")
-    p.add_argument("--shadow-timeout", type=float, help="run: seconds, default settings rollout.shadow_timeout_s")
+    controller_args(p, "run: ")
     common(p, triton=True)
     p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser("controller", help="run the rollout controller service: the only holder of Triton model "
+                                          "control; rolls out releases on every Triton replica, writes the serving state")
+    controller_args(p)
+    common(p, triton=True)
+    p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("rollback", help="serve an older version of a model again")
     p.add_argument("model")

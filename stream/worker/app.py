@@ -42,6 +42,7 @@ from stream.worker.breaker import CircuitBreaker
 from stream.worker.config import WorkerConfig, add_worker_args, worker_config
 from stream.worker.metrics import WorkerMetrics
 from stream.worker.pipeline import Batch, Outgoing, Pipeline, RawRecord
+from stream.worker.serving import ServingView
 
 log = get_logger("stream.worker.app")
 
@@ -112,18 +113,40 @@ def _record_lag(app: faust.App, events: list, metrics: WorkerMetrics) -> None:
 
 def attach_breaker(app: faust.App, breaker: CircuitBreaker, topic: str) -> None:
     """While the Triton circuit breaker is open, pause fetching ``topic``'s assigned partitions (the
-    backlog stays in Kafka, no frames are taken); resume the ones it paused when it closes."""
+    backlog stays in Kafka, no frames are taken); resume the ones it paused when it closes.
+
+    The pause is aiokafka's own (in Faust's consumer thread), not Faust's ``pause_partitions``: Faust's
+    only drops the partition from the set its fetch loop filters on, so records aiokafka had already
+    returned for it (its position past them) were discarded without a result or an ack, and the next
+    commit skipped them -- frames lost whenever Triton went down mid-fetch. aiokafka's pause keeps the
+    position: what it had buffered is fetched again after the resume; what Faust holds is processed."""
+    from aiokafka import TopicPartition
+
     paused: set = set()
+
+    async def on_consumer_thread(method: str, tps: set) -> None:
+        thread = app.consumer._thread  # type: ignore[attr-defined]
+        consumer = thread._ensure_consumer()
+
+        async def call() -> None:
+            getattr(consumer, method)(*(TopicPartition(tp.topic, tp.partition) for tp in tps))
+
+        await thread.call_thread(call)
+
+    def run(method: str, tps: set) -> None:
+        fut = asyncio.ensure_future(on_consumer_thread(method, tps))
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.error(
+            "consumption_control_failed", method=method, error=str(f.exception())[:300]))
 
     def pause() -> None:
         tps = {tp for tp in app.consumer.assignment() if tp.topic == topic}
-        app.consumer.pause_partitions(tps)
+        run("pause", tps)
         paused.update(tps)
         log.warning("consumption_paused", reason="triton_unreachable", partitions=len(tps))
 
     def resume() -> None:
         tps = paused & set(app.consumer.assignment())
-        app.consumer.resume_partitions(tps)
+        run("resume", tps)
         paused.clear()
         log.info("consumption_resumed", partitions=len(tps))
 
@@ -159,14 +182,19 @@ def build_app(cfg: WorkerConfig) -> faust.App:
                 triton = TritonInfer(s.triton_grpc_url, metrics=metrics, max_retries=0)
                 p = Pipeline(cfg, triton, metrics)
                 attach_breaker(app, p.breaker, s.topic_frames)
+                # the serving state, read whole before the first frame is routed, then followed
+                view = ServingView(s, p.router, triton)
+                await view.start()
+                p.sync_serving = view.sync
+                state["serving"] = view
                 # Triton down at start: the breaker pauses consumption and probes; nothing raises into the agent
                 await reach_triton(p, s.worker_ready_wait_s)
                 log.info("worker_models", models={m: str(triton.spec_for(m).version) for m in triton.ready_models()})
                 state["pipeline"] = p
         return state["pipeline"]
 
-    # adapter lifecycle + drift (stream/lifecycle/wiring.py): model-events rollout agent, shadow traffic, drift-alerts
-    lifecycle = register_lifecycle(app, cfg, pipeline)
+    # drift alerts (+ retrain_requested) per batch (stream/lifecycle/wiring.py); rollouts are the controller's
+    lifecycle = register_lifecycle(app, cfg)
 
     async def handle(events: list) -> None:
         p = await pipeline()
@@ -212,6 +240,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
             log.error("triton_unreachable_at_start", error=str(e))
 
     # every topic this app publishes to (stream/ops/acls.py derives the worker's KafkaUser from it)
+    app.linewatch_follows = (s.topic_serving_state,)  # type: ignore[attr-defined]  # read outside Faust (serving.py)
     app.linewatch_writes = tuple(t.get_topic_name() for t in (results_t, defects_t, dlq_t, *lifecycle.output_topics))  # type: ignore[attr-defined]
     app.linewatch_metrics = metrics  # type: ignore[attr-defined]
     app.linewatch_state = state  # type: ignore[attr-defined]

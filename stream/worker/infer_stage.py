@@ -27,6 +27,7 @@ import numpy as np
 from contracts.envelope import EnvelopeError, headers_to_dict
 from contracts.image import decode_image
 from contracts.logs import get_logger
+from contracts.names import is_candidate
 from contracts.spec import to_tensor
 from stream.inference.triton_client import PermanentInferError, TransientInferError
 from stream.worker.breaker import RetryBudget
@@ -60,6 +61,21 @@ class InferStage:
             except Exception:  # malformed headers: decode will DLQ the frame
                 continue
             if task and task.decode("utf-8", "replace") not in known:
+                return True
+        return False
+
+    def names_unknown_product(self, records: list[RawRecord]) -> bool:
+        """A frame whose ``product`` header no routing entry or served model knows (yet)."""
+        known = set(self.router.config.products)
+        for name, spec in self.triton.available_specs().items():
+            if not is_candidate(name):  # a candidate in its shadow window routes nothing
+                known |= {spec.product, *spec.tasks} - {None, ""}
+        for r in records:
+            try:
+                product = headers_to_dict(r.headers).get("product")
+            except Exception:  # malformed headers: decode will DLQ the frame
+                continue
+            if product and product.decode("utf-8", "replace") not in known:
                 return True
         return False
 

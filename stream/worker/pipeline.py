@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,8 @@ class Pipeline(InferStage):
         self.metrics = metrics
         self.router = Router(RoutingConfig.load(s.routing))
         self.model_missing_since: dict[str, float] = {}
+        # set by the worker app: await it to apply every serving-state entry written so far (stream/worker/serving.py)
+        self.sync_serving: Callable[[], Awaitable[None]] | None = None
         self.executor = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
         self.grace_s = s.worker_transient_grace_s
         self.retry_budget = s.worker_retry_budget
@@ -235,7 +238,11 @@ class Pipeline(InferStage):
     # -- outputs
     def score(self, p: Prepared, out: InferOutput, j: int, t_batch: float) -> Scored:
         f, route = p.frame, p.route
-        spec = self.triton.spec_for(route.model)
+        served = out.versions[j] if out.versions else None
+        # judged with the spec (threshold) of the version Triton says served it; labelled with that version
+        spec = self.triton.spec_at(route.model, served) or self.triton.spec_for(route.model)
+        if served and str(spec.version) != served:
+            log.warning("spec_version_unknown", model=route.model, served=served, judged_with=str(spec.version))
         score = float(out.scores[j])
         task = out.tasks[j] if out.tasks is not None else route.task
         rd = float(out.route_distance[j]) if out.route_distance is not None else None
@@ -245,7 +252,7 @@ class Pipeline(InferStage):
                "e2e": round(max(0.0, done_ms - f.ts_ms), 3)}
         res = InspectionResult(
             frame_id=f.frame_id, camera=f.camera_id, line=f.line_id, model=route.model,
-            model_version=str(spec.version), task=task or "", routed=route.routed, route_distance=rd,
+            model_version=served or str(spec.version), task=task or "", routed=route.routed, route_distance=rd,
             score=score, threshold=spec.threshold, is_anomaly=bool(score > spec.threshold), shadow=False,
             product=route.product or spec.product, latency_ms=lat, ts_ms=f.ts_ms, processed_ts_ms=int(done_ms),
             gt_label=f.extra.get("gt_label"), gt_defect=f.extra.get("gt_defect"),
@@ -283,7 +290,11 @@ class Pipeline(InferStage):
     async def process(self, records: list[RawRecord]) -> Batch:
         t_batch = time.perf_counter()
         now_ms = time.time() * 1000
-        # a frame naming a task no model reports (yet): re-read the specs (<= 1/s) before calling it unknown
+        # a frame naming a product nothing routes yet: catch up with the serving state (read-your-writes) and
+        # re-read Triton's models before calling it unknown; a task no model reports: re-read the specs (<= 1/s)
+        if self.sync_serving is not None and self.names_unknown_product(records):
+            await self.sync_serving()
+            await self.triton.specs(max_age_s=0)
         await self.triton.specs(max_age_s=1.0 if self.names_unknown_task(records) else 30.0)
         self.router.update_models(self.triton.available())
         for name in self.triton.ready_models():

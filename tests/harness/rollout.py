@@ -145,3 +145,24 @@ def infer_score(client, model, imgs) -> np.ndarray:
 
 def served_version(client, model) -> int:
     return max(int(v) for v in client.get_model_metadata(model).versions)
+
+
+def lifecycle_topics(prefix: str) -> dict[str, str]:
+    """Fresh topic names for one worker + controller scenario."""
+    return {k: f"{prefix}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events", "state")}
+
+
+def topic_env(t: dict[str, str]) -> dict[str, str]:
+    """The settings that point a worker or a controller at the scenario's topics."""
+    return {"LINEWATCH_TOPIC_FRAMES": t["frames"], "LINEWATCH_TOPIC_MODEL_EVENTS": t["events"],
+            "LINEWATCH_TOPIC_DRIFT": t["drift"], "LINEWATCH_TOPIC_SERVING_STATE": t["state"]}
+
+
+def start_controller(stack, t: dict[str, str], workdir: Path, *, name: str = "controller", group: str | None = None,
+                     env: dict[str, str] | None = None, tritons: list[str] | None = None):
+    """`linewatch controller` (a child process) on the scenario's topics against ``stack``'s Triton(s)."""
+    from devstack.controller_process import ControllerProcess
+
+    e = {**topic_env(t), "LINEWATCH_ROLLOUT__GROUP": group or f"lw-ctl-{t['events']}", **(env or {})}
+    return ControllerProcess(stack.kafka_bootstrap, tritons or [stack.triton_grpc_url], stack.model_repository,
+                             stack.control_key, log_path=Path(workdir) / f"{name}.log", env=e).start()

@@ -293,7 +293,7 @@ def test_dlq_record_fits_the_dlq_topic_limit(ack_stack, tmp_path, reliability):
                      image=os.urandom(2 * MIB), product="bottle", content_type="image/png")  # undecodable, 2 MiB
         _publish(boot, t["frames"], [junk], max_request_size=8 * MIB)
         rep = _account(boot, t, 120)
-        reliability.record("dlq_record_over_topic_limit", rep, expect_dlq={"decode_error": 1})
+        reliability.record("dlq_record_over_topic_limit", rep, expect_dlq={"unsupported_format": 1})
         assert rep.missing == [] and rep.dlq == 1, (rep, _log(w)[-3000:])
         rec = asyncio.run(read_topics(boot, [t["dlq"]], timeout_s=15, idle_s=2.0))[t["dlq"]][0]
         size = len(rec.key or b"") + len(rec.value or b"") + sum(len(k) + len(v) for k, v in rec.headers)

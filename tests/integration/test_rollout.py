@@ -26,12 +26,16 @@ from contracts.artifact import path_to_uri, sha256_file, verify_artifact
 from contracts.model_events import ModelEvent, decode
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from stream.lifecycle.drift import DriftConfig, DriftMonitor
+from stream.lifecycle.repository import remove_model_dir
 from tests.harness.rollout import (
     Broken,
     Lifecycle,
     Tiny,
     infer_score,
+    lifecycle_topics,
     served_version,
+    start_controller,
+    topic_env,
     write_artifact,
 )
 
@@ -205,20 +209,19 @@ def test_cli_release_rollback_status(life, images, local_stack):
 
 
 def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, images, local_stack, tmp_path):
-    """The Faust worker (subprocess) runs the rollout agent: a released model for a new product is promoted,
-    the product's frames reach it, and a darkened camera raises a drift alert (a clean one does not)."""
+    """`linewatch controller` (subprocess) promotes a released model for a new product and writes the serving
+    state; the Faust worker (subprocess) follows it, so the product's frames reach the model; a darkened
+    camera raises a drift alert (a clean one does not)."""
     from contracts.envelope import Frame, decode_result, encode_frame
     from devstack.worker_process import WorkerProcess
 
     uid = uuid.uuid4().hex[:6]
-    t = {k: f"it-wk-{uid}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events")}
+    t = lifecycle_topics(f"it-wk-{uid}")
     boot = local_stack.kafka_bootstrap
     asyncio.run(ensure_topics(boot, t.values()))
-    env = {"LINEWATCH_TOPIC_MODEL_EVENTS": t["events"], "LINEWATCH_TOPIC_DRIFT": t["drift"],
-           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository),
-           "LINEWATCH_TRITON_CONTROL_KEY": local_stack.control_key}
+    ctl = start_controller(local_stack, t, tmp_path)
     w = WorkerProcess(boot, local_stack.triton_grpc_url, tmp_path, app_id=f"lw-wk-{uid}", batch_max=8,
-                      batch_within=0.05, env=env,
+                      batch_within=0.05, env=topic_env(t),
                       extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
                                   "--defects-topic", t["defects"], "--dlq-topic", t["dlq"]]).start()
     try:
@@ -237,7 +240,7 @@ def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, image
             return any(json.loads(r.value).get("type") == "promoted" for r in o[t["events"]])
 
         recs = asyncio.run(read_topics(boot, [t["events"]], until=promoted, timeout_s=120))
-        assert promoted(recs), (w.log_path.read_text()[-3000:], [r.value for r in recs[t["events"]]])
+        assert promoted(recs), (ctl.log()[-3000:], [r.value for r in recs[t["events"]]])
         dark = [cv2.imencode(".png", (cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) * 0.6)
                              .astype(np.uint8))[1].tobytes() for b in images[100:164]]
         frames = [Frame(f"c-{uid}-{i}", "cam-clean", int(time.time() * 1000), b, product="widget",
@@ -259,6 +262,7 @@ def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, image
         assert {a["detector"] for a in alerts} & {"score_shift", "anomaly_rate"}
     finally:
         w.stop()
+        ctl.stop()
 
 
 def test_model_control_needs_the_controllers_key(life, local_stack):
@@ -298,7 +302,10 @@ def test_new_model_cannot_take_over_a_product_without_the_flag(life, images, loc
     life.release(taker, 2, vdir2, digest2, life.product, take_over=True)
     assert life.outcome(taker, 2).type == "promoted"
     assert client.is_model_ready(taker)
-    client.unload_model(taker, headers=local_stack.control_headers)  # leave life.product to life.model
+    # leave life.product to life.model: this in-process controller writes no serving state, so undo by hand
+    # what a controller service's retirement does (unload + out of the repository; restores skip it)
+    client.unload_model(taker, headers=local_stack.control_headers)
+    remove_model_dir(Path(local_stack.model_repository), taker)
     client.close()
 
 
@@ -319,14 +326,14 @@ def test_served_copy_is_independent_of_the_store(life, images, local_stack):
 
 def test_tampered_model_py_refused_while_frames_flow_nothing_lost(life, images, local_stack, tmp_path, reliability):
     """A released version whose model.py was changed after its manifest was written (the code Triton would
-    run) is refused by the worker's rollout agent while the product's frames keep flowing: every frame is
+    run) is refused by the controller while the product's frames keep flowing: every frame is
     scored by the version already serving, none lost, none DLQ'd."""
     from contracts.envelope import Frame, decode_result, encode_frame
     from devstack.worker_process import WorkerProcess
     from stream.ops.accounting import account
 
     uid = uuid.uuid4().hex[:6]
-    t = {k: f"it-tamper-{uid}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events")}
+    t = lifecycle_topics(f"it-tamper-{uid}")
     boot = local_stack.kafka_bootstrap
     asyncio.run(ensure_topics(boot, t.values()))
     client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
@@ -334,11 +341,9 @@ def test_tampered_model_py_refused_while_frames_flow_nothing_lost(life, images, 
     vdir, digest = write_artifact(life.store, life.model, 97, life.product, Tiny(gain=0.97), images)
     with open(vdir / "model.py", "a") as f:
         f.write("\nimport os  # tampered: code that would run inside tritonserver\n")
-    env = {"LINEWATCH_TOPIC_MODEL_EVENTS": t["events"], "LINEWATCH_TOPIC_DRIFT": t["drift"],
-           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository),
-           "LINEWATCH_TRITON_CONTROL_KEY": local_stack.control_key}
+    ctl = start_controller(local_stack, t, tmp_path)
     w = WorkerProcess(boot, local_stack.triton_grpc_url, tmp_path, app_id=f"lw-tamper-{uid}", batch_max=8,
-                      batch_within=0.05, env=env,
+                      batch_within=0.05, env=topic_env(t),
                       extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"], "--defects-topic",
                                   t["defects"], "--dlq-topic", t["dlq"],
                                   "--routing", json.dumps({"products": {life.product: life.model}})]).start()
@@ -370,10 +375,11 @@ def test_tampered_model_py_refused_while_frames_flow_nothing_lost(life, images, 
         alive = w.alive()
     finally:
         w.stop()
+        ctl.stop()
     out = outcome(evs)
     reliability.record("tampered_model_py", rep, outcome=out[0]["type"] if out else None,
                        served_versions=sorted({r.model_version for r in res}))
-    assert out and out[0]["type"] == "refused", (out, w.log_path.read_text()[-3000:])
+    assert out and out[0]["type"] == "refused", (out, ctl.log()[-3000:])
     assert any(r.startswith("sha256_mismatch: model.py") for r in out[0]["reasons"]), out[0]
     assert rep.ok and rep.missing == [] and rep.dlq == 0 and rep.produced == 60, (rep.missing[:5], rep.dlq_reasons)
     assert alive and {r.model for r in res} == {life.model} and {r.model_version for r in res} == {str(before)}

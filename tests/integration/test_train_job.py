@@ -22,6 +22,7 @@ import pytest
 from contracts.envelope import Frame, decode_result, encode_frame
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
+from tests.harness.rollout import lifecycle_topics, start_controller, topic_env
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
 
     uid = uuid.uuid4().hex[:6]
     boot = local_stack.kafka_bootstrap
-    t = {k: f"it-job-{uid}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events")}
+    t = lifecycle_topics(f"it-job-{uid}")
     asyncio.run(ensure_topics(boot, t.values()))
     model = f"lwt_moleflow_{uid}"
     # products unique to this test: the session's Triton may serve e.g. efficientad_bottle for "bottle"
@@ -60,12 +61,10 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
     store, base = tmp_path / "store", tmp_path / "base"
     common = ["--store", f"file://{store}", "--model", model, "--base-store", str(base), "--bootstrap", boot,
               "--topic", t["events"], "--holdout", "0.3"]
+    # the controller (the only holder of Triton's model-control key) rolls out; the worker follows its serving state
+    ctl = start_controller(local_stack, t, tmp_path)
     w = WorkerProcess(boot, local_stack.triton_grpc_url, tmp_path, app_id=f"lw-job-{uid}", batch_max=8,
-                      batch_within=0.05,
-                      env={"LINEWATCH_TOPIC_MODEL_EVENTS": t["events"], "LINEWATCH_TOPIC_DRIFT": t["drift"],
-                           "LINEWATCH_MODEL_REPOSITORY": str(local_stack.model_repository),
-                           # the worker's rollout drives Triton's model control: only with the key
-                           "LINEWATCH_TRITON_CONTROL_KEY": local_stack.control_key},
+                      batch_within=0.05, env=topic_env(t),
                       extra_args=["--frames-topic", t["frames"], "--results-topic", t["results"],
                                   "--defects-topic", t["defects"], "--dlq-topic", t["dlq"]]).start()
     bottle = [p.read_bytes() for p in sorted((shared_data / "mvtec" / "bottle" / "test" / "good").glob("*.png"))[:8]]
@@ -147,3 +146,4 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
         np.testing.assert_allclose(v2, v1, rtol=1e-4, atol=1e-4)
     finally:
         w.stop()
+        ctl.stop()

@@ -77,7 +77,8 @@ def test_every_linewatch_container_parses_its_args_and_settings(monkeypatch):
                 monkeypatch.setenv(k, v)
         Settings()
         checked.add((obj["metadata"]["name"], c["name"]))
-    assert {("linewatch-worker", "worker"), ("linewatch-train-adapter", "train")} <= checked
+    assert {("linewatch-worker", "worker"), ("linewatch-controller", "controller"),
+            ("linewatch-train-adapter", "train")} <= checked
 
 
 @needs_renderer
@@ -91,7 +92,7 @@ def test_every_path_a_container_writes_is_on_a_writable_mount(monkeypatch):
         writes = []
         if cmd[1][:1] == ["worker"]:
             writes.append(env.get("LINEWATCH_WORKER_DATA_DIR", str(Settings.model_fields["worker_data_dir"].default)))
-            # the in-worker rollout materialises versions into Triton's repository
+        if cmd[1][:1] == ["controller"]:  # the controller materialises verified versions into Triton's repository
             writes.append(env.get("LINEWATCH_MODEL_REPOSITORY", str(Settings.model_fields["model_repository"].default)))
         writes += [a.split("=", 1)[1] for a in cmd[1] if a.startswith(("--store=", "--base-store=", "--out="))]
         writable = [m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")]

@@ -126,6 +126,7 @@ def test_topics_declared_with_sane_config(name):
         # Faust co-partitioning: table changelogs have the source topic's partition count
         assert topics[n]["spec"]["partitions"] == topics["frames"]["spec"]["partitions"]
     assert "compact" in topics["model-events"]["spec"]["config"]["cleanup.policy"]
+    assert topics["serving-state"]["spec"]["config"]["cleanup.policy"] == "compact"
     kafka = next(iter(by_kind(docs, "Kafka").values()))
     assert kafka["spec"]["kafka"]["config"]["auto.create.topics.enable"] is False
     pools = by_kind(docs, "KafkaNodePool")
@@ -213,10 +214,20 @@ def test_triton_serving_contract(name):
     assert key_ref["name"] == "linewatch-triton-control"
     for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):
         assert f"{flag}=model-repository:linewatch-control-key=$(TRITON_CONTROL_KEY)" in c["args"], c["args"]
-    # the worker (it runs the rollout controller) holds the same key
-    (w,) = by_kind(docs, "Deployment")["linewatch-worker"]["spec"]["template"]["spec"]["containers"]
-    wenv = {e["name"]: e for e in w["env"]}
-    assert wenv["LINEWATCH_TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"] == key_ref
+    # only the rollout controller holds the same key; the worker has no model control and no model volume
+    (ctl,) = by_kind(docs, "Deployment")["linewatch-controller"]["spec"]["template"]["spec"]["containers"]
+    cenv = {e["name"]: e for e in ctl["env"]}
+    assert cenv["LINEWATCH_TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"] == key_ref
+    wspec = by_kind(docs, "Deployment")["linewatch-worker"]["spec"]["template"]["spec"]
+    (w,) = wspec["containers"]
+    assert not {"LINEWATCH_TRITON_CONTROL_KEY", "LINEWATCH_MODEL_REPOSITORY"} & {e["name"] for e in w["env"]}
+    assert not any("persistentVolumeClaim" in v for v in wspec["volumes"])
+    # the controller reaches every Triton pod through the headless Service
+    headless = by_kind(docs, "Service")[cenv["LINEWATCH_CONTROLLER_TRITON_SERVICE"]["value"].split(".")[0]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    cdep = by_kind(docs, "Deployment")["linewatch-controller"]["spec"]
+    assert cdep["replicas"] == 1 and cdep["strategy"]["type"] == "Recreate"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     store = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
@@ -240,12 +251,13 @@ def test_prod_triton_has_gpu_and_dev_does_not():
 
 @needs_renderer
 @pytest.mark.parametrize("name", SERVICE)
-def test_only_workers_reach_triton(name):
+def test_only_workers_and_the_controller_reach_triton(name):
     docs = render(name)
     triton = by_kind(docs, "Deployment")["linewatch-triton"]
     worker = by_kind(docs, "Deployment")["linewatch-worker"]
+    controller = by_kind(docs, "Deployment")["linewatch-controller"]
     tlabels = triton["spec"]["template"]["metadata"]["labels"]
-    wlabels = worker["spec"]["template"]["metadata"]["labels"]
+    allowed = [d["spec"]["template"]["metadata"]["labels"] for d in (worker, controller)]
     policies = [p for p in by_kind(docs, "NetworkPolicy").values()
                 if p["spec"]["podSelector"]["matchLabels"].items() <= tlabels.items()]
     assert policies, "no NetworkPolicy selects the Triton pods"
@@ -256,11 +268,12 @@ def test_only_workers_reach_triton(name):
             assert rule["from"], "an ingress rule without `from` admits everyone"
             for peer in rule["from"]:
                 assert set(peer) == {"podSelector"}, f"{pol['metadata']['name']}: only pod peers allowed"
-                assert peer["podSelector"]["matchLabels"].items() <= wlabels.items()
+                assert any(peer["podSelector"]["matchLabels"].items() <= lab.items() for lab in allowed)
             assert {p["port"] for p in rule["ports"]} <= triton_ports
-    others = [d for d in by_kind(docs, "Deployment").values() if d is not worker and d is not triton]
-    for d in others:  # no other workload carries the worker component label
-        assert d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") != "worker"
+    others = [d for d in by_kind(docs, "Deployment").values() if d not in (worker, triton, controller)]
+    for d in others:  # no other workload carries the worker or controller component label
+        assert d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") not in ("worker",
+                                                                                                        "controller")
 
 
 @needs_renderer

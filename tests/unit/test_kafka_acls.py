@@ -9,7 +9,15 @@ import os
 import pytest
 
 from contracts.config import Settings
-from stream.ops.acls import COMPONENTS, from_strimzi, line_grants, to_strimzi, trainer_grants, worker_grants
+from stream.ops.acls import (
+    COMPONENTS,
+    controller_grants,
+    from_strimzi,
+    line_grants,
+    to_strimzi,
+    trainer_grants,
+    worker_grants,
+)
 from tests.harness.k8s import by_kind, needs_renderer, render
 from tests.unit.test_k8s_containers import _argv, _containers, _env
 
@@ -51,6 +59,8 @@ def test_kafka_users_grant_exactly_what_the_code_uses(monkeypatch):
         prog, args = cmd
         if prog == "linewatch" and args[:1] == ["worker"]:
             want = worker_grants(s, args[1:])
+        elif prog == "linewatch" and args[:1] == ["controller"]:
+            want = controller_grants(s)
         elif prog == "linewatch-models" and args[:2] == ["job", "train"]:
             want = trainer_grants(s)  # the job publishes with `linewatch release` in the same container
         else:
@@ -58,7 +68,7 @@ def test_kafka_users_grant_exactly_what_the_code_uses(monkeypatch):
         assert users[user] == want, (f"{name}: KafkaUser {user} for {obj['metadata']['name']}/{c['name']}:\n"
                                      f"has  {to_strimzi(users[user])}\nneeds {to_strimzi(want)}")
         checked.add(user)
-    assert checked == {"linewatch-worker", "linewatch-trainer"}
+    assert checked == {"linewatch-worker", "linewatch-controller", "linewatch-trainer"}
     # factory lines run outside the cluster with the ConfigMap's topic names
     base_cm = by_kind(render("base"), "ConfigMap")["linewatch-config"]["data"]
     assert users["linewatch-line"] == line_grants(_settings_of(base_cm, monkeypatch))
@@ -73,8 +83,19 @@ def test_worker_grants_follow_the_worker_flags_and_settings():
     assert g[("group", "lw-plant2", "literal")] == {"Read", "Describe"}
     assert g[("topic", "lw-plant2-", "prefix")] >= {"Create", "Read"}  # Faust's assignor leader topic
     assert ("topic", "frames", "literal") not in g and ("cluster", "", "literal") not in g
-    # the in-worker rollout reads model-events and the lifecycle hooks write it (retrain_requested, outcomes)
-    assert g[("topic", "model-events", "literal")] == {"Read", "Write", "Describe"}
+    # the drift hook writes retrain_requested; rollouts (and their Read) are the controller's
+    assert g[("topic", "model-events", "literal")] == {"Write", "Describe"}
+    assert g[("topic", "serving-state", "literal")] == {"Read", "Describe"}
+
+
+def test_controller_grants_follow_its_settings():
+    s = Settings(topic_model_events="plant2-events", topic_serving_state="plant2-serving", topic_frames="plant2-frames")
+    s.rollout.group = "plant2-controller"
+    g = {(r.type, r.name): ops for r, ops in controller_grants(s).items()}
+    assert g == {("topic", "plant2-events"): {"Read", "Write", "Describe"},
+                 ("topic", "plant2-serving"): {"Read", "Write", "Describe"},
+                 ("topic", "plant2-frames"): {"Read", "Describe"},
+                 ("group", "plant2-controller"): {"Read", "Describe"}}
 
 
 def test_strimzi_round_trip():

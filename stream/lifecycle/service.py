@@ -1,0 +1,235 @@
+"""The rollout controller service (``linewatch controller``; issue #16): the only component with Triton
+model control.
+
+- Consumes ``model-events`` in its own consumer group, one event at a time, and commits an event's
+  offset only once its rollout has ended (a crash mid-rollout redelivers it; the controller then
+  re-runs it: the candidate is re-materialised, or a version already serving is re-announced).
+- Loads and unloads on every Triton replica (``controller_triton_urls``, or every address of the
+  headless Service ``controller_triton_service``, re-resolved on each reconcile pass).
+- Writes the authoritative serving state (contracts/serving_state.py) on promotion and rollback; reads
+  it at start and reconciles every ``rollout.reconcile_s``: a replica that does not serve a product's
+  version (restarted in explicit mode, new pod) gets it loaded.
+- Shadows a candidate on a sample of live frames from every ``frames`` partition
+  (:class:`stream.lifecycle.sampler.ShadowSampler`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from contracts.config import Settings
+from contracts.logs import get_logger
+from contracts.model_events import ModelEvent
+from contracts.serving_state import ServingEntry, decode_entry, entries_for
+from stream.kafka.clients import Producer, client_kwargs, ensure_topics
+from stream.kafka.codecs import require_codecs
+from stream.kafka.follow import TopicFollower
+from stream.lifecycle.controller import RolloutController
+from stream.lifecycle.events import actionable
+from stream.lifecycle.policy import HealthPolicy
+from stream.lifecycle.sampler import ShadowSampler
+
+log = get_logger("stream.lifecycle.service")
+
+
+def triton_replicas(s: Settings) -> list[str]:
+    """The Triton gRPC endpoints model control must reach: the headless Service's addresses, else the list."""
+    if s.controller_triton_service:
+        host, _, port = s.controller_triton_service.rpartition(":")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            addrs = sorted({i[4][0] for i in infos})
+            if addrs:
+                return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addrs]
+        except OSError as e:
+            log.warning("triton_service_unresolved", service=s.controller_triton_service, error=str(e))
+    urls = [u.strip() for u in s.controller_triton_urls.split(",") if u.strip()]
+    return urls or [s.triton_grpc_url]
+
+
+@dataclass(frozen=True)
+class ControllerTopics:
+    """The Kafka resources the service uses: every method below reads them from here, and
+    stream/ops/acls.py derives the controller's KafkaUser from the same object."""
+
+    events: str  # model-events: read in ``group``; outcomes written back
+    state: str  # serving-state (compacted): followed whole, written on promotion/rollback
+    frames: str  # read (no group) by the shadow sampler
+    group: str
+
+    @classmethod
+    def of(cls, s: Settings) -> ControllerTopics:
+        return cls(s.topic_model_events, s.topic_serving_state, s.topic_frames, s.rollout.group)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.events, self.state, self.frames)
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return (self.events, self.state)
+
+
+class ControllerService:
+    def __init__(self, s: Settings, repository: Path, policy: HealthPolicy | None = None):
+        require_codecs()  # every consumer of ours reads every codec a producer may use
+        self.s = s
+        self.topics = t = ControllerTopics.of(s)
+        self.serving: dict[str, ServingEntry] = {}  # product -> entry (the compacted topic, as read)
+        self.producer = Producer(s.kafka_bootstrap, settings=s)
+        key = s.triton_control_key.get_secret_value() if s.triton_control_key else None
+        self.ctl = RolloutController(triton_replicas(s), repository, self._publish_event,
+                                     policy or HealthPolicy.from_settings(s.rollout), control_key=key)
+        self.ctl.on_serving.append(self._publish_serving)
+        self.sampler = ShadowSampler(s, self.ctl, t.frames)
+        self.follower = TopicFollower(s.kafka_bootstrap, t.state, self._on_state, settings=s)
+        self.reconciled = asyncio.Event()
+
+    # -- serving state
+    def _on_state(self, key: bytes | None, value: bytes | None) -> None:
+        product = (key or b"").decode()
+        e = decode_entry(value)
+        if e is None:
+            self.serving.pop(product, None)
+        else:
+            self.serving[e.product] = e
+
+    async def _publish_serving(self, model: str, version: int, spec: dict) -> None:
+        recs = [(e.key, e.to_json(), []) for e in entries_for(model, version, spec)]
+        if not recs:
+            return
+        before = {e.model for e in self.serving.values()}
+        await self.producer.send_many(self.topics.state, recs)
+        for k, v, _ in recs:
+            self._on_state(k, v)
+        log.info("serving_state_written", model=model, version=version, products=[k.decode() for k, _, _ in recs])
+        await self._retire(before - {e.model for e in self.serving.values()})
+
+    async def _retire(self, models: set[str]) -> None:
+        """A model whose every product was taken over (``release --take-over``) serves nothing any more:
+        unload it everywhere and remove it from the repository (its released versions stay in the store),
+        so neither a reconcile pass nor a restore brings it back."""
+        from stream.lifecycle.repository import remove_model_dir
+
+        for m in sorted(models):
+            await self.ctl._unload(m)
+            await asyncio.to_thread(remove_model_dir, self.ctl.repository, m)
+            log.info("model_retired", model=m, reason="every product it served was taken over")
+
+    async def _publish_event(self, ev: ModelEvent) -> None:
+        await self.producer.send_many(self.topics.events, [(ev.key, ev.to_json(), [])])
+
+    def served_versions(self) -> dict[str, int]:
+        """{model: version} the serving state says must be served."""
+        out: dict[str, int] = {}
+        for e in self.serving.values():
+            out[e.model] = max(out.get(e.model, 0), e.version)
+        return out
+
+    async def reconcile(self) -> dict[str, list[str]]:
+        """Every replica serves every model at its serving-state version; returns {model: replicas fixed}."""
+        self.ctl.set_replicas(triton_replicas(self.s))
+        fixed = {}
+        for model, version in sorted(self.served_versions().items()):
+            if model in self.ctl.active:  # mid-rollout: the rollout owns that model now
+                continue
+            done = await self.ctl.ensure_serving(model, version)
+            if done:
+                fixed[model] = done
+                log.info("reconciled", model=model, version=version, replicas=done)
+        return fixed
+
+    async def restore_from_repository(self) -> list[str]:
+        """Models the repository pins but the serving state does not know (an embedded broker that lost its
+        topics on restart, a first start): load each verified pinned version on every replica and write its
+        serving state. The repository holds only what the controller materialised after verification."""
+        from contracts.artifact import verify_artifact
+        from stream.lifecycle.repository import model_dir, pinned_version, repository_models
+
+        known = {e.model for e in self.serving.values()}
+        restored = []
+        # oldest promotion first: where two pinned models claim one product, the later one's entry wins
+        models = sorted(repository_models(self.ctl.repository),
+                        key=lambda m: (model_dir(self.ctl.repository, m) / "config.pbtxt").stat().st_mtime)
+        for model in models:
+            version = pinned_version(self.ctl.repository, model)
+            if model in known or version is None:
+                continue
+            v = await asyncio.to_thread(verify_artifact, model_dir(self.ctl.repository, model) / str(version),
+                                        None, model, version, strict=True)
+            if not v.ok:
+                log.warning("restore_refused", model=model, version=version, reasons=v.reasons[:5])
+                continue
+            await self.ctl.ensure_serving(model, version)
+            await self.ctl._serving_changed(model)
+            restored.append(f"{model} v{version}")
+        if restored:
+            log.info("serving_restored_from_repository", models=restored)
+        return restored
+
+    async def _reconcile_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.reconcile()
+                self.reconciled.set()
+            except Exception as e:
+                log.warning("reconcile_pass_failed", error=f"{type(e).__name__}: {e}"[:300])
+            try:
+                await asyncio.wait_for(stop.wait(), self.s.rollout.reconcile_s)
+            except TimeoutError:
+                pass
+
+    # -- model events
+    async def _events(self, stop: asyncio.Event) -> None:
+        s, t = self.s, self.topics
+        c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=t.group, enable_auto_commit=False,
+                             auto_offset_reset="earliest", **client_kwargs("consumer", s))
+        await c.start()
+        try:
+            c.subscribe([t.events])
+            while not stop.is_set():
+                batch = await c.getmany(timeout_ms=200, max_records=1)
+                for tp, recs in batch.items():
+                    for r in recs:
+                        ev = actionable(r.value)
+                        if ev is not None:
+                            log.info("model_event_taken", type=ev.type, model=ev.model, version=ev.version,
+                                     offset=r.offset)
+                            await self.ctl.handle_safely(ev)
+                        # the rollout has ended (promoted, rolled back or refused): only now is it acked
+                        await c.commit({TopicPartition(tp.topic, tp.partition): r.offset + 1})
+        finally:
+            await c.stop()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        s, t = self.s, self.topics
+        if s.dev_broker:  # the embedded broker; in k8s the KafkaTopics exist and the controller creates none
+            await ensure_topics(s.kafka_bootstrap, [t.events], settings=s)
+            await ensure_topics(s.kafka_bootstrap, [t.state], settings=s, config={"cleanup.policy": "compact"})
+        await self.producer.start()
+        await self.follower.start()
+        await self.restore_from_repository()
+        log.info("controller_start", replicas=self.ctl.urls, serving={p: f"{e.model} v{e.version}"
+                                                                     for p, e in sorted(self.serving.items())})
+        tasks = [asyncio.ensure_future(x) for x in (self._reconcile_loop(stop), self._events(stop),
+                                                    self.sampler.run(stop))]
+        try:
+            done, _ = await asyncio.wait([*tasks, asyncio.ensure_future(stop.wait())],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t in tasks and t.exception() is not None:
+                    raise t.exception()
+        finally:
+            stop.set()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.follower.stop()
+            await self.producer.stop()
+            await self.ctl.close()

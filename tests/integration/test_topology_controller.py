@@ -1,0 +1,257 @@
+"""The production shape with the rollout controller (issue #16 item 4): three workers, one controller, two
+tritonservers (one LocalStack + tests/harness/triton_replica.py), 6 ``frames`` partitions at 20 fps.
+
+Workers never call model control; they route and judge by the serving state the controller writes
+(contracts/serving_state.py) and label each result with the version Triton says served it. Worker i talks
+to Triton i % 2, so a version loaded on one replica only would show up in the results.
+
+- a release while three workers stream; two releases of one model at once (run one after the other);
+  the controller SIGKILLed mid-rollout and restarted (the unacked ``released`` event is redelivered and
+  rolled out); one Triton SIGKILLed and restarted empty (the controller's reconcile loads the serving
+  version back). After each promotion, within a bounded time, no result reports another version.
+- the whole stack stopped and started again (`linewatch stack down` / `up`, memory-only broker): the
+  controller restores the serving versions from its repository; a new worker's frames are scored, none
+  DLQ'd ``unknown_product``.
+
+Each line ends with ``linewatch account`` (0 lost, 0 DLQ'd), the per-camera order check and the
+duplicates counted (tests/harness/line.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import pytest
+import tritonclient.grpc as grpcclient
+
+from contracts.envelope import Frame, decode_result, encode_frame
+from contracts.model_events import ModelEvent
+from devstack.stack import LocalStack
+from stream.kafka.clients import Producer, ensure_topics, read_topics
+from stream.ops.accounting import account
+from tests.harness.line import Line, check_line
+from tests.harness.line import small_frames as _small_frames
+from tests.harness.rollout import Tiny, lifecycle_topics, start_controller, topic_env, write_artifact
+from tests.harness.topology import read_results
+from tests.harness.triton_replica import TritonReplica
+
+pytestmark = pytest.mark.integration
+
+# a short health policy: probes + a few live frames decide; reconcile every second
+POLICY = {"LINEWATCH_ROLLOUT__SHADOW_FRAMES": "24", "LINEWATCH_ROLLOUT__MIN_FRAMES": "8",
+          "LINEWATCH_ROLLOUT__SHADOW_TIMEOUT_S": "60", "LINEWATCH_ROLLOUT__RECONCILE_S": "1"}
+SETTLE_S = 8.0  # after a promotion: results still labelled with the old version only within this time
+
+
+@pytest.fixture(scope="module")
+def images(shared_data):
+    files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:90]
+    return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
+            for f in files]
+
+
+@pytest.fixture(scope="module")
+def two_tritons(tmp_path_factory):
+    root = tmp_path_factory.mktemp("controller-topology")
+    stack = LocalStack(root / "work", root / "model_repository", start_timeout_s=90)
+    stack.start()
+    b = TritonReplica(stack, root / "triton-b")
+    try:
+        b.start()
+        yield stack, b
+    finally:
+        b.stop()
+        stack.stop()
+
+
+def _send(boot: str, topic: str, recs: list) -> None:
+    async def go():
+        async with Producer(boot) as p:
+            await p.send_many(topic, recs)
+
+    asyncio.run(go())
+
+
+def _release(boot, t, store, model, version, product, images, gain) -> None:
+    vdir, digest = write_artifact(store, model, version, product, Tiny(gain=gain), images)
+    ev = ModelEvent("released", model, version, product=product, detector="efficientad",
+                    artifact_uri=vdir.as_uri(), sha256=digest)
+    _send(boot, t["events"], [(ev.key, ev.to_json(), [])])
+
+
+def _outcomes(boot, t, model, versions, timeout_s=150.0) -> dict[int, list[dict]]:
+    """{version: [outcome events]} once every version in ``versions`` has one (promoted / rolled_back / refused)."""
+    def hits(o):
+        out: dict[int, list[dict]] = {}
+        for r in o[t["events"]]:
+            d = json.loads(r.value)
+            if d.get("model") == model and d.get("type") in ("promoted", "rolled_back", "refused"):
+                out.setdefault(d["version"], []).append({**d, "_ts": r.timestamp})
+        return out
+
+    recs = asyncio.run(read_topics(boot, [t["events"]], until=lambda o: set(versions) <= set(hits(o)),
+                                   timeout_s=timeout_s))
+    got = hits(recs)
+    assert set(versions) <= set(got), f"outcomes {got}"
+    return got
+
+
+def _logged(typ: str, model: str, version: int) -> str:
+    """How the controller logs an event it took (released) or published (promoted...)."""
+    return f'"type":"{typ}","model":"{model}","version":{version}'
+
+
+def _wait_log(ctl, needle: str, since: int, timeout_s: float = 90.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if needle in ctl.log()[since:]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _serves(url: str, model: str, version: int) -> bool:
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        return c.is_model_ready(model, str(version))
+    except Exception:
+        return False
+    finally:
+        c.close()
+
+
+def _loaded(url: str, name: str) -> bool:
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        return c.is_model_ready(name)
+    except Exception:
+        return False
+    finally:
+        c.close()
+
+
+def _wait(pred, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return pred()
+
+
+def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tritons, images, shared_data,
+                                                                          tmp_path):
+    stack, b = two_tritons
+    boot, tritons = stack.kafka_bootstrap, [stack.triton_grpc_url, b.grpc_url]
+    uid = uuid.uuid4().hex[:6]
+    t = lifecycle_topics(f"topo-ctl-{uid}")
+    asyncio.run(ensure_topics(boot, [t["events"], t["drift"]]))
+    asyncio.run(ensure_topics(boot, [t["state"]], config={"cleanup.policy": "compact"}))
+    store, model, product = tmp_path / "store", f"lwt_topo_{uid}", f"part-{uid}"
+    env = {**topic_env(t), **POLICY}
+    ctl = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-0")
+    line = Line(stack, None, _small_frames(shared_data), tmp_path, "ctl", seconds=95, product=product,
+                tritons=tritons, env=env, topics=t)
+    ctl2 = None
+    try:
+        _release(boot, t, store, model, 1, product, images, 1.0)  # a new product: promoted on both Tritons
+        assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
+        assert all(_serves(u, model, 1) for u in tritons)
+        line.begin(3)  # the workers know the product from the serving state only (no static routing)
+        assert line.fleet.wait_frames_in([0, 1, 2], timeout_s=60), line.fleet.summary()
+
+        # two releases of one model at once: one rollout at a time, in order, each acked when it ended
+        mark = len(ctl.log())
+        _release(boot, t, store, model, 2, product, images, 0.99)
+        _release(boot, t, store, model, 3, product, images, 0.98)
+        got = _outcomes(boot, t, model, [2, 3])
+        assert [e["type"] for v in (2, 3) for e in got[v]] == ["promoted", "promoted"], (got, ctl.log()[mark:][-3000:])
+        log = ctl.log()[mark:]
+        assert log.index(_logged("promoted", model, 2)) < \
+            log.index(_logged("released", model, 3)), "v3's rollout began before v2's ended"
+        promoted_3 = got[3][0]["_ts"]
+
+        # the controller SIGKILLed mid-rollout (v4's candidate in its shadow window), then restarted
+        mark = len(ctl.log())
+        _release(boot, t, store, model, 4, product, images, 0.97)
+        assert _wait_log(ctl, '"event":"shadow_sampling"', mark), ctl.log()[mark:][-3000:]
+        ctl.kill()
+        ctl2 = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-1")
+        got4 = _outcomes(boot, t, model, [4])[4]
+        assert [e["type"] for e in got4] == ["promoted"], (got4, ctl2.log()[-3000:])
+        assert _logged("released", model, 4) in ctl2.log(), "v4 was not redelivered"
+        promoted_4 = got4[0]["_ts"]
+        assert all(_serves(u, model, 4) for u in tritons)
+        assert _wait(lambda: not any(_loaded(u, f"{model}__candidate") for u in tritons), 30), "candidate left loaded"
+
+        # Triton B SIGKILLed and restarted empty (a replacement pod): the reconcile loads v4 there again
+        assert line.publishing(), "the line ended before the Triton restart"
+        b.kill()
+        time.sleep(3)
+        b.start()
+        t_back = time.time()
+        assert _wait(lambda: _serves(b.grpc_url, model, 4), 60), ctl2.log()[-3000:]
+        reconciled_s = time.time() - t_back
+        rep, order = line.finish(settle_s=120)
+        check_line(line, rep, order, changes=3, what="releases + controller kill + triton restart")
+        res = [r for r in read_results(boot, t["results"]) if not r.get("shadow")]
+        # between v3's promotion (+ settle) and v4's: v3, or v4 once Triton switched (before the event is out)
+        late3 = [r for r in res if promoted_3 + SETTLE_S * 1000 < r["processed_ts_ms"] < promoted_4
+                 and r["model_version"] not in ("3", "4")]
+        late4 = [r for r in res if r["processed_ts_ms"] > promoted_4 + SETTLE_S * 1000 and r["model_version"] != "4"]
+        by_version = {v: sum(1 for r in res if r["model_version"] == v) for v in sorted({r["model_version"] for r in res})}
+        print(f"\nresults by served version {by_version}; Triton B reconciled {reconciled_s:.1f} s after its restart")
+        assert not late3 and not late4, (late3[:3], late4[:3])
+        assert {r["model"] for r in res} == {model} and by_version.get("4", 0) > 0
+    finally:
+        line.close()
+        for c in (ctl, ctl2):
+            if c is not None:
+                c.stop()
+
+
+def test_stack_down_up_restores_serving_versions(images, tmp_path):
+    """`stack down` / `stack up` with the controller: a memory-only broker forgets the serving state and
+    Triton (explicit mode) starts empty; the controller restores the pinned, verified versions and a new
+    worker's frames are scored by them (none DLQ'd unknown_product)."""
+    from devstack.worker_process import WorkerProcess
+
+    uid = uuid.uuid4().hex[:6]
+    store, model, product = tmp_path / "store", f"lwt_restore_{uid}", f"restore-{uid}"
+    stack = LocalStack(tmp_path / "work", tmp_path / "repo", start_timeout_s=90, controller=True)
+    stack.start()
+    try:
+        boot = stack.kafka_bootstrap
+        asyncio.run(ensure_topics(boot, ["model-events"]))
+        vdir, digest = write_artifact(store, model, 1, product, Tiny(), images)
+        ev = ModelEvent("released", model, 1, product=product, detector="efficientad", artifact_uri=vdir.as_uri(),
+                        sha256=digest)
+        _send(boot, "model-events", [(ev.key, ev.to_json(), [])])
+        t = {"events": "model-events"}
+        assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", stack.log_tail("controller", 40)
+        stack.stop()
+        stack.start()  # fresh ports, empty broker, empty Triton
+        boot = stack.kafka_bootstrap
+        assert _wait(lambda: _serves(stack.triton_grpc_url, model, 1), 90), stack.log_tail("controller", 40)
+        asyncio.run(ensure_topics(boot, ["frames", "inspection-results", "defect-events", "frames-dlq"]))
+        w = WorkerProcess(boot, stack.triton_grpc_url, tmp_path / "w", app_id=f"lw-restore-{uid}").start()
+        try:
+            frames = [encode_frame(Frame(f"r-{i}", "cam-r", int(time.time() * 1000), images[i], product=product,
+                                         content_type="image/png")) for i in range(20)]
+            _send(boot, "frames", frames)
+            rep = asyncio.run(account(boot, frames_topic="frames", results_topic="inspection-results",
+                                      dlq_topic="frames-dlq", wait_s=90))
+            res = [decode_result(r.value) for r in asyncio.run(read_topics(boot, ["inspection-results"], timeout_s=20,
+                                                                           idle_s=2.0))["inspection-results"]]
+        finally:
+            w.stop()
+        print(f"\nstack down/up: {rep.summary_line()}")
+        assert rep.ok and rep.missing == [] and rep.dlq == 0, (rep.dlq_reasons, Path(w.log_path).read_text()[-3000:])
+        assert {(r.model, r.model_version) for r in res} == {(model, "1")}
+    finally:
+        stack.stop()
