@@ -179,11 +179,16 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         # the controller SIGKILLed mid-rollout (v4's candidate in its shadow window), then restarted
         mark = len(ctl.log())
         _release(boot, t, store, model, 4, product, images, 0.97)
-        assert _wait_log(ctl, '"event":"shadow_sampling"', mark), ctl.log()[mark:][-3000:]
+        assert _wait_log(ctl, _logged("released", model, 4), mark), ctl.log()[mark:][-3000:]
+        # killed once its candidate is up on a replica (loading, shadowing or promoting: all mid-rollout)
+        assert _wait(lambda: _loaded(tritons[0], f"{model}__candidate"), 60), ctl.log()[mark:][-3000:]
         ctl.kill()
+        killed_during = "promoted" if _logged("promoted", model, 4) in ctl.log() else "rollout"
         ctl2 = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-1")
         got4 = _outcomes(boot, t, model, [4])[4]
         assert [e["type"] for e in got4] == ["promoted"], (got4, ctl2.log()[-3000:])
+        assert killed_during == "rollout", "the controller published v4's outcome before it was killed"
+        print(f"\ncontroller killed mid-rollout; restarted controller: {got4[0].get('detail')}")
         assert _logged("released", model, 4) in ctl2.log(), "v4 was not redelivered"
         promoted_4 = got4[0]["_ts"]
         assert all(_serves(u, model, 4) for u in tritons)
