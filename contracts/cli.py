@@ -44,6 +44,28 @@ def positive_int(v: str) -> int:
     return n
 
 
+def non_negative_int(v: str) -> int:
+    """argparse ``type=`` for a count that may be 0."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {v}")
+    return n
+
+
+def positive_float(v: str) -> float:
+    """argparse ``type=`` for seconds (or any amount) that must be > 0."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {v}")
+    return x
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line; pydantic validation errors without their input values (which may
     hold secrets such as the SASL password)."""

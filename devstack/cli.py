@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from contracts.cli import RuntimeFailure, UsageError
+from contracts.cli import RuntimeFailure, UsageError, non_negative_int
 from contracts.config import Settings
 
 
@@ -25,7 +25,8 @@ def _cmd_stack(a) -> int:
 
     workdir, repo = _stack_paths(a)
     if a.action == "up":
-        stack = local.LocalStack(workdir, repo, detach=True, load_models=a.load or [], controller=not a.no_controller)
+        stack = local.LocalStack(workdir, repo, detach=True, load_models=a.load or [], controller=not a.no_controller,
+                                 workers=a.workers)
         st = stack.start()
         print(json.dumps({"ready": True, **st.endpoints(), "pids": st.pids, "workdir": str(workdir)}, indent=2))
         return 0
@@ -94,6 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-repository", help="Triton model repository (default: settings model_repository)")
     p.add_argument("--load", action="append", help="model to load after start (repeatable)")
     p.add_argument("--no-controller", action="store_true", help="up: do not start the rollout controller")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="up: also start N stream workers (one consumer group; frames get max(6, N) partitions)")
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_stack)
 

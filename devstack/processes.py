@@ -229,6 +229,10 @@ def stack_status(st) -> dict:
     }
     services["kafka"]["ready"] = services["kafka"]["alive"] and _safe(kafka_ready, st.kafka_bootstrap)
     services["triton"]["ready"] = services["triton"]["alive"] and triton_ready(st.triton_http_url)
+    for name in sorted(n for n in st.pids if n.startswith("worker-")):
+        pid = st.pids[name]
+        services[name] = {"pid": pid, "alive": owned_alive(name, pid)}
+        services[name]["ready"] = services[name]["alive"]
     if "controller" in st.pids:
         ctl = st.pids["controller"]
         services["controller"] = {"pid": ctl, "alive": owned_alive("controller", ctl)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,13 +27,13 @@ from pathlib import Path
 
 from contracts.logs import get_logger
 from contracts.triton_control import grpc_headers, server_args
+from devstack.faults import StackFaults
 from devstack.processes import (  # re-exported: `stack status|down` and tests use them from here
     StackError,
     _detach,
     _die_with_parent_of,
-    _shm_mapped,
     free_port,
-    group_pids,
+    group_pids,  # noqa: F401 - re-exported for `stack down` and tests
     kafka_ready,
     owned_alive,
     pid_alive,  # noqa: F401 - re-exported for `stack status` callers
@@ -113,7 +112,7 @@ def read_state(workdir: str | Path) -> StackState | None:
     return StackState(**json.loads(p.read_text()))
 
 
-class LocalStack:
+class LocalStack(StackFaults):
     """Tansu broker + tritonserver as child processes. Use ``start()``/``stop()`` or ``with``."""
 
     def __init__(
@@ -127,6 +126,7 @@ class LocalStack:
         host: str = "127.0.0.1",
         control_key: str | None = None,
         controller: bool = False,
+        workers: int = 0,
     ):
         self.workdir = Path(workdir).resolve()
         self.model_repository = Path(model_repository).resolve()
@@ -134,6 +134,7 @@ class LocalStack:
         self.start_timeout_s = start_timeout_s
         self.load_models = list(load_models or [])
         self.controller = controller  # also run `linewatch controller` (rollouts, serving state) as a child
+        self.workers = workers  # and this many `linewatch worker`s (one consumer group)
         self.host = host
         self.control_key = control_key or secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
         self.state: StackState | None = None
@@ -199,6 +200,8 @@ class LocalStack:
                 self.load_model(name)
             if self.controller:
                 self.start_controller()
+            if self.workers:
+                self.start_workers(self.workers)
         except BaseException:
             self.stop()
             raise
@@ -213,7 +216,8 @@ class LocalStack:
         pids = {k: p for k, p in (state.pids if state else {}).items() if owned_alive(k, p)}
         pids.update({k: p.pid for k, p in self._procs.items()})
         # Triton first (it may hold gRPC clients), then the broker
-        for name in sorted(pids, key=lambda n: {"controller": 0, "triton": 1}.get(n, 2)):
+        # workers first (they leave their group), the controller, Triton (it may hold gRPC clients), the broker
+        for name in sorted(pids, key=lambda n: -1 if n.startswith("worker-") else {"controller": 0, "triton": 1}.get(n, 2)):
             stop_pid(pids[name])
         for p in self._procs.values():
             try:
@@ -288,6 +292,25 @@ class LocalStack:
                                    s.model_repository], env=env)
         self._write_state()
 
+    def start_workers(self, n: int) -> None:
+        """``n`` Faust workers (`python -m stream.worker.app`, one consumer group) as children, settings from
+        the environment; the settings' data topics are created first with ``max(6, n)`` partitions."""
+        import asyncio
+        import sys
+
+        from contracts.config import Settings
+        from stream.kafka.clients import ensure_topics
+
+        s, cfg = self.state, Settings()
+        asyncio.run(ensure_topics(s.kafka_bootstrap, [cfg.topic_frames, cfg.topic_results, cfg.topic_defects,
+                                                      cfg.topic_dlq], partitions=max(6, n), settings=cfg))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for i in range(n):
+            self._spawn(f"worker-{i}", [sys.executable, "-m", "stream.worker.app", "--bootstrap", s.kafka_bootstrap,
+                                        "--triton", s.triton_grpc_url, "--web-port", str(free_port(self.host)),
+                                        "--datadir", str(self.workdir / f"worker-{i}"), "--dev-broker"], env=env)
+        self._write_state()
+
     def _write_state(self) -> None:
         p = self.workdir / STATE_FILE
         p.touch(mode=0o600)
@@ -349,61 +372,6 @@ class LocalStack:
         except Exception:  # down / stopped: nothing is ready
             return []
         return sorted(m["name"] for m in idx.get("models", []) if m.get("state") == "READY")
-
-    # -- fault injection (tests, benchmarks/reliability.py) -------------------------------------
-    def signal_service(self, name: str, sig: int) -> None:
-        """Send ``sig`` to service ``name``'s process group ("tansu" or "triton"), e.g. SIGSTOP/SIGCONT
-        to make it unreachable without losing its state (Tansu keeps topics in memory)."""
-        pid = self._require_state().pids.get(name)
-        if not pid or not owned_alive(name, pid):
-            raise StackError(f"{name} is not running")
-        os.killpg(pid, sig)
-
-    def kill_triton(self, sig: int = signal.SIGKILL) -> list[str]:
-        """Stop tritonserver and its Python-backend stubs (default SIGKILL: a crash). Returns the models
-        that were READY, for :meth:`start_triton`. Shared-memory regions the killed processes mapped
-        are unlinked (a SIGKILLed Triton cannot remove them itself)."""
-        st = self._require_state()
-        models = self.ready_models(timeout_s=2.0) or list(self.load_models)
-        pid = st.pids.get("triton")
-        shm: set[str] = set()
-        if pid and owned_alive("triton", pid):
-            for p in [pid, *group_pids(pid)]:
-                shm |= _shm_mapped(p)
-            try:
-                os.killpg(pid, signal.SIGCONT)  # a paused group would never act on SIGTERM
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                pass
-            stop_pid(pid, timeout_s=10.0)
-        proc = self._procs.pop("triton", None)
-        if proc is not None:
-            proc.wait(timeout=5)
-        for path in shm:
-            Path(path).unlink(missing_ok=True)
-        log.info("triton_killed", pid=pid, signal=signal.Signals(sig).name, models=models, shm_unlinked=len(shm))
-        return models
-
-    def start_triton(self, models: list[str] | tuple[str, ...] = ()) -> None:
-        """(Re)start tritonserver on the same ports and load ``models`` (after :meth:`kill_triton`)."""
-        st = self._require_state()
-        if owned_alive("triton", st.pids.get("triton")):
-            raise StackError(f"triton is still running (pid {st.pids['triton']})")
-        t0 = time.monotonic()
-        self._start_triton()
-        self._write_state()
-        self._wait_triton()
-        for name in models:
-            self.load_model(name)
-        log.info("triton_restarted", pid=st.pids["triton"], models=list(models), seconds=round(time.monotonic() - t0, 2))
-
-    def restart_triton(self, down_s: float = 0.0, sig: int = signal.SIGKILL) -> list[str]:
-        """Kill tritonserver, stay down ``down_s`` seconds, start it again on the same ports with the
-        models that were READY. Returns those models."""
-        models = self.kill_triton(sig)
-        time.sleep(down_s)
-        self.start_triton(models)
-        return models
 
 
 def status(workdir: str | Path) -> dict:

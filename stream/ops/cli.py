@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(a.log_level or a.settings.log_level)
         return a.func(a)
 
-    return run_command("linewatch", command)
+    from aiokafka.errors import KafkaError
+
+    # the broker unreachable or refusing: one line and exit 1, not a traceback
+    return run_command("linewatch", command, runtime=(KafkaError,))
 
 
 if __name__ == "__main__":

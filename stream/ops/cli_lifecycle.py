@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from pathlib import Path
+
+from contracts.cli import positive_float
 
 
 def _topic(a) -> str:
@@ -65,16 +68,23 @@ def _cmd_rollout(a) -> int:
         from contracts.model_events import ModelEventError, decode, fold_status
         from stream.kafka.clients import read_topics
 
-        recs = asyncio.run(read_topics(boot, [_topic(a)], timeout_s=a.timeout, idle_s=1.5, settings=s))
-        evs = []
-        for r in recs[_topic(a)]:
-            try:
-                evs.append(decode(r.value))
-            except ModelEventError:
-                continue
-        st = fold_status(evs)
-        if a.model:
-            st = {k: v for k, v in st.items() if k == a.model}
+        def read() -> dict:
+            recs = asyncio.run(read_topics(boot, [_topic(a)], timeout_s=a.timeout, idle_s=1.5, settings=s))
+            evs = []
+            for r in recs[_topic(a)]:
+                try:
+                    evs.append(decode(r.value))
+                except ModelEventError:
+                    continue
+            st = fold_status(evs)
+            return {k: v for k, v in st.items() if k == a.model} if a.model else st
+
+        st = read()
+        deadline = time.monotonic() + (a.wait or 0)
+        # --wait: until every released version has its outcome (promoted, rolled back or refused)
+        while a.wait and any(v["candidate_version"] for v in st.values()) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            st = read()
         if a.json:
             print(json.dumps(st, indent=2))
         elif not st:
@@ -86,7 +96,7 @@ def _cmd_rollout(a) -> int:
                 print(f"{m:32s} serving=v{s['serving_version']}  candidate="
                       f"{'v' + str(s['candidate_version']) if s['candidate_version'] else '-'}  "
                       f"last={last['type']} v{last['version']}{why}")
-        return 0
+        return 1 if a.wait and any(v["candidate_version"] for v in st.values()) else 0
     if a.action == "run":  # the controller service under its older name
         return _cmd_controller(a)
     raise ValueError(f"unknown rollout action {a.action}")
@@ -163,6 +173,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="status of one model")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=10.0, help="status: seconds to read the topic")
+    p.add_argument("--wait", type=positive_float, metavar="SECONDS",
+                   help="status: wait up to SECONDS until no release is pending (exit 1 if one still is)")
     controller_args(p, "run: ")
     common(p, triton=True)
     p.set_defaults(func=_cmd_rollout)

@@ -16,6 +16,7 @@ def _endpoints(a) -> tuple[str, str]:
     """(kafka bootstrap, triton gRPC url): flag > LINEWATCH_* setting > a running dev stack > default.
     A running dev stack also supplies Triton's model-control key when no setting gives one."""
     s = a.settings
+    given = set(s.model_fields_set)  # before any override below (an override marks every field as set)
     if s.triton_control_key is None:
         from stream.ops.cli import plugins
 
@@ -24,8 +25,8 @@ def _endpoints(a) -> tuple[str, str]:
             if key:
                 a.settings = s = s.with_overrides(triton_control_key=key)
                 break
-    boot = getattr(a, "bootstrap", None) or (s.kafka_bootstrap if "kafka_bootstrap" in s.model_fields_set else None)
-    triton = getattr(a, "triton", None) or (s.triton_grpc_url if "triton_grpc_url" in s.model_fields_set else None)
+    boot = getattr(a, "bootstrap", None) or (s.kafka_bootstrap if "kafka_bootstrap" in given else None)
+    triton = getattr(a, "triton", None) or (s.triton_grpc_url if "triton_grpc_url" in given else None)
     if not (boot and triton):
         from stream.ops.cli import plugins
 
