@@ -85,6 +85,7 @@ class DriftSettings(BaseModel):
     # a model without calibration scores in its spec: its first `warmup` scores are the reference
     warmup: int = Field(default=128, ge=8)
     retrain_on_ood: bool = True  # a route_ood alert also publishes `retrain_requested` on model-events
+    max_tracks: int = Field(default=20000, ge=1)  # (camera, model version/task) windows kept; least recent dropped
 
 
 class RolloutSettings(BaseModel):
@@ -128,6 +129,7 @@ class Settings(BaseSettings):
     topic_model_events: str = "model-events"
     topic_dlq: str = "frames-dlq"
     topic_serving_state: str = "serving-state"  # compacted; written by the controller only
+    topic_drift_state: str = "drift-state"  # compacted; each worker's drift windows per camera (survive restarts)
 
     # Triton
     triton_grpc_url: str = "127.0.0.1:8001"
@@ -229,7 +231,7 @@ class Settings(BaseSettings):
 
     def topics(self) -> list[str]:
         return [self.topic_frames, self.topic_results, self.topic_defects, self.topic_drift,
-                self.topic_model_events, self.topic_dlq, self.topic_serving_state]
+                self.topic_model_events, self.topic_dlq, self.topic_serving_state, self.topic_drift_state]
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A validated copy with the non-None ``overrides`` (command-line flags) applied; the environment

@@ -19,7 +19,7 @@ Every alert is rate-limited per (detector, key) by ``min_interval_s``.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -88,12 +88,55 @@ class _Track:
 class DriftMonitor:
     """Keeps one sliding window per (camera, task) and returns alerts as results arrive."""
 
-    def __init__(self, config: DriftConfig | None = None, clock=time.monotonic):
+    def __init__(self, config: DriftConfig | None = None, clock=time.monotonic, max_tracks: int = 20000):
         self.config = config or DriftConfig()
         self._clock = clock
-        self._tracks: dict[str, _Track] = {}
+        self.max_tracks = max_tracks  # bounded state: the least recently fed windows are dropped beyond it
+        self._tracks: OrderedDict[str, _Track] = OrderedDict()
         self._last_alert: dict[tuple[str, str], float] = {}
         self._references: dict[str, dict] = {}
+
+    # -- per-camera state (stream/lifecycle/drift_state.py persists it on a compacted topic)
+    def snapshot(self, camera: str) -> dict:
+        """Every window of ``camera`` (JSON-ready): restored by another worker after a partition move."""
+        pre = f"camera={camera}|"
+        now = self._clock()
+        out = {}
+        for key, tr in self._tracks.items():
+            if key.startswith(pre):
+                alerts = {d: round(now - t, 3) for (d, k), t in self._last_alert.items() if k == key}
+                out[key[len(pre):]] = {"scores": list(tr.scores), "flags": [int(f) for f in tr.flags],
+                                       "beyond_route": [int(b) for b in tr.beyond_route],
+                                       "since_check": tr.since_check, "alert_age_s": alerts}
+        return out
+
+    def restore(self, camera: str, snap: dict) -> int:
+        """Replace ``camera``'s windows with a :meth:`snapshot` (what the previous owner had); returns tracks."""
+        self.drop(camera)
+        cfg, now = self.config, self._clock()
+        for task_key, t in snap.items():
+            key = f"camera={camera}|{task_key}"
+            self._tracks[key] = _Track(deque(map(float, t.get("scores", [])), maxlen=cfg.window),
+                                       deque(map(bool, t.get("flags", [])), maxlen=cfg.window),
+                                       deque(map(bool, t.get("beyond_route", [])), maxlen=cfg.window),
+                                       int(t.get("since_check", 0)))
+            for det, age in (t.get("alert_age_s") or {}).items():
+                self._last_alert[(det, key)] = now - float(age)
+        self._bound()
+        return len(snap)
+
+    def drop(self, camera: str) -> None:
+        pre = f"camera={camera}|"
+        for key in [k for k in self._tracks if k.startswith(pre)]:
+            del self._tracks[key]
+        for k in [k for k in self._last_alert if k[1].startswith(pre)]:
+            del self._last_alert[k]
+
+    def _bound(self) -> None:
+        while len(self._tracks) > self.max_tracks:
+            key, _ = self._tracks.popitem(last=False)
+            for k in [k for k in self._last_alert if k[1] == key]:
+                del self._last_alert[k]
 
     def set_reference(
         self,
@@ -132,6 +175,9 @@ class DriftMonitor:
         if tr is None:
             tr = _Track(deque(maxlen=cfg.window), deque(maxlen=cfg.window), deque(maxlen=cfg.window))
             self._tracks[key] = tr
+            self._bound()
+        else:
+            self._tracks.move_to_end(key)
         tr.scores.append(float(score))
         tr.flags.append(bool(is_anomaly))
         rthr = ref["route_distance_threshold"]

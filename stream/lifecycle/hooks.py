@@ -31,15 +31,16 @@ class DriftHook:
     ``tasks[t].calibration_scores`` for MoLE-Flow) with the task's ``route_distance_threshold``; a model
     without calibration scores gets a warm-up reference (its first ``warmup`` scores)."""
 
-    def __init__(self, config: DriftConfig | None = None, warmup: int = _DEFAULTS.warmup):
-        self.monitor = DriftMonitor(config)
+    def __init__(self, config: DriftConfig | None = None, warmup: int = _DEFAULTS.warmup,
+                 max_tracks: int = _DEFAULTS.max_tracks):
+        self.monitor = DriftMonitor(config, max_tracks=max_tracks)
         self.warmup = warmup
         self._warm: dict[str, list[float]] = {}
 
     @classmethod
     def from_settings(cls, drift: DriftSettings) -> DriftHook:
         return cls(DriftConfig(window=drift.window, check_every=drift.check_every,
-                               min_interval_s=drift.min_interval_s), warmup=drift.warmup)
+                               min_interval_s=drift.min_interval_s), warmup=drift.warmup, max_tracks=drift.max_tracks)
 
     def _ensure_reference(self, key: str, spec_raw: dict, task: str, score: float) -> None:
         if self.monitor.has_reference(key):
@@ -67,15 +68,17 @@ class DriftHook:
 class Lifecycle:
     """The per-batch hook (:meth:`after_batch`): drift alerts (+ ``retrain_requested`` on a route_ood alert)."""
 
-    def __init__(self, drift: DriftHook | None, drift_topic: Any, events_topic: Any, retrain_on_ood: bool):
+    def __init__(self, drift: DriftHook | None, drift_topic: Any, events_topic: Any, retrain_on_ood: bool,
+                 state=None):
         self.drift = drift
         self.drift_topic, self.events_topic = drift_topic, events_topic
         self.retrain_on_ood = retrain_on_ood
+        self.state = state  # stream.lifecycle.drift_state.DriftStateStore: windows that survive restarts
 
     @property
     def output_topics(self) -> tuple[Any, ...]:
-        """The topics this hook publishes to: drift alerts, model events (retrain_requested)."""
-        return (self.drift_topic, self.events_topic)
+        """The topics this hook publishes to: drift alerts, model events (retrain_requested), drift state."""
+        return (self.drift_topic, self.events_topic) + ((self.state.topic,) if self.state is not None else ())
 
     def after_batch(self, batch: Batch) -> list[Outgoing]:
         out: list[Outgoing] = []
@@ -84,6 +87,8 @@ class Lifecycle:
         try:
             for s in batch.scored:
                 out += self._drift(s)
+            if self.state is not None:
+                out += self.state.outgoing(batch)
         except Exception as e:  # lifecycle extras never stop the frame stream
             log.warning("lifecycle_hook_failed", error=f"{type(e).__name__}: {e}"[:300])
         return out

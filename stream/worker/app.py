@@ -200,7 +200,8 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         p = await pipeline()
         metrics.inflight.set(len(events))
         m = [e.message for e in events]
-        batch = await p.process([RawRecord(i, x.key, x.value, x.headers, x.timestamp) for i, x in enumerate(m)])
+        batch = await p.process([RawRecord(i, x.key, x.value, x.headers, x.timestamp, x.partition)
+                                  for i, x in enumerate(m)])
         _count(batch, metrics)
         sends = p.outgoing(batch, results_t, defects_t, dlq_t) + lifecycle.after_batch(batch)
         t0 = time.perf_counter()
@@ -240,7 +241,9 @@ def build_app(cfg: WorkerConfig) -> faust.App:
             log.error("triton_unreachable_at_start", error=str(e))
 
     # every topic this app publishes to (stream/ops/acls.py derives the worker's KafkaUser from it)
-    app.linewatch_follows = (s.topic_serving_state,)  # type: ignore[attr-defined]  # read outside Faust (serving.py)
+    # read outside Faust: the serving state (serving.py), the drift state on assignment (drift_state.py)
+    app.linewatch_follows = (s.topic_serving_state,) + (  # type: ignore[attr-defined]
+        (s.topic_drift_state,) if lifecycle.state is not None else ())
     app.linewatch_writes = tuple(t.get_topic_name() for t in (results_t, defects_t, dlq_t, *lifecycle.output_topics))  # type: ignore[attr-defined]
     app.linewatch_metrics = metrics  # type: ignore[attr-defined]
     app.linewatch_state = state  # type: ignore[attr-defined]

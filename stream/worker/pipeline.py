@@ -59,6 +59,7 @@ class RawRecord:
     value: bytes | None
     headers: Any
     kafka_ts_s: float | None
+    partition: int = -1  # of the frames topic (drift state follows its cameras: stream/lifecycle/drift_state.py)
 
 
 @dataclass(frozen=True)

@@ -53,3 +53,37 @@ def test_reference_needs_enough_scores():
     with pytest.raises(ValueError, match=">= 10 scores"):
         m.set_reference("t", [1.0, 2.0])
     assert m.observe("cam", "unknown-task", 1.0, False) == []
+
+
+def test_snapshot_restore_continues_the_window_on_another_worker():
+    """A camera's windows move with its partition: the new owner alerts exactly when the old one would have."""
+    import orjson
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(1.0, 0.1, size=200)
+    shifted = rng.normal(1.6, 0.1, size=64)
+    one, _ = _monitor(window=64, check_every=16)
+    one.set_reference("bottle", ref)
+    alone = [[a.detector for a in one.observe("cam", "bottle", s, False)] for s in shifted]
+    a, _ = _monitor(window=64, check_every=16)
+    b, _ = _monitor(window=64, check_every=16)
+    for m in (a, b):
+        m.set_reference("bottle", ref)
+    first = [[x.detector for x in a.observe("cam", "bottle", s, False)] for s in shifted[:40]]
+    snap = orjson.loads(orjson.dumps(a.snapshot("cam")))  # through JSON, as on the drift-state topic
+    assert b.restore("cam", snap) == 1
+    rest = [[x.detector for x in b.observe("cam", "bottle", s, False)] for s in shifted[40:]]
+    assert first + rest == alone and any(alone)
+    fresh, _ = _monitor(window=64, check_every=16)
+    fresh.set_reference("bottle", ref)
+    assert not any(fresh.observe("cam", "bottle", s, False) for s in shifted[40:])  # without it: nothing yet
+
+
+def test_tracks_are_bounded_and_dropped_per_camera():
+    m = DriftMonitor(DriftConfig(window=8, check_every=8), max_tracks=3)
+    m.set_reference("t", np.linspace(0, 1, 20))
+    for cam in ("c1", "c2", "c3", "c4"):
+        m.observe(cam, "t", 0.5, False)
+    assert m.snapshot("c1") == {} and set(m.snapshot("c4")) == {"task=t"}  # least recent dropped
+    m.drop("c4")
+    assert m.snapshot("c4") == {}
