@@ -33,26 +33,24 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def positive_int(v: str) -> int:
-    """argparse ``type=`` for a count that must be > 0 (a bad value is a one-line usage error)."""
+def _int_at_least(v: str, low: int) -> int:
     try:
         n = int(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {v}")
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be {'> 0' if low == 1 else f'>= {low}'}: {v}")
     return n
+
+
+def positive_int(v: str) -> int:
+    """argparse ``type=`` for a count that must be > 0 (a bad value is a one-line usage error)."""
+    return _int_at_least(v, 1)
 
 
 def non_negative_int(v: str) -> int:
     """argparse ``type=`` for a count that may be 0."""
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {v}")
-    return n
+    return _int_at_least(v, 0)
 
 
 def positive_float(v: str) -> float:

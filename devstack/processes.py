@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -245,3 +246,47 @@ def _safe(fn, *a) -> bool:
         return bool(fn(*a))
     except Exception:  # status reports not-ready instead of raising
         return False
+
+
+class ChildProcess:
+    """A linewatch service as a child process in its own session (``cmd`` run from the repository root,
+    output to ``log_path``): SIGTERM stops it cleanly, SIGKILL crashes it. Subclasses build ``cmd``."""
+
+    cmd: list[str]
+    log_path: Path
+    env: dict[str, str]
+
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.cmd, self.log_path = cmd, log_path
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self):
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(Path(__file__).resolve().parents[1]), env=self.env,
+                                     start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""

@@ -55,14 +55,7 @@ class InferStage:
 
     def names_unknown_task(self, records: list[RawRecord]) -> bool:
         known = {t for ts in self.triton.available().values() for t in ts}
-        for r in records:
-            try:
-                task = headers_to_dict(r.headers).get("task")
-            except Exception:  # malformed headers: decode will DLQ the frame
-                continue
-            if task and task.decode("utf-8", "replace") not in known:
-                return True
-        return False
+        return any(v not in known for v in _header_values(records, "task"))
 
     def names_unknown_product(self, records: list[RawRecord]) -> bool:
         """A frame whose ``product`` header no routing entry or served model knows (yet)."""
@@ -70,14 +63,7 @@ class InferStage:
         for name, spec in self.triton.available_specs().items():
             if not is_candidate(name):  # a candidate in its shadow window routes nothing
                 known |= {spec.product, *spec.tasks} - {None, ""}
-        for r in records:
-            try:
-                product = headers_to_dict(r.headers).get("product")
-            except Exception:  # malformed headers: decode will DLQ the frame
-                continue
-            if product and product.decode("utf-8", "replace") not in known:
-                return True
-        return False
+        return any(v not in known for v in _header_values(records, "product"))
 
     async def infer(self, items: list[Prepared], t_batch: float) -> tuple[list[Scored], list[DeadLetter]]:
         """Score every prepared frame (see the module docstring); returns (scored, dead letters)."""
@@ -189,3 +175,16 @@ class InferStage:
                 p = replace(p, tensor=to_tensor(img, self.triton.spec_for(r.model)))
             still.append(replace(p, route=r))
         return still, dead
+
+
+def _header_values(records: list[RawRecord], name: str) -> list[str]:
+    """The non-empty values of header ``name`` (malformed headers are skipped: decode will DLQ the frame)."""
+    out = []
+    for r in records:
+        try:
+            v = headers_to_dict(r.headers).get(name)
+        except Exception:
+            continue
+        if v:
+            out.append(v.decode("utf-8", "replace"))
+    return out

@@ -4,6 +4,7 @@ seconds on a 2-core machine; written through the same artifact contract as the r
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from contracts.artifact import CONFIG, MODEL_FILE, TensorConfig, render_config, write_manifest
@@ -53,3 +54,18 @@ def write_probe_model(repo: str | Path, name: str = "probe_bottle", *, product: 
         inputs=[TensorConfig("image", "TYPE_FP32", (3, size, size))],
         outputs=[TensorConfig("anomaly_map", "TYPE_FP32", (1, size, size)), TensorConfig("score", "TYPE_FP32", (1,))]))
     return name
+
+
+@contextlib.contextmanager
+def probe_stack(root: Path, delay_ms: int):
+    """A LocalStack of its own serving the probe detector, for a module that kills, pauses or restarts its
+    services (the session stack must survive every test). Yields (stack, model name)."""
+    from devstack.stack import LocalStack
+
+    model = write_probe_model(root / "model_repository", delay_ms=delay_ms)
+    stack = LocalStack(root / "work", root / "model_repository", start_timeout_s=90, load_models=[model])
+    stack.start()
+    try:
+        yield stack, model
+    finally:
+        stack.stop()

@@ -22,25 +22,19 @@ import json
 import numpy as np
 import pytest
 
-from devstack.stack import LocalStack, free_port
+from devstack.stack import free_port
 from stream.inference.triton_client import TransientInferError, TritonInfer
 from stream.ops.cli import main as linewatch
 from tests.harness.chaos import load_images, run_scenario
-from tests.harness.probe_model import write_probe_model
+from tests.harness.probe_model import probe_stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault-stack")
-    model = write_probe_model(root / "model_repository", delay_ms=100)
-    stack = LocalStack(root / "work", root / "model_repository", start_timeout_s=90, load_models=[model])
-    stack.start()
-    try:
-        yield stack, model
-    finally:
-        stack.stop()
+    with probe_stack(tmp_path_factory.mktemp("fault-stack"), delay_ms=100) as st:
+        yield st
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,7 @@ def test_cli_release_rollback_status(life, images, local_stack):
     client.close()
 
 
-def test_worker_rolls_out_new_product_routes_frames_and_raises_drift(life, images, local_stack, tmp_path):
+def test_controller_rolls_out_new_product_workers_route_it_and_raise_drift(life, images, local_stack, tmp_path):
     """`linewatch controller` (subprocess) promotes a released model for a new product and writes the serving
     state; the Faust worker (subprocess) follows it, so the product's frames reach the model; a darkened
     camera raises a drift alert (a clean one does not)."""

@@ -155,7 +155,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
     store, model, product = tmp_path / "store", f"lwt_topo_{uid}", f"part-{uid}"
     env = {**topic_env(t), **POLICY}
     ctl = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-0")
-    line = Line(stack, None, _small_frames(shared_data), tmp_path, "ctl", seconds=95, product=product,
+    line = Line(stack, None, _small_frames(shared_data), tmp_path, "ctl", seconds=70, product=product,
                 tritons=tritons, env=env, topics=t)
     ctl2 = None
     try:

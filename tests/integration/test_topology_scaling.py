@@ -20,24 +20,17 @@ import time
 
 import pytest
 
-from devstack.stack import LocalStack
 from tests.harness.line import PARTITIONS, Line, check_line
 from tests.harness.line import small_frames as _small_frames
-from tests.harness.probe_model import write_probe_model
+from tests.harness.probe_model import probe_stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def topo_stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("topology-stack")
-    model = write_probe_model(root / "model_repository", delay_ms=20)
-    stack = LocalStack(root / "work", root / "model_repository", start_timeout_s=90, load_models=[model])
-    stack.start()
-    try:
-        yield stack, model
-    finally:
-        stack.stop()
+    with probe_stack(tmp_path_factory.mktemp("topology-stack"), delay_ms=20) as st:
+        yield st
 
 
 @pytest.fixture(scope="module")
