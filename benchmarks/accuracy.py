@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import git_commit  # noqa: E402
 from contracts.config import Settings  # noqa: E402
 from models.backbones import LITE0_WEIGHTS  # noqa: E402
 from models.data import (  # noqa: E402
@@ -217,16 +217,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "models", "benchmarks/accuracy.py"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("+uncommitted" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -283,7 +273,7 @@ def main(argv=None) -> int:
         args.amp_bf16 = native_bf16()
     t0 = time.time()
     prods = [p for p in products(args.elpv_train, args.elpv_test) if p.name in args.products]
-    result: dict = {"commit": _commit(), "command": " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])]),
+    result: dict = {"commit": git_commit(), "command": " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])]),
                     "machine": {"cpu": _cpu_model(), "threads": args.threads,
                                 "note": "2 shared CPU cores, no GPU"},
                     "weights": {"backbone": str(WEIGHTS), "backbone_sha256": _sha(WEIGHTS)},

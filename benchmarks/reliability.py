@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import git_commit, machine  # noqa: E402
 from contracts.config import Settings  # noqa: E402
 from devstack.demo import model_ready  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
@@ -200,11 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
     safety, safety_rc = run_safety(root / "safety.json") if a.safety else (None, None)
     shutil.rmtree(root, ignore_errors=True)
-    meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.node()} ({os.cpu_count()} CPU, "
-            f"{platform.machine()}, no GPU)" if not shutil.which("nvidia-smi") else platform.node(),
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
             "model": model if a.model_dir else f"{model} (probe detector, {a.probe_delay_ms} ms per batch)",
             "frames": a.frames, "fps": a.fps, "fault_s": a.fault_s, "batch": a.batch, "faults": faults,
-            "wall_s": round(time.monotonic() - t0, 1), "commit": _commit(), "safety_rc": safety_rc}
+            "wall_s": round(time.monotonic() - t0, 1), "commit": git_commit(), "safety_rc": safety_rc}
     doc = {"meta": meta, "scenarios": rows}
     if safety is not None:
         doc["safety_scenarios"] = safety
@@ -212,14 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(out / "reliability.md", rows, meta, safety)
     print((out / "reliability.md").read_text())
     return 0 if all(r["ok"] for r in rows + (safety or [])) and not safety_rc else 1
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import git_commit, machine  # noqa: E402
 from contracts.config import Settings  # noqa: E402
 from contracts.envelope import Frame, encode_frame, new_frame_id  # noqa: E402
 from devstack.demo import model_ready  # noqa: E402
@@ -56,6 +55,7 @@ from stream.ops.replay import list_images  # noqa: E402
 from tests.harness.chaos import Feeder, ResultWatch, scrape_metrics  # noqa: E402
 from tests.harness.probe_model import write_probe_model  # noqa: E402
 from tests.harness.streams import topics  # noqa: E402
+from tests.harness.topology import cameras_for_partitions  # noqa: E402
 
 DATA_DIR = Settings().data_dir  # this script's settings (LINEWATCH_DATA_DIR)
 WORKLOADS = ("decode", "moleflow")
@@ -65,19 +65,6 @@ MOLEFLOW = "moleflow_scaleout"
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def balanced_cameras(n: int, partitions: int) -> tuple[str, ...]:
-    """``n`` camera ids whose keys the default (murmur2) partitioner spreads evenly over ``partitions``."""
-    from aiokafka.partitioner import murmur2
-
-    per, picked, counts = -(-n // partitions), [], [0] * partitions
-    for cam in (f"cam-{i:03d}" for i in range(100 * n)):
-        p = (murmur2(cam.encode()) & 0x7FFFFFFF) % partitions
-        if counts[p] < per and len(picked) < n:
-            counts[p] += 1
-            picked.append(cam)
-    return tuple(picked)
 
 
 def large_jpegs(folder: Path, count: int, side: int, quality: int) -> list[bytes]:
@@ -304,14 +291,6 @@ def plot(path: Path, rows: list[dict], meta: dict) -> None:
     plt.close(fig)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks/scaleout.py", usage="%(prog)s [options] (see --help)",
                                  description=__doc__.split("\n\n")[0])
@@ -359,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if not test_dir.is_dir():
         print(f"error: MVTec bottle test set not found at {test_dir} (set LINEWATCH_DATA_DIR)", file=sys.stderr)
         return 2
-    a.cams = balanced_cameras(a.cameras, a.partitions)
+    a.cams = cameras_for_partitions(a.partitions, per_partition=-(-a.cameras // a.partitions))[:a.cameras]
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_wall = time.monotonic()
@@ -414,9 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     add_efficiency(rows)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": f"{platform.node()} ({os.cpu_count()} CPU, {platform.machine()}, "
-                       f"{'GPU' if shutil.which('nvidia-smi') else 'no GPU'})",
-            "commit": _commit(), "workloads": workloads, "workers": ks, "partitions": a.partitions,
+            "machine": machine(),
+            "commit": git_commit(), "workloads": workloads, "workers": ks, "partitions": a.partitions,
             "cameras": len(a.cams), "batch_max": a.batch, "wall_s": round(time.monotonic() - t_wall, 1),
             "fps_definition": "result records after every worker's first result / (last result - that moment)"}
     doc = {"meta": meta, "rows": rows, "take_load": take}
