@@ -23,3 +23,22 @@ def git_commit() -> str:
 def machine() -> str:
     gpu = "GPU" if shutil.which("nvidia-smi") else "no GPU"
     return f"{platform.node()} ({os.cpu_count()} CPU, {platform.machine()}, {gpu})"
+
+
+def require_model_dir(ap, flag: str, path: str | None) -> None:
+    """``ap.error`` unless ``path`` (when given) is an exported Triton model directory."""
+    from devstack.demo import model_ready
+
+    if path and not model_ready(Path(path).parent, Path(path).name):
+        ap.error(f"{flag} {path} is not an exported Triton model (config.pbtxt + version dir)")
+
+
+def bottle_test_dir(data_dir: Path) -> Path | None:
+    """The MVTec bottle test set, or None after one line on stderr (the caller exits 2)."""
+    import sys
+
+    d = Path(data_dir) / "mvtec" / "bottle" / "test"
+    if not d.is_dir():
+        print(f"error: MVTec bottle test set not found at {d} (set LINEWATCH_DATA_DIR)", file=sys.stderr)
+        return None
+    return d

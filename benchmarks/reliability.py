@@ -40,9 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import git_commit, machine  # noqa: E402
+from benchmarks.common import bottle_test_dir, git_commit, machine, require_model_dir  # noqa: E402
 from contracts.config import Settings  # noqa: E402
-from devstack.demo import model_ready  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
 from tests.harness.chaos import FAULTS, load_images, run_scenario  # noqa: E402
 from tests.harness.probe_model import write_probe_model  # noqa: E402
@@ -165,11 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown fault(s) {bad or a.faults!r}; choose from {', '.join(FAULTS)}")
     if a.frames < 10 or a.fps <= 0 or a.fault_s <= 0 or a.batch < 1:
         ap.error("--frames must be >= 10 and --fps, --fault-s, --batch positive")
-    if a.model_dir and not model_ready(Path(a.model_dir).parent, Path(a.model_dir).name):
-        ap.error(f"--model-dir {a.model_dir} is not an exported Triton model (config.pbtxt + version dir)")
-    test_dir = DATA_DIR / "mvtec" / "bottle" / "test"
-    if not test_dir.is_dir():
-        print(f"error: MVTec bottle test set not found at {test_dir} (set LINEWATCH_DATA_DIR)", file=sys.stderr)
+    require_model_dir(ap, "--model-dir", a.model_dir)
+    test_dir = bottle_test_dir(DATA_DIR)
+    if test_dir is None:
         return 2
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)

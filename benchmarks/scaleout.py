@@ -43,10 +43,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import git_commit, machine  # noqa: E402
+from benchmarks.common import bottle_test_dir, git_commit, machine, require_model_dir  # noqa: E402
 from contracts.config import Settings  # noqa: E402
 from contracts.envelope import Frame, encode_frame, new_frame_id  # noqa: E402
-from devstack.demo import model_ready  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
 from devstack.worker_process import WorkerProcess  # noqa: E402
 from stream.kafka.clients import Producer, ensure_topics  # noqa: E402
@@ -142,9 +141,7 @@ def run_scale(stack: LocalStack, work: Path, workload: str, images: list[bytes],
                     first[i] = time.monotonic()
             time.sleep(0.1)
             cpu.append((time.monotonic(), psutil.cpu_percent(None)))
-        rep = asyncio.run(account(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"],
-                                  wait_s=a.settle_s))
-        per_worker = [int(scrape_metrics(w.web_port).get(RESULTS, 0)) for w in ws]
+        rep, per_worker = _settle(boot, t, ws, a)
     finally:
         for w in ws:
             w.stop()
@@ -165,6 +162,13 @@ def run_scale(stack: LocalStack, work: Path, workload: str, images: list[bytes],
             "all_active_s": round(max(first) - t0, 2) if all(x is not None for x in first) else None,
             "total_s": round(t_last - t0, 2), "per_worker_results": per_worker, "lost": len(rep.missing),
             "duplicated": rep.duplicate_results, "dlq": rep.dlq, "complete": rep.complete}
+
+
+def _settle(boot: str, t: dict, ws: list[WorkerProcess], a):
+    """Account for every frame (waiting up to --settle-s), then each worker's results counter."""
+    rep = asyncio.run(account(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"],
+                              wait_s=a.settle_s))
+    return rep, [int(scrape_metrics(w.web_port).get(RESULTS, 0)) for w in ws]
 
 
 def _rate(arrivals: list[float], lo: float, hi: float) -> float | None:
@@ -211,9 +215,7 @@ def run_take_load(stack: LocalStack, work: Path, images: list[bytes], model: str
         time.sleep(1.0 + a.phase_s)
         t_end = time.monotonic()
         feeder.stop()
-        rep = asyncio.run(account(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"],
-                                  wait_s=a.settle_s))
-        per_worker = [int(scrape_metrics(w.web_port).get(RESULTS, 0)) for w in ws]
+        rep, per_worker = _settle(boot, t, ws, a)
     finally:
         for w in ws:
             w.stop()
@@ -332,11 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--partitions, --batch, --probe-size must be >= 1, --cameras >= --partitions, --phase-s > 0")
     if a.feed_fps < 0 or a.timeout_s <= 0 or a.settle_s < 0 or a.probe_delay_ms < 0:
         ap.error("--feed-fps, --settle-s, --probe-delay-ms must be >= 0 and --timeout-s > 0")
-    if a.moleflow_dir and not model_ready(Path(a.moleflow_dir).parent, Path(a.moleflow_dir).name):
-        ap.error(f"--moleflow-dir {a.moleflow_dir} is not an exported Triton model (config.pbtxt + version dir)")
-    test_dir = DATA_DIR / "mvtec" / "bottle" / "test"
-    if not test_dir.is_dir():
-        print(f"error: MVTec bottle test set not found at {test_dir} (set LINEWATCH_DATA_DIR)", file=sys.stderr)
+    require_model_dir(ap, "--moleflow-dir", a.moleflow_dir)
+    test_dir = bottle_test_dir(DATA_DIR)
+    if test_dir is None:
         return 2
     a.cams = cameras_for_partitions(a.partitions, per_partition=-(-a.cameras // a.partitions))[:a.cameras]
     out = Path(a.out_dir)
