@@ -12,16 +12,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from contracts.artifact import config_sha256, path_to_uri, sha256_file
+from contracts.config import Settings
 from contracts.image import decode_image
 from contracts.model_events import ModelEvent, decode
 from contracts.spec import parse_spec, to_tensor
 from models.efficientad.export import build_spec, config_pbtxt
 from models.efficientad.serving import MODEL_PY
-from stream.kafka.clients import Producer, ensure_topics, read_topics
-from stream.lifecycle.controller import RolloutController
-from stream.lifecycle.events import kafka_publisher, serve_events
+from stream.kafka.clients import Producer, client_kwargs, ensure_topics, read_topics
+from stream.lifecycle.controller import Publish, RolloutController
+from stream.lifecycle.events import actionable
 from stream.lifecycle.policy import HealthPolicy
 
 SIZE = 64
@@ -166,3 +168,49 @@ def start_controller(stack, t: dict[str, str], workdir: Path, *, name: str = "co
     e = {**topic_env(t), "LINEWATCH_ROLLOUT__GROUP": group or f"lw-ctl-{t['events']}", **(env or {})}
     return ControllerProcess(stack.kafka_bootstrap, tritons or [stack.triton_grpc_url], stack.model_repository,
                              stack.control_key, log_path=Path(workdir) / f"{name}.log", env=e).start()
+
+
+async def serve_events(bootstrap: str, topic: str, controller: RolloutController, *, group_id: str | None = None,
+                       stop: asyncio.Event | None = None, settings: Settings | None = None) -> None:
+    """An in-process controller for tests: consume ``topic`` with aiokafka and handle its events in order
+    (outcomes are published by the controller's ``publish``). ``group_id=None`` reads every partition from
+    the beginning. The product's controller is the service (stream/lifecycle/service.py)."""
+    stop = stop or asyncio.Event()
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=group_id is not None,
+                         auto_offset_reset="earliest", **client_kwargs("consumer", settings))
+    await c.start()
+    try:
+        if group_id is None:
+            await _assign_all_from_start(c, topic)
+        else:
+            c.subscribe([topic])
+        while not stop.is_set():
+            batch = await c.getmany(timeout_ms=200)
+            for recs in batch.values():
+                for r in recs:
+                    ev = actionable(r.value)
+                    if ev is not None:
+                        await controller.handle_safely(ev)
+    finally:
+        await c.stop()
+
+
+async def _assign_all_from_start(c: AIOKafkaConsumer, topic: str) -> None:
+    parts = c.partitions_for_topic(topic) or set()
+    for _ in range(50):
+        if parts:
+            break
+        await asyncio.sleep(0.2)
+        parts = c.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    c.assign(tps)
+    await c.seek_to_beginning(*tps)
+
+
+def kafka_publisher(producer: Producer, topic: str) -> Publish:
+    """Publish callable over a started :class:`stream.kafka.clients.Producer` (awaits the broker ack)."""
+
+    async def publish(ev: ModelEvent) -> None:
+        await producer.send_many(topic, [(ev.key, ev.to_json(), [])])
+
+    return publish
