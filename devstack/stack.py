@@ -70,6 +70,16 @@ def triton_home() -> Path:
     return home
 
 
+def tritonserver_argv(home: Path, repository: str | Path, backends: Path, control_key: str, *, host: str,
+                      grpc_port: int, http_port: int, metrics_port: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """A local tritonserver: explicit model control restricted to ``control_key``, nothing loaded at start."""
+    return [str(home / "bin" / "tritonserver"), f"--model-repository={repository}", f"--backend-directory={backends}",
+            "--model-control-mode=explicit", *server_args(control_key), "--strict-readiness=false",
+            "--exit-on-error=false", f"--grpc-port={grpc_port}", f"--http-port={http_port}",
+            f"--metrics-port={metrics_port}", f"--grpc-address={host}", f"--http-address={host}", "--log-verbose=0",
+            *extra]
+
+
 @dataclass
 class StackState:
     kafka_port: int
@@ -260,45 +270,27 @@ class LocalStack(StackFaults):
         backends = prepare_triton_backends(home, self.workdir / "backends")
         env = triton_env(_package_dir("pytriton").parent / "nvidia_pytriton.libs")
         s = self.state
-        self._spawn(
-            "triton",
-            [
-                str(home / "bin" / "tritonserver"),
-                f"--model-repository={s.model_repository}",
-                f"--backend-directory={backends}",
-                "--model-control-mode=explicit",
-                *server_args(self.control_key),
-                "--strict-readiness=false",
-                "--exit-on-error=false",
-                f"--grpc-port={s.triton_grpc_port}",
-                f"--http-port={s.triton_http_port}",
-                f"--metrics-port={s.triton_metrics_port}",
-                f"--grpc-address={self.host}",
-                f"--http-address={self.host}",
-                "--log-verbose=0",
-            ],
-            env=env,
-        )
+        self._spawn("triton", tritonserver_argv(home, s.model_repository, backends, self.control_key, host=self.host,
+                                                grpc_port=s.triton_grpc_port, http_port=s.triton_http_port,
+                                                metrics_port=s.triton_metrics_port), env=env)
 
     def start_controller(self) -> None:
         """`linewatch controller` as a child (settings from the environment, endpoints and key from here):
         the embedded stack's rollouts and serving state, restored on every start."""
-        import sys
+        from devstack.controller_process import controller_argv
 
         s = self.state
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "LINEWATCH_TRITON_CONTROL_KEY": self.control_key}
-        self._spawn("controller", [sys.executable, "-m", "stream.ops.cli", "controller", "--bootstrap",
-                                   s.kafka_bootstrap, "--triton", s.triton_grpc_url, "--model-repository",
-                                   s.model_repository], env=env)
+        self._spawn("controller", controller_argv(s.kafka_bootstrap, [s.triton_grpc_url], s.model_repository), env=env)
         self._write_state()
 
     def start_workers(self, n: int) -> None:
         """``n`` Faust workers (`python -m stream.worker.app`, one consumer group) as children, settings from
         the environment; the settings' data topics are created first with ``max(6, n)`` partitions."""
         import asyncio
-        import sys
 
         from contracts.config import Settings
+        from devstack.worker_process import worker_argv
         from stream.kafka.clients import ensure_topics
 
         s, cfg = self.state, Settings()
@@ -306,9 +298,8 @@ class LocalStack(StackFaults):
                                                       cfg.topic_dlq], partitions=max(6, n), settings=cfg))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for i in range(n):
-            self._spawn(f"worker-{i}", [sys.executable, "-m", "stream.worker.app", "--bootstrap", s.kafka_bootstrap,
-                                        "--triton", s.triton_grpc_url, "--web-port", str(free_port(self.host)),
-                                        "--datadir", str(self.workdir / f"worker-{i}"), "--dev-broker"], env=env)
+            self._spawn(f"worker-{i}", worker_argv(s.kafka_bootstrap, s.triton_grpc_url, free_port(self.host),
+                                                   self.workdir / f"worker-{i}"), env=env)
         self._write_state()
 
     def _write_state(self) -> None:

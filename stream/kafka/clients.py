@@ -84,6 +84,13 @@ def faust_broker_credentials(s: Settings):
     return creds
 
 
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The partition the default (murmur2, as in the Java client) partitioner gives ``key``."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 async def ensure_topics(bootstrap: str, topics: Iterable[str] | None = None, partitions: int = 1, *,
                         settings: Settings | None = None, config: dict[str, str] | None = None) -> None:
     """Create the missing ``topics`` (default: every topic of the settings), with topic ``config``."""

@@ -23,6 +23,20 @@ log = get_logger("stream.kafka.follow")
 OnRecord = Callable[[bytes | None, bytes | None], None]
 
 
+async def read_to_end(c: AIOKafkaConsumer, tps: list[TopicPartition], apply: Callable[[dict], None], *,
+                      timeout_s: float, poll_ms: int = 200) -> None:
+    """Assign ``tps`` from their beginning and ``apply`` every fetched batch until each partition reached
+    the end offset it had when this was called (TimeoutError past ``timeout_s``)."""
+    c.assign(tps)
+    await c.seek_to_beginning(*tps)
+    ends = await c.end_offsets(tps)
+    deadline = time.monotonic() + timeout_s
+    while not all([await c.position(tp) >= ends[tp] for tp in tps]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{sorted({tp.topic for tp in tps})} not read to the end within {timeout_s:.0f}s")
+        apply(await c.getmany(timeout_ms=poll_ms))
+
+
 class TopicFollower:
     """``await start()`` returns once every partition of ``topic`` was read to the end offset it had
     at start (``caught_up``); a background task then applies records as they arrive until ``stop()``."""
@@ -57,15 +71,7 @@ class TopicFollower:
                 raise TimeoutError(f"topic {self.topic} does not exist (waited {timeout_s:.0f}s)")
             await asyncio.sleep(0.3)
             tps = await self._partitions()
-        await self._assign(tps)
-        deadline = time.monotonic() + timeout_s
-        ends = await self.c.end_offsets(tps)
-        while True:
-            if all([await self.c.position(tp) >= ends[tp] for tp in tps]):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {self.topic} not read to its end within {timeout_s:.0f}s")
-            self._apply(await self.c.getmany(timeout_ms=self.poll_ms))
+        await read_to_end(self.c, tps, self._apply, timeout_s=timeout_s, poll_ms=self.poll_ms)
         self.caught_up.set()
         log.info("topic_caught_up", topic=self.topic, records=self.records, partitions=len(tps))
         self._task = asyncio.ensure_future(self._follow(assigned=True))

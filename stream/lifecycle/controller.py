@@ -59,7 +59,13 @@ from contracts.model_events import ModelEvent
 from contracts.names import is_candidate
 from contracts.triton_control import grpc_headers
 from stream.lifecycle.policy import Decision, HealthPolicy, ShadowStats
-from stream.lifecycle.repository import materialize, remove_model_dir, repository_versions, write_config
+from stream.lifecycle.repository import (
+    materialize,
+    model_dir,
+    remove_model_dir,
+    repository_versions,
+    write_config,
+)
 from stream.lifecycle.shadow import run_shadow
 
 log = get_logger("stream.lifecycle.controller")
@@ -306,8 +312,6 @@ class RolloutController:
 
     def _is_served_copy(self, ev: ModelEvent) -> bool:
         """The repository's copy of ``ev.model`` v``ev.version`` is this very artifact (same manifest digest)."""
-        from stream.lifecycle.repository import model_dir
-
         return verify_artifact(model_dir(self.repository, ev.model) / str(ev.version), ev.sha256, ev.model,
                                ev.version, strict=True).ok
 

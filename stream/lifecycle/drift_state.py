@@ -17,20 +17,15 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.partitioner import murmur2
 
 from contracts.config import Settings
 from contracts.logs import get_logger
-from stream.kafka.clients import client_kwargs, ensure_topics
+from stream.kafka.clients import client_kwargs, ensure_topics, partition_for_key
+from stream.kafka.follow import read_to_end
 from stream.lifecycle.drift import DriftMonitor
 from stream.worker.pipeline import Batch, Outgoing
 
 log = get_logger("stream.lifecycle.drift_state")
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition the default (murmur2) partitioner gives ``key``: where that camera's frames go."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class DriftStateStore:
@@ -95,24 +90,20 @@ class DriftStateStore:
             if not parts or not n_frames:
                 return {}
             wanted = frames_partitions if len(parts) == n_frames else parts  # co-partitioned: read only ours
-            tps = [TopicPartition(topic, p) for p in sorted(wanted & parts)]
-            c.assign(tps)
-            await c.seek_to_beginning(*tps)
-            ends = await c.end_offsets(tps)
             latest: dict[str, dict] = {}
-            deadline = time.monotonic() + timeout_s
-            while not all([await c.position(tp) >= ends[tp] for tp in tps]):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{topic} not read to its end within {timeout_s:.0f}s")
-                for recs in (await c.getmany(timeout_ms=200)).values():
+
+            def keep(batch: dict) -> None:  # the latest snapshot of each camera whose frames are ours now
+                for recs in batch.values():
                     for r in recs:
-                        if r.key is None or partition_of(r.key, n_frames) not in frames_partitions:
+                        if r.key is None or partition_for_key(r.key, n_frames) not in frames_partitions:
                             continue
                         try:
                             d = orjson.loads(r.value)
                             latest[str(d["camera"])] = dict(d.get("tracks") or {})
                         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                             continue  # one bad record never blocks the restore
+
+            await read_to_end(c, [TopicPartition(topic, p) for p in sorted(wanted & parts)], keep, timeout_s=timeout_s)
             return latest
         finally:
             await c.stop()

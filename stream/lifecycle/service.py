@@ -22,6 +22,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from contracts.artifact import verify_artifact
 from contracts.config import Settings
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
@@ -32,6 +33,7 @@ from stream.kafka.follow import TopicFollower
 from stream.lifecycle.controller import RolloutController
 from stream.lifecycle.events import actionable
 from stream.lifecycle.policy import HealthPolicy
+from stream.lifecycle.repository import model_dir, pinned_version, remove_model_dir, repository_models
 from stream.lifecycle.sampler import ShadowSampler
 
 log = get_logger("stream.lifecycle.service")
@@ -114,8 +116,6 @@ class ControllerService:
         """A model whose every product was taken over (``release --take-over``) serves nothing any more:
         unload it everywhere and remove it from the repository (its released versions stay in the store),
         so neither a reconcile pass nor a restore brings it back."""
-        from stream.lifecycle.repository import remove_model_dir
-
         for m in sorted(models):
             await self.ctl._unload(m)
             await asyncio.to_thread(remove_model_dir, self.ctl.repository, m)
@@ -148,9 +148,6 @@ class ControllerService:
         """Models the repository pins but the serving state does not know (an embedded broker that lost its
         topics on restart, a first start): load each verified pinned version on every replica and write its
         serving state. The repository holds only what the controller materialised after verification."""
-        from contracts.artifact import verify_artifact
-        from stream.lifecycle.repository import model_dir, pinned_version, repository_models
-
         known = {e.model for e in self.serving.values()}
         restored = []
         # oldest promotion first: where two pinned models claim one product, the later one's entry wins

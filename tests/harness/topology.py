@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.logs import get_logger
+from stream.kafka.clients import partition_for_key
 from tests.harness.chaos import _crash_lines, scrape_metrics
 
 log = get_logger("tests.harness.topology")
@@ -35,13 +36,6 @@ FRAMES_IN = "linewatch_frames_in_total"
 
 
 # ----------------------------------------------------------------------------- partitions
-
-
-def partition_for_key(key: bytes, partitions: int) -> int:
-    """The partition aiokafka's (and the Java client's) default partitioner picks for ``key``."""
-    from aiokafka.partitioner import murmur2
-
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def cameras_for_partitions(partitions: int, prefix: str = "cam-", per_partition: int = 1) -> tuple[str, ...]:

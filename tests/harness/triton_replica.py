@@ -15,9 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from contracts.triton_control import server_args
 from devstack.processes import free_port, prepare_triton_backends, triton_env, triton_ready
-from devstack.stack import _package_dir, triton_home
+from devstack.stack import _package_dir, triton_home, tritonserver_argv
 
 
 class TritonReplica:
@@ -44,12 +43,9 @@ class TritonReplica:
         env = triton_env(_package_dir("pytriton").parent / "nvidia_pytriton.libs")
         log = open(self.workdir / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen(
-            [str(home / "bin" / "tritonserver"), f"--model-repository={self.stack.model_repository}",
-             f"--backend-directory={backends}", "--model-control-mode=explicit", *server_args(self.stack.control_key),
-             f"--backend-config=python,shm-region-prefix-name=lw_{self.name.replace('-', '_')}_",
-             "--strict-readiness=false", "--exit-on-error=false", f"--grpc-port={self.grpc_port}",
-             f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", f"--grpc-address={self.host}",
-             f"--http-address={self.host}", "--log-verbose=0"],
+            tritonserver_argv(home, self.stack.model_repository, backends, self.stack.control_key, host=self.host,
+                              grpc_port=self.grpc_port, http_port=self.http_port, metrics_port=self.metrics_port,
+                              extra=(f"--backend-config=python,shm-region-prefix-name=lw_{self.name.replace('-', '_')}_",)),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s
