@@ -53,7 +53,7 @@ from stream.ops.accounting import account  # noqa: E402
 from stream.ops.replay import list_images  # noqa: E402
 from tests.harness.chaos import Feeder, ResultWatch, scrape_metrics  # noqa: E402
 from tests.harness.probe_model import write_probe_model  # noqa: E402
-from tests.harness.streams import topics  # noqa: E402
+from tests.harness.streams import tiny_moleflow, topics  # noqa: E402
 from tests.harness.topology import cameras_for_partitions  # noqa: E402
 
 DATA_DIR = Settings().data_dir  # this script's settings (LINEWATCH_DATA_DIR)
@@ -231,27 +231,6 @@ def run_take_load(stack: LocalStack, work: Path, images: list[bytes], model: str
             "dlq": rep.dlq, "complete": rep.complete}
 
 
-def build_moleflow(repo: Path, store: Path) -> str:
-    """A tiny-schedule MoLE-Flow (tests/integration/test_retry_safety.py's fixture), exported into ``repo``."""
-    import torch
-
-    from models.data import list_images as train_images
-    from models.moleflow.export import export_triton
-    from models.moleflow.model import MoLEFlow, MoLEFlowConfig
-    from models.moleflow.store import save_model
-    from models.moleflow.train import TrainConfig, train_task
-
-    torch.set_num_threads(1)
-    cfg = MoLEFlowConfig(grid=14, dim=32, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, coupling_layers=2,
-                         dia_blocks=2)
-    model = MoLEFlow(cfg, backbone_weights=DATA_DIR / "weights" / "efficientnet-lite0-57934424.pth")
-    train_task(model, "bottle", train_images(DATA_DIR / "mvtec" / "bottle" / "train" / "good")[:8],
-               TrainConfig(epochs=1, batch_size=4, progress=False))
-    save_model(model, store)
-    export_triton(store, repo, MOLEFLOW)
-    return MOLEFLOW
-
-
 def add_efficiency(rows: list[dict]) -> None:
     for wl in {r["workload"] for r in rows}:
         base = next((r["fps"] for r in rows if r["workload"] == wl and r["workers"] == 1), None)
@@ -366,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copytree(a.moleflow_dir, repo / model)
                 else:
                     say("--- moleflow: training a tiny-schedule MoLE-Flow (8 images, 1 epoch) and exporting it")
-                    model = build_moleflow(repo, root / "moleflow-store")
+                    model = tiny_moleflow(DATA_DIR, root / "moleflow-store", repo, MOLEFLOW)
                 stack.load_model(model, timeout_s=600)
                 say(f"    {model} ready in Triton after {time.monotonic() - tm:.0f}s")
                 items = list_images(test_dir)

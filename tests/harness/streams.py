@@ -1,4 +1,4 @@
-"""Shared pieces of the streaming integration tests: per-test topic names and a tiny real detector."""
+"""Shared pieces of the streaming integration tests: per-test topic names and tiny real detectors."""
 
 from __future__ import annotations
 
@@ -27,3 +27,25 @@ def tiny_efficientad(work: Path, data_dir: Path) -> Path:
     subprocess.run([*cli, "efficientad", "export", "--checkpoint", str(art / "s.pt"), "--repository", str(repo),
                     "--product", "bottle"], check=True, timeout=600)
     return repo / "efficientad_bottle"
+
+
+def tiny_moleflow(data_dir: Path, store: Path, repository: Path, name: str) -> str:
+    """Train one "bottle" task of a tiny MoLE-Flow (8 images, 1 epoch) and export it into ``repository`` as
+    ``name``; returns ``name``. A real export, not an accurate model."""
+    import torch
+
+    from models.data import list_images
+    from models.moleflow.export import export_triton
+    from models.moleflow.model import MoLEFlow, MoLEFlowConfig
+    from models.moleflow.store import save_model
+    from models.moleflow.train import TrainConfig, train_task
+
+    torch.set_num_threads(1)
+    cfg = MoLEFlowConfig(grid=14, dim=32, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, coupling_layers=2,
+                         dia_blocks=2)
+    model = MoLEFlow(cfg, backbone_weights=data_dir / "weights" / "efficientnet-lite0-57934424.pth")
+    train_task(model, "bottle", list_images(data_dir / "mvtec" / "bottle" / "train" / "good")[:8],
+               TrainConfig(epochs=1, batch_size=4, progress=False))
+    save_model(model, store)
+    export_triton(store, repository, name)
+    return name

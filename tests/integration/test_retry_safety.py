@@ -36,7 +36,7 @@ from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics
 from stream.ops.accounting import account
 from tests.harness.chaos import Feeder, load_images, scrape_metrics
-from tests.harness.streams import topics
+from tests.harness.streams import tiny_moleflow, topics
 
 pytestmark = pytest.mark.integration
 
@@ -171,23 +171,7 @@ def _warm(boot: str, t: dict, img: bytes, w: WorkerProcess) -> None:
 
 @pytest.fixture(scope="module")
 def moleflow_model(rs_stack, shared_data, tmp_path_factory):
-    import torch
-
-    from models.data import list_images
-    from models.moleflow.export import export_triton
-    from models.moleflow.model import MoLEFlow, MoLEFlowConfig
-    from models.moleflow.store import save_model
-    from models.moleflow.train import TrainConfig, train_task
-
-    torch.set_num_threads(1)
-    cfg = MoLEFlowConfig(grid=14, dim=32, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, coupling_layers=2,
-                         dia_blocks=2)
-    model = MoLEFlow(cfg, backbone_weights=shared_data / "weights" / "efficientnet-lite0-57934424.pth")
-    train_task(model, "bottle", list_images(shared_data / "mvtec" / "bottle" / "train" / "good")[:8],
-               TrainConfig(epochs=1, batch_size=4, progress=False))
-    store = tmp_path_factory.mktemp("moleflow-store")
-    save_model(model, store)
-    export_triton(store, rs_stack.model_repository, MOLEFLOW)
+    tiny_moleflow(shared_data, tmp_path_factory.mktemp("moleflow-store"), rs_stack.model_repository, MOLEFLOW)
     rs_stack.load_model(MOLEFLOW)
     yield MOLEFLOW
     import contextlib
