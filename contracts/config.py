@@ -103,6 +103,29 @@ class RolloutSettings(BaseModel):
     shadow_sample_every: int = Field(default=1, ge=1)  # the controller shadows every n-th live frame of a product
 
 
+class ServingSettings(BaseModel):
+    """Where Triton runs the detectors: written into each model's config.pbtxt ``instance_group`` when the
+    controller materialises a version (stream/lifecycle/repository.py), read back by the Python-backend
+    model from ``model_instance_kind``/``model_instance_device_id`` (models/serving_device.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: Literal["cpu", "gpu"] = "cpu"  # the prod overlay sets gpu (the Triton pods reserve nvidia.com/gpu)
+    instances: int = Field(default=1, ge=1, le=16)  # model instances per GPU (gpu) or in all (cpu)
+    gpus: list[int] = Field(default_factory=list)  # GPU ids the instances go on; empty: every GPU Triton sees
+    # EfficientAD on the GPU: "onnxruntime" = model.onnx on Triton's onnxruntime backend with the TensorRT
+    # accelerator (FP16 when ``fp16``, engines cached under ``trt_cache_dir``, a writable volume); "python" =
+    # the TorchScript model.pt in the Python backend (the only choice on the CPU stack)
+    efficientad_backend: Literal["python", "onnxruntime"] = "python"
+    fp16: bool = True  # GPU only: TensorRT FP16 (EfficientAD), FP16 backbone + FP32 flow (MoLE-Flow)
+    trt_cache_dir: str = "/trt-cache"
+
+    @model_validator(mode="after")
+    def _onnx_needs_gpu(self) -> ServingSettings:
+        if self.efficientad_backend == "onnxruntime" and self.device != "gpu":
+            raise ValueError("serving.efficientad_backend=onnxruntime is the GPU path; the CPU stack serves python")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
@@ -204,6 +227,9 @@ class Settings(BaseSettings):
 
     drift: DriftSettings = DriftSettings()
     rollout: RolloutSettings = RolloutSettings()
+    serving: ServingSettings = ServingSettings()
+    # training (distillation, EfficientAD, MoLE-Flow): "auto" = CUDA when torch sees it (mixed precision there)
+    train_device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -102,3 +102,71 @@ def _without_spec(text: str) -> str:
 def config_sha256(text: str) -> str:
     """sha256 of a config.pbtxt template minus its ``linewatch_spec`` parameter (what the manifest pins)."""
     return hashlib.sha256(_without_spec(text).encode()).hexdigest()
+
+
+# -- the deployment block: written by the rollout when it materialises a version (stream/lifecycle/repository.py)
+_DEPLOY_BEGIN, _DEPLOY_END = "# linewatch:deployment begin", "# linewatch:deployment end"
+_GROUP_RE = re.compile(r"^\s*instance_group\s*\[.*?\]\s*$", re.M)
+_BACKEND_RE = re.compile(r'^\s*backend\s*:\s*"[^"]*"\s*$', re.M)
+_INPUTS_RE = re.compile(r"^input \[\n(.*?)\n\]", re.M | re.S)
+_TENSOR_RE = re.compile(r'name: "(\w+)" data_type: (TYPE_\w+) dims: \[ ([\d, ]+) \]( optional: true)?')
+ONNX_FILE = "model.onnx"
+
+
+def _without_deployment(text: str) -> str:
+    out, inside = [], False
+    for ln in text.splitlines():
+        if ln.strip() == _DEPLOY_BEGIN:
+            inside = True
+        elif ln.strip() == _DEPLOY_END:
+            inside = False
+        elif not inside:
+            out.append(ln)
+    return "\n".join(out) + "\n"
+
+
+def _warmup(text: str) -> str | None:
+    """One zero batch of every required non-string input: Triton marks the model READY only after it ran
+    (on a GPU: after CUDA initialised and the first kernels compiled)."""
+    m = _INPUTS_RE.search(text)
+    ins = [t for t in _TENSOR_RE.findall(m.group(1)) if not t[3] and t[1] != "TYPE_STRING"] if m else []
+    if not ins:
+        return None
+    body = " ".join(f'inputs {{ key: "{n}" value: {{ data_type: {dt} dims: [ {dims} ] zero_data: true }} }}'
+                    for n, dt, dims, _ in ins)
+    return f'model_warmup [ {{ name: "zeros" batch_size: 1 {body} }} ]'
+
+
+def apply_deployment(text: str, *, device: str = "cpu", instances: int = 1, gpus: Sequence[int] = (),
+                     fp16: bool = True, onnxruntime: bool = False, trt_cache_dir: str = "/trt-cache") -> str:
+    """``text`` with the deployment's ``instance_group`` (KIND_GPU on ``gpus`` or KIND_CPU), a warmup batch,
+    and for ``onnxruntime`` (EfficientAD on GPUs) the onnxruntime backend on ``model.onnx`` with the
+    TensorRT accelerator (FP16 when ``fp16``, engine cache in ``trt_cache_dir``). Idempotent: the block
+    it writes replaces the one an earlier call wrote."""
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be cpu or gpu, got {device!r}")
+    if onnxruntime and device != "gpu":
+        raise ValueError("the onnxruntime/TensorRT backend is the GPU path")
+    text = _GROUP_RE.sub("", _without_deployment(text)).replace("\n\n", "\n")
+    lines = [_DEPLOY_BEGIN]
+    if device == "gpu":
+        on = f" gpus: [ {', '.join(str(int(g)) for g in gpus)} ]" if gpus else ""
+        lines.append(f"instance_group [ {{ kind: KIND_GPU count: {int(instances)}{on} }} ]")
+    else:
+        lines.append(f"instance_group [ {{ kind: KIND_CPU count: {int(instances)} }} ]")
+    text = _BACKEND_RE.sub(f'backend: "{"onnxruntime" if onnxruntime else "python"}"', text, count=1)
+    if onnxruntime:
+        trt = [("precision_mode", "FP16" if fp16 else "FP32"), ("max_workspace_size_bytes", str(1 << 30)),
+               ("trt_engine_cache_enable", "1"), ("trt_engine_cache_path", trt_cache_dir)]
+        params = " ".join(f'parameters {{ key: "{k}" value: "{v}" }}' for k, v in trt)
+        lines += [f'default_model_filename: "{ONNX_FILE}"',
+                  "optimization { execution_accelerators { gpu_execution_accelerator : [ "
+                  f'{{ name : "tensorrt" {params} }} ] }} }}']
+    elif device == "gpu":  # Python backend: inputs may arrive in GPU memory (DLPack, models/serving_device.py)
+        lines.append('parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value { string_value: "no" } }')
+    lines.append(f'parameters {{ key: "linewatch_fp16" value {{ string_value: "{int(bool(fp16 and device == "gpu"))}" }} }}')
+    warm = _warmup(text)
+    if warm:
+        lines.append(warm)
+    lines.append(_DEPLOY_END)
+    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"

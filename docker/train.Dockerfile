@@ -17,11 +17,15 @@ COPY pyproject.toml README.md ./
 COPY contracts ./contracts
 COPY stream ./stream
 COPY models ./models
-# the project's own extra (its pins live in pyproject.toml), not an unpinned package:
+# torch/torchvision at the pyproject pins from PyTorch's index for the same CUDA as the Triton image (cu126;
+# PyPI's 2.14.1 is a CUDA 13 build needing driver R580+), then the project's own extra (its pins live in
+# pyproject.toml, torch already satisfied); the build fails when torch is not a CUDA ${TORCH_CUDA} build.
+ARG TORCH_CUDA=cu126
 # hadolint ignore=DL3013
 RUN pip install --upgrade "pip==24.3.1" "setuptools==75.6.0" "wheel==0.45.1" \
+ && pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" "torch==2.14.1" "torchvision==0.29.1" \
  && pip install ".[models,worker]" \
- && python -c "import torch, timm, FrEIA, models, stream; print(torch.__version__)"
+ && python -c "import torch, timm, FrEIA, models, stream; assert torch.version.cuda and 'cu' + torch.version.cuda.replace('.', '') == '${TORCH_CUDA}', torch.version.cuda; print(torch.__version__)"
 
 FROM ${TORCH_IMAGE}
 LABEL org.opencontainers.image.title="linewatch-train" \

@@ -24,10 +24,15 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY contracts ./contracts
 COPY models ./models
-# The [models] extra: torch/torchvision/timm/FrEIA as pinned in pyproject.toml (CUDA wheels from PyPI);
-# nvidia-pytriton only for its Python 3.11 backend stub (copied below; pytriton itself is not in the image).
-RUN uv pip install --no-cache ".[models]" "nvidia-pytriton==0.7.0" \
- && python -c "import torch, timm, FrEIA, models; print(torch.__version__)" \
+# torch/torchvision at the pyproject pins but from PyTorch's index for the Triton image's CUDA (24.10: CUDA
+# 12.6): PyPI's torch 2.14.1 is a CUDA 13 build that needs driver R580+ and, on an older node, silently sees
+# no GPU. The build fails unless torch's CUDA major equals the image's (CUDA_VERSION is set by NGC images).
+# Then the [models] extra (the pins already satisfied) and nvidia-pytriton only for its Python 3.11 backend
+# stub (copied below; pytriton itself is not in the image).
+ARG TORCH_CUDA=cu126
+RUN uv pip install --no-cache --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" "torch==2.14.1" "torchvision==0.29.1" \
+ && uv pip install --no-cache ".[models]" "nvidia-pytriton==0.7.0" \
+ && python -c "import os, torch; assert torch.version.cuda.split('.')[0] == os.environ['CUDA_VERSION'].split('.')[0], (torch.version.cuda, os.environ['CUDA_VERSION']); print(torch.__version__)" \
  && cp "$(python -c 'import pytriton, pathlib; print(pathlib.Path(pytriton.__file__).parent)')/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub" /opt/triton_python_backend_stub
 
 FROM ${TRITON_IMAGE}

@@ -27,7 +27,28 @@ def build_parser() -> argparse.ArgumentParser:
     for det in all_detectors():
         det.register_cli(sub)
     train_job.register(sub)
+    sc = sub.add_parser("selfcheck", help="log what this process runs on; fail when a GPU deployment has no CUDA")
+    sc.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: the serving.device setting")
+    sc.set_defaults(func=_selfcheck)
     return parser
+
+
+def _selfcheck(args) -> int:
+    """The Triton pod's init step (k8s prod overlay) and a node check: the torch build, CUDA, every GPU
+    running one kernel; a GPU deployment on a CPU-only torch or an old driver stops here, loudly."""
+    from contracts.logs import get_logger
+    from models.serving_device import self_check
+
+    device = args.device or args.settings.serving.device
+    info = self_check(device)
+    if info["device"] == "cuda":
+        import torch
+
+        for i in range(torch.cuda.device_count()):
+            x = torch.ones(64, 64, device=f"cuda:{i}")
+            info.setdefault("kernel_ok", []).append(bool(float((x @ x).sum()) == 64.0 ** 3))
+    get_logger("models.selfcheck").info("device_selfcheck", **info)
+    return 0
 
 
 def run(argv: Sequence[str], settings: Settings) -> int:
@@ -56,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.settings.log_level)
         return int(args.func(args) or 0)
 
-    return run_command(PROG, go, usage=usage_errors())
+    from models.serving_device import CudaUnavailable
+
+    return run_command(PROG, go, usage=usage_errors(), runtime=(CudaUnavailable,))
 
 
 if __name__ == "__main__":

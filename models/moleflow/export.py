@@ -3,8 +3,9 @@
 Layout written (one model, all tasks)::
 
     <repo>/<name>/config.pbtxt                          python backend, dynamic batching, KIND_CPU x1,
-                                                        optional BYTES input `task`, outputs anomaly_map,
-                                                        score, task, route_distance; linewatch_spec
+                                                        UINT8 `image` + optional BYTES `task` in, outputs
+                                                        anomaly_map (FP16, grid), score, task,
+                                                        route_distance; linewatch_spec
     <repo>/<name>/<version>/model.py                    thin: subclasses models.moleflow.serving
     <repo>/<name>/<version>/base.safetensors|base.json  frozen base (backbone included), stored once per version
     <repo>/<name>/<version>/adapters/<task>/adapter.safetensors|adapter.json
@@ -51,7 +52,7 @@ def build_spec(name: str, version: int, base_meta: dict, adapters: list[dict]) -
     mean, std = backbone_normalization(cfg["backbone"])
     return {
         "schema": 1, "model": name, "detector": "moleflow", "version": int(version), "product": None,
-        "input": {"name": "image", "height": size, "width": size, "color": "RGB", "layout": "NCHW", "dtype": "FP32",
+        "input": {"name": "image", "height": size, "width": size, "color": "RGB", "layout": "NCHW", "dtype": "UINT8",
                   "scale": 255.0, "mean": list(mean), "std": list(std)},
         "outputs": {"anomaly_map": "anomaly_map", "score": "score", "task": "task", "route_distance": "route_distance"},
         # served scores/maps are per-task calibrated (raw top-K NLL minus the task's threshold)
@@ -60,18 +61,19 @@ def build_spec(name: str, version: int, base_meta: dict, adapters: list[dict]) -
         "tasks": {a["task"]: {"index": a["index"], "threshold": a.get("threshold"), "map_threshold": a.get("map_threshold"),
                               "route_distance_threshold": a.get("route_distance_q99"), "adapter_sha256": a["sha256"]}
                   for a in adapters},
-        "backbone": cfg["backbone"], "base_sha256": base_meta["sha256"],
+        "backbone": cfg["backbone"], "base_sha256": base_meta["sha256"], "grid": int(cfg["grid"]),
     }
 
 
 def config_pbtxt(name: str, spec: dict[str, Any], max_batch_size: int = 8) -> str:
-    """Python backend, dynamic batching, KIND_CPU x1, optional BYTES input ``task``, latest 1 version."""
-    size = spec["input"]["height"]
+    """Python backend, dynamic batching, KIND_CPU x1 (the controller writes the deployment's instance group),
+    UINT8 images + optional BYTES ``task`` in; FP16 anomaly map at the flow grid, latest 1 version."""
+    size, grid = spec["input"]["height"], spec["grid"]
     fp32 = "TYPE_FP32"
     return render_config(
         name, max_batch_size=max_batch_size, latest=1, spec=spec,
-        inputs=[TensorConfig("image", fp32, (3, size, size)), TensorConfig("task", "TYPE_STRING", (1,), optional=True)],
-        outputs=[TensorConfig("anomaly_map", fp32, (1, size, size)), TensorConfig("score", fp32, (1,)),
+        inputs=[TensorConfig("image", "TYPE_UINT8", (3, size, size)), TensorConfig("task", "TYPE_STRING", (1,), optional=True)],
+        outputs=[TensorConfig("anomaly_map", "TYPE_FP16", (1, grid, grid)), TensorConfig("score", fp32, (1,)),
                  TensorConfig("task", "TYPE_STRING", (1,)), TensorConfig("route_distance", fp32, (1,))])
 
 

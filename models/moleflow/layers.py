@@ -43,6 +43,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.lora_bias = nn.ParameterDict()
         self._switch = switch
+        self.merged: nn.ModuleDict | None = None  # merge(): per-task dense weights for serving
 
     def add_task(self, name: str, gen: torch.Generator) -> None:
         # A ~ N(0, 1/r), B = 0 (MoLE-Flow paper, notation) -> the adapter starts as the identity on the base
@@ -50,9 +51,27 @@ class LoRALinear(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_f, self.rank))
         self.lora_bias[name] = nn.Parameter(torch.zeros(self.out_f))
 
+    def merge(self) -> None:
+        """Serving: fold each task's adapter into one dense weight, W_t = W_base + (alpha/r) B_t A_t and
+        b_t = b_base + b_t, so a forward is one matmul (same function; the LoRA factors stay for training)."""
+        self.merged = nn.ModuleDict()
+        with torch.no_grad():
+            for t in self.lora_A:
+                m = nn.Module()
+                m.register_buffer("weight", self.base.weight + self.scaling * self.lora_B[t] @ self.lora_A[t],
+                                  persistent=False)
+                m.register_buffer("bias", self.base.bias + self.lora_bias[t], persistent=False)
+                self.merged[t] = m
+
+    def unmerge(self) -> None:
+        self.merged = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         t = self._switch.task
+        merged = getattr(self, "merged", None)
+        if merged is not None and t in merged:
+            return F.linear(x, merged[t].weight, merged[t].bias)
+        y = self.base(x)
         if t is not None and t in self.lora_A:
             y = y + self.scaling * F.linear(F.linear(x, self.lora_A[t]), self.lora_B[t]) + self.lora_bias[t]
         return y

@@ -36,6 +36,16 @@ from models.moleflow.layers import (
 )
 
 
+class RouterPrototype(nn.Module):
+    """One task's router prototype (MoLE-Flow paper, Method §3.6.1): mean, covariance, precision (float64)."""
+
+    def __init__(self, mean: torch.Tensor, cov: torch.Tensor, prec: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("cov", cov, persistent=False)
+        self.register_buffer("prec", prec, persistent=False)
+
+
 class MoLEFlow(nn.Module):
     def __init__(self, cfg: MoLEFlowConfig | None = None, backbone_weights: str | Path | None = None,
                  backbone: nn.Module | None = None):
@@ -77,9 +87,9 @@ class MoLEFlow(nn.Module):
 
         self.flow = _coupling_stack(D, cfg.coupling_layers, subnet, cfg.clamp, cfg.seed)
         self.tasks: list[str] = []
-        self.router_mean: dict[str, torch.Tensor] = {}
-        self.router_prec: dict[str, torch.Tensor] = {}
-        self.router_cov: dict[str, torch.Tensor] = {}
+        # per task: the router's Gaussian prototype as buffers, so .to(device) moves them with the flow
+        # (non-persistent: the adapter file stores them under router.* keys, see models/moleflow/store.py)
+        self.router = nn.ModuleDict()
         self._pooled: tuple[tuple[str, ...], torch.Tensor] | None = None
         self.thresholds: dict[str, dict] = {}
 
@@ -144,7 +154,8 @@ class MoLEFlow(nn.Module):
 
         Patch Maker (paper §3.2.2): each level 3x3 locally averaged, then average-pooled (finer level)
         or bilinearly resized (coarser level) to the g x g grid; no learned parameters."""
-        feats = self.backbone(x)
+        dtype = next(self.backbone.parameters()).dtype  # FP16 on a GPU server (serving.fp16), else FP32
+        feats = [f.float() for f in self.backbone(x.to(dtype))]  # the flow always runs in FP32
         g = self.cfg.grid
         grid = []
         for f in feats:
@@ -232,15 +243,18 @@ class MoLEFlow(nn.Module):
             cov = np.diag(np.full(f.shape[1], max(float(np.var(f)), 1e-3)))
         cov = cov + self.cfg.router_reg * np.eye(cov.shape[0]) * max(np.trace(cov) / cov.shape[0], 1e-12)
         prec = np.linalg.inv(cov)
-        self.router_mean[task] = torch.from_numpy(mu)
-        self.router_cov[task] = torch.from_numpy(cov)
-        self.router_prec[task] = torch.from_numpy(0.5 * (prec + prec.T))
+        self.set_router(task, torch.from_numpy(mu), torch.from_numpy(cov), torch.from_numpy(0.5 * (prec + prec.T)))
+
+    def set_router(self, task: str, mean: torch.Tensor, cov: torch.Tensor, prec: torch.Tensor) -> None:
+        """Install ``task``'s prototype (float64 mean, covariance, precision) on the flow's device."""
+        dev = self.pos.device
+        self.router[task] = RouterPrototype(mean.to(dev), cov.to(dev), prec.to(dev))
         self._pooled = None
 
     def _pooled_precision(self) -> torch.Tensor:
-        key = tuple(self.tasks)
+        key = (*self.tasks, str(self.pos.device))  # a cached precision never outlives a .to(device)
         if self._pooled is None or self._pooled[0] != key:
-            cov = torch.stack([self.router_cov[t].double() for t in self.tasks]).mean(0)
+            cov = torch.stack([self.router[t].cov.double() for t in self.tasks]).mean(0)
             prec = torch.linalg.inv(cov)
             self._pooled = (key, 0.5 * (prec + prec.T))
         return self._pooled[1]
@@ -262,8 +276,8 @@ class MoLEFlow(nn.Module):
         f = image_feats.double()
         if pooled:
             prec = self._pooled_precision()
-            return torch.stack([self._maha(f, self.router_mean[t].double(), prec) for t in tasks], dim=1)
-        return torch.stack([self._maha(f, self.router_mean[t].double(), self.router_prec[t].double())
+            return torch.stack([self._maha(f, self.router[t].mean.double(), prec) for t in tasks], dim=1)
+        return torch.stack([self._maha(f, self.router[t].mean.double(), self.router[t].prec.double())
                             for t in tasks], dim=1)
 
     def route(self, image_feats: torch.Tensor) -> tuple[list[str], torch.Tensor]:
@@ -285,8 +299,15 @@ class MoLEFlow(nn.Module):
         patch, image = self.extract(x)
         return self.predict_features(patch, image, tasks, calibrated, size=x.shape[-1])
 
+    def merge_lora(self) -> None:
+        """Serving: every LoRA linear folds each task's adapter into one dense weight (layers.LoRALinear.merge)."""
+        for sn in self.subnets:
+            for lin in sn.lora_layers():
+                lin.merge()
+
     @torch.no_grad()
     def predict_features(self, patch, image, tasks=None, calibrated=False, size=None) -> dict:
+        """As :meth:`predict` from extracted features; ``size=0``: the map at the grid's native resolution."""
         b = patch.shape[0]
         tasks = list(tasks) if tasks is not None else [None] * b
         if len(tasks) != b:
@@ -298,16 +319,16 @@ class MoLEFlow(nn.Module):
         chosen = [t if t else r for t, r in zip(tasks, routed_tasks, strict=True)]
         dist_all = self.route_distances(image)
         rd = torch.stack([dist_all[i, self.tasks.index(t)] for i, t in enumerate(chosen)]).float()
-        g = self.cfg.grid
-        nll = torch.empty(b, g, g)
+        g, dev = self.cfg.grid, patch.device
+        nll = torch.empty(b, g, g, device=dev)
         for t in dict.fromkeys(chosen):  # one flow pass per task present in the batch
-            sel = torch.tensor([i for i, c in enumerate(chosen) if c == t])
+            sel = torch.tensor([i for i, c in enumerate(chosen) if c == t], device=dev)
             nll[sel] = self.patch_nll(patch[sel], t)[0]
         score = self.image_score(nll)
-        amap = self.upsample(nll, size)
+        amap = nll[:, None] if size == 0 else self.upsample(nll, size)
         if calibrated:
-            thr = torch.tensor([self.thresholds.get(t, {}).get("threshold", 0.0) for t in chosen])
-            mthr = torch.tensor([self.thresholds.get(t, {}).get("map_threshold", 0.0) for t in chosen])
+            thr = torch.tensor([self.thresholds.get(t, {}).get("threshold", 0.0) for t in chosen], device=dev)
+            mthr = torch.tensor([self.thresholds.get(t, {}).get("map_threshold", 0.0) for t in chosen], device=dev)
             score = score - thr
             amap = amap - mthr[:, None, None, None]
         return {"anomaly_map": amap, "score": score, "task": chosen, "route_distance": rd,

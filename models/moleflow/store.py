@@ -57,9 +57,10 @@ def save_adapter(model: MoLEFlow, task: str, out_dir: str | Path, base_sha256: s
     adir = Path(out_dir) / ADAPTERS / task
     adir.mkdir(parents=True, exist_ok=True)
     sd = _contig(model.task_state_dict(task))
-    sd["router.mean"] = model.router_mean[task].contiguous()
-    sd["router.precision"] = model.router_prec[task].contiguous()
-    sd["router.covariance"] = model.router_cov[task].contiguous()
+    proto = model.router[task]
+    sd["router.mean"] = proto.mean.cpu().contiguous()
+    sd["router.precision"] = proto.prec.cpu().contiguous()
+    sd["router.covariance"] = proto.cov.cpu().contiguous()
     path = adir / ADAPTER_FILE
     save_file(sd, str(path), metadata={"format": "moleflow-adapter", "task": task})
     meta = {"format": "moleflow-adapter", "schema": 1, "task": task, "index": model.tasks.index(task),
@@ -144,10 +145,7 @@ def load_adapter(model: MoLEFlow, adir: str | Path, base_sha256: str) -> str:
     sd = load_file(str(adir / ADAPTER_FILE))
     task = meta["task"]
     model.add_task(task)
-    model.router_mean[task] = sd.pop("router.mean")
-    model.router_prec[task] = sd.pop("router.precision")
-    model.router_cov[task] = sd.pop("router.covariance")
-    model._pooled = None
+    model.set_router(task, sd.pop("router.mean"), sd.pop("router.covariance"), sd.pop("router.precision"))
     own = model.task_state_dict(task)
     if set(own) != set(sd):
         raise ArtifactError(f"adapter {task} keys do not match the model ({len(sd)} vs {len(own)})")

@@ -31,7 +31,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from contracts.logs import get_logger
-from contracts.spec import ModelSpec, parse_spec
+from contracts.spec import ModelSpec, model_input, parse_spec
 
 log = get_logger("stream.triton")
 
@@ -53,6 +53,16 @@ class TransientInferError(InferError):
 
 class PermanentInferError(InferError):
     pass
+
+
+def channel_args(url: str) -> list[tuple[str, int | str]] | None:
+    """gRPC channel options for ``url``: a resolver target naming several replicas (``dns:///`` a headless
+    Service, every pod address; ``ipv4:a:p,b:q``) gets round-robin load balancing, so one worker spreads its
+    requests over every Triton replica instead of pinning one connection. A plain host:port: defaults."""
+    if not url.startswith(("dns:", "ipv4:", "ipv6:")):
+        return None
+    return [("grpc.lb_policy_name", "round_robin"), ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", -1), ("grpc.dns_min_time_between_resolutions_ms", 5000)]
 
 
 def status_code(exc: BaseException) -> str | None:
@@ -88,7 +98,7 @@ class TritonInfer:
     def __init__(self, url: str, *, timeout_s: float = 30.0, max_retries: int = 6, backoff_s: float = 0.2,
                  backoff_max_s: float = 5.0, metrics=None):
         self.url = url
-        self.client = grpcclient.InferenceServerClient(url=url)
+        self.client = grpcclient.InferenceServerClient(url=url, channel_args=channel_args(url))
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -207,7 +217,8 @@ class TritonInfer:
 
     async def _infer_once(self, model: str, spec: ModelSpec, has_task: bool, batch: np.ndarray,
                           tasks: list[str] | None) -> tuple:
-        inp = grpcclient.InferInput(spec.input.name, list(batch.shape), "FP32")
+        batch = model_input(batch, spec)
+        inp = grpcclient.InferInput(spec.input.name, list(batch.shape), spec.input.dtype)
         inp.set_data_from_numpy(batch)
         inputs = [inp]
         out_names = [spec.outputs.get("score", "score"), spec.outputs.get("anomaly_map", "anomaly_map")]
@@ -221,8 +232,8 @@ class TritonInfer:
         res = await self.client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
         served = str(res.get_response().model_version or "")
         scores = res.as_numpy(out_names[0]).reshape(len(batch), -1)[:, 0].astype(np.float32)
-        amap = res.as_numpy(out_names[1])
-        amap = amap.reshape(len(batch), amap.shape[-2], amap.shape[-1])
+        amap = res.as_numpy(out_names[1])  # the model's native resolution; FP16 from UINT8 models
+        amap = amap.reshape(len(batch), amap.shape[-2], amap.shape[-1]).astype(np.float32, copy=False)
         otasks = rdist = None
         if has_task:
             otasks = [(x.decode() if isinstance(x, bytes) else str(x)) for x in res.as_numpy("task").reshape(-1)]

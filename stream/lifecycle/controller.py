@@ -54,6 +54,7 @@ from typing import Any
 import orjson
 
 from contracts.artifact import CANDIDATE_SUFFIX, Artifact, check_compatibility, verify_artifact
+from contracts.config import ServingSettings
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
 from contracts.names import is_candidate
@@ -72,6 +73,7 @@ log = get_logger("stream.lifecycle.controller")
 
 # the event types the controller acts on (the others are its own outcomes, or for the training job)
 HANDLED = ("released", "rollback_requested")
+CONTROL_TIMEOUT_S = 10.0  # one model-control or readiness call to a replica (a hung replica never stalls a pass)
 
 Publish = Callable[[ModelEvent], Awaitable[None]]
 
@@ -96,8 +98,9 @@ class RolloutController:
     def __init__(self, triton_grpc_url: str | list[str], repository: str | Path, publish: Publish,
                  policy: HealthPolicy | None = None,
                  on_shadow_result: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
-                 control_key: str | None = None):
+                 control_key: str | None = None, serving: ServingSettings | None = None):
         self.urls: list[str] = []
+        self.serving = serving  # the deployment block each materialised config gets (repository.deployed_config)
         self._clients: dict[str, Any] = {}
         self.set_replicas([triton_grpc_url] if isinstance(triton_grpc_url, str) else list(triton_grpc_url))
         self.headers = grpc_headers(control_key)  # Triton's restricted model-repository protocol
@@ -171,11 +174,11 @@ class RolloutController:
 
     async def _load_on(self, url: str, name: str, version: int | None) -> None:
         c = self.client(url)
-        await c.load_model(name, headers=self.headers)
+        await c.load_model(name, headers=self.headers, client_timeout=self.policy.load_timeout_s)
         t0 = time.monotonic()
         while True:
             try:
-                if await c.is_model_ready(name, str(version) if version else ""):
+                if await c.is_model_ready(name, str(version) if version else "", client_timeout=CONTROL_TIMEOUT_S):
                     return
             except Exception:
                 pass
@@ -196,13 +199,25 @@ class RolloutController:
         fixed = []
         for u in self.urls:
             try:
-                if await self.client(u).is_model_ready(model, str(version)):
+                if await self.client(u).is_model_ready(model, str(version), client_timeout=CONTROL_TIMEOUT_S):
                     continue
-                await self._load_on(u, model, version)
+                await asyncio.wait_for(self._load_on(u, model, version), self.policy.load_timeout_s + CONTROL_TIMEOUT_S)
                 fixed.append(u)
-            except Exception as e:  # that replica is down: the next pass retries
-                log.warning("reconcile_failed", model=model, version=version, replica=u, error=str(e)[:200])
+            except Exception as e:  # that replica is down: the next pass retries, on a fresh channel
+                log.warning("reconcile_failed", model=model, version=version, replica=u,
+                            error=f"{type(e).__name__}: {e}"[:200])
+                await self._drop_client(u)
         return fixed
+
+    async def _drop_client(self, url: str) -> None:
+        """Forget ``url``'s gRPC channel: a replica that was killed and restarted (a replacement pod on the
+        same address) is reached on a new connection, not one stuck in the old channel's reconnect backoff."""
+        c = self._clients.pop(url, None)
+        if c is not None:
+            try:
+                await c.close()
+            except Exception:  # closing a broken channel
+                pass
 
     async def _serving_changed(self, model: str) -> None:
         spec, version = await self.serving_spec(model)
@@ -280,7 +295,7 @@ class RolloutController:
         self.active[ev.model] = ro
         try:
             ro.state = "loading_candidate"
-            await asyncio.to_thread(materialize, art, self.repository, cand, [art.version])
+            await asyncio.to_thread(materialize, art, self.repository, cand, [art.version], self.serving)
             try:
                 await self._load(cand, art.version)
             except Exception as e:  # Triton refused the model (bad model.py, artifact...)
@@ -291,7 +306,7 @@ class RolloutController:
                 return await self._fail(ro, ev, decision.reasons, decision.stats)
             ro.state = "promoting"
             try:
-                await asyncio.to_thread(materialize, art, self.repository, ev.model, [art.version])
+                await asyncio.to_thread(materialize, art, self.repository, ev.model, [art.version], self.serving)
                 await self._load(ev.model, art.version)
             except Exception as e:  # restore the previous policy, old version keeps serving
                 if cur_ver is not None:
@@ -329,7 +344,7 @@ class RolloutController:
     async def _restore(self, model: str, version: int) -> None:
         mdir = self.repository / model
         try:
-            write_config(mdir, (mdir / "config.pbtxt").read_text(), model, [version])
+            write_config(mdir, (mdir / "config.pbtxt").read_text(), model, [version], serving=self.serving)
             await self._load(model, version)
         except Exception as e:
             log.error("rollout_restore_failed", model=model, version=version, error=str(e)[:300])

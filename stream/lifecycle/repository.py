@@ -25,10 +25,13 @@ from contracts.artifact import (
     ArtifactIntegrityError,
     StoreError,
     config_sha256,
+    read_manifest,
     rewrite_config,
     sha256_file,
 )
+from contracts.config import ServingSettings
 from contracts.names import check_name, check_version
+from contracts.pbtxt import ONNX_FILE, apply_deployment
 
 
 def model_dir(repository: str | os.PathLike, name: str) -> Path:
@@ -68,9 +71,25 @@ def _copy_verified(artifact: Artifact, dst: Path) -> None:
                                      "the store changed after verification; nothing was written")
 
 
-def materialize(artifact: Artifact, repository: str | os.PathLike, name: str, versions: list[int]) -> Path:
+def deployed_config(text: str, serving: ServingSettings | None, vdir: Path) -> str:
+    """``text`` with the deployment block for ``serving`` (None: leave as is): the instance group (GPU count
+    per model, or CPU), the warmup batch, and for EfficientAD with ``efficientad_backend=onnxruntime`` the
+    TensorRT-accelerated onnxruntime backend on the version's pinned model.onnx."""
+    if serving is None:
+        return text
+    onnx = serving.efficientad_backend == "onnxruntime" and (vdir / METADATA).is_file() \
+        and read_manifest(vdir)[0].get("detector") == "efficientad"
+    if onnx and not (vdir / ONNX_FILE).is_file():
+        raise StoreError(f"serving.efficientad_backend=onnxruntime but {vdir} has no {ONNX_FILE} (export it again)")
+    return apply_deployment(text, device=serving.device, instances=serving.instances, gpus=serving.gpus,
+                            fp16=serving.fp16, onnxruntime=onnx, trt_cache_dir=serving.trt_cache_dir)
+
+
+def materialize(artifact: Artifact, repository: str | os.PathLike, name: str, versions: list[int],
+                serving: ServingSettings | None = None) -> Path:
     """Copy ``artifact`` into ``<repository>/<name>/<artifact.version>`` (checked copy) and write
-    ``<name>/config.pbtxt`` serving exactly ``versions`` from the artifact's pinned config template."""
+    ``<name>/config.pbtxt`` serving exactly ``versions`` from the artifact's pinned config template, with
+    the deployment block of ``serving`` (:func:`deployed_config`)."""
     mdir = model_dir(repository, name)
     version = check_version(artifact.version)
     if artifact.config_path is None:
@@ -95,20 +114,23 @@ def materialize(artifact: Artifact, repository: str | os.PathLike, name: str, ve
         tmp.rename(vdir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_config(mdir, template, name, versions, artifact.metadata)
+    write_config(mdir, template, name, versions, artifact.metadata, serving)
     return vdir
 
 
-def write_config(model_dir: Path, template: str, name: str, versions: list[int], spec: dict | None = None) -> None:
+def write_config(model_dir: Path, template: str, name: str, versions: list[int], spec: dict | None = None,
+                 serving: ServingSettings | None = None) -> None:
     """Atomically write ``<model_dir>/config.pbtxt``: ``template`` named ``name`` with the explicit policy
-    ``specific: versions`` (never Triton's default) and ``linewatch_spec`` = ``spec``."""
+    ``specific: versions`` (never Triton's default), ``linewatch_spec`` = ``spec`` and the deployment block
+    of ``serving`` for the newest of ``versions``."""
     check_name(name)
     if not versions:
         raise ValueError(f"{name}: the rollout writes an explicit version policy; no versions given")
     versions = [check_version(v) for v in versions]
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{CONFIG}.tmp"
-    tmp.write_text(rewrite_config(template, name, versions, spec))
+    text = deployed_config(rewrite_config(template, name, versions, spec), serving, model_dir / str(max(versions)))
+    tmp.write_text(text)
     tmp.replace(model_dir / CONFIG)  # atomic: Triton never reads half a config
 
 

@@ -19,7 +19,7 @@ from contracts.config import Settings
 from contracts.envelope import EnvelopeError, decode_frame
 from contracts.image import decode_image
 from contracts.logs import get_logger
-from contracts.spec import to_tensor
+from contracts.spec import to_pixels
 from stream.inference.triton_client import TritonInfer
 from stream.kafka.clients import client_kwargs
 
@@ -104,7 +104,7 @@ class ShadowSampler:
             spec = infer.spec_for(ro.model)
             if spec is None:
                 return None
-            x = np.stack([to_tensor(decode_image(frame.image), spec)])
+            x = np.stack([to_pixels(decode_image(frame.image), spec)])
             out = await infer.infer(ro.model, x, [frame.task or ""] if ro.task else None)
             return bool(float(out.scores[0]) > spec.threshold)
         except Exception as e:

@@ -86,7 +86,8 @@ class ControllerService:
         self.producer = Producer(s.kafka_bootstrap, settings=s)
         key = s.triton_control_key.get_secret_value() if s.triton_control_key else None
         self.ctl = RolloutController(triton_replicas(s), repository, self._publish_event,
-                                     policy or HealthPolicy.from_settings(s.rollout), control_key=key)
+                                     policy or HealthPolicy.from_settings(s.rollout), control_key=key,
+                                     serving=s.serving)
         self.ctl.on_serving.append(self._publish_serving)
         self.sampler = ShadowSampler(s, self.ctl, t.frames)
         self.follower = TopicFollower(s.kafka_bootstrap, t.state, self._on_state, settings=s)

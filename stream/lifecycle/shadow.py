@@ -18,7 +18,7 @@ import numpy as np
 
 from contracts.artifact import Artifact
 from contracts.image import decode_image
-from contracts.spec import parse_spec, to_tensor
+from contracts.spec import parse_spec, to_pixels
 from stream.inference.triton_client import TritonInfer
 from stream.lifecycle.policy import Decision, HealthPolicy, calibration_of, decide
 
@@ -62,7 +62,7 @@ async def run_shadow(ro, task: str | None, url: str, policy: HealthPolicy, on_re
             if items:
                 good = [not f for _, f in items]
                 try:
-                    x = np.stack([to_tensor(decode_image(b), spec) for b, _ in items])
+                    x = np.stack([to_pixels(decode_image(b), spec) for b, _ in items])
                     out = await infer.infer(ro.candidate, x, [task] * len(items) if task else None)
                     sc = out.scores.astype(np.float64)
                     s.frames += len(items)

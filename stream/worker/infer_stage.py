@@ -28,7 +28,7 @@ from contracts.envelope import EnvelopeError, headers_to_dict
 from contracts.image import decode_image
 from contracts.logs import get_logger
 from contracts.names import is_candidate
-from contracts.spec import to_tensor
+from contracts.spec import to_pixels
 from stream.inference.triton_client import PermanentInferError, TransientInferError
 from stream.worker.breaker import RetryBudget
 
@@ -172,7 +172,7 @@ class InferStage:
                 continue
             if r.model != p.route.model:  # another model (its own input contract): preprocess again
                 img = decode_image(p.frame.image, **self._image_limits)
-                p = replace(p, tensor=to_tensor(img, self.triton.spec_for(r.model)))
+                p = replace(p, tensor=to_pixels(img, self.triton.spec_for(r.model)))
             still.append(replace(p, route=r))
         return still, dead
 

@@ -29,7 +29,7 @@ import numpy as np
 from contracts.envelope import EnvelopeError, Frame, InspectionResult, decode_frame, dlq_record, peek_ids
 from contracts.image import decode_image, model_pixel_cap, plan_decode, read_header
 from contracts.logs import get_logger
-from contracts.spec import ModelSpec, to_tensor
+from contracts.spec import ModelSpec, to_pixels
 from stream.inference.heatmap import make_defect_event
 from stream.inference.routing import Route, Router, RoutingConfig
 from stream.inference.triton_client import InferOutput, TritonInfer
@@ -81,7 +81,7 @@ class Prepared:
     raw: RawRecord
     frame: Frame
     route: Route
-    tensor: np.ndarray  # (3, H, W) float32 per the model's spec
+    tensor: np.ndarray  # (C, H, W) uint8 pixels per the model's spec (normalised at send: contracts.spec.model_input)
     latency_ms: dict[str, float]  # queue, decode, preprocess
 
 
@@ -193,7 +193,7 @@ class Pipeline(InferStage):
         with self.budget.hold(cost):
             img = decode_image(data, plan=plan)
             t1 = time.perf_counter()
-            x = to_tensor(img, r.spec)
+            x = to_pixels(img, r.spec)
             del img
         t2 = time.perf_counter()
         queue_ms = max(0.0, now_ms - raw.kafka_ts_s * 1000) if raw.kafka_ts_s else 0.0

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
@@ -142,6 +143,49 @@ def _wait(pred, timeout_s: float) -> bool:
             return True
         time.sleep(0.2)
     return pred()
+
+
+def test_one_worker_client_round_robins_over_both_replicas(two_tritons):
+    """Deliver 4 of the GPU-serving issue: a worker's Triton target naming several replicas (k8s: the headless
+    Service ``dns:///linewatch-triton-pods...``; here ``ipv4:a,b``) spreads its requests over all of them
+    (gRPC round_robin), so one busy worker never pins one GPU while the other idles."""
+    from stream.inference.triton_client import TritonInfer
+    from tests.harness.probe_model import write_probe_model
+
+    stack, b = two_tritons
+    model = write_probe_model(stack.model_repository, "probe_rr")
+    urls = [stack.triton_grpc_url, b.grpc_url]
+    for u in urls:
+        c = grpcclient.InferenceServerClient(u)
+        c.load_model(model, headers=stack.control_headers)
+        assert _wait(lambda c=c: c.is_model_ready(model), 60)
+        c.close()
+
+    def counts() -> list[int]:
+        out = []
+        for u in urls:
+            c = grpcclient.InferenceServerClient(u)
+            st = c.get_inference_statistics(model, as_json=True)["model_stats"][0]
+            out.append(int(st.get("inference_count", 0)))  # protobuf JSON omits zeros
+            c.close()
+        return out
+
+    before = counts()
+    target = "ipv4:" + ",".join(urls)
+
+    async def go():
+        infer = TritonInfer(target, max_retries=0)
+        try:
+            pixels = np.full((2, 3, 64, 64), 128, np.uint8)  # uint8 pixels; the probe's spec is FP32
+            return [float((await infer.infer(model, pixels)).scores[0]) for _ in range(40)]
+        finally:
+            await infer.close()
+
+    scores = asyncio.run(go())
+    served = [a - b0 for a, b0 in zip(counts(), before, strict=True)]
+    print(f"\n80 images over {target}: per replica {served}")
+    assert sum(served) == 80 and min(served) >= 20, served
+    assert len(set(scores)) == 1  # the same model on both: the same score
 
 
 def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tritons, images, shared_data,

@@ -236,13 +236,30 @@ def test_triton_serving_contract(name):
     svc = by_kind(docs, "Service")["linewatch-triton"]
     cm = by_kind(docs, "ConfigMap")["linewatch-config"]["data"]
     grpc = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
-    assert cm["LINEWATCH_TRITON_GRPC_URL"] == f"linewatch-triton.linewatch.svc:{grpc}"
+    if name == "prod":  # every worker round-robins over every Triton pod (the headless Service)
+        pods = cenv["LINEWATCH_CONTROLLER_TRITON_SERVICE"]["value"]
+        assert cm["LINEWATCH_TRITON_GRPC_URL"] == f"dns:///{pods}" and pods.endswith(f":{grpc}")
+    else:
+        assert cm["LINEWATCH_TRITON_GRPC_URL"] == f"linewatch-triton.linewatch.svc:{grpc}"
 
 
 @needs_renderer
 def test_prod_triton_has_gpu_and_dev_does_not():
-    (c,) = by_kind(render("prod"), "Deployment")["linewatch-triton"]["spec"]["template"]["spec"]["containers"]
+    prod = render("prod")
+    spec = by_kind(prod, "Deployment")["linewatch-triton"]["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
     assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    # the GPU is used: the controller writes KIND_GPU groups + TensorRT EfficientAD, the pod self-checks CUDA
+    cm = by_kind(prod, "ConfigMap")["linewatch-config"]["data"]
+    serving = Settings(**{"serving": {"device": cm["LINEWATCH_SERVING__DEVICE"],
+                                      "efficientad_backend": cm["LINEWATCH_SERVING__EFFICIENTAD_BACKEND"]}}).serving
+    assert serving.device == "gpu" and serving.efficientad_backend == "onnxruntime"
+    (check,) = spec["initContainers"]
+    assert check["command"][:2] == ["linewatch-models", "selfcheck"] and "--device=gpu" in check["command"]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert cm["LINEWATCH_SERVING__TRT_CACHE_DIR"] in mounts  # a writable engine cache
+    (train,) = by_kind(render("train"), "Job")["linewatch-train-adapter"]["spec"]["template"]["spec"]["containers"]
+    assert {"name": "LINEWATCH_TRAIN_DEVICE", "value": "cuda"} in train["env"]
     assert by_kind(render("prod"), "Deployment")["linewatch-triton"]["spec"]["replicas"] >= 2
     (c,) = by_kind(render("dev"), "Deployment")["linewatch-triton"]["spec"]["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in c["resources"]["limits"]

@@ -157,12 +157,19 @@ def test_router_real_images_bottle_vs_elpv(shared_data):
     assert torch.all(db > 0) and torch.all(de > 0)
 
 
-class _FakeTensor:
+class _FakeTensor:  # the slice of triton_python_backend_utils.Tensor the serving code uses
     def __init__(self, name, arr):
         self.name, self.arr = name, arr
 
     def as_numpy(self):
         return self.arr
+
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self.arr))
+
+    @classmethod
+    def from_dlpack(cls, name, capsule):
+        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy())
 
 
 class _FakePB:
@@ -183,7 +190,7 @@ class _FakePB:
 
 
 def test_serving_execute_mixed_batch(tiny_pair, tmp_path):
-    from contracts.spec import parse_spec
+    from contracts.spec import normalise, parse_spec
     from models.moleflow.export import export_triton
     from models.moleflow.serving import MoLEFlowServing
 
@@ -198,21 +205,28 @@ def test_serving_execute_mixed_batch(tiny_pair, tmp_path):
     assert spec.tasks == ("a", "b") and spec.detector == "moleflow" and spec.input.height == 64
     assert set(spec.raw["artifacts"]) >= {"base.safetensors", "adapters/b/adapter.safetensors"}
 
+    assert spec.input.dtype == "UINT8"
     srv = MoLEFlowServing()
     srv.pb_utils = _FakePB
     srv.initialize({"model_repository": str(vdir.parent), "model_version": vdir.name})
+    rng = np.random.default_rng(0)
+    pa = rng.integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)  # uint8 pixels in, normalised in-graph
+    pb = rng.integers(200, 240, (1, 3, 64, 64), dtype=np.uint8)
     reqs = [
-        {"image": _FakeTensor("image", xa[:2].numpy())},  # no task -> routed
-        {"image": _FakeTensor("image", xb[:1].numpy()), "task": _FakeTensor("task", np.array([[b"b"]], dtype=object))},
-        {"image": _FakeTensor("image", xa[:1].numpy()), "task": _FakeTensor("task", np.array([[b"zzz"]], dtype=object))},
+        {"image": _FakeTensor("image", pa)},  # no task -> routed
+        {"image": _FakeTensor("image", pb), "task": _FakeTensor("task", np.array([[b"b"]], dtype=object))},
+        {"image": _FakeTensor("image", pa[:1]), "task": _FakeTensor("task", np.array([[b"zzz"]], dtype=object))},
     ]
     r = srv.execute(reqs)
     assert r[2].error is not None and "unknown task" in r[2].error.msg
-    assert [t[0].decode() for t in r[0].outputs["task"]] == ["a", "a"]
     assert r[1].outputs["task"][0, 0] == b"b"
-    eager = m.predict(xa[:2], calibrated=True)
+    eager = m.predict(torch.from_numpy(normalise(pa, spec)), calibrated=True)
+    assert [t[0].decode() for t in r[0].outputs["task"]] == eager["task"]
     np.testing.assert_allclose(r[0].outputs["score"][:, 0], eager["score"].numpy(), rtol=1e-5, atol=1e-5)
-    assert r[0].outputs["anomaly_map"].shape == (2, 1, 64, 64)
+    amap = r[0].outputs["anomaly_map"]  # FP16 at the flow grid (native resolution)
+    assert amap.shape == (2, 1, m.cfg.grid, m.cfg.grid) and amap.dtype == np.float16
+    mthr = np.array([m.thresholds[t]["map_threshold"] for t in eager["task"]])[:, None, None]
+    np.testing.assert_allclose(amap[:, 0].astype(np.float32), eager["patch_nll"].numpy() - mthr, rtol=2e-3, atol=2e-3)
     assert r[1].outputs["route_distance"].shape == (1, 1)
     # a second export is a new version carrying the same adapters
     v2 = export_triton(tmp_path / "store", tmp_path / "repo", "moleflow")
@@ -267,3 +281,46 @@ def test_regularisers_at_the_papers_strength():
     with torch.no_grad():
         m.wa_beta["a"].fill_(10.0)  # beta -> 2
     assert float(identity_loss(m, "a")) == pytest.approx(4.0, abs=1e-3)
+
+
+def test_to_meta_leaves_no_tensor_behind(tiny_pair):
+    """Everything the model computes with moves with .to(device): the router prototypes are buffers, the
+    merged LoRA weights too (a GPU server moves the loaded model once; a tensor left on the CPU would
+    make every request fail or copy)."""
+    import copy
+
+    m = copy.deepcopy(tiny_pair[0])
+    m.set_prototype("a", torch.randn(8, m.feat_channels))
+    m.merge_lora()
+    m.to("meta")
+    left = [k for k, v in [*m.named_parameters(), *m.named_buffers()] if v.device.type != "meta"]
+    stray = [f"{name}.{k}" for name, mod in m.named_modules() for k, v in vars(mod).items()
+             if k not in ("_parameters", "_buffers", "_modules") and _tensors_in(v)]
+    assert not left and not stray, (left, stray)
+    assert m.router["a"].prec.device.type == "meta"
+
+
+def _tensors_in(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.device.type != "meta"
+    if isinstance(v, dict):
+        return any(_tensors_in(x) for x in v.values())
+    if isinstance(v, list | tuple):
+        return any(_tensors_in(x) for x in v)
+    return False
+
+
+def test_merged_lora_is_the_same_function(tiny_pair):
+    """Serving folds W_base + (alpha/r) B_t A_t into one weight per task (MoLE-Flow paper, §3.4.1): same
+    outputs, routed and forced, within float32 rounding."""
+    import copy
+
+    m, xa, xb, _ = tiny_pair
+    merged = copy.deepcopy(m)
+    _perturb(merged, "a", 0.05)  # non-zero B so the merge is not a no-op
+    ref = copy.deepcopy(merged)
+    merged.merge_lora()
+    for tasks in (None, ["a"] * len(xa)):
+        want, got = ref.predict(xa, tasks), merged.predict(xa, tasks)
+        assert got["task"] == want["task"]
+        torch.testing.assert_close(got["patch_nll"], want["patch_nll"], rtol=1e-4, atol=1e-4)
