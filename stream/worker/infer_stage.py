@@ -76,11 +76,9 @@ class InferStage:
             groups: dict[str, list[Prepared]] = defaultdict(list)
             for p in pending:
                 groups[p.route.model].append(p)
-            for model, group in groups.items():
-                if not self.breaker.closed:  # Triton went down during this round: send nothing more
-                    retry += group
-                    continue
-                s, r, d = await self._infer_model(model, group, t_batch, budget)
+            # every model's share goes to Triton at once (separate model instances, GPUs or replicas run
+            # them in parallel); the results are collected in the batch's model order
+            for s, r, d in await asyncio.gather(*(self._infer_group(m, g, t_batch, budget) for m, g in groups.items())):
                 scored += s
                 retry += r
                 dead += d
@@ -100,6 +98,11 @@ class InferStage:
             pending, lost = self._reroute(retry, waited=time.monotonic() - t_first_fail)
             dead += lost
         return scored, dead
+
+    async def _infer_group(self, model: str, group: list[Prepared], t_batch: float, budget: RetryBudget):
+        if not self.breaker.closed:  # Triton went down during this round: send nothing more
+            return [], group, []
+        return await self._infer_model(model, group, t_batch, budget)
 
     async def _infer_model(self, model: str, group: list[Prepared], t_batch: float, budget: RetryBudget):
         """(scored, to retry, dead letters) of one model's share of the batch."""
