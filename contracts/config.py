@@ -225,6 +225,14 @@ class Settings(BaseSettings):
     # `linewatch demo`: training steps of the short-schedule model it trains when none exists
     demo_steps: int | None = Field(default=None, ge=1)
 
+    # console (issue 18: `linewatch console`; fields of this block owned by the console)
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8090, ge=1, le=65535)
+    console_token: SecretStr | None = None  # every action needs it; without it the console is read-only
+
+    # camera sources + onboarding (issue 18: `linewatch camera`, the capture service, `linewatch onboard`)
+    capture_dir: Path = REPO_ROOT / ".stack" / "captures"  # captured frames (the model store's datasets in k8s)
+
     drift: DriftSettings = DriftSettings()
     rollout: RolloutSettings = RolloutSettings()
     serving: ServingSettings = ServingSettings()
