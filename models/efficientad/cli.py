@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
 from contracts.cli import UsageError, positive_int
+from contracts.config import Settings
 
 DEFAULT_TEACHER_KIND = "lite0-features"
+DEVICES = typing.get_args(Settings.model_fields["train_device"].annotation)  # auto, cpu, cuda
 
 
 def _usage(msg: str) -> UsageError:
@@ -30,6 +33,19 @@ def _file(p: str | None, what: str) -> Path | None:
     return path
 
 
+def _device(args):
+    """``--device`` or else ``settings.train_device``; CUDA asked for but unusable: one line, exit 1."""
+    from models.precision import cli_train_device
+
+    return cli_train_device(args.device or args.settings.train_device)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="training device (default: settings train_device / LINEWATCH_TRAIN_DEVICE, 'auto': CUDA "
+                        "when torch sees it, with bf16 autocast there)")
+
+
 def cmd_train(args) -> int:
     from models.backbones import LITE0_WEIGHTS
     from models.data import data_root, list_images
@@ -50,12 +66,13 @@ def cmd_train(args) -> int:
     bad = list_images(_dir(args.anomalous_val_dir, "anomalous validation folder")) if args.anomalous_val_dir else None
     if args.penalty_dir:
         _dir(args.penalty_dir, "penalty image folder")
+    device = _device(args)
     cfg = TrainConfig(model_size=args.model_size, teacher_kind=kind,
                       backbone_weights=str(backbone) if backbone else None, steps=args.steps, lr=args.lr, seed=args.seed,
                       penalty_dir=args.penalty_dir, select_every=args.select_every,
                       max_train_images=args.max_train_images, max_train_seconds=args.max_seconds,
                       amp_bf16=args.amp_bf16, require_sha256=args.settings.require_sha256)
-    model, meta = train_efficientad(paths, cfg, teacher_weights=teacher, anomalous_val_paths=bad)
+    model, meta = train_efficientad(paths, cfg, teacher_weights=teacher, anomalous_val_paths=bad, device=device)
     save_checkpoint(model, args.out, meta)
     print(f"saved {args.out} threshold={meta['threshold']:.6g}")
     return 0
@@ -106,11 +123,12 @@ def cmd_distill(args) -> int:
 
     folder = _dir(args.image_dir, "image folder")
     weights = _file(args.backbone_weights, "backbone weights")
+    device = _device(args)
     cfg = DistillConfig(backbone=args.backbone, backbone_weights=str(weights) if weights else None,
                         out_indices=tuple(args.out_indices), model_size=args.model_size, steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, max_images=args.max_images, seed=args.seed,
                         max_seconds=args.max_seconds, amp_bf16=args.amp_bf16)
-    meta = distill_teacher(folder, args.out, cfg)
+    meta = distill_teacher(folder, args.out, cfg, device=device)
     state = "complete" if meta["complete"] else f"paused at step {meta['steps_done']} (rerun to resume)"
     print(f"saved {args.out} {state} held_out_loss={meta['held_out_loss']}")
     return 0
@@ -139,7 +157,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-train-images", type=positive_int)
     t.add_argument("--max-seconds", type=float, help="wall budget of the step loop (LR drop at 95%% of it); CPU schedules")
-    t.add_argument("--amp-bf16", action="store_true", help="bf16 autocast (only worth it on CPUs with native bf16)")
+    t.add_argument("--amp-bf16", action="store_true", help="bf16 autocast on the CPU (only worth it on CPUs with "
+                                                            "native bf16; always on with CUDA)")
+    _add_device(t)
     t.add_argument("--select-every", type=int, default=0,
                    help="every N steps score held-out good + CutPaste images and keep the best state")
     t.add_argument("--penalty-dir", help="image folder for the pretraining penalty (paper: ImageNet)")
@@ -174,6 +194,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-images", type=positive_int)
     d.add_argument("--max-seconds", type=float, help="wall budget of the step loop (CPU schedules)")
     d.add_argument("--amp-bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: only where the CPU has native bf16)")
+                   help="bf16 autocast on the CPU (default: only where the CPU has native bf16; always on with CUDA)")
+    _add_device(d)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_distill)

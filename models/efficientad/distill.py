@@ -18,6 +18,9 @@ weight decay 1e-5; 60,000 steps at batch 16. Here:
 * the target is standardised per channel with mean/std over un-augmented images (Alg. 3).
 * progress is checkpointed (model, optimiser, schedule, RNG, loss history) and a rerun with the
   same output path resumes from it.
+* ``device`` (models.precision.train_device): extractor, PDN and every batch on it; on CUDA the target
+  and PDN passes run under bf16 autocast. Images are decoded and augmented on the CPU (same RNG draws
+  on every device); checkpoint and teacher file are written from CPU tensors.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from models.backbones import backbone_normalization, create_backbone
 from models.data import list_images, load_image
 from models.efficientad.feature_teacher import FeatureTarget
 from models.efficientad.networks import TEACHER_CHANNELS, pdn
-from models.precision import native_bf16
+from models.precision import autocast_args, log_train_device, native_bf16, to_cpu
 
 log = get_logger(__name__)
 
@@ -85,22 +88,27 @@ def _load_uint8(path: Path) -> torch.Tensor:
 
 def _norm(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     x = x_uint8.float() / 255.0
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    dev = x.device
+    return (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
 
 
 def _checkpoint_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".ckpt")
 
 
-def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: DistillConfig | None = None) -> dict[str, Any]:
-    """Distil (or resume distilling) a PDN teacher; writes ``out_path`` (safetensors, fp16) with a
-    ``.sha256`` sidecar and a ``.json`` provenance file. Returns the provenance."""
+def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: DistillConfig | None = None,
+                    device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Distil (or resume distilling) a PDN teacher on ``device``; writes ``out_path`` (safetensors, fp16)
+    with a ``.sha256`` sidecar and a ``.json`` provenance file. Returns the provenance."""
     from safetensors.torch import save_file
 
     cfg = cfg or DistillConfig()
     out_path = Path(out_path)
     ckpt_path = _checkpoint_path(out_path)
-    bf16 = native_bf16() if cfg.amp_bf16 is None else cfg.amp_bf16
+    device = torch.device(device)
+    amp = autocast_args(device, native_bf16() if cfg.amp_bf16 is None else cfg.amp_bf16)
+    bf16 = amp["enabled"]
+    log_train_device(log, device, amp, job="distill_teacher")
     torch.manual_seed(cfg.seed)
     paths = list_images(image_folder, recursive=True)[: cfg.max_images or None]
     if len(paths) < 2:
@@ -111,13 +119,14 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
     hold_paths = [paths[i] for i in order[:n_hold]]
     fit_paths = [paths[i] for i in order[n_hold:]]
     mean, std = backbone_normalization(cfg.backbone)
-    target = FeatureTarget(create_backbone(cfg.backbone, cfg.backbone_weights, features_only=True, out_indices=cfg.out_indices))
+    target = FeatureTarget(create_backbone(cfg.backbone, cfg.backbone_weights, features_only=True,
+                                           out_indices=cfg.out_indices)).to(device)
     t0 = time.time()
     images = [_load_uint8(p) for p in fit_paths]
     resize512 = v2.Resize((512, 512), antialias=True)
     hold = torch.stack([resize512(_load_uint8(p)) for p in hold_paths]) if hold_paths else None
 
-    teacher = pdn(cfg.model_size, TEACHER_CHANNELS, padding=False)
+    teacher = pdn(cfg.model_size, TEACHER_CHANNELS, padding=False).to(device)
     opt = torch.optim.Adam(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr * 0.01)
     state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0}
@@ -130,14 +139,14 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
             log.info("distill_schedule_changed", old_steps=sched.T_max, steps=cfg.steps)
             sched.T_max = cfg.steps
         state = ck["state"]
-        t_mean, t_std = ck["t_mean"], ck["t_std"]
+        t_mean, t_std = ck["t_mean"].to(device), ck["t_std"].to(device)
         torch.set_rng_state(ck["rng"])
         log.info("distill_resumed", step=state["step"], steps=cfg.steps, checkpoint=str(ckpt_path))
     else:
         stats = []
         for i in range(0, min(cfg.stats_images, len(images)), 8):
             batch = torch.stack([resize512(im) for im in images[i : i + 8]])
-            stats.append(target(_norm(batch, mean, std)))
+            stats.append(target(_norm(batch.to(device), mean, std)))
         y = torch.cat(stats)
         t_mean = y.mean(dim=(0, 2, 3), keepdim=True)
         t_std = y.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -145,8 +154,9 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
 
     def save_ckpt() -> None:
         tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save({"teacher": teacher.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
-                    "t_mean": t_mean, "t_std": t_std, "rng": torch.get_rng_state(), "config": asdict(cfg)}, tmp)
+        torch.save({"teacher": to_cpu(teacher.state_dict()), "opt": to_cpu(opt.state_dict()), "sched": sched.state_dict(),
+                    "state": state, "t_mean": t_mean.cpu(), "t_std": t_std.cpu(), "rng": torch.get_rng_state(),
+                    "config": asdict(cfg)}, tmp)
         tmp.replace(ckpt_path)
 
     @torch.no_grad()
@@ -156,7 +166,7 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
         teacher.eval()
         losses = []
         for i in range(0, len(hold), 8):
-            x512 = _norm(hold[i : i + 8], mean, std)
+            x512 = _norm(hold[i : i + 8].to(device), mean, std)
             y = (target(x512) - t_mean) / t_std
             x256 = F.interpolate(x512, size=(256, 256), mode="bilinear", antialias=True, align_corners=False)
             losses.append(float(F.mse_loss(teacher(x256), y)) * len(x512))
@@ -173,11 +183,11 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
             log.warning("distill_budget_reached", step=state["step"], steps=cfg.steps)
             break
         idx = torch.randint(len(images), (bs,)).tolist()
-        x512 = _norm(torch.stack([aug(images[i]) for i in idx]), mean, std)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x512 = _norm(torch.stack([aug(images[i]) for i in idx]).to(device), mean, std)
+        with torch.autocast(**amp):
             y = (target(x512).float() - t_mean) / t_std
         x256 = F.interpolate(x512, size=(256, 256), mode="bilinear", antialias=True, align_corners=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(**amp):
             out = teacher(x256).float()
         loss = F.mse_loss(out, y)
         opt.zero_grad(set_to_none=True)
@@ -210,6 +220,7 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
         "steps_done": state["step"],
         "complete": state["step"] >= cfg.steps,
         "amp_bf16": bf16,
+        "device": str(device),
         "n_fit_images": len(fit_paths),
         "n_held_out": len(hold_paths),
         "image_folder": str(image_folder),
@@ -219,7 +230,7 @@ def distill_teacher(image_folder: str | Path, out_path: str | Path, cfg: Distill
         "setup_seconds_this_run": round(run_start - t0, 1),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in teacher.state_dict().items()}
+    sd = {k: v.detach().cpu().to(torch.float16).contiguous() for k, v in teacher.state_dict().items()}
     save_file(sd, str(out_path), metadata={"format": TEACHER_FORMAT, "meta": json.dumps(meta)})
     write_sha256_sidecar(out_path)
     meta["sha256"] = sha256_file(out_path)

@@ -14,6 +14,10 @@ images (§3.4), and the decision threshold from the held-out good images.
 Early stopping (optional, ``select_every``): every N steps the model is scored on the held-out good
 images and their CutPaste copies (:mod:`models.synthetic`); the best state by that AUROC is kept.
 Test labels are never used.
+Device (``device``, models.precision.train_device): the model, the cached teacher outputs and every batch
+live on it; on CUDA the step loop's teacher/student/AE passes run under bf16 autocast (no GradScaler:
+bf16 keeps fp32's range), map quantiles and thresholds stay fp32. Images are decoded and augmented on
+the CPU with the same RNG draws on every device; the returned model is on the CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from models.efficientad.model import (
     load_feature_teacher_weights,
     load_teacher_weights,
 )
+from models.precision import autocast_args, log_train_device, model_device
 from models.synthetic import cut_paste
 
 log = get_logger(__name__)
@@ -107,10 +112,12 @@ def ae_augment(img: np.ndarray, rng: random.Random) -> np.ndarray:
 
 @torch.no_grad()
 def _teacher_outputs(model: EfficientAD, images: torch.Tensor, desc: str, batch: int = 4, amp_bf16: bool = False) -> torch.Tensor:
+    """Raw teacher outputs on the model's device (bf16 autocast there on CUDA, on the CPU when ``amp_bf16``)."""
+    dev = model_device(model)
     outs = []
     for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp_bf16):
-            outs.append(model.teacher(images[i : i + batch]).float())
+        with torch.autocast(**autocast_args(dev, amp_bf16)):
+            outs.append(model.teacher(images[i : i + batch].to(dev)).float())
     return torch.cat(outs)
 
 
@@ -125,12 +132,14 @@ def compute_teacher_normalization(model: EfficientAD, raw: torch.Tensor) -> None
 
 @torch.no_grad()
 def compute_map_quantiles(model: EfficientAD, images: torch.Tensor, q_a: float, q_b: float, batch: int = 4):
+    """§3.4 map quantiles over ``images`` (any device: batches run on the model's; quantiles on the CPU)."""
     model.eval()
+    dev = model_device(model)
     sts, aes = [], []
     for i in range(0, len(images), batch):
-        m_st, m_ae = model.raw_maps(images[i : i + batch])
-        sts.append(m_st.flatten())
-        aes.append(m_ae.flatten())
+        m_st, m_ae = model.raw_maps(images[i : i + batch].to(dev))
+        sts.append(m_st.flatten().cpu())
+        aes.append(m_ae.flatten().cpu())
     st, ae = torch.cat(sts), torch.cat(aes)
     qs = torch.tensor([q_a, q_b])
     st_q, ae_q = torch.quantile(st, qs), torch.quantile(ae, qs)
@@ -143,12 +152,14 @@ def compute_map_quantiles(model: EfficientAD, images: torch.Tensor, q_a: float, 
 
 @torch.no_grad()
 def predict(model: EfficientAD, images: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps, scores) on the CPU; batches run on the model's device."""
     model.eval()
+    dev = model_device(model)
     maps, scores = [], []
     for i in range(0, len(images), batch):
-        m, s = model(images[i : i + batch])
-        maps.append(m)
-        scores.append(s)
+        m, s = model(images[i : i + batch].to(dev))
+        maps.append(m.cpu())
+        scores.append(s.cpu())
     return torch.cat(maps), torch.cat(scores)
 
 
@@ -179,6 +190,7 @@ def train_efficientad(
     anomalous_val_paths: list[Path] | None = None,
     callback: Callable[[int, EfficientAD], None] | None = None,
     callback_every: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[EfficientAD, dict[str, Any]]:
     """Train student + AE on good images; returns the model (eval mode) and metadata.
 
@@ -187,9 +199,13 @@ def train_efficientad(
     ``cfg.teacher_kind == "lite0-features"`` the teacher is the frozen Lite0 target filled from
     ``cfg.backbone_weights`` and ``teacher_weights`` is ignored.
     ``callback(steps_done, model)`` runs every ``callback_every`` steps; it gets the model in train
-    mode and must restore that mode itself if it evaluates.
+    mode (on ``device``) and must restore that mode itself if it evaluates.
+    ``device``: where training runs (models.precision.train_device); the returned model is on the CPU.
     """
     t0 = time.time()
+    device = torch.device(device)
+    autocast = autocast_args(device, cfg.amp_bf16)
+    log_train_device(log, device, autocast, job="efficientad_train")
     seed_everything(cfg.seed)
     if len(train_paths) < 2:
         raise ValueError("need at least 2 good training images")
@@ -209,11 +225,12 @@ def train_efficientad(
         log.warning("efficientad_random_teacher", note="no teacher weights given: teacher is random (tests only)")
     for p in model.teacher.parameters():
         p.requires_grad_(False)
+    model.to(device)
     mean, std = model.input_mean, model.input_std
     model.train()
     rng = random.Random(cfg.seed)
     raw_imgs = [load_image(p, cfg.image_size) for p in tqdm(fit_paths, desc="load train", leave=False)]
-    clean = torch.stack([normalize(im, mean, std) for im in raw_imgs])
+    clean = torch.stack([normalize(im, mean, std) for im in raw_imgs]).to(device)
     # the frozen teacher on the clean images: raw outputs -> per-channel stats -> normalised cache
     t_clean = _teacher_outputs(model, clean, "teacher(clean)", amp_bf16=cfg.amp_bf16)
     compute_teacher_normalization(model, t_clean)
@@ -233,7 +250,6 @@ def train_efficientad(
     t_loop = time.time()
     lr_dropped = False
     steps_done = 0
-    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.amp_bf16)
     for step in bar:
         if cfg.max_train_seconds is not None:
             elapsed = time.time() - t_loop
@@ -246,7 +262,7 @@ def train_efficientad(
                 lr_dropped = True
         i = rng.randrange(len(clean))
         x_st = clean[i : i + 1]
-        x_ae = normalize(ae_augment(raw_imgs[i], rng), mean, std)[None]  # fresh augmentation every step
+        x_ae = normalize(ae_augment(raw_imgs[i], rng), mean, std)[None].to(device)  # fresh augmentation every step
         t_st = t_clean[i : i + 1]
         with torch.no_grad(), torch.autocast(**autocast):
             t_ae = (model.teacher(x_ae).float() - model.teacher_mean) / model.teacher_std
@@ -254,9 +270,9 @@ def train_efficientad(
             s_both = model.student(torch.cat([x_st, x_ae])).float()  # one batched student pass for I and I'
         loss_hard = hard_feature_loss(t_st, s_both[:1, :c], cfg.hard_q)
         loss = loss_hard
-        loss_pen = torch.zeros(())
+        loss_pen = torch.zeros((), device=device)
         if penalty is not None:
-            p = penalty[rng.randrange(len(penalty))]["image"]
+            p = penalty[rng.randrange(len(penalty))]["image"].to(device)
             off = (p.shape[-1] - cfg.image_size) // 2  # Resize(512) + CenterCrop(256) as the paper
             p = p[:, off : off + cfg.image_size, off : off + cfg.image_size]
             if rng.random() < 0.3:  # RandomGrayscale(0.3)
@@ -311,8 +327,11 @@ def train_efficientad(
         y = [0] * len(scores) + [1] * len(bad_scores)
         _, threshold = f1_max(y, torch.cat([scores, bad_scores]).numpy())
         threshold_source = "f1_max_val"
+    model.cpu()
     meta = {
         "config": asdict(cfg),
+        "device": str(device),
+        "amp": "bf16" if autocast["enabled"] else "fp32",  # the step loop's passes (cfg.amp_bf16: the CPU's choice)
         "steps_done": steps_done,
         "selected_step": selected_step,
         "selection": selection,

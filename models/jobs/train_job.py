@@ -2,7 +2,7 @@
 
     python -m models.jobs.train_job --detector moleflow --product cells --train-dir DIR \\
         --store /models/store --base-store /models/moleflow-store [--val-good DIR --val-bad DIR] \\
-        [--bootstrap kafka:9092] [--no-publish] [-- extra args for the detector's train verb]
+        [--bootstrap kafka:9092] [--no-publish] [--device auto|cpu|cuda] [-- extra args for the detector's train verb]
 
 Steps: split the good images (held-out part: calibration + probe images), train and export through the
 detector registry (models/registry.py: ``--detector`` is any registered detector; a multi-task detector
@@ -12,7 +12,9 @@ layout, ``<store>/<model>/<version>``), score the held-out good images with the 
 as Triton serves it (calibration scores the rollout health check and drift monitor compare against), evaluate on labelled validation images if given (image AUROC;
 ``--min-auroc`` gates the release), copy probe images into the artifact, rewrite metadata.json with
 every artifact's sha256, and publish ``released`` by running ``linewatch release`` (a subprocess:
-``models`` never imports faust). Exit codes (contracts/cli.py): 0 released (or written with --no-publish),
+``models`` never imports faust). The detector trains on ``Settings.train_device`` (LINEWATCH_TRAIN_DEVICE,
+set to cuda by the GPU training Job; ``--device`` overrides it): "cuda" without a usable GPU fails in
+one line (exit 1) before any training. Exit codes (contracts/cli.py): 0 released (or written with --no-publish),
 2 usage / data errors, 1 runtime failures (the release command failed), 3 evaluation gate failed
 (artifact written, not released).
 """
@@ -25,6 +27,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +78,9 @@ def score_images(scorer: Scorer, spec: ModelSpec, task: str | None, paths: list[
 
 def run_job(a, settings: Settings) -> int:
     from models.registry import get
+
+    if getattr(a, "device", None):
+        settings = settings.model_copy(update={"train_device": a.device})
 
     det = get(a.detector)
     store = Path(a.store.removeprefix("file://"))
@@ -175,6 +181,8 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--bootstrap", help="Kafka bootstrap (default: settings / running stack)")
     ap.add_argument("--topic", help="model-events topic")
     ap.add_argument("--no-publish", action="store_true")
+    ap.add_argument("--device", choices=typing.get_args(Settings.model_fields["train_device"].annotation), default=None,
+                    help="training device (default: settings train_device / LINEWATCH_TRAIN_DEVICE)")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: args for the detector's train verb")
     ap.set_defaults(func=_cmd)
     return ap

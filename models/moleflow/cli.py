@@ -11,9 +11,13 @@ export      write a new Triton version of the model from the store (see models/m
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
 from contracts.cli import UsageError, positive_int
+from contracts.config import Settings
+
+DEVICES = typing.get_args(Settings.model_fields["train_device"].annotation)  # auto, cpu, cuda
 
 
 def _usage(msg: str) -> UsageError:
@@ -61,6 +65,7 @@ def cmd_train_task(args) -> int:
     from models.moleflow.model import MoLEFlow, MoLEFlowConfig, check_task_name
     from models.moleflow.store import BASE_META, load_model, save_adapter, save_base_if_needed
     from models.moleflow.train import TrainConfig, train_task
+    from models.precision import cli_train_device
 
     try:
         check_task_name(args.task)
@@ -72,12 +77,14 @@ def cmd_train_task(args) -> int:
     if len(paths) < 2:
         raise _usage(f"need at least 2 good images for task {args.task}, found {len(paths)}")
     quick = args.quick
+    model = None
     if (out / BASE_META).is_file():
         model = load_model(out)
         if args.task in model.tasks:  # idempotent re-runs (demo): an existing task is kept, never retrained
             print(f"task {args.task}: already in {out} (kept; tasks are immutable, use a new name to retrain)")
             return 0
-    else:
+    device = cli_train_device(args.device or args.settings.train_device)  # unusable CUDA: one line, exit 1
+    if model is None:
         cfg = MoLEFlowConfig(backbone=args.backbone, dim=args.dim, grid=args.grid or (14 if quick else 28),
                              subnet_hidden=args.hidden or (128 if quick else 256),
                              lora_rank=args.rank or (32 if quick else 64), seed=args.seed)
@@ -91,7 +98,7 @@ def cmd_train_task(args) -> int:
         cal = task_images(args.calibration_dir, args.task)
         if not cal:
             raise _usage(f"no images in --calibration-dir {args.calibration_dir}")
-    meta = train_task(model, args.task, paths, tcfg, calibration_images=cal)
+    meta = train_task(model, args.task, paths, tcfg, calibration_images=cal, device=device)
     out.mkdir(parents=True, exist_ok=True)
     sha = save_base_if_needed(model, out)
     save_adapter(model, args.task, out, sha, extra={"route_distance_q99": meta["route_distance_q99"],
@@ -227,6 +234,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quick", action="store_true", help="short CPU schedule: grid 14, hidden 128, r=32, 10 epochs, <=120 images")
     t.add_argument("--threads", type=positive_int, default=1, help="torch threads (1: no OpenMP stalls on shared cores)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", choices=DEVICES, default=None,
+                   help="training device (default: settings train_device / LINEWATCH_TRAIN_DEVICE, 'auto': CUDA "
+                        "when torch sees it; the flow trains in FP32 everywhere)")
     t.set_defaults(func=_one_line(cmd_train_task))
 
     e = verbs.add_parser("evaluate", help="per-task metrics, accuracy matrix, forgetting, routing")

@@ -11,6 +11,12 @@ Loss in the MoLE-Flow paper's units (eq. 22, per-patch NLL in nats):
       + lambda_id * (mean((gamma_t - 1)^2) + mean(beta_t^2))          identity regulariser, t >= 1 (0.1)
 and the whole sum is divided by D once, so the optimiser sees per-dimension magnitudes while every
 term keeps the paper's relative strength.
+
+Device (``train_task(..., device=)``, models.precision.train_device): backbone, flow, features and every
+batch on it; the model ends on the CPU (the store saves CPU tensors). Unlike EfficientAD, MoLE-Flow
+trains in FP32 on every device (no autocast): the flow's exp/log-det are precision-critical (serving
+keeps the flow FP32 too), and the frozen backbone runs once per image, so bf16 there would save little
+and fit the flow to other features than the FP32 serving backbone computes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tqdm.auto import tqdm
 
 from contracts.logs import get_logger
 from models.moleflow.model import MoLEFlow, count_parameters
+from models.precision import log_train_device, model_device
 
 log = get_logger(__name__)
 
@@ -71,14 +78,15 @@ def load_images(paths: Sequence[str | Path], size: int, mean=None, std=None) -> 
 
 @torch.no_grad()
 def extract_features(model: MoLEFlow, images, batch_size: int = 16, progress: bool = True, desc: str = "features"):
-    """Backbone features for a tensor [N,3,S,S] or a list of paths (loaded in chunks)."""
+    """Backbone features for a tensor [N,3,S,S] or a list of paths (loaded in chunks), on the model's device."""
+    dev = model_device(model)
     n = len(images)
     patches, globs = [], []
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = images[s:s + batch_size]
         x = chunk if isinstance(chunk, torch.Tensor) else load_images(chunk, model.cfg.image_size,
                                                                        *model.cfg.input_normalization())
-        p, g = model.extract(x)
+        p, g = model.extract(x.to(dev))
         patches.append(p)
         globs.append(g)
     return torch.cat(patches), torch.cat(globs)
@@ -112,14 +120,18 @@ def patch_nll_batched(model: MoLEFlow, patch: torch.Tensor, task: str, batch_siz
 
 
 def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = None, features=None,
-               calibration_images=None) -> dict:
+               calibration_images=None, device: torch.device | str | None = None) -> dict:
     """Add ``task`` and train it on good ``images`` (paths or [N,3,S,S] tensor). Returns metadata.
 
     ``features``: precomputed (patch, image) backbone features (skips extraction).
     ``calibration_images``: held-out good images (e.g. a training job's split) that set the task's
-    thresholds; then every training image trains and none is split off for validation."""
+    thresholds; then every training image trains and none is split off for validation.
+    ``device``: where training runs (None: where the model is); the model ends on the CPU."""
     cfg = cfg or TrainConfig()
     t0 = time.perf_counter()
+    device = model_device(model) if device is None else torch.device(device)
+    model.to(device)
+    log_train_device(log, device, {"enabled": False}, job="moleflow_train_task", task=task)  # FP32
     if features is None:
         if cfg.max_images is not None:
             images = images[: cfg.max_images]
@@ -127,7 +139,7 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
             raise ValueError(f"task {task!r}: need at least 2 good images, got {len(images)}")
         patch, image = extract_features(model, images, progress=cfg.progress, desc=f"{task}: features")
     else:
-        patch, image = features
+        patch, image = features[0].to(device), features[1].to(device)
     t_feat = time.perf_counter() - t0
     n = len(patch)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -138,6 +150,7 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
     first = not model.tasks
     model.add_task(task)
     model.set_prototype(task, image)  # router: all good images of the task
+    model.to(device)  # the new task's adapter and prototype are created on the CPU
     for p in model.parameters():
         p.requires_grad_(False)
     params = model.task_parameters(task) + (model.base_parameters() if first else [])
@@ -159,7 +172,7 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
         tot, cnt = 0.0, 0
         for s in range(0, len(perm), cfg.batch_size):
             idx = perm[s:s + cfg.batch_size]
-            nll, ld = model.patch_nll(patch[idx], task)
+            nll, ld = model.patch_nll(patch[idx.to(device)], task)
             loss = tail_aware_loss(nll, ld, cfg)
             if not first and cfg.identity_reg:
                 loss = loss + cfg.identity_reg * identity_loss(model, task)
@@ -200,16 +213,17 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
         cal_patch, _ = extract_features(model, calibration_images, progress=cfg.progress, desc=f"{task}: calibration")
         source = "calibration"
     else:
-        cal_patch, source = patch[val_idx if n_val > 0 else tr_idx], ("val" if n_val else "train")
+        cal_patch, source = patch[(val_idx if n_val > 0 else tr_idx).to(device)], ("val" if n_val else "train")
     nll = patch_nll_batched(model, cal_patch, task)
-    scores = model.image_score(nll).numpy()
+    scores = model.image_score(nll).cpu().numpy()
     thr = float(np.quantile(scores, cfg.threshold_quantile))
-    up = model.upsample(nll).numpy()
+    up = model.upsample(nll).cpu().numpy()
     mthr = float(np.quantile(up, cfg.map_threshold_quantile))
     model.thresholds[task] = {"threshold": thr, "map_threshold": mthr,
                               "score_stats": {"mean": float(scores.mean()), "std": float(scores.std()),
                                               "n": int(len(scores)), "source": source}}
-    rd = model.route_distances(image, [task])[:, 0].numpy()
+    rd = model.route_distances(image, [task])[:, 0].cpu().numpy()
+    model.cpu()
     meta = {
         "task": task, "index": model.tasks.index(task), "first_task": first, "base_task": t0_task,
         "n_images": n, "n_train": int(len(tr_idx)), "n_val": int(n_val), "epochs": epoch,
@@ -218,7 +232,7 @@ def train_task(model: MoLEFlow, task: str, images, cfg: TrainConfig | None = Non
         "adapter_parameters": count_parameters(model.task_parameters(task)),
         "route_distance_q99": float(np.quantile(rd, 0.99)),
         "feature_seconds": round(t_feat, 2), "train_seconds": round(time.perf_counter() - t0 - t_feat, 2),
-        "train_config": asdict(cfg),
+        "train_config": asdict(cfg), "device": str(device),
         **model.thresholds[task],
     }
     log.info("moleflow_task_trained", task=task, epochs=epoch, n=n, loss=meta["final_loss"],

@@ -38,7 +38,7 @@ def encode_heatmap(amap: np.ndarray, *, size: int = 64, scale: float | None = No
     a = np.asarray(amap, dtype=np.float32).squeeze()
     a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
     h, w = a.shape
-    f = size / max(h, w)  # models send their native map (e.g. EfficientAD's 56x56 grid): fit it to ``size``
+    f = size / max(h, w)  # models send their native map (e.g. EfficientAD's 64x64 grid): fit it to ``size``
     if f != 1:
         a = cv2.resize(a, (max(1, round(w * f)), max(1, round(h * f))),
                        interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)

@@ -201,15 +201,17 @@ def test_export_equals_eager_and_layout(tmp_path):
     assert vdir == tmp_path / "efficientad_bottle" / "5"
     traced = torch.jit.load(str(vdir / "model.pt"))
     for b in (1, 3):  # traced with batch 2: the batch dimension stays dynamic
-        x = torch.randn(b, 3, 256, 256)
+        x = torch.randint(0, 256, (b, 3, 256, 256), dtype=torch.uint8)  # UINT8 pixels, normalised in-graph
         with torch.no_grad():
-            a1, s1 = m(x)
+            _, s1 = m((x.float() / 255 - 0.5) / 0.5)
             a2, s2 = traced(x)
-        assert torch.equal(a1, a2) and torch.equal(s1, s2)
+        assert a2.shape == (b, 1, 64, 64) and a2.dtype == torch.float16 and s2.shape == (b, 1)
+        torch.testing.assert_close(s2[:, 0], s1, atol=1e-5, rtol=1e-5)
     meta = json.loads((vdir / "metadata.json").read_text())
     assert meta["artifacts"]["model.pt"] == sha256_file(vdir / "model.pt")
+    assert meta["artifacts"]["model.onnx"] == sha256_file(vdir / "model.onnx")
     assert meta["model"] == "efficientad_bottle" and meta["threshold"] == 0.25 and meta["input"]["height"] == 256
-    assert meta["version"] == 5
+    assert meta["version"] == 5 and meta["input"]["dtype"] == "UINT8"
     cfg = (tmp_path / "efficientad_bottle" / "config.pbtxt").read_text()
     spec = json.loads(json.loads(re.search(r'string_value: (".*") }', cfg).group(1)))
     assert spec == meta
@@ -218,16 +220,21 @@ def test_export_equals_eager_and_layout(tmp_path):
 
     assert parse_spec(spec).input.width == 256
     assert (vdir / "model.py").read_text() == MODEL_PY
-    # serving: sha verified, batched execute over two requests
+    # serving: sha verified, batched execute over two requests (DLPack in and out)
     srv = EfficientADServing()
     srv.pb_utils = _FakePb
     srv.initialize({"model_repository": str(vdir.parent), "model_version": "5"})
-    reqs = [_FakeReq(np.random.default_rng(i).standard_normal((n, 3, 256, 256)).astype(np.float32)) for i, n in ((0, 1), (1, 2))]
+    assert srv.device == torch.device("cpu")
+    reqs = [_FakeReq(np.random.default_rng(i).integers(0, 256, (n, 3, 256, 256), dtype=np.uint8)) for i, n in ((0, 1), (1, 2))]
     resps = srv.execute(reqs)
     with torch.no_grad():
-        a, s = m(torch.from_numpy(reqs[1].x))
-    assert resps[1].out["anomaly_map"].shape == (2, 1, 256, 256) and resps[1].out["score"].shape == (2, 1)
-    np.testing.assert_allclose(resps[1].out["score"][:, 0], s.numpy(), atol=1e-6)
+        a, s = traced(torch.from_numpy(reqs[1].x))
+    assert resps[1].out["anomaly_map"].shape == (2, 1, 64, 64) and resps[1].out["score"].shape == (2, 1)
+    assert resps[1].out["anomaly_map"].dtype == np.float16
+    np.testing.assert_allclose(resps[1].out["score"], s.numpy(), atol=1e-6)
+    with pytest.raises(RuntimeError, match="no CUDA|GPU"):  # a GPU instance where torch sees no CUDA: one line
+        EfficientADServing().initialize({"model_repository": str(vdir.parent), "model_version": "5",
+                                         "model_instance_kind": "GPU", "model_instance_device_id": "0"})
     (vdir / "model.pt").write_bytes(b"tampered")
     with pytest.raises(RuntimeError, match="sha256"):
         EfficientADServing().initialize({"model_repository": str(vdir.parent), "model_version": "5"})
@@ -248,6 +255,13 @@ class _FakeTensor:
 
     def as_numpy(self):
         return self.arr
+
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self.arr))
+
+    @classmethod
+    def from_dlpack(cls, name, capsule):
+        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy())
 
 
 class _FakeResp:

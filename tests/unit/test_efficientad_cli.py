@@ -88,10 +88,12 @@ def test_lite0_features_teacher_train_checkpoint_export(shared_data, tmp_path):
         assert torch.equal(model.teacher(x), lite0_feature_teacher(shared_data / LITE0_WEIGHTS)(x))
         a1, s1 = model(x)
     vdir = export_triton(model, tmp_path / "repo", "bottle", threshold=meta["threshold"])
-    with torch.no_grad():
-        a2, s2 = torch.jit.load(str(vdir / "model.pt"))(x)
-    torch.testing.assert_close(a2, a1, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(s2, s1, atol=1e-4, rtol=1e-4)
+    px = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # model.pt takes UINT8 pixels (normalised in-graph), returns the native map
+        _, s1 = model((px.float() / 255 - 0.5) / 0.5)
+        a2, s2 = torch.jit.load(str(vdir / "model.pt"))(px)
+    assert a2.shape == (2, 1, 64, 64) and a1.shape == (2, 1, 256, 256)
+    torch.testing.assert_close(s2[:, 0], s1, atol=1e-4, rtol=1e-4)
     assert json.loads((vdir / "metadata.json").read_text())["input"]["mean"] == [0.5, 0.5, 0.5]
 
 
