@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	@# kustomize renderer for the offline manifest tests (kubectl's built-in kustomize is enough)
 	@command -v kubectl >/dev/null || command -v kustomize >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client; }
+	@# headless browser for the console's browser test (Selenium drives Debian's chromium + chromedriver)
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	@# promtool: checks and unit-tests k8s/monitoring's alert rules (tests/unit/test_console.py)
+	@command -v promtool >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	@touch $(STAMP)
 
 venv: $(STAMP)

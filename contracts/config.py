@@ -229,9 +229,31 @@ class Settings(BaseSettings):
     console_host: str = "127.0.0.1"
     console_port: int = Field(default=8090, ge=1, le=65535)
     console_token: SecretStr | None = None  # every action needs it; without it the console is read-only
+    # operator verdicts on defect events (confirm / false alarm), written by the console (stream/ops/console)
+    topic_feedback: str = "inspection-feedback"
+    console_replay: int = Field(default=200, ge=0, le=100_000)  # records per partition replayed at start
+    console_max_defects: int = Field(default=500, ge=1, le=100_000)  # defect events kept (ring buffer)
+    console_frame_buffer_mb: int = Field(default=32, ge=0, le=4096)  # recent frames kept for thumbnails; 0 = none
 
     # camera sources + onboarding (issue 18: `linewatch camera`, the capture service, `linewatch onboard`)
     capture_dir: Path = REPO_ROOT / ".stack" / "captures"  # captured frames (the model store's datasets in k8s)
+    # `linewatch camera`: producer sends awaiting their ack at most (a full window drops the frame, never queues)
+    camera_max_inflight: int = Field(default=8, ge=1, le=1024)
+    camera_reconnect_backoff_s: float = Field(default=0.5, gt=0)  # a stream source's read failure: capped backoff
+    camera_reconnect_backoff_max_s: float = Field(default=30.0, gt=0)
+    # capture progress + onboarding steps (JSON, stream/lifecycle/onboarding.py), and the console's capture_select
+    topic_onboarding: str = "onboarding-events"
+    capture_group: str = "linewatch-capture"  # consumer group of the capture service (`linewatch capture`)
+    capture_policy: Literal["every_n", "select"] = "every_n"  # select: only operator-selected frame ids
+    capture_every_n: int = Field(default=1, ge=1)  # every_n: one of every n candidate frames per product
+    capture_max_per_product: int = Field(default=500, ge=1)  # stop capturing a product at this many images
+    capture_arm_s: float = Field(default=600.0, gt=0)  # retrain_requested: capture that product's live frames this long
+    capture_buffer: int = Field(default=256, ge=0, le=100_000)  # recent candidates kept for a later selection
+    # `linewatch onboard`: where the training job exports (k8s: /models/store) and the multi-task training
+    # stores live (<dir>/<detector>: frozen base + adapters; k8s: /models/training)
+    onboard_model_store: Path = REPO_ROOT / ".stack" / "store"
+    onboard_training_store: Path = REPO_ROOT / ".stack" / "training"
+    onboard_min_images: int = Field(default=20, ge=4)  # the training job needs >= 4 (it holds some out)
 
     drift: DriftSettings = DriftSettings()
     rollout: RolloutSettings = RolloutSettings()

@@ -183,6 +183,25 @@ def write_grid(path: Path, events, by_id, *, tile: int = 192, cols: int = 6, max
     return path
 
 
+def start_console(boot: str, workdir: Path, settings: Settings):
+    """`linewatch console` as a child for the demo's duration, on ``console_port`` (or a free port when that one
+    is taken). Returns (process, url); nothing is opened: the URL is printed."""
+    import socket
+
+    from devstack.processes import ChildProcess, free_port
+
+    port = settings.console_port
+    with socket.socket() as sock:
+        try:
+            sock.bind((settings.console_host, port))
+        except OSError:
+            port = free_port(settings.console_host)
+    proc = ChildProcess([sys.executable, "-m", "stream.ops.cli", "console", "--bootstrap", boot, "--host",
+                         settings.console_host, "--port", str(port)], workdir / "console.log").start()
+    host = "127.0.0.1" if settings.console_host in ("0.0.0.0", "") else settings.console_host
+    return proc, f"http://{host}:{port}/"
+
+
 def load_model(grpc_url: str, name: str, timeout_s: float = 180.0, *, control_key: str | None = None) -> None:
     """Explicit-mode load, sending Triton's model-control key (contracts/triton_control.py)."""
     import tritonclient.grpc as grpcclient
@@ -230,7 +249,7 @@ def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_rep
     print(f"model: {model}; starting embedded stack...", flush=True)
     own_stack = not (bootstrap and triton_grpc_url)
     stack = LocalStack(workdir / "stack", repo) if own_stack else None
-    worker = None
+    worker = console = None
     try:
         if stack is not None:
             stack.start()
@@ -240,6 +259,9 @@ def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_rep
         load_model(grpc_url, model, control_key=key)
         asyncio.run(ensure_topics(boot))
         worker = WorkerProcess(boot, grpc_url, workdir, app_id=f"linewatch-demo-{int(time.time())}").start()
+        console, console_url = start_console(boot, workdir, settings)
+        print(f"console: {console_url}  (live while the demo runs: camera wall, defects, drift, models, "
+              f"throughput; log {workdir / 'console.log'})", flush=True)
         print(f"worker pid {worker.proc.pid}, metrics http://127.0.0.1:{worker.web_port}/metrics; replaying "
               f"{test_dir} at {fps} fps...", flush=True)
 
@@ -268,6 +290,8 @@ def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_rep
     finally:
         if worker is not None:
             worker.stop()
+        if console is not None:
+            console.stop()
         if stack is not None:
             stack.stop()
     summary.print()

@@ -103,26 +103,6 @@ def run_job(a, settings: Settings) -> int:
         vdir = det.export(ckpt, store, model, require_sha256=settings.require_sha256)
     meta = json.loads((vdir / "metadata.json").read_text())
     spec, scorer = det.spec(vdir), det.load_serving(vdir)
-    cal = score_images(scorer, spec, task, hold)
-    thr = float(meta.get("threshold", 0.0))
-    if task and isinstance(meta.get("tasks"), dict) and task in meta["tasks"]:
-        meta["tasks"][task]["calibration_scores"] = [float(x) for x in cal]
-    else:
-        meta["calibration"] = {"scores": [float(x) for x in cal], "n": int(cal.size),
-                               "source": "held-out good training images"}
-    gate_ok = True
-    if a.val_good or a.val_bad:
-        from sklearn.metrics import roc_auc_score
-
-        vg = _images(a.val_good) if a.val_good else list(hold)
-        vb = _images(a.val_bad) if a.val_bad else []
-        sg, sb = score_images(scorer, spec, task, vg), score_images(scorer, spec, task, vb)
-        ev = {"n_good": len(vg), "n_bad": len(vb), "false_alarm_rate": float(np.mean(sg > thr)) if sg.size else None,
-              "recall": float(np.mean(sb > thr)) if sb.size else None}
-        if sg.size and sb.size:
-            ev["image_auroc"] = float(roc_auc_score(np.r_[np.zeros(sg.size), np.ones(sb.size)], np.r_[sg, sb]))
-            gate_ok = a.min_auroc is None or ev["image_auroc"] >= a.min_auroc
-        meta["evaluation"] = ev
     import cv2
 
     pdir = vdir / "probe"
@@ -137,6 +117,29 @@ def run_job(a, settings: Settings) -> int:
         rel = f"probe/{i:03d}.png"
         cv2.imwrite(str(vdir / rel), img)
         files.append(rel)
+    # calibrate on the images exactly as the controller's health check will score them: the stored
+    # (downscaled) probe files where a held-out image became a probe, the originals otherwise
+    calibration = [vdir / f for f in files] + list(hold[len(files):])
+    cal = score_images(scorer, spec, task, calibration)
+    thr = float(meta.get("threshold", 0.0))
+    if task and isinstance(meta.get("tasks"), dict) and task in meta["tasks"]:
+        meta["tasks"][task]["calibration_scores"] = [float(x) for x in cal]
+    else:
+        meta["calibration"] = {"scores": [float(x) for x in cal], "n": int(cal.size),
+                               "source": "held-out good training images (the stored probe files where one became a probe)"}
+    gate_ok = True
+    if a.val_good or a.val_bad:
+        from sklearn.metrics import roc_auc_score
+
+        vg = _images(a.val_good) if a.val_good else list(hold)
+        vb = _images(a.val_bad) if a.val_bad else []
+        sg, sb = score_images(scorer, spec, task, vg), score_images(scorer, spec, task, vb)
+        ev = {"n_good": len(vg), "n_bad": len(vb), "false_alarm_rate": float(np.mean(sg > thr)) if sg.size else None,
+              "recall": float(np.mean(sb > thr)) if sb.size else None}
+        if sg.size and sb.size:
+            ev["image_auroc"] = float(roc_auc_score(np.r_[np.zeros(sg.size), np.ones(sb.size)], np.r_[sg, sb]))
+            gate_ok = a.min_auroc is None or ev["image_auroc"] >= a.min_auroc
+        meta["evaluation"] = ev
     meta["probe"] = {"files": files, "kind": "good"}
     meta["training"] = {"train_images": len(train), "holdout_images": len(hold), "train_dir": str(a.train_dir)}
     meta = write_manifest(vdir, meta, [*(meta.get("artifacts") or {}), *files])  # the probe images are pinned too

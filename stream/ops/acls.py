@@ -14,6 +14,8 @@ the reading and writing.
 - **controller**: ``linewatch controller`` (:class:`stream.lifecycle.service.ControllerService`) reads
   and writes the topics of its ``ControllerTopics`` (model events in its own group, the compacted serving
   state) and reads frames without a group (the shadow sampler).
+- **console**: ``linewatch console`` (:class:`stream.ops.console.sources.ConsoleTopics`) reads every topic it
+  shows without a group and writes operator feedback.
 - **line**: a factory line publishes frames the way ``linewatch replay`` does and follows its
   results the way ``linewatch tail --defects`` does. Neither uses a consumer group.
 
@@ -125,8 +127,22 @@ def line_grants(settings: Settings) -> Grants:
     return g
 
 
+def console_grants(settings: Settings) -> Grants:
+    """``linewatch console``: reads the topics it shows (no group), writes operator feedback."""
+    from stream.ops.console.sources import ConsoleTopics
+
+    t = ConsoleTopics.of(settings)
+    g: Grants = {}
+    for name in t.reads:
+        _add(g, _topic(name), READ)
+    for name in t.writes:
+        _add(g, _topic(name), WRITE)
+    return g
+
+
 COMPONENTS = {"linewatch-worker": worker_grants, "linewatch-controller": controller_grants,
-              "linewatch-trainer": trainer_grants, "linewatch-line": line_grants}
+              "linewatch-trainer": trainer_grants, "linewatch-line": line_grants,
+              "linewatch-console": console_grants}
 
 
 def from_strimzi(acls: list[dict]) -> Grants:

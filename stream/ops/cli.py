@@ -16,7 +16,8 @@ from contracts.cli import OneLineParser, run_command
 from contracts.config import Settings
 from contracts.logs import configure_logging
 
-CORE_VERBS = ("stream.ops.cli_worker", "stream.ops.cli_lifecycle", "stream.ops.accounting", "stream.ops.acls")
+CORE_VERBS = ("stream.ops.cli_worker", "stream.ops.cli_lifecycle", "stream.ops.accounting", "stream.ops.acls",
+              "stream.ops.console.cli", "stream.ops.cli_camera")
 PLUGIN_GROUP = "linewatch.verbs"
 
 

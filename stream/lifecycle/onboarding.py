@@ -1,0 +1,246 @@
+"""Capture data layout, capture policy and onboarding progress records (pure: files and JSON, no Kafka).
+
+Shared by the capture service (stream/lifecycle/capture.py, ``linewatch capture``), ``linewatch onboard``
+(stream/ops/onboard.py) and the console, which reads both the files and the topic.
+
+**Capture layout** (``Settings.capture_dir``; in k8s the model store's datasets dir)::
+
+    <capture_dir>/<product>/good/<name>.<ext>   the frame's original bytes exactly as published
+                                                (``ext`` from its content_type: jpg / png / bmp);
+                                                ``name`` = the frame_id when it is a safe file name
+                                                (contracts.names), else ``id-<sha256(frame_id)[:32]>``
+    <capture_dir>/<product>/manifest.json       the index (rewritten atomically after every capture batch)
+
+``manifest.json``::
+
+    {"schema": 1, "product": "elpv", "updated_ms": 1718000000000, "count": 12,
+     "frames": {"<frame_id>": {"file": "good/<name>.jpg", "camera": "cam-7", "line": "line-2",
+                               "ts_ms": ..., "captured_ms": ..., "bytes": 10422, "sha256": "<hex>",
+                               "content_type": "image/jpeg",
+                               "trigger": "unknown_product" | "retrain_requested" | "selected"}}}
+
+``good/`` is what ``linewatch onboard`` trains on: an operator (the console) curates it by deleting a file
+(or moving it to ``<product>/rejected/``); a manifest entry whose file is gone is not trained on and is
+never captured again. ``count`` is the number of manifest entries whose file exists.
+
+**Progress records** on ``Settings.topic_onboarding`` (default ``onboarding-events``), key = product,
+value = JSON :class:`OnboardEvent`::
+
+    {"schema": 1, "type": "<type>", "product": "elpv", "ts_ms": ..., "event_id": "<hex>",
+     "run_id": "<hex>" | null, "detail": {...}}
+
+=================  ==========================  =========================================================
+type               written by                  detail
+=================  ==========================  =========================================================
+capture_armed      capture service             camera, model, reasons, until_ms (a retrain_requested)
+captured           capture service             count (images in good/), new, frame_ids (this batch),
+                                               trigger
+capture_select     the console / an operator   frame_ids: capture exactly these (a command, not progress)
+onboard_started    onboard                     detector, model, images, min_images, runner (local/k8s)
+training_started   onboard                     runner, argv (local) or job (k8s Job name)
+training_finished  onboard                     rc, seconds, artifact, version, sha256 (local runner)
+released           onboard                     model, version, sha256 (seen on model-events)
+promoted           onboard                     model, version (the controller's outcome)
+rolled_back        onboard                     model, version, reasons
+refused            onboard                     model, version, reasons
+failed             onboard                     step, error
+=================  ==========================  =========================================================
+
+One onboarding run's records share ``run_id``; capture records have none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from contracts.envelope import Frame
+from contracts.names import check_name, is_safe_name
+
+SCHEMA_VERSION = 1
+EVENT_TYPES = ("capture_armed", "captured", "capture_select", "onboard_started", "training_started",
+               "training_finished", "released", "promoted", "rolled_back", "refused", "failed")
+MANIFEST = "manifest.json"
+GOOD = "good"
+_EXT = {"image/jpeg": ".jpg", "image/png": ".png", "image/bmp": ".bmp"}
+
+
+class OnboardEventError(ValueError):
+    """An onboarding record that does not follow the schema."""
+
+
+@dataclass
+class OnboardEvent:
+    type: str
+    product: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.type not in EVENT_TYPES:
+            raise OnboardEventError(f"onboarding event: type must be one of {EVENT_TYPES}, got {self.type!r}")
+        if not is_safe_name(self.product):
+            raise OnboardEventError(f"onboarding event: bad product {str(self.product)[:80]!r}")
+        if not isinstance(self.detail, dict):
+            raise OnboardEventError("onboarding event: detail must be an object")
+
+    @property
+    def key(self) -> bytes:
+        return self.product.encode()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def record(self) -> tuple[bytes, bytes, list]:
+        return self.key, self.to_json(), []
+
+
+def decode_event(value: bytes | None) -> OnboardEvent:
+    try:
+        d = orjson.loads(value or b"")
+    except orjson.JSONDecodeError as e:
+        raise OnboardEventError(f"onboarding event: not JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA_VERSION:
+        raise OnboardEventError("onboarding event: not a schema-1 JSON object")
+    names = set(OnboardEvent.__dataclass_fields__)
+    try:
+        return OnboardEvent(**{k: v for k, v in d.items() if k in names})
+    except TypeError as e:
+        raise OnboardEventError(f"onboarding event: {e}") from None
+
+
+# ----------------------------------------------------------------------------- the capture store
+
+
+def file_stem(frame_id: str) -> str:
+    """A file name for ``frame_id`` that cannot leave its directory."""
+    if is_safe_name(frame_id) and len(frame_id) <= 100:
+        return frame_id
+    return "id-" + hashlib.sha256(frame_id.encode()).hexdigest()[:32]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class CaptureStore:
+    """``<root>/<product>/{good/, manifest.json}`` (module docstring). One writer per product dir."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._manifests: dict[str, dict[str, Any]] = {}
+
+    def product_dir(self, product: str) -> Path:
+        return self.root / check_name(product, "product")
+
+    def good_dir(self, product: str) -> Path:
+        return self.product_dir(product) / GOOD
+
+    def manifest(self, product: str) -> dict[str, Any]:
+        if product not in self._manifests:
+            p = self.product_dir(product) / MANIFEST
+            m = orjson.loads(p.read_bytes()) if p.is_file() else {}
+            m.setdefault("schema", SCHEMA_VERSION)
+            m.setdefault("product", product)
+            m.setdefault("frames", {})
+            self._manifests[product] = m
+        return self._manifests[product]
+
+    def has(self, product: str, frame_id: str) -> bool:
+        return frame_id in self.manifest(product)["frames"]
+
+    def count(self, product: str) -> int:
+        """Images of ``product`` in good/ that the manifest lists (curated-away files do not count)."""
+        d = self.product_dir(product)
+        return sum(1 for e in self.manifest(product)["frames"].values() if (d / e["file"]).is_file())
+
+    def add(self, product: str, frame: Frame, trigger: str) -> bool:
+        """Write one frame's original bytes; False when it was captured before (redelivery) or is empty."""
+        if not frame.image or self.has(product, frame.frame_id):
+            return False
+        good = self.good_dir(product)
+        good.mkdir(parents=True, exist_ok=True)
+        name = file_stem(frame.frame_id) + _EXT.get((frame.content_type or "").lower(), ".jpg")
+        _atomic_write(good / name, frame.image)
+        self.manifest(product)["frames"][frame.frame_id] = {
+            "file": f"{GOOD}/{name}", "camera": frame.camera_id, "line": frame.line_id, "ts_ms": frame.ts_ms,
+            "captured_ms": int(time.time() * 1000), "bytes": len(frame.image),
+            "sha256": hashlib.sha256(frame.image).hexdigest(), "content_type": frame.content_type,
+            "trigger": trigger}
+        return True
+
+    def flush(self, product: str) -> int:
+        """Rewrite ``product``'s manifest (atomically); returns its count."""
+        m = self.manifest(product)
+        m["count"] = self.count(product)
+        m["updated_ms"] = int(time.time() * 1000)
+        self.product_dir(product).mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.product_dir(product) / MANIFEST, orjson.dumps(m, option=orjson.OPT_INDENT_2))
+        return m["count"]
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+class CapturePolicy:
+    """Which candidate frames are captured (pure; the service feeds it).
+
+    ``every_n``: the 1st, (n+1)th, ... candidate of each product, up to ``max_per_product`` images;
+    ``select``: only the frame ids an operator selected. In both modes a selected frame id
+    (:meth:`select`, fed by ``capture_select`` records) is captured whether it arrives later or is still
+    among the last ``buffer`` candidates that were not captured."""
+
+    def __init__(self, mode: str = "every_n", every_n: int = 1, max_per_product: int = 500, buffer: int = 256,
+                 selected: set[str] | None = None):
+        if mode not in ("every_n", "select"):
+            raise ValueError(f"capture policy must be every_n or select, got {mode!r}")
+        self.mode, self.every_n, self.max_per_product, self.buffer = mode, max(1, every_n), max_per_product, buffer
+        self.selected: set[str] = set(selected or ())
+        self._seen: dict[str, int] = {}
+        self._recent: OrderedDict[str, tuple[str, Frame, str]] = OrderedDict()  # frame_id -> (product, frame, trigger)
+
+    def want(self, product: str, frame: Frame, count: int, trigger: str) -> bool:
+        """Should this candidate be captured now (``count``: images of the product captured so far)?"""
+        if frame.frame_id in self.selected:  # an operator's choice: captured whatever the mode or count
+            self.selected.discard(frame.frame_id)
+            return True
+        if self.mode == "every_n" and count < self.max_per_product:
+            k = self._seen.get(product, 0)
+            self._seen[product] = k + 1
+            if k % self.every_n == 0:
+                return True
+        self._remember(product, frame, trigger)  # not captured: still selectable for a while
+        return False
+
+    def _remember(self, product: str, frame: Frame, trigger: str) -> None:
+        if self.buffer <= 0:
+            return
+        self._recent[frame.frame_id] = (product, frame, trigger)
+        self._recent.move_to_end(frame.frame_id)
+        while len(self._recent) > self.buffer:
+            self._recent.popitem(last=False)
+
+    def select(self, frame_ids: list[str]) -> list[tuple[str, Frame, str]]:
+        """Operator selection: the buffered candidates among ``frame_ids`` (capture them now); the others are
+        remembered and captured when they arrive."""
+        now = []
+        for fid in frame_ids:
+            hit = self._recent.pop(fid, None)
+            if hit is not None:
+                now.append((hit[0], hit[1], "selected"))
+            else:
+                self.selected.add(fid)
+        return now

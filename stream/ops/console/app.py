@@ -1,0 +1,297 @@
+"""The console web app (aiohttp): pages, a JSON read API, server-sent events and the feedback action.
+
+One app on one port. ``GET /`` serves the single page (plain HTML/CSS/JS from ``static/``, no build step);
+it reads ``/api/*`` and listens on ``/events`` (text/event-stream: one event per record the console
+applied, plus a ``stats`` event every 2 s), so every page updates live. Each SSE client has a bounded queue;
+a client that falls behind is disconnected (its EventSource reconnects and reloads the views).
+
+Reads need no token. ``POST /api/defects/{frame_id}/feedback`` (the only action) needs ``Authorization:
+Bearer <console_token>`` (stream/ops/console/auth.py); without a configured token it answers 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from importlib.resources import files
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from contracts.config import Settings
+from contracts.logs import get_logger
+from stream.ops.console.auth import check_bearer
+from stream.ops.console.feedback import Feedback, FeedbackError, parse_request
+from stream.ops.console.images import heatmap_overlay
+from stream.ops.console.metrics import ConsoleMetrics
+from stream.ops.console.sources import ConsoleSources
+from stream.ops.console.state import ConsoleState, Filters
+
+log = get_logger("stream.ops.console")
+
+STATIC = {"console.css": "text/css", "console.js": "text/javascript", "pages.js": "text/javascript"}
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+SSE_QUEUE = 512  # events buffered per live client
+SSE_CLIENTS = 64  # live clients at once (each holds at most SSE_QUEUE events)
+
+
+class Hub:
+    """Fan-out of state changes to the connected SSE clients (bounded queue each)."""
+
+    def __init__(self) -> None:
+        self.clients: set[asyncio.Queue] = set()
+
+    def publish(self, kind: str, payload: dict[str, Any]) -> None:
+        if not self.clients:
+            return
+        msg = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+        for q in list(self.clients):
+            try:
+                q.put_nowait(msg)
+            except asyncio.QueueFull:  # too slow: drop it; its EventSource reconnects and reloads
+                self.clients.discard(q)
+                with contextlib.suppress(asyncio.QueueFull):
+                    q.get_nowait()
+                    q.put_nowait(None)
+
+
+STATE_KEY = web.AppKey("state", ConsoleState)
+SOURCES_KEY = web.AppKey("sources", ConsoleSources)
+HUB_KEY = web.AppKey("hub", Hub)
+SETTINGS_KEY = web.AppKey("settings", Settings)
+STATS_KEY = web.AppKey("stats_task", asyncio.Task)
+METRICS_KEY = web.AppKey("metrics", ConsoleMetrics)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    resp = _json({"error": message}, status)
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="linewatch-console"'
+    return resp
+
+
+@web.middleware
+async def _headers(request: web.Request, handler):
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        resp = e
+    resp.headers.setdefault("Content-Security-Policy", CSP)
+    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    resp.headers.setdefault("Referrer-Policy", "no-referrer")
+    resp.headers.setdefault("X-Frame-Options", "DENY")
+    if request.path.startswith("/api/"):
+        resp.headers.setdefault("Cache-Control", "no-store")
+    if isinstance(resp, web.HTTPException):
+        raise resp
+    return resp
+
+
+def _asset(name: str) -> bytes:
+    return files("stream.ops.console").joinpath("static", name).read_bytes()
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(body=_asset("index.html"), content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
+async def static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in STATIC:
+        raise web.HTTPNotFound()
+    return web.Response(body=_asset(name), content_type=STATIC[name], charset="utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
+async def api_config(request: web.Request) -> web.Response:
+    s = request.app[SETTINGS_KEY]
+    src = request.app[SOURCES_KEY]
+    return _json({"actions_enabled": s.console_token is not None,
+                  "actions_note": None if s.console_token is not None else
+                  "read-only: no console token configured (LINEWATCH_CONSOLE_TOKEN), actions are disabled",
+                  "topics": src.topics.__dict__, "replay": s.console_replay, "max_defects": s.console_max_defects})
+
+
+async def api_cameras(request: web.Request) -> web.Response:
+    st, src = request.app[STATE_KEY], request.app[SOURCES_KEY]
+    tiles = st.camera_tiles()
+    for t in tiles:
+        t["has_frame"] = t.get("frame_id") in src.frames or t.get("frame_id") in st.defects
+    return _json({"cameras": tiles})
+
+
+async def api_defects(request: web.Request) -> web.Response:
+    try:
+        f = Filters.from_query(dict(request.query))
+    except ValueError as e:
+        return _error(400, str(e))
+    return _json(request.app[STATE_KEY].defect_list(f))
+
+
+async def api_defect(request: web.Request) -> web.Response:
+    d = request.app[STATE_KEY].defect_detail(request.match_info["frame_id"])
+    return _json(d) if d is not None else _error(404, "no such defect event in this console's buffer")
+
+
+async def api_drift(request: web.Request) -> web.Response:
+    return _json({"alerts": request.app[STATE_KEY].drift_list()})
+
+
+async def api_models(request: web.Request) -> web.Response:
+    return _json(request.app[STATE_KEY].models_view())
+
+
+async def api_throughput(request: web.Request) -> web.Response:
+    return _json(request.app[STATE_KEY].throughput())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    h = request.app[SOURCES_KEY].health()
+    return _json({"ok": not h["failed"], **h}, 200 if not h["failed"] else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS_KEY]
+    m.sse_clients.set(len(request.app[HUB_KEY].clients))
+    body, ctype = m.render()
+    return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+async def img_frame(request: web.Request) -> web.Response:
+    jpg = await request.app[SOURCES_KEY].frame_thumbnail(request.match_info["frame_id"])
+    if jpg is None:
+        raise web.HTTPNotFound(text="frame not in this console's buffer")
+    return web.Response(body=jpg, content_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+async def img_heatmap(request: web.Request) -> web.Response:
+    rec = request.app[STATE_KEY].defects.get(request.match_info["frame_id"])
+    png = None if rec is None else heatmap_overlay(rec.heatmap_b64, map_threshold=rec.summary["map_threshold"],
+                                                   heatmap_scale=rec.summary["heatmap_scale"])
+    if png is None:
+        raise web.HTTPNotFound(text="no heat map for this frame")
+    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+async def post_feedback(request: web.Request) -> web.Response:
+    s = request.app[SETTINGS_KEY]
+    token = s.console_token.get_secret_value() if s.console_token is not None else None
+    decision = check_bearer(request.headers.get("Authorization"), token)
+    if not decision.allowed:
+        log.warning("console_action_refused", status=decision.status, path=request.path, peer=request.remote)
+        return _error(decision.status, decision.message)
+    st = request.app[STATE_KEY]
+    rec = st.defects.get(request.match_info["frame_id"])
+    if rec is None:
+        return _error(404, "no such defect event in this console's buffer")
+    try:
+        verdict, note = parse_request(await request.json(loads=orjson.loads))
+    except (ValueError, FeedbackError) as e:
+        return _error(400, str(e))
+    d = rec.summary
+    try:
+        fb = Feedback(frame_id=d["frame_id"], verdict=verdict, product=d.get("product") or "unknown",
+                      camera=d["camera"], model=d["model"], model_version=str(d["version"]), score=d["score"],
+                      threshold=d["threshold"], line=d.get("line"), ts_ms=d.get("ts_ms") or 0, note=note)
+        await request.app[SOURCES_KEY].send_feedback(fb)
+    except FeedbackError as e:
+        return _error(400, str(e))
+    except Exception as e:  # the broker refused or is away: nothing was recorded
+        log.error("console_feedback_failed", error=f"{type(e).__name__}: {e}"[:300])
+        return _error(503, f"feedback not recorded: {type(e).__name__}")
+    return _json(fb.to_dict(), 201)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    hub = request.app[HUB_KEY]
+    if len(hub.clients) >= SSE_CLIENTS:
+        return _error(503, f"too many live clients (max {SSE_CLIENTS}); the pages still load without live updates")
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    q: asyncio.Queue = asyncio.Queue(maxsize=SSE_QUEUE)
+    hub.clients.add(q)
+    try:
+        await resp.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
+        while True:
+            try:
+                msg = await asyncio.wait_for(q.get(), timeout=15.0)
+            except TimeoutError:
+                msg = b": ping\n\n"
+            if msg is None:  # dropped by the hub
+                break
+            await resp.write(msg)
+    except ConnectionResetError:  # the browser went away
+        pass
+    finally:
+        hub.clients.discard(q)
+    return resp
+
+
+async def _stats_loop(app: web.Application) -> None:
+    while True:
+        await asyncio.sleep(2.0)
+        app[HUB_KEY].publish("stats", app[STATE_KEY].throughput())
+
+
+def build_app(settings: Settings, bootstrap: str, *, state: ConsoleState | None = None,
+              connect: bool = True) -> web.Application:
+    """The console app; its Kafka tails start with the app (``on_startup``) and stop with it (``connect=False``:
+    no Kafka at all, the views serve ``state`` as it is)."""
+    app = web.Application(middlewares=[_headers], client_max_size=16 * 1024)
+    hub, m = Hub(), ConsoleMetrics()
+    st = state or ConsoleState(max_defects=settings.console_max_defects)
+
+    def changed(kind: str, payload: dict[str, Any]) -> None:
+        m.observe(kind, payload)
+        hub.publish(kind, payload)
+
+    st.on_change = changed
+    app[SETTINGS_KEY], app[STATE_KEY], app[HUB_KEY], app[METRICS_KEY] = settings, st, hub, m
+    app[SOURCES_KEY] = ConsoleSources(settings, bootstrap, st)
+
+    async def startup(app: web.Application) -> None:
+        if connect:
+            await app[SOURCES_KEY].start()
+        app[STATS_KEY] = asyncio.ensure_future(_stats_loop(app))
+
+    async def shutdown(app: web.Application) -> None:  # end the event streams, or the server waits for them
+        for q in list(hub.clients):
+            hub.clients.discard(q)
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(None)
+
+    async def cleanup(app: web.Application) -> None:
+        app[STATS_KEY].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app[STATS_KEY]
+        if connect:
+            await app[SOURCES_KEY].stop()
+
+    app.on_startup.append(startup)
+    app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(cleanup)
+    r = app.router
+    r.add_get("/", index)
+    r.add_get("/static/{name}", static)
+    r.add_get("/api/config", api_config)
+    r.add_get("/api/cameras", api_cameras)
+    r.add_get("/api/defects", api_defects)
+    r.add_get("/api/defects/{frame_id}", api_defect)
+    r.add_post("/api/defects/{frame_id}/feedback", post_feedback)
+    r.add_get("/api/drift", api_drift)
+    r.add_get("/api/models", api_models)
+    r.add_get("/api/throughput", api_throughput)
+    r.add_get("/events", events)
+    r.add_get("/healthz", healthz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/img/frame/{frame_id}.jpg", img_frame)
+    r.add_get("/img/heatmap/{frame_id}.png", img_heatmap)
+    return app
