@@ -83,7 +83,7 @@ class DriftSettings(BaseModel):
     check_every: int = Field(default=16, ge=1)  # evaluate once every N new frames
     min_interval_s: float = Field(default=60.0, ge=0)  # per key: at most one alert this often
     # a model without calibration scores in its spec: its first `warmup` scores are the reference
-    warmup: int = Field(default=128, ge=8)
+    warmup: int = Field(default=128, ge=10)  # the drift reference needs >= 10 scores (stream/lifecycle/drift.py)
     retrain_on_ood: bool = True  # a route_ood alert also publishes `retrain_requested` on model-events
     max_tracks: int = Field(default=20000, ge=1)  # (camera, model version/task) windows kept; least recent dropped
 
