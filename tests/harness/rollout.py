@@ -42,11 +42,14 @@ class Tiny(torch.nn.Module):
 
 
 class Broken(torch.nn.Module):
-    """Loads fine, fails on every request (traced for 31x31 inputs, served 64x64 ones)."""
+    """Fails on the requests it gets: a constant of batch ``n`` is added to the input, so only a batch of 1
+    or ``n`` broadcasts. ``n=5`` passes the config's 1-image warmup and fails the probe and live batches
+    (inference errors); traced on ``side`` x ``side`` (31: not the served 64) it fails the warmup too, so
+    the load itself fails."""
 
-    def __init__(self):
+    def __init__(self, n: int = 5, side: int = SIZE):
         super().__init__()
-        self.register_buffer("c", torch.ones(1, 3, 31, 31))
+        self.register_buffer("c", torch.ones(n, 3, side, side))
 
     def forward(self, x):
         y = (x + self.c).abs().mean(1, keepdim=True)

@@ -137,12 +137,18 @@ def test_misbehaving_candidates_rolled_back(life, images, local_stack):
     ev = life.outcome(life.model, 91)
     assert ev.type == "rolled_back", ev
     assert any(r.startswith("score_distribution") for r in ev.reasons), ev.reasons
-    # errors on every request
-    vdir, digest = write_artifact(life.store, life.model, 92, life.product, Broken(), images, honest=Tiny(),
-                                  example=torch.randn(2, 3, 31, 31))
+    # loads (its 1-image warmup broadcasts), errors on the requests it gets
+    vdir, digest = write_artifact(life.store, life.model, 92, life.product, Broken(5), images, honest=Tiny(),
+                                  example=torch.randn(5, 3, 64, 64))
     life.release(life.model, 92, vdir, digest, life.product)
     ev = life.outcome(life.model, 92)
     assert ev.type == "rolled_back" and ev.reasons[0].startswith("inference_errors"), ev
+    # cannot even run the warmup batch (traced for 31x31, served 64x64): the load fails, it never serves
+    vdir, digest = write_artifact(life.store, life.model, 93, life.product, Broken(2, 31), images, honest=Tiny(),
+                                  example=torch.randn(2, 3, 31, 31))
+    life.release(life.model, 93, vdir, digest, life.product)
+    ev = life.outcome(life.model, 93)
+    assert ev.type == "rolled_back" and ev.reasons[0].startswith("load_failed"), ev
     assert served_version(client, life.model) == before
     assert not (Path(local_stack.model_repository) / f"{life.model}__candidate").exists()
     assert infer_score(client, life.model, images[:2]).shape == (2,)
