@@ -129,11 +129,21 @@ class TritonInfer:
             await asyncio.sleep(0.5)
 
     async def live(self) -> bool:
-        """Is tritonserver reachable and live (a short probe; any error = no)?"""
+        """Is tritonserver reachable and live (a short probe; any error = no)? A failed probe also replaces
+        the gRPC channel: one left behind by a stalled, killed or restarted server can keep failing (its
+        reconnect backoff, a call hung on the dead connection) after the server is back."""
         try:
             return bool(await self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S))
         except Exception:
+            await self._reconnect()
             return False
+
+    async def _reconnect(self) -> None:
+        old, self.client = self.client, grpcclient.InferenceServerClient(url=self.url, channel_args=channel_args(self.url))
+        try:
+            await old.close()
+        except Exception:  # a broken channel
+            pass
 
     async def health(self, model: str) -> str:
         """``"down"`` (Triton unreachable), ``"unready"`` (live, ``model`` not READY) or ``"ok"``."""
