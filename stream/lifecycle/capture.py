@@ -44,6 +44,7 @@ from stream.lifecycle.onboarding import (
     OnboardEventError,
     decode_event,
 )
+from stream.lifecycle.supervise import run_until_stopped
 
 log = get_logger("stream.lifecycle.capture")
 
@@ -260,17 +261,8 @@ class CaptureService:
         await self.producer.start()
         log.info("capture_start", capture_dir=str(self.store.root), policy=self.policy.mode,
                  every_n=self.policy.every_n, max_per_product=self.policy.max_per_product)
-        tasks = [asyncio.ensure_future(x) for x in (self._control(stop), self._live(stop))]
         try:
-            done, _ = await asyncio.wait([*tasks, asyncio.ensure_future(stop.wait())],
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t in tasks and t.exception() is not None:
-                    raise t.exception()
+            await run_until_stopped(stop, self._control(stop), self._live(stop))
         finally:
-            stop.set()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             await self.producer.stop()
             log.info("capture_stop", **dict(self.stats))

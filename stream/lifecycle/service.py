@@ -35,6 +35,7 @@ from stream.lifecycle.events import actionable
 from stream.lifecycle.policy import HealthPolicy
 from stream.lifecycle.repository import model_dir, pinned_version, remove_model_dir, repository_models
 from stream.lifecycle.sampler import ShadowSampler
+from stream.lifecycle.supervise import run_until_stopped
 
 log = get_logger("stream.lifecycle.service")
 
@@ -215,19 +216,9 @@ class ControllerService:
         await self.restore_from_repository()
         log.info("controller_start", replicas=self.ctl.urls, serving={p: f"{e.model} v{e.version}"
                                                                      for p, e in sorted(self.serving.items())})
-        tasks = [asyncio.ensure_future(x) for x in (self._reconcile_loop(stop), self._events(stop),
-                                                    self.sampler.run(stop))]
         try:
-            done, _ = await asyncio.wait([*tasks, asyncio.ensure_future(stop.wait())],
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t in tasks and t.exception() is not None:
-                    raise t.exception()
+            await run_until_stopped(stop, self._reconcile_loop(stop), self._events(stop), self.sampler.run(stop))
         finally:
-            stop.set()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             await self.follower.stop()
             await self.producer.stop()
             await self.ctl.close()
