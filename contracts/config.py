@@ -234,6 +234,10 @@ class Settings(BaseSettings):
     console_replay: int = Field(default=200, ge=0, le=100_000)  # records per partition replayed at start
     console_max_defects: int = Field(default=500, ge=1, le=100_000)  # defect events kept (ring buffer)
     console_frame_buffer_mb: int = Field(default=32, ge=0, le=4096)  # recent frames kept for thumbnails; 0 = none
+    # the console's Onboard action runs `linewatch onboard --product P --wait` as a child process: "local"
+    # trains in that process, "k8s" adds --k8s (the training runs as a Job), "off" refuses the action
+    console_onboard_runner: Literal["off", "local", "k8s"] = "local"
+    console_onboard_args: list[str] = []  # extra training-job arguments (after `--`), e.g. a shorter schedule
 
     # camera sources + onboarding (issue 18: `linewatch camera`, the capture service, `linewatch onboard`)
     capture_dir: Path = REPO_ROOT / ".stack" / "captures"  # captured frames (the model store's datasets in k8s)
@@ -287,7 +291,8 @@ class Settings(BaseSettings):
 
     def topics(self) -> list[str]:
         return [self.topic_frames, self.topic_results, self.topic_defects, self.topic_drift,
-                self.topic_model_events, self.topic_dlq, self.topic_serving_state, self.topic_drift_state]
+                self.topic_model_events, self.topic_dlq, self.topic_serving_state, self.topic_drift_state,
+                self.topic_feedback, self.topic_onboarding]
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A validated copy with the non-None ``overrides`` (command-line flags) applied; the environment

@@ -137,6 +137,22 @@ class Producer:
         await asyncio.gather(*futs)
 
 
+async def partitions_of(c: AIOKafkaConsumer, topic: str) -> set[int]:
+    """``topic``'s partition ids as ``c`` sees them now, learning a topic created after ``c`` started.
+
+    ``partitions_for_topic`` reads the client's cached cluster metadata, which ``c.topics()`` does not
+    update (it fetches into a separate object): a topic created later would stay unknown until the next
+    periodic refresh (``metadata_max_age_ms``, 5 min). When the topic exists but is not cached, the
+    client's metadata is refreshed now (aiokafka's own ``force_metadata_update``)."""
+    parts = c.partitions_for_topic(topic)
+    if parts:
+        return set(parts)
+    if topic in await c.topics():
+        await c._client.force_metadata_update()
+        parts = c.partitions_for_topic(topic)
+    return set(parts or ())
+
+
 async def read_topics(bootstrap: str, topics: Iterable[str], *, until: Callable[[dict[str, list]], bool] | None = None,
                       timeout_s: float = 30.0, idle_s: float | None = None,
                       on_record: Callable[[Any], None] | None = None,
@@ -157,11 +173,7 @@ async def read_topics(bootstrap: str, topics: Iterable[str], *, until: Callable[
         while True:
             tps = []
             for t in topics:
-                parts = c.partitions_for_topic(t)
-                if not parts:
-                    await c.force_metadata_update() if hasattr(c, "force_metadata_update") else None
-                    parts = c.partitions_for_topic(t) or set()
-                tps += [TopicPartition(t, p) for p in sorted(parts)]
+                tps += [TopicPartition(t, p) for p in sorted(await partitions_of(c, t))]
             if tps or time.monotonic() - t0 > min(timeout_s, 10):
                 break
             await asyncio.sleep(0.3)

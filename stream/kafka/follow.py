@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from contracts.config import Settings
 from contracts.logs import get_logger
-from stream.kafka.clients import client_kwargs
+from stream.kafka.clients import client_kwargs, partitions_of
 from stream.kafka.codecs import require_codecs
 
 log = get_logger("stream.kafka.follow")
@@ -53,8 +53,7 @@ class TopicFollower:
         self._task: asyncio.Task | None = None
 
     async def _partitions(self) -> list[TopicPartition]:
-        await self.c.topics()  # refresh metadata
-        return [TopicPartition(self.topic, p) for p in sorted(self.c.partitions_for_topic(self.topic) or set())]
+        return [TopicPartition(self.topic, p) for p in sorted(await partitions_of(self.c, self.topic))]
 
     async def start(self, timeout_s: float = 30.0) -> None:
         await self.c.start()

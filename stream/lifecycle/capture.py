@@ -36,7 +36,7 @@ from contracts.logs import get_logger
 from contracts.model_events import ModelEventError
 from contracts.model_events import decode as decode_model_event
 from contracts.names import is_safe_name
-from stream.kafka.clients import Producer, client_kwargs, ensure_topics
+from stream.kafka.clients import Producer, client_kwargs, ensure_topics, partitions_of
 from stream.lifecycle.onboarding import (
     CapturePolicy,
     CaptureStore,
@@ -226,10 +226,7 @@ class CaptureService:
                                  auto_offset_reset="latest", **client_kwargs("consumer", s))
             await c.start()
             try:
-                parts = c.partitions_for_topic(s.topic_frames) or set()
-                if not parts:
-                    await c.topics()
-                    parts = c.partitions_for_topic(s.topic_frames) or set()
+                parts = await partitions_of(c, s.topic_frames)
                 tps = [TopicPartition(s.topic_frames, p) for p in sorted(parts)]
                 if not tps:
                     await asyncio.sleep(1.0)

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from contracts.config import Settings
 from contracts.logs import get_logger
-from stream.kafka.clients import client_kwargs, ensure_topics, partition_for_key
+from stream.kafka.clients import client_kwargs, ensure_topics, partition_for_key, partitions_of
 from stream.kafka.follow import read_to_end
 from stream.lifecycle.drift import DriftMonitor
 from stream.worker.pipeline import Batch, Outgoing
@@ -80,9 +80,8 @@ class DriftStateStore:
                              auto_offset_reset="earliest", **client_kwargs("consumer", s))
         await c.start()
         try:
-            await c.topics()
-            n_frames = len(c.partitions_for_topic(s.topic_frames) or ())
-            parts = c.partitions_for_topic(topic) or set()
+            n_frames = len(await partitions_of(c, s.topic_frames))
+            parts = await partitions_of(c, topic)
             if not parts and s.dev_broker and n_frames:  # the embedded broker: created like Faust's changelogs
                 await ensure_topics(s.kafka_bootstrap, [topic], partitions=n_frames, settings=s,
                                     config={"cleanup.policy": "compact"})

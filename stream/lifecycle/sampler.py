@@ -21,7 +21,7 @@ from contracts.image import decode_image
 from contracts.logs import get_logger
 from contracts.spec import to_pixels
 from stream.inference.triton_client import TritonInfer
-from stream.kafka.clients import client_kwargs
+from stream.kafka.clients import client_kwargs, partitions_of
 
 log = get_logger("stream.lifecycle.sampler")
 
@@ -55,10 +55,7 @@ class ShadowSampler:
         infer = TritonInfer(self.ctl.url, max_retries=1)
         await c.start()
         try:
-            parts = c.partitions_for_topic(self.topic) or set()
-            if not parts:
-                await c.topics()
-                parts = c.partitions_for_topic(self.topic) or set()
+            parts = await partitions_of(c, self.topic)
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             if not tps:
                 await asyncio.sleep(1.0)

@@ -188,11 +188,12 @@ class TopicReader:
     async def start(self, timeout_s: float = 10.0) -> None:
         from aiokafka import TopicPartition
 
+        from stream.kafka.clients import partitions_of
+
         await self.c.start()
         deadline = time.monotonic() + timeout_s
         while True:
-            await self.c.topics()  # refreshes cluster metadata
-            parts = {t: self.c.partitions_for_topic(t) or set() for t in self.topics}
+            parts = {t: await partitions_of(self.c, t) for t in self.topics}
             if all(parts[t] for t in self.required) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.3)

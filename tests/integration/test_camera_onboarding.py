@@ -1,17 +1,21 @@
-"""A new product onboarded end to end on the real stack (issue 18 items 1 + 3): Tansu + tritonserver + the
-rollout controller + one worker (LocalStack), the capture service (`linewatch capture`) as a process.
+"""A new product onboarded end to end on the real stack (issue 18 items 1-3), driven from the console in a real
+browser: Tansu + tritonserver + the rollout controller + one worker (LocalStack), the capture service
+(`linewatch capture`) and the console (`linewatch console`) as processes, headless Debian Chromium (Selenium).
 
 1. A tiny MoLE-Flow serving ``bottle`` is trained, exported, calibrated and released by the training job
    (models/jobs/train_job.py) and promoted by the controller. It is named ``lwt_onboard_mf``, not the
    registry's ``moleflow``: routing sends an unknown product task-agnostically only to the registry-named
    multi-task model (stream/inference/routing.py step 5), so here a product none of its tasks knows is
    DLQ'd ``unknown_product``.
-2. ``linewatch camera --source <folder of 12 ELPV cells> --product elpv`` publishes JPEG frames; the worker
-   DLQs them ``unknown_product``; the capture service writes them to ``<capture_dir>/elpv/good``.
-3. ``linewatch onboard --product elpv --wait`` runs ``linewatch-models job train`` on the captures (a tiny
-   schedule): a new version with the ``elpv`` adapter on the same frozen base is released, shadowed on its
-   probe images and promoted; every step is on ``onboarding-events``.
-4. New ELPV cells from the camera are scored by the new version with task ``elpv`` (results topic).
+2. ``linewatch camera --source <folder of 14 ELPV cells> --product elpv`` publishes JPEG frames; the worker
+   DLQs them ``unknown_product``; the capture service (at most 12 per product here) writes 12 of them to
+   ``<capture_dir>/elpv/good``; the console's onboarding page shows the 14 candidates, 12 captured; the
+   operator selects one more in the browser (``capture_select``) and it is captured too (13).
+3. The operator clicks Onboard: the console runs ``linewatch onboard --product elpv --wait`` (a tiny schedule
+   via ``console_onboard_args``): a new version with the ``elpv`` adapter on the same frozen base is
+   released, shadowed on its probe images and promoted; the page shows every step (``onboarding-events``).
+4. New ELPV cells from a second camera are scored by the new version with task ``elpv`` (results topic) and
+   the camera wall shows that camera scored by ``lwt_onboard_mf v2``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from devstack.processes import ChildProcess
 from devstack.stack import LocalStack
 from stream.kafka.clients import read_topics
 from stream.lifecycle.onboarding import decode_event
+from tests.harness.browser import browser, needs_browser, shot, wait_for
 
 pytestmark = pytest.mark.integration
+TOKEN = "onboard-test-token"
 
 MODEL = "lwt_onboard_mf"
 LINEWATCH = str(Path(sys.executable).with_name("linewatch"))
@@ -73,7 +79,12 @@ def _run(argv, env, timeout_s):
     return p
 
 
+@needs_browser[0]
+@needs_browser[1]
 def test_unknown_product_is_captured_onboarded_promoted_and_scored(tmp_path, shared_data, monkeypatch):
+    from selenium.webdriver.common.by import By
+
+    from devstack.processes import free_port
     from models.jobs import train_job
     from models.moleflow.datasets import elpv_split
 
@@ -84,18 +95,30 @@ def test_unknown_product_is_captured_onboarded_promoted_and_scored(tmp_path, sha
         phases[name] = round(time.monotonic() - t0 - sum(phases.values()), 1)
 
     caps, store, base = tmp_path / "captures", tmp_path / "store", tmp_path / "training" / "moleflow"
-    for k, v in {**POLICY, "LINEWATCH_CAPTURE_DIR": str(caps)}.items():
+    for k, v in {**POLICY, "LINEWATCH_CAPTURE_DIR": str(caps), "LINEWATCH_CAPTURE_MAX_PER_PRODUCT": "12"}.items():
         monkeypatch.setenv(k, v)
     import os
 
     env = dict(os.environ)
     stack = LocalStack(tmp_path / "work", tmp_path / "repo", start_timeout_s=90, controller=True, workers=1)
     stack.start()
-    capture = None
+    capture = console = drv = None
+    out_dir = Path(os.environ.get("CONSOLE_SCREENSHOTS_DIR") or tmp_path / "screenshots")
+    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         boot = stack.kafka_bootstrap
         capture = ChildProcess([LINEWATCH, "capture", "--bootstrap", boot], tmp_path / "capture.log").start()
+        port = free_port()
+        console = ChildProcess([LINEWATCH, "console", "--bootstrap", boot, "--port", str(port)], tmp_path / "console.log",
+                               {"LINEWATCH_CONSOLE_TOKEN": TOKEN, "LINEWATCH_ONBOARD_MIN_IMAGES": "13",
+                                "LINEWATCH_ONBOARD_MODEL_STORE": str(store),
+                                "LINEWATCH_ONBOARD_TRAINING_STORE": str(base.parent),
+                                "LINEWATCH_CONSOLE_ONBOARD_ARGS": json.dumps(["--epochs", "1", "--max-images", "8"])}
+                               ).start()
         mark("stack")
+
+        def logs() -> str:
+            return f"--- console\n{console.log()[-4000:]}\n--- capture\n{capture.log()[-2000:]}"
 
         # 1. bottle: train + export + calibrate + release (the training job), then the controller's rollout
         bottle = _images(sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:12],
@@ -109,24 +132,63 @@ def test_unknown_product_is_captured_onboarded_promoted_and_scored(tmp_path, sha
         assert out["type"] == "promoted", json.dumps(out)
         mark("bottle_rollout")
 
-        # 2. an ELPV camera: an unknown product -> DLQ'd unknown_product -> captured
-        train_cells, test_cells = elpv_split(n_train=12, n_test_good=4, n_test_bad=0)
+        # 2. an ELPV camera: an unknown product -> DLQ'd unknown_product -> 12 captured, 2 left as candidates
+        drv = browser()
+        base_url = f"http://127.0.0.1:{port}"
+        drv.get(base_url + "/#/onboarding")
+        wait_for(lambda: drv.find_elements(By.CSS_SELECTOR, "#live.on"), 60, "the console's live events", logs)
+        train_cells, test_cells = elpv_split(n_train=14, n_test_good=4, n_test_bad=0)
         cells = _images(train_cells, tmp_path / "cells")
         cam = _run([LINEWATCH, "camera", "--source", str(cells), "--camera-id", "cam-elpv", "--line-id", "line-9",
                     "--product", "elpv", "--fps", "20", "--jpeg-quality", "90", "--bootstrap", boot], env, 60)
-        assert "published 12 frames" in cam.stdout, cam.stdout + cam.stderr[-2000:]
+        assert "published 14 frames" in cam.stdout, cam.stdout + cam.stderr[-2000:]
+        sec = '.onb[data-product="elpv"]'
 
-        # 3. onboarding: waits for the captures, trains the elpv adapter, released -> promoted
-        onboard = _run([LINEWATCH, "onboard", "--product", "elpv", "--min-images", "12", "--capture-wait", "60",
-                        "--wait", "--timeout", "150", "--store", str(store), "--base-store", str(base),
-                        "--bootstrap", boot, "--", "--epochs", "1", "--max-images", "8"], env, 400)
-        mark("capture+onboard")
-        assert f"promoted {MODEL} v2 (elpv)" in onboard.stdout, onboard.stdout[-3000:]
+        def page_shows(captured: int, candidates: int):
+            got = drv.execute_script("const s = document.querySelector(arguments[0]); return s && "
+                                     "[s.querySelector('.captured').textContent, s.querySelectorAll('label.cand').length];",
+                                     sec)
+            return bool(got) and got[0].startswith(f"{captured} images captured") and got[1] >= candidates
+
+        wait_for(lambda: page_shows(12, 14), 60, "12 captured + 14 candidates on the onboarding page", logs)
+        drv.find_element(By.ID, "token").send_keys(TOKEN)
+        drv.find_element(By.ID, "token-save").click()
+        pick = drv.find_element(By.CSS_SELECTOR, f'{sec} label.cand[data-captured="false"]')
+        picked = pick.get_attribute("data-frame-id")
+        pick.find_element(By.CSS_SELECTOR, "input").click()
+        drv.find_element(By.CSS_SELECTOR, f"{sec} button.capture").click()
+        wait_for(lambda: page_shows(13, 14), 60, "the selected frame captured (13)", logs)
+        mark("capture")
+
+        # 3. onboarding from the console: trains the elpv adapter, released -> promoted, each step shown
+        wait_for(lambda: drv.find_element(By.CSS_SELECTOR, f"{sec} button.onboard").is_enabled(), 10, "Onboard enabled")
+        drv.find_element(By.CSS_SELECTOR, f"{sec} button.onboard").click()
+
+        def step_state(name: str) -> str | None:  # one script: the page redraws on every onboarding record
+            return drv.execute_script("const e = document.querySelector(arguments[0]); return e && e.dataset.state;",
+                                      f'{sec} ol.steps li[data-step="{name}"]')
+
+        wait_for(lambda: step_state("training_started") == "done", 60, "training started", logs)
+        wait_for(lambda: step_state("promoted") == "done" or drv.execute_script(
+            "return !!document.querySelector(arguments[0]);", f'{sec} ol.steps li[data-state="failed"]'),
+            400, "the onboarding outcome", logs)
+        assert step_state("promoted") == "done", logs()
+        mark("onboard")
+        wait_for(lambda: drv.execute_script("return !!document.querySelector(arguments[0]);", f"{sec} .served"), 10,
+                 "the page showing the product served")
+        time.sleep(1.0)
+        shot(drv, out_dir, "onboarding")
+        api = json.loads(drv.execute_script("return fetch('/api/onboarding').then(r => r.text())"))
+        elpv = next(p for p in api["products"] if p["product"] == "elpv")
+        assert elpv["runner"]["rc"] == 0 and elpv["captured"] == 13, elpv["runner"]
+        assert elpv["serving"]["model"] == MODEL and elpv["serving"]["version"] == 2
         manifest = json.loads((caps / "elpv" / "manifest.json").read_text())
-        assert manifest["count"] == 12 and {e["trigger"] for e in manifest["frames"].values()} == {"unknown_product"}
+        assert manifest["count"] == 13 and manifest["frames"][picked]["trigger"] == "selected"
+        assert {e["trigger"] for e in manifest["frames"].values()} == {"unknown_product", "selected"}
         assert {e["camera"] for e in manifest["frames"].values()} == {"cam-elpv"}
 
-        # 4. new cells from the camera are scored by v2 with the elpv task
+        # 4. new cells from another camera are scored by v2 with the elpv task, on the camera wall
+        drv.get(base_url + "/#/wall")
         new = _images([p for p, _ in test_cells], tmp_path / "new-cells")
         _run([LINEWATCH, "camera", "--source", str(new), "--camera-id", "cam-elpv-2", "--product", "elpv",
               "--fps", "20", "--bootstrap", boot], env, 60)
@@ -138,21 +200,34 @@ def test_unknown_product_is_captured_onboarded_promoted_and_scored(tmp_path, sha
         recs = asyncio.run(read_topics(boot, ["inspection-results"], until=lambda o: len(scored(o)) >= 4,
                                        timeout_s=60))
         res = scored(recs)
-        mark("scored")
         assert len(res) == 4, stack.log_tail("worker-0", 30)
         assert {(r.model, r.model_version, r.task, r.routed) for r in res} == {(MODEL, "2", "elpv", False)}
+
+        def on_wall():
+            t = drv.execute_script("const t = document.querySelector('.tile[data-camera=\"cam-elpv-2\"]');"
+                                   "return t && t.textContent;") or ""
+            return f"{MODEL} v2" in t and "4 frames" in t and "elpv" in t
+
+        wait_for(on_wall, 30, "cam-elpv-2 on the camera wall, scored by v2", logs)
+        mark("scored")
+        time.sleep(1.0)
+        shot(drv, out_dir, "wall-onboarded")
 
         evs = [decode_event(r.value) for r in asyncio.run(read_topics(boot, ["onboarding-events"], timeout_s=10,
                                                                       idle_s=1.5))["onboarding-events"]]
         run = [e for e in evs if e.run_id]
         assert [e.type for e in run] == ["onboard_started", "training_started", "training_finished", "released",
                                          "promoted"] and len({e.run_id for e in run}) == 1
-        assert max(e.detail["count"] for e in evs if e.type == "captured") == 12
+        assert max(e.detail["count"] for e in evs if e.type == "captured") == 13
+        assert [e.detail["frame_ids"] for e in evs if e.type == "capture_select"] == [[picked]]
         print(f"\nonboarding loop: {phases} (total {time.monotonic() - t0:.1f} s)")
     finally:
-        if capture is not None:
-            capture.stop()
-            print(capture.log()[-1500:])
+        if drv is not None:
+            drv.quit()
+        for p in (console, capture):
+            if p is not None:
+                p.stop()
+                print(p.log()[-1500:])
         stack.stop()
 
 

@@ -18,7 +18,6 @@ ones), else to the test's temporary directory.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -41,17 +40,9 @@ from contracts.serving_state import entries_for
 from devstack.processes import ChildProcess, free_port
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
+from tests.harness.browser import browser, needs_browser, shot, wait_for
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-pytestmark = [
-    pytest.mark.integration,
-    # checked before any fixture runs (no stack or model is set up for a test that cannot run)
-    pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-                       reason="Debian chromium + chromium-driver are not installed (/usr/bin/chromium, "
-                              "/usr/bin/chromedriver): `apt-get install chromium chromium-driver` (make venv does)"),
-    pytest.mark.skipif(importlib.util.find_spec("selenium") is None,
-                       reason="selenium is not installed (the [dev] extra has it: make venv)"),
-]
+pytestmark = [pytest.mark.integration, *needs_browser]
 TOKEN = "console-test-" + uuid.uuid4().hex[:12]
 GOOD = ["good/004.png", "good/005.png", "good/006.png", "good/018.png", "good/000.png", "good/001.png",
         "good/002.png", "good/003.png"]
@@ -61,21 +52,6 @@ DEFECTIVE = ["broken_small/012.png", "broken_large/018.png", "broken_large/012.p
              "contamination/011.png", "contamination/013.png", "contamination/017.png", "contamination/019.png",
              "contamination/017.png", "contamination/019.png"]
 SIDE = 448  # video frame size (the bottle images are 900x900)
-
-
-def _browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,800",
-              "--hide-scrollbars", "--force-device-scale-factor=1"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    inner = drv.execute_script("return [window.innerWidth, window.innerHeight];")
-    drv.set_window_size(1280 + 1280 - inner[0], 800 + 800 - inner[1])  # a 1280x800 page, whatever the chrome
-    return drv
 
 
 def _video(path: Path, bottle_test: Path, names: list[str]) -> Path:
@@ -126,27 +102,6 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
-def _wait(pred, timeout_s: float, what: str, why=lambda: ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{why()}")
-
-
-def _shot(drv, out: Path, name: str) -> None:
-    """The 1280x800 page as a 256-colour PNG (docs-sized: ~30-180 KB)."""
-    import io
-
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(drv.get_screenshot_as_png())).convert("RGB")
-    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-        out / f"{name}.png", optimize=True)
-
-
 def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_test, tmp_path):
     t0 = time.monotonic()
     uid = uuid.uuid4().hex[:6]
@@ -172,7 +127,7 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
            "LINEWATCH_TOPIC_MODEL_EVENTS": t["events"], "LINEWATCH_TOPIC_SERVING_STATE": t["state"],
            "LINEWATCH_TOPIC_DRIFT_STATE": t["dstate"], "LINEWATCH_TOPIC_FEEDBACK": t["feedback"]}
     port = free_port()
-    drv = _browser()
+    drv = browser()
     console = ChildProcess([sys.executable, "-m", "stream.ops.cli", "console", "--bootstrap", boot,
                             "--port", str(port)], tmp_path / "console.log",
                            {**env, "LINEWATCH_CONSOLE_TOKEN": TOKEN})
@@ -201,7 +156,7 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
             except (urllib.error.URLError, ConnectionError):
                 return False
 
-        _wait(up, 60, "the console to listen", logs)
+        wait_for(up, 60, "the console to listen", logs)
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support import expected_conditions as ec
         from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -242,7 +197,7 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
               f"{len(recs[t['drift']])} drift alerts; streamed at {time.monotonic() - t0:.1f}s")
 
         # the console applied everything (its API), then the pages in the browser
-        _wait(lambda: _get(base + "/api/defects?limit=500")["kept"] >= len(flagged), 30, "the console's defects", logs)
+        wait_for(lambda: _get(base + "/api/defects?limit=500")["kept"] >= len(flagged), 30, "the console's defects", logs)
         sel = f'.tile[data-camera="{camera}"]'
         def frames_on_tile(d) -> int:
             m = [re.search(r"(\d+) frames", e.text) for e in d.find_elements(By.CSS_SELECTOR, sel)]
@@ -256,7 +211,7 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
             "const i = document.querySelector('.tile img.frame'); return i && i.complete && i.naturalWidth > 0;"))
         assert tile.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
         time.sleep(1.0)
-        _shot(drv, out, "wall")
+        shot(drv, out, "wall")
 
         drv.get(base + "/#/defects")
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#gallery .card")))
@@ -273,7 +228,7 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
         assert len(drv.find_elements(By.CSS_SELECTOR, "#gallery .card")) == len(flagged)
         assert _get(base + "/api/defects?camera=no-such-camera")["matched"] == 0
         time.sleep(0.5)
-        _shot(drv, out, "defects")
+        shot(drv, out, "defects")
 
         # feedback: the token, then confirm a defective frame (and call a flagged good one a false alarm)
         drv.find_element(By.ID, "token").send_keys(TOKEN)
@@ -284,7 +239,7 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
         assert len(drv.find_elements(By.CSS_SELECTOR, ".shot.big .box")) == len(events[target].boxes)
         btn.click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "feedback-status"), "recorded"))
-        _shot(drv, out, "defect")
+        shot(drv, out, "defect")
         false_alarms = [f for f in flagged if shows[f].startswith("good/")]
         for f in false_alarms[:1]:
             drv.get(base + f"/#/defect/{f}")
@@ -313,19 +268,19 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
         assert "bottle" in proposals.text
         if false_alarms and results[false_alarms[0]].score < results[target].score:
             assert "no proposal" not in proposals.text, proposals.text
-        _shot(drv, out, "models")
+        shot(drv, out, "models")
 
         drv.get(base + "/#/throughput")
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table#dlq")))
         dlq = drv.find_element(By.ID, "dlq").text
         assert "empty_payload" in dlq and "unsupported_format" in dlq, dlq
-        _shot(drv, out, "throughput")
+        shot(drv, out, "throughput")
 
         drv.get(base + "/#/drift")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table#drift") or "no drift alert" in d.page_source)
         if recs[t["drift"]]:
             assert drv.find_elements(By.CSS_SELECTOR, "table#drift tbody tr")
-        _shot(drv, out, "drift")
+        shot(drv, out, "drift")
         print(f"console browser test: {time.monotonic() - t0:.1f}s, screenshots in {out}")
         assert console.alive() and worker.alive(), logs()
     finally:

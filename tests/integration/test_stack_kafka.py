@@ -74,3 +74,28 @@ async def _roundtrip(bootstrap: str) -> None:
 
 def test_thousand_keyed_messages_with_headers_through_a_consumer_group(kafka_bootstrap):
     asyncio.run(_roundtrip(kafka_bootstrap))
+
+
+def test_a_topic_created_after_the_consumer_started_is_seen_at_once(kafka_bootstrap):
+    """aiokafka's ``topics()`` does not update the cache ``partitions_for_topic`` reads (5 min refresh):
+    ``partitions_of`` refreshes it, so a follower started before its topic existed picks it up."""
+    from stream.kafka.clients import ensure_topics, partitions_of
+
+    topic = f"late-{uuid.uuid4().hex[:8]}"
+
+    async def go():
+        c = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False)
+        await c.start()
+        try:
+            assert await partitions_of(c, topic) == set()
+            await ensure_topics(kafka_bootstrap, [topic], partitions=2)
+            for _ in range(50):
+                if await c.topics() and topic in await c.topics():
+                    break
+                await asyncio.sleep(0.1)
+            assert c.partitions_for_topic(topic) is None  # what the bug was: the cache never learnt it
+            assert await partitions_of(c, topic) == {0, 1}
+        finally:
+            await c.stop()
+
+    asyncio.run(go())

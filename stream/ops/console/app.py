@@ -5,8 +5,10 @@ it reads ``/api/*`` and listens on ``/events`` (text/event-stream: one event per
 applied, plus a ``stats`` event every 2 s), so every page updates live. Each SSE client has a bounded queue;
 a client that falls behind is disconnected (its EventSource reconnects and reloads the views).
 
-Reads need no token. ``POST /api/defects/{frame_id}/feedback`` (the only action) needs ``Authorization:
-Bearer <console_token>`` (stream/ops/console/auth.py); without a configured token it answers 403.
+Reads need no token. Every action needs ``Authorization: Bearer <console_token>`` (stream/ops/console/auth.py;
+without a configured token it answers 403): ``POST /api/defects/{frame_id}/feedback`` (operator verdict),
+``POST /api/onboarding/{product}/select`` (capture these candidate frames) and
+``POST /api/onboarding/{product}/onboard`` (run ``linewatch onboard``: stream/ops/console/onboarding.py).
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import orjson
 from aiohttp import web
 
 from contracts.config import Settings
+from contracts.detectors import detector_info, detector_names
 from contracts.logs import get_logger
 from stream.ops.console.auth import check_bearer
 from stream.ops.console.feedback import Feedback, FeedbackError, parse_request
 from stream.ops.console.images import heatmap_overlay
 from stream.ops.console.metrics import ConsoleMetrics
+from stream.ops.console.onboarding import OnboardRunner, RunnerRefused
 from stream.ops.console.sources import ConsoleSources
 from stream.ops.console.state import ConsoleState, Filters
 
 log = get_logger("stream.ops.console")
 
-STATIC = {"console.css": "text/css", "console.js": "text/javascript", "pages.js": "text/javascript"}
+STATIC = {"console.css": "text/css", "console.js": "text/javascript", "pages.js": "text/javascript",
+          "onboarding.js": "text/javascript"}
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 SSE_QUEUE = 512  # events buffered per live client
@@ -63,6 +68,8 @@ HUB_KEY = web.AppKey("hub", Hub)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 STATS_KEY = web.AppKey("stats_task", asyncio.Task)
 METRICS_KEY = web.AppKey("metrics", ConsoleMetrics)
+RUNNER_KEY = web.AppKey("onboard_runner", OnboardRunner)
+MAX_SELECT = 200  # frame ids one capture selection carries at most
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -116,7 +123,9 @@ async def api_config(request: web.Request) -> web.Response:
     return _json({"actions_enabled": s.console_token is not None,
                   "actions_note": None if s.console_token is not None else
                   "read-only: no console token configured (LINEWATCH_CONSOLE_TOKEN), actions are disabled",
-                  "topics": src.topics.__dict__, "replay": s.console_replay, "max_defects": s.console_max_defects})
+                  "topics": src.topics.__dict__, "replay": s.console_replay, "max_defects": s.console_max_defects,
+                  "onboard_runner": s.console_onboard_runner, "detectors": detector_names(),
+                  "multi_task_detectors": [d for d in detector_names() if detector_info(d).multi_task]})
 
 
 async def api_cameras(request: web.Request) -> web.Response:
@@ -180,13 +189,71 @@ async def img_heatmap(request: web.Request) -> web.Response:
     return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
 
-async def post_feedback(request: web.Request) -> web.Response:
+def _refused(request: web.Request) -> web.Response | None:
+    """None when the request carries the console token; else the 401/403 to answer (logged)."""
     s = request.app[SETTINGS_KEY]
     token = s.console_token.get_secret_value() if s.console_token is not None else None
     decision = check_bearer(request.headers.get("Authorization"), token)
-    if not decision.allowed:
-        log.warning("console_action_refused", status=decision.status, path=request.path, peer=request.remote)
-        return _error(decision.status, decision.message)
+    if decision.allowed:
+        return None
+    log.warning("console_action_refused", status=decision.status, path=request.path, peer=request.remote)
+    return _error(decision.status, decision.message)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        d = await request.json(loads=orjson.loads)
+    except ValueError:
+        raise ValueError("the request body must be a JSON object") from None
+    if not isinstance(d, dict):
+        raise ValueError("the request body must be a JSON object")
+    return d
+
+
+async def api_onboarding(request: web.Request) -> web.Response:
+    st = request.app[STATE_KEY]
+    products = [{**p, "serving": st.serving.get(p["product"])} for p in st.onboarding.view(request.app[RUNNER_KEY])]
+    return _json({"products": products,
+                  "runner": request.app[SETTINGS_KEY].console_onboard_runner,
+                  "running": request.app[RUNNER_KEY].running()})
+
+
+async def post_capture_select(request: web.Request) -> web.Response:
+    if (refused := _refused(request)) is not None:
+        return refused
+    product = request.match_info["product"]
+    try:
+        ids = (await _body(request)).get("frame_ids")
+        if (not isinstance(ids, list) or not ids or len(ids) > MAX_SELECT
+                or not all(isinstance(i, str) and 0 < len(i) <= 256 for i in ids)):
+            raise ValueError(f"frame_ids must be a list of 1..{MAX_SELECT} frame ids")
+        ev = await request.app[SOURCES_KEY].send_capture_select(product, list(dict.fromkeys(ids)))
+    except ValueError as e:  # includes a product that is no safe name (OnboardEventError)
+        return _error(400, str(e))
+    except Exception as e:  # the broker refused or is away: nothing was selected
+        log.error("console_capture_select_failed", error=f"{type(e).__name__}: {e}"[:300])
+        return _error(503, f"selection not recorded: {type(e).__name__}")
+    request.app[STATE_KEY].apply_onboard_event(ev)
+    return _json({"product": product, "selected": ev.detail["frame_ids"], "event_id": ev.event_id}, 201)
+
+
+async def post_onboard(request: web.Request) -> web.Response:
+    if (refused := _refused(request)) is not None:
+        return refused
+    multi = [d for d in detector_names() if detector_info(d).multi_task]
+    try:
+        detector = (await _body(request)).get("detector") or (multi[0] if multi else detector_names()[0])
+        status = await request.app[RUNNER_KEY].start(request.match_info["product"], str(detector))
+    except ValueError as e:
+        return _error(400, str(e))
+    except RunnerRefused as e:
+        return _error(e.status, str(e))
+    return _json(status, 202)
+
+
+async def post_feedback(request: web.Request) -> web.Response:
+    if (refused := _refused(request)) is not None:
+        return refused
     st = request.app[STATE_KEY]
     rec = st.defects.get(request.match_info["frame_id"])
     if rec is None:
@@ -256,6 +323,7 @@ def build_app(settings: Settings, bootstrap: str, *, state: ConsoleState | None 
     st.on_change = changed
     app[SETTINGS_KEY], app[STATE_KEY], app[HUB_KEY], app[METRICS_KEY] = settings, st, hub, m
     app[SOURCES_KEY] = ConsoleSources(settings, bootstrap, st)
+    app[RUNNER_KEY] = OnboardRunner(settings, bootstrap, changed)
 
     async def startup(app: web.Application) -> None:
         if connect:
@@ -269,6 +337,7 @@ def build_app(settings: Settings, bootstrap: str, *, state: ConsoleState | None 
                 q.put_nowait(None)
 
     async def cleanup(app: web.Application) -> None:
+        await app[RUNNER_KEY].stop()
         app[STATS_KEY].cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await app[STATS_KEY]
@@ -286,6 +355,9 @@ def build_app(settings: Settings, bootstrap: str, *, state: ConsoleState | None 
     r.add_get("/api/defects", api_defects)
     r.add_get("/api/defects/{frame_id}", api_defect)
     r.add_post("/api/defects/{frame_id}/feedback", post_feedback)
+    r.add_get("/api/onboarding", api_onboarding)
+    r.add_post("/api/onboarding/{product}/select", post_capture_select)
+    r.add_post("/api/onboarding/{product}/onboard", post_onboard)
     r.add_get("/api/drift", api_drift)
     r.add_get("/api/models", api_models)
     r.add_get("/api/throughput", api_throughput)

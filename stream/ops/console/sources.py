@@ -27,9 +27,10 @@ from contracts.logs import get_logger
 from contracts.model_events import ModelEventError
 from contracts.model_events import decode as decode_model_event
 from contracts.serving_state import decode_entry
-from stream.kafka.clients import Producer, client_kwargs, ensure_topics
+from stream.kafka.clients import Producer, client_kwargs, ensure_topics, partitions_of
 from stream.kafka.codecs import require_codecs
 from stream.kafka.follow import TopicFollower
+from stream.lifecycle.onboarding import OnboardEvent, decode_event
 from stream.ops.console.feedback import Feedback, FeedbackError, decode_feedback
 from stream.ops.console.images import LRU, FrameBuffer, thumbnail
 from stream.ops.console.state import ConsoleState
@@ -48,21 +49,24 @@ class ConsoleTopics:
     serving_state: str
     model_events: str
     feedback: str
+    onboarding: str  # progress read; the operator's capture_select written
     frames: str | None  # None: no thumbnails (console_frame_buffer_mb = 0)
 
     @classmethod
     def of(cls, s: Settings) -> ConsoleTopics:
         return cls(s.topic_results, s.topic_defects, s.topic_drift, s.topic_dlq, s.topic_serving_state,
-                   s.topic_model_events, s.topic_feedback, s.topic_frames if s.console_frame_buffer_mb > 0 else None)
+                   s.topic_model_events, s.topic_feedback, s.topic_onboarding,
+                   s.topic_frames if s.console_frame_buffer_mb > 0 else None)
 
     @property
     def reads(self) -> tuple[str, ...]:
-        t = (self.results, self.defects, self.drift, self.dlq, self.serving_state, self.model_events, self.feedback)
+        t = (self.results, self.defects, self.drift, self.dlq, self.serving_state, self.model_events, self.feedback,
+             self.onboarding)
         return t + ((self.frames,) if self.frames else ())
 
     @property
     def writes(self) -> tuple[str, ...]:
-        return (self.feedback,)
+        return (self.feedback, self.onboarding)
 
 
 class TopicTail:
@@ -78,8 +82,7 @@ class TopicTail:
         self.assigned = asyncio.Event()
 
     async def _partitions(self) -> list[TopicPartition]:
-        await self.c.topics()
-        return [TopicPartition(self.topic, p) for p in sorted(self.c.partitions_for_topic(self.topic) or set())]
+        return [TopicPartition(self.topic, p) for p in sorted(await partitions_of(self.c, self.topic))]
 
     async def run(self) -> None:
         await self.c.start()
@@ -192,6 +195,9 @@ class ConsoleSources:
     def on_feedback(self, r) -> None:
         self.state.apply_feedback(decode_feedback(r.value))
 
+    def on_onboarding(self, r) -> None:
+        self.state.apply_onboard_event(decode_event(r.value))
+
     def on_serving(self, key: bytes | None, value: bytes | None) -> None:
         e = decode_entry(value)
         product = e.product if e is not None else (key or b"").decode("utf-8", "replace")
@@ -202,13 +208,13 @@ class ConsoleSources:
     async def start(self) -> None:
         t, s, n = self.topics, self.s, self.s.console_replay
         if s.dev_broker:  # the embedded broker: create the feedback topic like the stack creates the others
-            await ensure_topics(self.bootstrap, [t.feedback], settings=s)
+            await ensure_topics(self.bootstrap, [t.feedback, t.onboarding], settings=s)
         if s.console_token is not None:
             self.producer = Producer(self.bootstrap, settings=s)
             await self.producer.start()
         specs = [(t.results, self.on_result, n), (t.defects, self.on_defect, n), (t.drift, self.on_drift, n),
                  (t.dlq, self.on_dlq, n), (t.model_events, self.on_model_event, max(n, 1000)),
-                 (t.feedback, self.on_feedback, max(n, 10000))]
+                 (t.feedback, self.on_feedback, max(n, 10000)), (t.onboarding, self.on_onboarding, max(n, 2000))]
         if t.frames:
             specs.append((t.frames, self.on_frame, min(n, 16)))
         self.tails = [TopicTail(self.bootstrap, topic, fn, replay=k, settings=s) for topic, fn, k in specs]
@@ -224,6 +230,15 @@ class ConsoleSources:
         self.state.apply_feedback(fb)
         log.info("console_feedback", frame_id=fb.frame_id, verdict=fb.verdict, product=fb.product,
                  model=fb.model, version=fb.model_version, score=fb.score)
+
+    async def send_capture_select(self, product: str, frame_ids: list[str]) -> OnboardEvent:
+        """An operator's selection: a ``capture_select`` record the capture service acts on (awaits the ack)."""
+        if self.producer is None:
+            raise RuntimeError("the console producer is not started (no console token)")
+        ev = OnboardEvent("capture_select", product, {"frame_ids": frame_ids})
+        await self.producer.send_many(self.topics.onboarding, [ev.record()])
+        log.info("console_capture_select", product=product, frames=len(frame_ids))
+        return ev
 
     def health(self) -> dict[str, Any]:
         return {"topics": {tail.topic: {"assigned": tail.assigned.is_set(), "records": tail.records}

@@ -22,7 +22,9 @@ import numpy as np
 from contracts.envelope import DefectEvent, InspectionResult
 from contracts.model_events import ModelEvent, fold_status
 from contracts.serving_state import ServingEntry
+from stream.lifecycle.onboarding import OnboardEvent
 from stream.ops.console.feedback import Feedback, propose_thresholds
+from stream.ops.console.onboarding import OnboardingView
 
 SPARK = 60  # scores per camera for the sparkline
 WINDOW_S = 60  # throughput / latency window
@@ -126,6 +128,7 @@ class ConsoleState:
         self.events: deque = deque(maxlen=self.max_events)
         self.feedback: OrderedDict[str, Feedback] = OrderedDict()  # frame_id -> the latest verdict on it
         self._feedback_ids: OrderedDict[str, None] = OrderedDict()  # applied records (dedupe)
+        self.onboarding = OnboardingView()
 
     def _emit(self, kind: str, payload: dict[str, Any]) -> None:
         if self.on_change is not None:
@@ -203,11 +206,21 @@ class ConsoleState:
         except ValueError:
             ts = 0
         rec = {"reason": reason, "detail": s("error_detail"), "stage": s("error_stage"), "camera": s("camera_id"),
-               "frame_id": s("frame_id"), "ts_ms": ts or int(self.clock() * 1000), "bytes": value_bytes}
+               "frame_id": s("frame_id"), "product": s("product"), "ts_ms": ts or int(self.clock() * 1000),
+               "bytes": value_bytes}
         self.totals["dlq"] += 1
         self.dlq_reasons[reason] += 1
         self.dlq.append(rec)
         self._emit("dlq", rec)
+        if reason == "unknown_product" and self.onboarding.apply_candidate(rec["product"], rec["frame_id"],
+                                                                          rec["camera"], rec["ts_ms"]):
+            self._emit("onboarding", {"product": rec["product"], "candidate": rec["frame_id"]})
+
+    def apply_onboard_event(self, ev: OnboardEvent) -> None:
+        self.totals["onboarding_events"] += 1
+        view = self.onboarding.apply_event(ev)
+        self._emit("onboarding", {"product": ev.product, "type": ev.type, "run_id": ev.run_id,
+                                  "captured": view["captured"]})
 
     def apply_serving(self, product: str, e: ServingEntry | None) -> None:
         if e is None:

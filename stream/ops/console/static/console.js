@@ -129,7 +129,7 @@ const LW = (() => {
       opened = true;
     });
     es.onerror = () => { live.textContent = "reconnecting"; live.className = "live off"; };
-    for (const kind of ["result", "defect", "drift", "dlq", "serving", "model_event", "feedback", "stats"]) {
+    for (const kind of ["result", "defect", "drift", "dlq", "serving", "model_event", "feedback", "onboarding", "onboard_runner", "stats"]) {
       es.addEventListener(kind, (ev) => {
         let data;
         try { data = JSON.parse(ev.data); } catch (_) { return; }

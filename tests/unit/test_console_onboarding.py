@@ -1,0 +1,142 @@
+"""The console's onboarding page without Kafka: folding onboarding records and unknown-product DLQ records
+(stream/ops/console/onboarding.py), the actions' token / input checks, and the Onboard action's real child
+process (`linewatch onboard`, which refuses a product with too few captured images before touching Kafka).
+The whole loop in a browser on the real stack is tests/integration/test_camera_onboarding.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from contracts.config import Settings
+from stream.lifecycle.onboarding import OnboardEvent
+from stream.ops.console.onboarding import MAX_CANDIDATES, OnboardingView, OnboardRunner, RunnerRefused
+from stream.ops.console.state import ConsoleState
+
+TOKEN = "t-onboarding-123"
+
+
+def _ev(type_, product="elpv", run=None, ts=1, **detail):
+    return OnboardEvent(type_, product, detail, run_id=run, ts_ms=ts)
+
+
+def _progress(view, product="elpv"):
+    p = next(x for x in view.view() if x["product"] == product)
+    return {s["step"]: s["state"] for s in p["runs"][0]["progress"]}
+
+
+def test_dlq_unknown_product_frames_become_candidates_and_captures_mark_them():
+    st = ConsoleState()
+    seen = []
+    st.on_change = lambda kind, payload: seen.append(kind)
+    for i in range(3):
+        st.apply_dlq({"error": b"unknown_product", "frame_id": f"c{i}".encode(), "camera_id": b"cam-e",
+                      "product": b"elpv", "error_ts_ms": str(1000 + i).encode()}, 10)
+    st.apply_dlq({"error": b"empty_payload", "frame_id": b"x", "product": b"elpv"}, 0)  # not a candidate
+    st.apply_dlq({"error": b"unknown_product", "frame_id": b"y", "product": b"../etc"}, 5)  # no safe product
+    st.apply_onboard_event(_ev("captured", count=2, frame_ids=["c0", "c1"], ts=2000))
+    st.apply_onboard_event(_ev("capture_select", frame_ids=["c2"], ts=2001))
+    (p,) = st.onboarding.view()
+    assert p["captured"] == 2 and [c["frame_id"] for c in p["candidates"]] == ["c2", "c1", "c0"]
+    assert [c["captured"] for c in p["candidates"]] == [False, True, True] and p["candidates"][0]["selected"]
+    assert "onboarding" in seen
+    for i in range(MAX_CANDIDATES + 5):
+        st.onboarding.apply_candidate("elpv", f"n{i}", "cam", i)
+    assert len(st.onboarding.view()[0]["candidates"]) == MAX_CANDIDATES
+
+
+def test_run_progress_done_active_failed_and_outcomes():
+    v = OnboardingView()
+    v.apply_event(_ev("onboard_started", run="r1", ts=1, model="moleflow", images=20))
+    v.apply_event(_ev("training_started", run="r1", ts=2, runner="local"))
+    assert _progress(v) == {"onboard_started": "done", "training_started": "done", "training_finished": "active",
+                            "released": "pending", "promoted": "pending"}
+    v.apply_event(_ev("training_started", run="r1", ts=2, runner="local"))  # a replayed record: applied once
+    assert len(v.view()[0]["runs"][0]["steps"]) == 2
+    v.apply_event(_ev("failed", run="r1", ts=3, step="training", error="exit code 1"))
+    assert _progress(v) == {"onboard_started": "done", "training_started": "done", "training_finished": "failed",
+                            "released": "skipped", "promoted": "skipped"}
+    for i, t in enumerate(("onboard_started", "training_started", "training_finished", "released", "rolled_back")):
+        v.apply_event(_ev(t, run="r2", ts=10 + i))
+    p = v.view()[0]
+    assert p["runs"][0]["run_id"] == "r2" and p["runs"][0]["outcome"] == "rolled_back"
+    assert _progress(v)["rolled_back"] == "failed" and _progress(v)["released"] == "done"
+    v.apply_event(_ev("onboard_started", run="r3", ts=20))
+    v.apply_event(_ev("promoted", run="r3", ts=25))
+    assert v.view()[0]["runs"][0]["outcome"] == "promoted"
+
+
+async def _client(settings: Settings, st: ConsoleState):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from stream.ops.console.app import build_app
+
+    client = TestClient(TestServer(build_app(settings, "127.0.0.1:1", state=st, connect=False)))
+    await client.start_server()
+    return client
+
+
+async def test_onboarding_actions_need_the_token_and_check_their_input(tmp_path):
+    st = ConsoleState()
+    st.apply_onboard_event(_ev("captured", count=1, frame_ids=["a"]))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    c = await _client(Settings(console_token=TOKEN, capture_dir=tmp_path, console_onboard_runner="off"), st)
+    try:
+        d = await (await c.get("/api/onboarding")).json()
+        assert d["runner"] == "off" and d["products"][0]["product"] == "elpv" and d["products"][0]["captured"] == 1
+        assert (await c.get("/static/onboarding.js")).status == 200
+        assert (await c.post("/api/onboarding/elpv/onboard", json={})).status == 401
+        off = await c.post("/api/onboarding/elpv/onboard", json={}, headers=auth)
+        assert off.status == 403 and "console_onboard_runner" in (await off.json())["error"]
+        assert (await c.post("/api/onboarding/elpv/select", json={"frame_ids": ["a"]})).status == 401
+        for bad in ({"frame_ids": []}, {"frame_ids": "a"}, {"frame_ids": [1]}, [1, 2]):
+            assert (await c.post("/api/onboarding/elpv/select", json=bad, headers=auth)).status == 400, bad
+        assert (await c.post("/api/onboarding/elpv/select", data=b"{", headers=auth)).status == 400
+        # no broker behind this app: the selection is not recorded, and says so
+        down = await c.post("/api/onboarding/elpv/select", json={"frame_ids": ["a"]}, headers=auth)
+        assert down.status == 503 and "not recorded" in (await down.json())["error"]
+    finally:
+        await c.close()
+
+
+async def test_onboard_action_runs_linewatch_onboard_and_shows_its_exit(tmp_path):
+    """The real child process: `linewatch onboard` with no captured images exits 2 with one line (no Kafka)."""
+    s = Settings(console_token=TOKEN, capture_dir=tmp_path, console_onboard_runner="local", onboard_min_images=4)
+    st = ConsoleState()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    c = await _client(s, st)
+    try:
+        for body, status in (({"detector": "nope"}, 400), ({}, 202)):
+            r = await c.post("/api/onboarding/elpv/onboard", json=body, headers=auth)
+            assert r.status == status, await r.text()
+        started = await r.json()
+        assert started["rc"] is None and started["mode"] == "local" and started["detector"] == "moleflow"
+        assert (await c.post("/api/onboarding/bad%20name/onboard", json={}, headers=auth)).status == 400
+        for _ in range(200):
+            runner = (await (await c.get("/api/onboarding")).json())
+            if "elpv" not in runner["running"]:
+                break
+            await asyncio.sleep(0.1)
+        app_runner = c.server.app
+        from stream.ops.console.app import RUNNER_KEY
+
+        status = app_runner[RUNNER_KEY].status("elpv")
+        assert status["rc"] == 2, status
+        assert any("only 0 captured images of elpv" in line for line in status["output"]), status["output"]
+        again = await c.post("/api/onboarding/elpv/onboard", json={}, headers=auth)  # ended: may run again
+        assert again.status == 202
+    finally:
+        await c.close()
+
+
+def test_runner_argv_and_limits():
+    s = Settings(console_onboard_runner="k8s", console_onboard_args=["--epochs", "1"])
+    r = OnboardRunner(s, "b:9092")
+    argv = r.argv("elpv", "moleflow")
+    assert argv[1:4] == ["-m", "stream.ops.cli", "onboard"] and "--k8s" in argv and argv[-3:] == ["--", "--epochs", "1"]
+    assert ["--product", "elpv"] == argv[argv.index("--product"):argv.index("--product") + 2] and r.limit == 4
+    assert OnboardRunner(Settings(console_onboard_runner="local"), "b:1").limit == 1
+    with pytest.raises(RunnerRefused) as e:
+        asyncio.run(OnboardRunner(Settings(console_onboard_runner="off"), "b:1").start("elpv", "moleflow"))
+    assert e.value.status == 403
