@@ -49,6 +49,29 @@ from stream.lifecycle.supervise import run_until_stopped
 log = get_logger("stream.lifecycle.capture")
 
 
+@dataclass(frozen=True)
+class CaptureTopics:
+    """The Kafka resources the service uses (stream/ops/acls.py derives its KafkaUser from the same object)."""
+
+    dlq: str  # unknown_product candidates, in ``group``
+    model_events: str  # retrain_requested arms, in ``group``
+    onboarding: str  # capture_select read in ``group``; captured / capture_armed written
+    frames: str  # live frames while armed: every partition, no group
+    group: str
+
+    @classmethod
+    def of(cls, s: Settings) -> CaptureTopics:
+        return cls(s.topic_dlq, s.topic_model_events, s.topic_onboarding, s.topic_frames, s.capture_group)
+
+    @property
+    def subscribed(self) -> tuple[str, ...]:
+        return (self.dlq, self.model_events, self.onboarding)
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return (self.onboarding,)
+
+
 @dataclass
 class Arm:
     """Capture live frames of ``product`` (or, without one, of ``camera``) until ``until`` (monotonic)."""
@@ -186,11 +209,12 @@ class CaptureService:
         s = self.s
         # dev: a topic created after the subscription (the DLQ, by the first worker) is seen within seconds
         extra = {"metadata_max_age_ms": 5000} if s.dev_broker else {}
-        c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=s.capture_group, enable_auto_commit=False,
+        t = CaptureTopics.of(s)
+        c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=t.group, enable_auto_commit=False,
                              auto_offset_reset="earliest", **client_kwargs("consumer", s, **extra))
         await c.start()
         try:
-            c.subscribe([s.topic_dlq, s.topic_model_events, s.topic_onboarding])
+            c.subscribe(list(t.subscribed))
             while not stop.is_set():
                 batch = await c.getmany(timeout_ms=300, max_records=64)
                 events: list[OnboardEvent] = []

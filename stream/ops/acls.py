@@ -15,9 +15,16 @@ the reading and writing.
   and writes the topics of its ``ControllerTopics`` (model events in its own group, the compacted serving
   state) and reads frames without a group (the shadow sampler).
 - **console**: ``linewatch console`` (:class:`stream.ops.console.sources.ConsoleTopics`) reads every topic it
-  shows without a group and writes operator feedback.
-- **line**: a factory line publishes frames the way ``linewatch replay`` does and follows its
-  results the way ``linewatch tail --defects`` does. Neither uses a consumer group.
+  shows without a group and writes operator feedback and capture selections. Unless
+  ``console_onboard_runner`` is ``off`` it runs ``linewatch onboard`` as a child with its own identity, so
+  its user also holds :func:`onboard_grants` for that runner.
+- **capture**: ``linewatch capture`` (:class:`stream.lifecycle.capture.CaptureTopics`) reads the DLQ, model
+  events and onboarding commands in its group, live frames without one, and writes onboarding progress.
+- **onboard**: ``linewatch onboard`` (stream/ops/onboard.py) reads serving-state, model-events and the
+  onboarding topic without a group and publishes its steps on the onboarding topic; trained locally, the
+  training subprocess publishes ``released`` with the same identity.
+- **line**: a factory line publishes frames the way ``linewatch replay`` and ``linewatch camera`` do and
+  follows its results the way ``linewatch tail --defects`` does. None uses a consumer group.
 
 None of these producers is idempotent or transactional, so no cluster grant is needed.
 ``tests/unit/test_kafka_acls.py`` checks that the KafkaUsers in ``k8s/base/kafka-users.yaml``
@@ -121,14 +128,38 @@ def line_grants(settings: Settings) -> Grants:
 
     g: Grants = {}
     _add(g, _topic(replay_topic(_parse(["replay", "folder"], settings))), WRITE)
+    # `linewatch camera` resolves its topic like replay (--topic, else topic_frames; stream/ops/cli_camera.py)
+    _add(g, _topic(replay_topic(_parse(["camera", "--source", "x", "--camera-id", "c"], settings))), WRITE)
     for name in tail_topics(_parse(["tail", "--defects"], settings)).values():
         if name:
             _add(g, _topic(name), READ)
     return g
 
 
+def onboard_grants(settings: Settings, k8s: bool = True) -> Grants:
+    """``linewatch onboard [--k8s]`` (stream/ops/onboard.py), no consumer group anywhere (``read_topics``):
+    the serving state read whole (``serving_entries``: is the product served, which model), model events
+    read (``wait_model_event``: the ``released``, then the outcome with ``--wait``), the onboarding topic
+    read (``captured_on_topic``: the image count without the capture volume, ``--k8s``) and written (each
+    step: ``Onboarding.emit``). Trained locally, the training subprocess publishes ``released`` on the
+    model-events topic ``train_argv`` passes it, as this same identity; with ``--k8s`` the Job does, as
+    ``linewatch-trainer``."""
+    s = settings
+    g: Grants = {}
+    for name in (s.topic_serving_state, s.topic_model_events):
+        _add(g, _topic(name), READ)
+    if k8s:
+        _add(g, _topic(s.topic_onboarding), READ)
+    _add(g, _topic(s.topic_onboarding), WRITE)
+    if not k8s:
+        _add(g, _topic(s.topic_model_events), WRITE)
+    return g
+
+
 def console_grants(settings: Settings) -> Grants:
-    """``linewatch console``: reads the topics it shows (no group), writes operator feedback."""
+    """``linewatch console``: reads the topics it shows (no group), writes operator feedback and capture
+    selections; plus what its ``linewatch onboard`` child needs (``console_onboard_runner``: ``k8s`` adds
+    ``--k8s``, ``off`` runs none)."""
     from stream.ops.console.sources import ConsoleTopics
 
     t = ConsoleTopics.of(settings)
@@ -137,12 +168,32 @@ def console_grants(settings: Settings) -> Grants:
         _add(g, _topic(name), READ)
     for name in t.writes:
         _add(g, _topic(name), WRITE)
+    if settings.console_onboard_runner != "off":
+        for res, ops in onboard_grants(settings, k8s=settings.console_onboard_runner == "k8s").items():
+            _add(g, res, ops)
+    return g
+
+
+def capture_grants(settings: Settings, args: list[str] | None = None) -> Grants:
+    """``linewatch capture ARGS``: the topics of its ``CaptureTopics`` (``--group`` replaces the settings'
+    group, as the verb does)."""
+    from stream.lifecycle.capture import CaptureTopics
+
+    a = _parse(["capture", *(args or [])], settings)
+    t = CaptureTopics.of(settings.with_overrides(capture_group=a.group))
+    g: Grants = {}
+    for name in t.subscribed:
+        _add(g, _topic(name), READ)
+    _add(g, _topic(t.frames), READ)
+    for name in t.writes:
+        _add(g, _topic(name), WRITE)
+    _add(g, Resource("group", t.group), READ)
     return g
 
 
 COMPONENTS = {"linewatch-worker": worker_grants, "linewatch-controller": controller_grants,
               "linewatch-trainer": trainer_grants, "linewatch-line": line_grants,
-              "linewatch-console": console_grants}
+              "linewatch-console": console_grants, "linewatch-capture": capture_grants}
 
 
 def from_strimzi(acls: list[dict]) -> Grants:

@@ -131,7 +131,9 @@ def _allowed_by_dockerignore(name: str) -> set[str]:
 
 def test_worker_image_file_set_has_no_devstack_models_or_tests():
     copied, allowed = _copied_sources("worker"), _allowed_by_dockerignore("worker")
-    assert {"contracts", "stream"} <= copied <= allowed | {"."}
+    assert {"contracts", "stream"} <= {c.split("/")[0] for c in copied} <= allowed | {"."}
+    # of k8s/, only the training Job template `linewatch onboard --k8s` applies (the console's Onboard)
+    assert {c for c in copied if c.startswith("k8s")} == {"k8s/train/train-job.yaml", "k8s/train/kustomization.yaml"}
     for banned in ("devstack", "models", "tests", "benchmarks", "triton_repo"):
         assert banned not in copied and banned not in allowed, f"{banned}/ must not reach the worker image"
     assert re.search(r'pip install "\.\[worker\]"', DOCKERFILES["worker"].read_text())
@@ -155,6 +157,20 @@ def test_worker_runs_from_its_file_set_alone():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_worker_image_carries_what_the_consoles_onboard_k8s_runs():
+    """`linewatch onboard --k8s` (the console's child, k8s/base/console.yaml) needs kubectl on PATH and the Job
+    template where the installed package looks for it (stream/ops/onboard.py JOB_TEMPLATE)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILES["worker"].read_text())
+    stages = dict(re.findall(r"^FROM\s+(\S+)\s+AS\s+(\w+)", text, flags=re.M | re.I))
+    assert any(image.startswith("registry.k8s.io/kubectl:v1.") and name == "kubectl" for image, name in stages.items())
+    final = text.rsplit("\nFROM ", 1)[1]
+    assert "COPY --from=kubectl /bin/kubectl /usr/local/bin/kubectl" in final
+    # copied with the installed package's path (python -I: not the sources in the build directory)
+    assert re.search(r"python -I -c .*o\.JOB_TEMPLATE\.parent.*train-job\.yaml", text)
+    lines = (DOCKER / "worker.Dockerfile.dockerignore").read_text().splitlines()
+    assert {"!k8s/train/train-job.yaml", "!k8s/train/kustomization.yaml"} <= set(lines)
 
 
 def test_triton_and_train_images_carry_what_they_import():

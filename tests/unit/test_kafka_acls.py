@@ -11,9 +11,15 @@ import pytest
 from contracts.config import Settings
 from stream.ops.acls import (
     COMPONENTS,
+    READ,
+    WRITE,
+    Resource,
+    capture_grants,
+    console_grants,
     controller_grants,
     from_strimzi,
     line_grants,
+    onboard_grants,
     to_strimzi,
     trainer_grants,
     worker_grants,
@@ -63,12 +69,18 @@ def test_kafka_users_grant_exactly_what_the_code_uses(monkeypatch):
             want = controller_grants(s)
         elif prog == "linewatch-models" and args[:2] == ["job", "train"]:
             want = trainer_grants(s)  # the job publishes with `linewatch release` in the same container
+        elif prog == "linewatch" and args[:1] == ["console"]:
+            want = console_grants(s)  # with its `linewatch onboard` child's, for the runner it is given
+            assert s.console_onboard_runner == "k8s" and "--k8s" not in args  # the runner adds --k8s itself
+        elif prog == "linewatch" and args[:1] == ["capture"]:
+            want = capture_grants(s, args[1:])
         else:
             pytest.fail(f"{name}: {obj['metadata']['name']}/{c['name']} runs `{prog} {args[:2]}` as {user}: no derivation")
         assert users[user] == want, (f"{name}: KafkaUser {user} for {obj['metadata']['name']}/{c['name']}:\n"
                                      f"has  {to_strimzi(users[user])}\nneeds {to_strimzi(want)}")
         checked.add(user)
-    assert checked == {"linewatch-worker", "linewatch-controller", "linewatch-trainer"}
+    assert checked == {"linewatch-worker", "linewatch-controller", "linewatch-trainer", "linewatch-console",
+                       "linewatch-capture"}
     # factory lines run outside the cluster with the ConfigMap's topic names
     base_cm = by_kind(render("base"), "ConfigMap")["linewatch-config"]["data"]
     assert users["linewatch-line"] == line_grants(_settings_of(base_cm, monkeypatch))
@@ -101,3 +113,85 @@ def test_controller_grants_follow_its_settings():
 def test_strimzi_round_trip():
     g = line_grants(Settings())
     assert from_strimzi(to_strimzi(g)) == g
+
+
+def _named(g) -> dict[tuple[str, str], set[str]]:
+    return {(r.type, r.name): set(ops) for r, ops in g.items()}
+
+
+def test_capture_grants_follow_its_code_settings_and_group_flag():
+    """One group for the DLQ, model events and onboarding commands; frames without a group; progress out."""
+    s = Settings(topic_dlq="p2-dlq", topic_model_events="p2-events", topic_onboarding="p2-onboarding",
+                 topic_frames="p2-frames", capture_group="p2-capture")
+    assert _named(capture_grants(s)) == {("topic", "p2-dlq"): READ, ("topic", "p2-events"): READ,
+                                         ("topic", "p2-onboarding"): READ | WRITE, ("topic", "p2-frames"): READ,
+                                         ("group", "p2-capture"): READ}
+    g = capture_grants(s, ["--group", "other"])  # `linewatch capture --group` replaces the settings' group
+    assert Resource("group", "other") in g and Resource("group", "p2-capture") not in g
+
+
+def test_capture_service_subscribes_to_what_it_is_granted(monkeypatch):
+    """The service's consumer really uses CaptureTopics: the topics it subscribes and its group id."""
+    import asyncio
+
+    from stream.lifecycle import capture
+
+    seen = {}
+
+    class FakeConsumer:
+        def __init__(self, **kw):
+            seen["group"] = kw.get("group_id")
+
+        async def start(self):
+            pass
+
+        def subscribe(self, topics):
+            seen["topics"] = tuple(topics)
+
+        async def getmany(self, **_kw):
+            stop.set()
+            return {}
+
+        async def stop(self):
+            pass
+
+    s = Settings(topic_dlq="p2-dlq", topic_onboarding="p2-onboarding", capture_group="p2-capture")
+    stop = asyncio.Event()
+    svc = capture.CaptureService(s)
+    monkeypatch.setattr(capture, "AIOKafkaConsumer", FakeConsumer)
+    asyncio.run(svc._control(stop))
+    g = capture_grants(s)
+    assert Resource("group", seen["group"]) in g
+    assert set(seen["topics"]) == {s.topic_dlq, s.topic_model_events, s.topic_onboarding}
+    assert all(g[Resource("topic", t)] >= READ for t in seen["topics"])
+
+
+def test_onboard_grants_by_runner():
+    s = Settings(topic_serving_state="p2-serving", topic_model_events="p2-events", topic_onboarding="p2-onb")
+    # --k8s: no group; the Job (linewatch-trainer) publishes `released`, so model events are only read
+    assert _named(onboard_grants(s)) == {("topic", "p2-serving"): READ, ("topic", "p2-events"): READ,
+                                         ("topic", "p2-onb"): READ | WRITE}
+    # local: the training subprocess publishes `released` as this identity
+    local = _named(onboard_grants(s, k8s=False))
+    assert local[("topic", "p2-events")] == READ | WRITE and local[("topic", "p2-onb")] == WRITE
+    assert not [r for r in onboard_grants(s) if r.type != "topic"]
+
+
+def test_console_grants_include_its_onboard_child_unless_the_runner_is_off():
+    s = Settings(console_onboard_runner="local")
+    off = console_grants(s.with_overrides(console_onboard_runner="off"))
+    assert off[Resource("topic", s.topic_model_events)] == READ  # the console only shows model events
+    assert console_grants(s)[Resource("topic", s.topic_model_events)] == READ | WRITE  # local training
+    k8s = console_grants(s.with_overrides(console_onboard_runner="k8s"))
+    assert all(k8s.get(r, frozenset()) >= ops for r, ops in onboard_grants(s).items())
+    assert k8s[Resource("topic", s.topic_onboarding)] == READ | WRITE
+
+
+def test_line_grants_cover_the_camera():
+    """`linewatch camera` publishes where `linewatch replay` does: the settings' frames topic."""
+    from stream.ops.cli import build_parser
+
+    s = Settings(topic_frames="p2-frames")
+    assert line_grants(s)[Resource("topic", "p2-frames")] == WRITE
+    a = build_parser().parse_args(["camera", "--source", "x", "--camera-id", "c"])
+    assert a.topic is None  # no default of its own: the camera falls back to settings.topic_frames
