@@ -524,8 +524,24 @@ def test_monitoring_kustomization_renders_rule_and_dashboard_configmap():
         pytest.skip("no kustomize renderer (Debian: apt-get install kubernetes-client)")
     out = subprocess.run([*RENDERER, str(MON)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    docs = {d["kind"]: d for d in rendered}
     assert docs["PrometheusRule"]["metadata"]["namespace"] == "linewatch"
+    # every component whose metrics the rules use is scraped, on a port its pods really declare
+    base = subprocess.run([*RENDERER, str(REPO / "k8s" / "base")], capture_output=True, text=True, timeout=60)
+    assert base.returncode == 0, base.stderr
+    ports = {}
+    for d in yaml.safe_load_all(base.stdout):
+        if d and d["kind"] in ("Deployment", "StatefulSet"):
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            ports[labels["app.kubernetes.io/name"]] = {p["name"] for c in d["spec"]["template"]["spec"]["containers"]
+                                                       for p in c.get("ports", [])}
+    monitors = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "PodMonitor"}
+    assert set(monitors) == {"linewatch-worker", "linewatch-triton", "linewatch-console"}
+    for name, m in monitors.items():
+        assert m["metadata"]["namespace"] == "linewatch"
+        target = m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        assert target == name and {e["port"] for e in m["spec"]["podMetricsEndpoints"]} <= ports[target], name
     cm = docs["ConfigMap"]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["grafana-dashboard.json"]) == _dashboard()
