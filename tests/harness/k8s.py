@@ -21,7 +21,6 @@ KUSTOMIZATIONS = {"base": K8S / "base", "dev": K8S / "overlays/dev", "prod": K8S
                   "train": K8S / "train"}
 SERVICE = ("base", "dev", "prod")
 K8S_VERSION = "1.30.0"  # oldest Kubernetes minor we support (policy/v1 PDB, batch/v1 Job TTL, ...)
-TOPICS = {"frames", "inspection-results", "defect-events", "drift-alerts", "model-events", "frames-dlq"}
 ENV_NAMES = {"LINEWATCH_KAFKA_BOOTSTRAP", "LINEWATCH_KAFKA_SECURITY_PROTOCOL", "LINEWATCH_KAFKA_SASL_MECHANISM",
              "LINEWATCH_KAFKA_SASL_USERNAME", "LINEWATCH_KAFKA_SASL_PASSWORD", "LINEWATCH_KAFKA_SSL_CAFILE",
              "LINEWATCH_TRITON_GRPC_URL", "LINEWATCH_DEV_BROKER", "LINEWATCH_WORKER_DATA_DIR"}

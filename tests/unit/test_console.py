@@ -518,7 +518,7 @@ def test_promtool_checks_and_unit_tests_the_rules(tmp_path):
 
 
 def test_monitoring_kustomization_renders_rule_and_dashboard_configmap():
-    from tests.harness.k8s import RENDERER
+    from tests.harness.k8s import RENDERER, pod_spec, render
 
     if RENDERER is None:
         pytest.skip("no kustomize renderer (Debian: apt-get install kubernetes-client)")
@@ -528,14 +528,9 @@ def test_monitoring_kustomization_renders_rule_and_dashboard_configmap():
     docs = {d["kind"]: d for d in rendered}
     assert docs["PrometheusRule"]["metadata"]["namespace"] == "linewatch"
     # every component whose metrics the rules use is scraped, on a port its pods really declare
-    base = subprocess.run([*RENDERER, str(REPO / "k8s" / "base")], capture_output=True, text=True, timeout=60)
-    assert base.returncode == 0, base.stderr
-    ports = {}
-    for d in yaml.safe_load_all(base.stdout):
-        if d and d["kind"] in ("Deployment", "StatefulSet"):
-            labels = d["spec"]["template"]["metadata"]["labels"]
-            ports[labels["app.kubernetes.io/name"]] = {p["name"] for c in d["spec"]["template"]["spec"]["containers"]
-                                                       for p in c.get("ports", [])}
+    ports = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]:
+             {p["name"] for c in pod_spec(d)["containers"] for p in c.get("ports", [])}
+             for d in render("base") if d["kind"] in ("Deployment", "StatefulSet")}
     monitors = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "PodMonitor"}
     assert set(monitors) == {"linewatch-worker", "linewatch-triton", "linewatch-console"}
     for name, m in monitors.items():
