@@ -148,10 +148,10 @@ def onboard_grants(settings: Settings, k8s: bool = True) -> Grants:
     g: Grants = {}
     for name in (s.topic_serving_state, s.topic_model_events):
         _add(g, _topic(name), READ)
+    _add(g, _topic(s.topic_onboarding), WRITE)
     if k8s:
         _add(g, _topic(s.topic_onboarding), READ)
-    _add(g, _topic(s.topic_onboarding), WRITE)
-    if not k8s:
+    else:
         _add(g, _topic(s.topic_model_events), WRITE)
     return g
 
