@@ -1,11 +1,15 @@
 """Multi-product accuracy: EfficientAD per product and MoLE-Flow as one continual sequence.
 
-Products: every real inspection set available here. MVTec AD ``bottle`` (pixel masks) and ELPV
-solar ``cells`` (PyPI wheel ``elpv-dataset``, image-level labels: good = probability 0, defective >=
-0.5). Per product: image AUROC, pixel AUROC, AUPRO@30%, pixel AP (where masks exist), mean over
-products, MoLE-Flow routing accuracy, forgetting, bit-identity of earlier tasks, wall time and CPU
-ms/image (1 torch thread, batch 1, eager). Schedules and early stopping use held-out good images and
-CutPaste anomalies only; each test set is scored once, at the end.
+Products: every real inspection set available here. MVTec AD ``bottle`` (pixel masks), ELPV solar
+``cells`` (PyPI wheel ``elpv-dataset``, image-level labels: good = probability 0, defective >= 0.5) and
+MVTec AD ``screw`` (image labels only). Per product: image AUROC, pixel AUROC, AUPRO@30%, pixel AP
+(where masks exist), and at the released operating point (models/operating_point.py: the threshold for
+the target false-alarm rate, chosen on held-out good training images, recall estimated on synthetic
+CutPaste + colour defects) the test set's recall and false-alarm rate, the share of defective test
+images with a box at IoU >= 0.3 with a ground-truth region's box (masks) and the share of good test
+images with no box; MoLE-Flow routing accuracy, forgetting, bit-identity of earlier tasks, wall time
+and CPU ms/image (1 torch thread, batch 1, eager). Schedules, early stopping and thresholds use held-out
+good images and synthetic anomalies only; each test set is scored once, at the end.
 
     .venv/bin/python benchmarks/accuracy.py                       # both detectors, generic teacher
     .venv/bin/python benchmarks/accuracy.py --detectors efficientad --teacher frozen-lite0
@@ -63,12 +67,16 @@ class Product:
 def products(elpv_train: int, elpv_test: int) -> list[Product]:
     bottle = mvtec_category_dir("bottle", data_root(SETTINGS))
     samples = mvtec_samples(bottle, "test")
+    screw = mvtec_category_dir("screw", data_root(SETTINGS))
+    s_samples = mvtec_samples(screw, "test")
     e_train, e_test = elpv_split(elpv_train, elpv_test, elpv_test)
     return [
         Product("bottle", list_images(bottle / "train" / "good"), [s.path for s in samples], [s.label for s in samples],
                 [s.defect_type for s in samples], [s.mask_path for s in samples]),
         Product("cells", e_train, [p for p, _ in e_test], [lab for _, lab in e_test],
                 ["good" if lab == 0 else "defective" for _, lab in e_test], None),
+        Product("screw", list_images(screw / "train" / "good"), [s.path for s in s_samples],
+                [s.label for s in s_samples], [s.defect_type for s in s_samples], None),
     ]
 
 
@@ -90,32 +98,74 @@ def summarize(res: dict) -> dict:
     return {k: o.get(k) for k in ("image_auroc", "pixel_auroc", "aupro_30", "pixel_ap")}
 
 
+# ---------------------------------------------------------------- operating point
+def bgr(paths: list[Path]) -> list[np.ndarray]:
+    import cv2
+
+    return [cv2.imread(str(q), cv2.IMREAD_COLOR) for q in paths]
+
+
+def at_operating_point(op: dict, scores: np.ndarray, maps: np.ndarray, p: Product, size: int) -> dict:
+    """Test-set figures at the released operating point (reported, never used to choose it)."""
+    from contracts.operating_point import anomaly_boxes, prepare_map
+    from models.evaluation import box_hits
+
+    y = np.asarray(p.labels)
+    flagged = np.asarray(scores) > op["threshold"]
+    boxes = [anomaly_boxes(prepare_map(m, (size, size), op["map_sigma"], op["map_border"]), op["map_threshold"],
+                           force=True) if f else [] for m, f in zip(maps, flagged, strict=True)]
+    out = {"threshold": op["threshold"], "recall_at_threshold": float(flagged[y == 1].mean()),
+           "false_alarm_rate": float(flagged[y == 0].mean()), "good_box_free_rate": float(np.mean([not b for b, lab in zip(boxes, y, strict=True) if lab == 0])),
+           "n_good": int((y == 0).sum()), "n_defective": int((y == 1).sum()),
+           "released": {k: op[k] for k in ("target_false_alarm_rate", "estimated_false_alarm_rate", "estimated_recall",
+                                           "estimated_recall_by_family", "n_good", "n_synthetic", "method")}}
+    if p.mask_paths is not None:
+        masks = masks_for(p, size)
+        hits = [box_hits(b, m) for b, m, lab in zip(boxes, masks, y, strict=True) if lab == 1]
+        out["box_hit_rate"] = float(np.mean(hits))
+    return out
+
+
 # ---------------------------------------------------------------- EfficientAD
 def run_efficientad(prods: list[Product], args) -> dict:
     from models.efficientad.model import DEFAULT_TEACHER
     from models.efficientad.train import TrainConfig, predict, train_efficientad
+    from models.operating_point import choose_operating_point
 
     out = {}
     for p in prods:
         torch.set_num_threads(args.threads)
+        fit, hold = split_train_val(sorted(p.train), args.holdout, 0)
         t0 = time.time()
         cfg = TrainConfig(steps=args.efficientad_steps, lr=args.efficientad_lr, seed=0,
                           max_train_seconds=args.efficientad_seconds, select_every=args.select_every,
                           amp_bf16=args.amp_bf16, backbone_weights=str(WEIGHTS),
                           teacher_kind="lite0-features" if args.teacher == "frozen-lite0" else "pdn",
                           penalty_dir=str(data_root(SETTINGS) / "imagenet-sample") if args.penalty else None)
-        model, meta = train_efficientad(p.train, cfg, teacher_weights=DEFAULT_TEACHER)
+        model, meta = train_efficientad(fit, cfg, teacher_weights=DEFAULT_TEACHER)
         train_s = time.time() - t0
-        x = torch.stack([normalize(load_image(q, 256), model.input_mean, model.input_std) for q in p.test])
-        maps, scores = predict(model, x)
-        res = evaluate(scores.numpy(), p.labels, p.defect_types, maps=maps[:, 0].numpy(), masks=masks_for(p, 256))
+
+        def score(imgs, m=model):
+            import cv2
+
+            x = torch.stack([normalize(cv2.cvtColor(cv2.resize(im, (256, 256), interpolation=cv2.INTER_AREA),
+                                                    cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0,
+                                       m.input_mean, m.input_std) for im in imgs])
+            maps, scores = predict(m, x)
+            return scores.numpy().reshape(-1), maps[:, 0].numpy()
+
+        op = choose_operating_point(score, bgr(hold), (256, 256), target_false_alarm_rate=args.target_false_alarm_rate)
+        scores, maps = score(bgr(p.test))
+        res = evaluate(scores, p.labels, p.defect_types, maps=maps, masks=masks_for(p, 256))
+        x = torch.stack([normalize(load_image(q, 256), model.input_mean, model.input_std) for q in p.test[:8]])
         out[p.name] = {"metrics": summarize(res), "per_defect": {k: v.get("image_auroc") for k, v in res["per_defect"].items()},
+                       "operating_point": at_operating_point(op, scores, maps, p, 256),
                        "steps_done": meta["steps_done"], "selected_step": meta["selected_step"],
                        "selection_synthetic_auroc": meta["selection"], "train_seconds": round(train_s, 1),
-                       "cpu_ms_per_image": cpu_ms_per_image(lambda b, m=model: predict(m, b), x[:8]),
-                       "n_train": len(p.train), "n_test": len(p.test)}
-        print(f"efficientad {p.name}: {out[p.name]['metrics']} steps={meta['steps_done']} "
-              f"selected={meta['selected_step']} {train_s:.0f}s", flush=True)
+                       "cpu_ms_per_image": cpu_ms_per_image(lambda b, m=model: predict(m, b), x),
+                       "n_train": len(fit), "n_holdout": len(hold), "n_test": len(p.test)}
+        print(f"efficientad {p.name}: {out[p.name]['metrics']} {out[p.name]['operating_point']} "
+              f"steps={meta['steps_done']} {train_s:.0f}s", flush=True)
     teacher_desc = ("frozen tf_efficientnet_lite0 layers 2+3 (PatchCore aggregation) as the teacher"
                     if args.teacher == "frozen-lite0" else
                     f"generic PDN teacher {DEFAULT_TEACHER.name} (distilled over imagenet-sample)")
@@ -128,9 +178,10 @@ def run_efficientad(prods: list[Product], args) -> dict:
 
 # ---------------------------------------------------------------- MoLE-Flow
 def run_moleflow(prods: list[Product], args) -> dict:
-    from models.moleflow.evaluate import TaskTestSet, evaluate_task, forgetting_bwt
+    from models.moleflow.evaluate import TaskTestSet, evaluate_task, forgetting_bwt, predict_set
     from models.moleflow.model import MoLEFlow, MoLEFlowConfig
     from models.moleflow.train import TrainConfig, extract_features, load_images, train_task
+    from models.operating_point import choose_operating_point
 
     torch.set_num_threads(args.threads)
     cfg = MoLEFlowConfig(grid=args.moleflow_grid, dim=args.moleflow_dim, subnet_hidden=args.moleflow_hidden,
@@ -141,7 +192,7 @@ def run_moleflow(prods: list[Product], args) -> dict:
     sets, feats, held = [], [], []
     t0 = time.time()
     for p in prods:
-        fit, hold = split_train_val(sorted(p.train), 0.1, 0)
+        fit, hold = split_train_val(sorted(p.train), args.holdout, 0)
         feats.append((fit, extract_features(model, fit, desc=f"{p.name} train")))
         held.append((hold, synthetic_set(model, p.name, hold, norm)))
         x = load_images(p.test, S, *norm)
@@ -149,10 +200,21 @@ def run_moleflow(prods: list[Product], args) -> dict:
         sets.append(TaskTestSet(p.name, pt, it, p.labels, p.defect_types, masks=masks_for(p, S)))
     feat_s = time.time() - t0
     tcfg = TrainConfig(epochs=args.moleflow_epochs, progress=False)
-    matrix, metas, before = [], [], {}
+    matrix, metas, before, ops = [], [], {}, {}
     final = {}
     for i, p in enumerate(prods):
         metas.append(train_task(model, p.name, feats[i][0], tcfg, features=feats[i][1], calibration_images=held[i][0]))
+
+        def score(imgs, t=p.name):
+            import cv2
+
+            x = torch.stack([normalize(cv2.cvtColor(cv2.resize(im, (S, S), interpolation=cv2.INTER_AREA),
+                                                    cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0, *norm) for im in imgs])
+            o = model.predict(x, [t] * len(x), calibrated=True)
+            return o["score"].numpy(), o["anomaly_map"][:, 0].numpy()
+
+        ops[p.name] = choose_operating_point(score, bgr(held[i][0]), (S, S),
+                                             target_false_alarm_rate=args.target_false_alarm_rate)
         final = {ts.task: evaluate_task(model, ts) for ts in sets[: i + 1]}
         matrix.append([final[ts.task]["routed"]["overall"]["image_auroc"] if j <= i else float("nan")
                        for j, ts in enumerate(sets)])
@@ -160,9 +222,18 @@ def run_moleflow(prods: list[Product], args) -> dict:
     identical = {t: bool(torch.equal(model.predict_features(ts.patch, ts.image, [t] * len(ts.labels))["score"], before[t]))
                  for t, ts in ((ts.task, ts) for ts in sets)}
     fb = forgetting_bwt(matrix)
+    at_op = {}
+    for p, ts in zip(prods, sets, strict=True):  # routed, calibrated: what the served model returns
+        r = predict_set(model, ts, oracle=False)
+        thr = torch.tensor([model.thresholds[t]["threshold"] for t in r["tasks"]]).numpy()
+        # image-label products: boxes only matter for good frames, and a flagged frame always gets one
+        maps = r["maps"] if p.mask_paths is not None else np.zeros((len(ts.labels), 8, 8), np.float32)
+        mthr = np.array([model.thresholds[t]["map_threshold"] for t in r["tasks"]])[:, None, None]
+        at_op[p.name] = at_operating_point(ops[p.name], r["scores"] - thr, maps - mthr, p, S)
     x = load_images(prods[0].test[:4] + prods[-1].test[:4], S, *norm)
     per = {t: {"metrics": summarize(r["routed"]), "oracle": summarize(r["oracle"]), "routing_accuracy": r["routing_accuracy"],
                "per_defect": {k: v.get("image_auroc") for k, v in r["routed"]["per_defect"].items()},
+               "operating_point": at_op[t],
                "held_out_cutpaste_image_auroc": evaluate_task(model, held[k][1])["oracle"]["overall"]["image_auroc"]}
            for k, (t, r) in enumerate(final.items())}
     return {"config": cfg.to_dict(), "train_config": metas[0]["train_config"],
@@ -253,7 +324,9 @@ def main(argv=None) -> int:
     ap.add_argument("--select-every", type=int, default=250, help="CutPaste selection every N steps (0: off)")
     ap.add_argument("--amp-bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast in the EfficientAD step loop (default: only where the CPU has native bf16)")
-    ap.add_argument("--products", nargs="+", choices=["bottle", "cells"], default=["bottle", "cells"])
+    ap.add_argument("--products", nargs="+", choices=["bottle", "cells", "screw"], default=["bottle", "cells", "screw"])
+    ap.add_argument("--target-false-alarm-rate", type=float, default=SETTINGS.target_false_alarm_rate)
+    ap.add_argument("--holdout", type=float, default=0.25, help="held-out good training images for the operating point")
     ap.add_argument("--penalty", action=argparse.BooleanOptionalAction, default=True,
                     help="pretraining penalty on the ImageNet sample")
     ap.add_argument("--moleflow-grid", type=int, choices=[14, 28], default=28)

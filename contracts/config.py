@@ -264,6 +264,9 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     # training (distillation, EfficientAD, MoLE-Flow): "auto" = CUDA when torch sees it (mixed precision there)
     train_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the decision threshold of every trained model targets this false-alarm rate on good parts, estimated on
+    # held-out good images (models/operating_point.py); operator feedback refines it through a release
+    target_false_alarm_rate: float = Field(default=0.01, gt=0.0, lt=0.5)
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -310,3 +310,29 @@ def write_results_json(results: dict[str, Any], path: str | Path) -> Path:
     data = orjson.loads(orjson.dumps(results, default=default, option=orjson.OPT_SERIALIZE_NUMPY))
     path.write_bytes(orjson.dumps(_nan_to_none(data), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
     return path
+
+
+def region_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) pixel boxes (exclusive ends) of a mask's 8-connected regions."""
+    labeled, n = ndimage.label(np.asarray(mask) > 0, np.ones((3, 3), int))
+    return [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labeled) if s is not None]
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_hits(boxes: Sequence[dict], mask: np.ndarray, iou: float = 0.3) -> bool:
+    """Whether any predicted box (normalised x, y, w, h as in defect events) overlaps a ground-truth
+    region's bounding box with IoU >= ``iou``."""
+    h, w = np.asarray(mask).shape[:2]
+    gts = region_boxes(mask)
+    for b in boxes:
+        pb = (b["x"] * w, b["y"] * h, (b["x"] + b["w"]) * w, (b["y"] + b["h"]) * h)
+        if any(box_iou(pb, g) >= iou for g in gts):
+            return True
+    return False

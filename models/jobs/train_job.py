@@ -40,6 +40,7 @@ from contracts.image import decode_image
 from contracts.spec import ModelSpec, to_tensor
 from models.artifacts import sha256_file as _sha
 from models.detector import Scorer
+from models.operating_point import choose_operating_point
 
 
 def _link_files(paths: list[Path], folder: Path) -> Path:
@@ -56,7 +57,7 @@ def _images(d: str | Path) -> list[Path]:
     return [Path(p) for p in list_images(Path(d))]
 
 
-def split_good(paths: list[Path], holdout: float, seed: int, min_holdout: int = 10) -> tuple[list[Path], list[Path]]:
+def split_good(paths: list[Path], holdout: float, seed: int, min_holdout: int = 20) -> tuple[list[Path], list[Path]]:
     paths = sorted(paths)
     rng = random.Random(seed)
     idx = list(range(len(paths)))
@@ -74,6 +75,37 @@ def score_images(scorer: Scorer, spec: ModelSpec, task: str | None, paths: list[
         x = np.stack([to_tensor(decode_image(p.read_bytes()), spec) for p in paths[i:i + 8]])
         out.append(np.asarray(scorer(x, [task] * len(x))[spec.outputs.get("score", "score")], np.float64).reshape(-1))
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def score_arrays(scorer: Scorer, spec: ModelSpec, task: str | None, images) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [n], native anomaly maps [n, h, w]) of decoded BGR images, preprocessed as the worker does."""
+    scores, maps = [], []
+    for i in range(0, len(images), 8):
+        x = np.stack([to_tensor(im, spec) for im in images[i:i + 8]])
+        out = scorer(x, [task] * len(x))
+        scores.append(np.asarray(out[spec.outputs.get("score", "score")], np.float64).reshape(-1))
+        m = np.asarray(out[spec.outputs.get("anomaly_map", "anomaly_map")], np.float32)
+        maps.append(m.reshape(len(x), *m.shape[-2:]))
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def carry_operating_points(meta: dict, model_dir: Path, task: str) -> None:
+    """Earlier tasks of a multi-task model keep the operating point their own release chose: copied from
+    the newest older version where the task's adapter is the same file (adapters never change once
+    trained, so their held-out estimates still hold)."""
+    versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.name != str(meta["version"])),
+                      reverse=True) if model_dir.is_dir() else []
+    for t, info in meta["tasks"].items():
+        if t == task or "operating_point" in info:
+            continue
+        for v in versions:
+            try:
+                old = json.loads((model_dir / str(v) / "metadata.json").read_text()).get("tasks", {}).get(t, {})
+            except (OSError, ValueError):
+                continue
+            if old.get("adapter_sha256") == info.get("adapter_sha256") and "operating_point" in old:
+                info["operating_point"] = old["operating_point"]
+                break
 
 
 def run_job(a, settings: Settings) -> int:
@@ -121,12 +153,21 @@ def run_job(a, settings: Settings) -> int:
     # (downscaled) probe files where a held-out image became a probe, the originals otherwise
     calibration = [vdir / f for f in files] + list(hold[len(files):])
     cal = score_images(scorer, spec, task, calibration)
-    thr = float(meta.get("threshold", 0.0))
+    # the operating point (decision + box thresholds, FAR/recall estimates) on the held-out images
+    op = choose_operating_point(lambda imgs: score_arrays(scorer, spec, task, imgs),
+                                [decode_image(p.read_bytes()) for p in hold], (spec.input.height, spec.input.width),
+                                target_false_alarm_rate=a.target_false_alarm_rate or settings.target_false_alarm_rate,
+                                seed=a.seed)
+    thr = op["threshold"]
     if task and isinstance(meta.get("tasks"), dict) and task in meta["tasks"]:
         meta["tasks"][task]["calibration_scores"] = [float(x) for x in cal]
+        meta["tasks"][task]["operating_point"] = op
+        carry_operating_points(meta, store / model, task)
     else:
         meta["calibration"] = {"scores": [float(x) for x in cal], "n": int(cal.size),
                                "source": "held-out good training images (the stored probe files where one became a probe)"}
+        meta["operating_point"] = op
+        meta["threshold"], meta["map_threshold"] = op["threshold"], op["map_threshold"]
     gate_ok = True
     if a.val_good or a.val_bad:
         from sklearn.metrics import roc_auc_score
@@ -145,7 +186,9 @@ def run_job(a, settings: Settings) -> int:
     meta = write_manifest(vdir, meta, [*(meta.get("artifacts") or {}), *files])  # the probe images are pinned too
     summary = {"artifact": str(vdir), "model": model, "version": int(meta["version"]),
                "sha256": _sha(vdir / "metadata.json"), "evaluation": meta.get("evaluation"),
-               "calibration_median": float(np.median(cal)) if cal.size else None}
+               "calibration_median": float(np.median(cal)) if cal.size else None,
+               "operating_point": {k: op[k] for k in ("threshold", "target_false_alarm_rate", "estimated_false_alarm_rate",
+                                                      "estimated_recall", "estimated_recall_by_family", "n_good")}}
     print(json.dumps(summary))
     if not gate_ok:
         sys.stderr.write(f"train_job: image AUROC {meta['evaluation']['image_auroc']:.3f} < --min-auroc "
@@ -178,7 +221,10 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--val-good", help="labelled validation: good images")
     ap.add_argument("--val-bad", help="labelled validation: defective images")
     ap.add_argument("--min-auroc", type=float, help="do not release below this validation image AUROC")
-    ap.add_argument("--holdout", type=float, default=0.15, help="fraction of good images held out for calibration")
+    ap.add_argument("--holdout", type=float, default=0.25,
+                    help="fraction of good images held out for the operating point (at least 20, at most half)")
+    ap.add_argument("--target-false-alarm-rate", type=float, default=None,
+                    help="decision threshold's false-alarm rate on good parts (default: settings, 0.01)")
     ap.add_argument("--probe-images", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bootstrap", help="Kafka bootstrap (default: settings / running stack)")
