@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import git_commit  # noqa: E402
+from benchmarks.common import git_state  # noqa: E402
 from contracts.config import Settings  # noqa: E402
 from models.backbones import LITE0_WEIGHTS  # noqa: E402
 from models.data import (  # noqa: E402
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
         args.amp_bf16 = native_bf16()
     t0 = time.time()
     prods = [p for p in products(args.elpv_train, args.elpv_test) if p.name in args.products]
-    result: dict = {"commit": git_commit(), "command": " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])]),
+    result: dict = {**git_state(), "command": " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])]),
                     "machine": {"cpu": _cpu_model(), "threads": args.threads,
                                 "note": "2 shared CPU cores, no GPU"},
                     "weights": {"backbone": str(WEIGHTS), "backbone_sha256": _sha(WEIGHTS)},

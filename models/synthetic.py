@@ -64,9 +64,10 @@ def colour_patch(img: np.ndarray, rng: random.Random, area: tuple[float, float] 
     h, w = img.shape[:2]
     m = _blob_mask(h, w, rng, area)
     hsv = cv2.cvtColor(np.clip(img, 0, 1).astype(np.float32), cv2.COLOR_RGB2HSV)  # H in [0, 360)
-    hsv[..., 0] = (hsv[..., 0] + rng.uniform(40, 140)) % 360.0
-    hsv[..., 1] = np.clip(hsv[..., 1] + rng.uniform(0.25, 0.6), 0, 1)
-    hsv[..., 2] = np.clip(hsv[..., 2] * rng.choice((rng.uniform(0.45, 0.7), rng.uniform(1.3, 1.6))), 0, 1)
+    # a mild-to-moderate change (real discolouration is subtle: the family real products scored lowest on)
+    hsv[..., 0] = (hsv[..., 0] + rng.choice((-1, 1)) * rng.uniform(15, 60)) % 360.0
+    hsv[..., 1] = np.clip(hsv[..., 1] + rng.uniform(0.05, 0.3), 0, 1)
+    hsv[..., 2] = np.clip(hsv[..., 2] * rng.choice((rng.uniform(0.7, 0.9), rng.uniform(1.1, 1.35))), 0, 1)
     shifted = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     out = img * (1 - m[..., None]) + shifted * m[..., None]
     return np.clip(out, 0, 1).astype(np.float32), (m > 0.5).astype(np.uint8)
