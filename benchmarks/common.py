@@ -1,4 +1,4 @@
-"""What every benchmark script records about where it ran (the commit, the machine)."""
+"""What every benchmark script records about where it ran (the commit, uncommitted changes, the machine)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,21 @@ def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def git_state() -> dict:
+    """``{"commit": git_commit(), "dirty": ...}``: ``dirty`` says whether tracked files had uncommitted
+    changes (staged or not) when the script ran, i.e. whether ``commit`` alone reproduces the code
+    measured; None when git cannot tell (outside a checkout). Untracked files are not counted (earlier
+    results files, scratch output)."""
+    try:
+        p = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        p = None
+    return {"commit": git_commit(), "dirty": bool(p.stdout.strip()) if p is not None and p.returncode == 0 else None}
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bottle_test_dir, git_commit, machine  # noqa: E402
+from benchmarks.common import bottle_test_dir, git_state, machine  # noqa: E402
 from contracts.config import Settings  # noqa: E402
 from contracts.logs import get_logger  # noqa: E402
 from contracts.spec import parse_spec  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         threshold_source=f"max score of {len(hold)} held-out good training images",
                         fp32_session=fp32)
     out = {"command": "benchmarks/fp16_gate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "commit": git_commit(), "machine": machine(),
+           **git_state(), "machine": machine(),
            "weights": f"EfficientAD-S trained here on bottle ({len(fit)} good images), generic teacher "
                       f"{DEFAULT_TEACHER.name}",
            "train": {"seconds": round(train_s, 1), "steps_done": meta["steps_done"],

@@ -7,6 +7,13 @@ copy of anomaly_map + score into pinned buffers; warmup iterations excluded. Eff
 MoLE-Flow (two tasks fitted quickly: bottle train/good, imagenet-sample): predict routed (task=None, the
 Mahalanobis router) and forced (task="bottle") at batch 1/8. Agreement: FP32 maps/scores of real images
 on the device vs on the CPU, and MoLE-Flow routing. FP32 is IEEE (TF32 off); cudnn.benchmark on cuda.
+--device cpu has no second device: the agreement rows compare the model run with oneDNN off (PyTorch's own
+im2col + GEMM and depthwise kernels) with the default CPU run (oneDNN), and say so ("comparison").
+
+--tiny (a smoke run of every section, under a minute on one slow core; no figure in it is a measurement):
+EfficientAD with every hidden convolution EAD_TINY_DIV times narrower and EAD_TINY_CHANNELS output
+channels (same layers, 256x256 input), MoLE-Flow MOLE_TINY at MOLE_TINY["image_size"], few images and
+iterations.
 
 Writes <out>/gpu_check.json + .png (--device cpu: gpu_check_cpu.*; every target then says "device": "cpu").
 
@@ -33,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bottle_test_dir, git_commit, machine  # noqa: E402
+from benchmarks.common import bottle_test_dir, git_state, machine  # noqa: E402
 from contracts.cli import OneLineParser, UsageError, positive_float, positive_int, run_command  # noqa: E402
 from contracts.logs import get_logger  # noqa: E402
 from contracts.spec import InputSpec, to_tensor  # noqa: E402
@@ -43,7 +50,9 @@ log = get_logger("benchmarks.gpu_check")
 TARGET_EAD_MS, TARGET_MOLE_MS, TARGET_MAP_DIFF = 1.0, 5.0, 1e-3
 EAD_SIZES = {"EfficientAD-S": "small", "EfficientAD-M": "medium"}
 EAD_RES = 256  # fixed by the architecture (the autoencoder decodes to the PDN's 56x56 grid of a 256 input)
-MOLE_TINY = dict(grid=14, dim=32, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, coupling_layers=2, dia_blocks=2)
+MOLE_TINY = dict(image_size=112, grid=14, dim=32, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, coupling_layers=2,
+                 dia_blocks=2)
+EAD_TINY_DIV, EAD_TINY_CHANNELS = 8, 32  # --tiny: hidden convolutions 8x narrower, 32 output channels (not 384)
 EAD_WEIGHTS = ("random init (torch.manual_seed(0)); teacher normalisation and map quantiles fitted on bottle "
                "train/good images: latency does not depend on the weights, the maps are no real anomaly maps")
 
@@ -59,7 +68,7 @@ def environment(dev) -> dict:
             "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else smi_name,
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "commit": git_commit(), "machine": machine(), "python": platform.python_version(),
+            **git_state(), "machine": machine(), "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(), "fp32": "IEEE (TF32 off for cudnn conv and matmul)",
             "cudnn_benchmark": dev.type == "cuda"}
 
@@ -152,6 +161,54 @@ def device_copy(model, dev):
     return copy.deepcopy(model).to(dev).eval()
 
 
+@contextlib.contextmanager
+def onednn_off():
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
+def other_path(model, dev):
+    """(copy, input transform, context, label): the path the fp32 agreement rows compare with ``model`` run on
+    the CPU as is. cuda: the model on the device. cpu (no second device): a copy run with oneDNN off, i.e.
+    PyTorch's own convolution kernels (other code, other summation order): a real comparison of two
+    implementations, but no GPU figure."""
+    if dev.type == "cuda":
+        return device_copy(model, dev), lambda x: x.to(dev), contextlib.nullcontext, "cuda-vs-cpu"
+    return device_copy(model, dev), lambda x: x, onednn_off, "cpu-without-onednn-vs-cpu"
+
+
+def narrow(seq: torch.nn.Sequential, div: int) -> torch.nn.Sequential:
+    """``seq`` with every hidden Conv2d ``div`` times narrower (the first one's input and the last one's
+    output channels kept; kernels, strides, paddings and the other layers as they are), random init."""
+    convs = [i for i, m in enumerate(seq) if isinstance(m, torch.nn.Conv2d)]
+    layers = []
+    for i, m in enumerate(seq):
+        if isinstance(m, torch.nn.Conv2d):
+            m = torch.nn.Conv2d(m.in_channels if i == convs[0] else max(1, m.in_channels // div),
+                                m.out_channels if i == convs[-1] else max(1, m.out_channels // div),
+                                m.kernel_size, m.stride, m.padding, bias=m.bias is not None)
+        layers.append(m)
+    return torch.nn.Sequential(*layers)
+
+
+def ead_model(size: str, tiny: bool):
+    """EfficientAD-S/M, random init (seed 0); ``tiny``: narrowed (EAD_TINY_DIV, EAD_TINY_CHANNELS)."""
+    from models.efficientad.model import EfficientAD
+
+    torch.manual_seed(0)
+    if not tiny:
+        return EfficientAD(size).eval()
+    m = EfficientAD(size, out_channels=EAD_TINY_CHANNELS)
+    m.teacher, m.student, m.autoencoder = (narrow(n, EAD_TINY_DIV) for n in (m.teacher, m.student, m.autoencoder))
+    for p in m.teacher.parameters():
+        p.requires_grad_(False)
+    return m.eval()
+
+
 def peak(dev, reset: bool = False):
     if dev.type != "cuda":
         return None
@@ -170,8 +227,6 @@ def fit_normalisation(model, imgs: list[np.ndarray]):
 
 
 def efficientad(dev, a, data: dict) -> dict:
-    from models.efficientad.model import EfficientAD
-
     res = {"weights": EAD_WEIGHTS, "resolution": EAD_RES, "batches": list(a.ead_batches), "warmup": a.warmup,
            "half_mode": "model.half() (float16)" if dev.type == "cuda" else
            "torch.autocast('cpu', dtype=torch.bfloat16): fp16 convolutions are not run on cpu",
@@ -180,8 +235,7 @@ def efficientad(dev, a, data: dict) -> dict:
            "models": {}, "gpu_vs_cpu": {}, "peak_gpu_memory_bytes": {}}
     frames = rgb_u8(data["latency"], EAD_RES)
     for label, size in EAD_SIZES.items():
-        torch.manual_seed(0)
-        base = fit_normalisation(EfficientAD(size).eval(), data["fit"])
+        base = fit_normalisation(ead_model(size, a.tiny), data["fit"])
         peak(dev, reset=True)
         res["models"][label] = {}
         for prec in ("fp32", "half"):
@@ -213,11 +267,12 @@ def efficientad(dev, a, data: dict) -> dict:
 
 def ead_diff(base, dev, imgs: list[np.ndarray], label: str) -> dict:
     x = tensors(imgs, EAD_RES, base.input_mean, base.input_std)
-    model = device_copy(base, dev)
+    model, to_other, ctx, comparison = other_path(base, dev)
     with torch.inference_mode():
         ref_map, ref_score = base(x)
-        d_map, d_score = (t.float().cpu() for t in model(x.to(dev)))
-    out = {"comparison": f"{dev.type}-vs-cpu", "precision": "fp32", "images": len(imgs),
+        with ctx():
+            d_map, d_score = (t.float().cpu() for t in model(to_other(x)))
+    out = {"comparison": comparison, "precision": "fp32", "images": len(imgs),
            "map_max_abs_diff": float((d_map - ref_map).abs().max()),
            "score_max_abs_diff": float((d_score - ref_score).abs().max()),
            "map_max_abs_value": float(ref_map.abs().max()), "score_max_abs_value": float(ref_score.abs().max())}
@@ -272,15 +327,18 @@ def moleflow(dev, a, data_dir: Path, data: dict) -> dict:
             "batches": list(a.mole_batches), "warmup": a.warmup, "latency": lat,
             "latency_batch_tasks": {k: {t: ts.count(t) for t in sorted(set(ts))} for k, ts in routed_to.items()},
             "peak_gpu_memory_bytes": mem,
-            "gpu_vs_cpu": mole_agreement(model, dmodel, dev, data["mole_bottle"], read_bgr(inet_test), size, mean, std)}
+            "gpu_vs_cpu": mole_agreement(model, dev, data["mole_bottle"], read_bgr(inet_test), size, mean, std)}
 
 
-def mole_agreement(model, dmodel, dev, bottle: list, inet: list, size: int, mean, std) -> dict:
+def mole_agreement(model, dev, bottle: list, inet: list, size: int, mean, std) -> dict:
     x, truth = tensors(bottle + inet, size, mean, std), ["bottle"] * len(bottle) + ["imagenet"] * len(inet)
+    other, to_other, ctx, comparison = other_path(model, dev)
     ref, got = {"task": [], "anomaly_map": [], "score": []}, {"task": [], "anomaly_map": [], "score": []}
     with torch.inference_mode():
         for s in range(0, len(x), 8):
-            for acc, out in ((ref, model.predict(x[s:s + 8])), (got, dmodel.predict(x[s:s + 8].to(dev)))):
+            with ctx():
+                other_out = other.predict(to_other(x[s:s + 8]))
+            for acc, out in ((ref, model.predict(x[s:s + 8])), (got, other_out)):
                 acc["task"] += out["task"]
                 acc["anomaly_map"].append(out["anomaly_map"].float().cpu())
                 acc["score"].append(out["score"].float().cpu())
@@ -291,7 +349,7 @@ def mole_agreement(model, dmodel, dev, bottle: list, inet: list, size: int, mean
         return (float((g - r).abs().max()), float(r.abs().max())) if len(r) else (None, None)
 
     (md, mv), (sd, _) = diff("anomaly_map"), diff("score")
-    out = {"comparison": f"{dev.type}-vs-cpu", "precision": "fp32", "images": len(x),
+    out = {"comparison": comparison, "precision": "fp32", "images": len(x),
            "routing_agreement": float(same.float().mean()),
            "routing_correct_cpu": float(np.mean([r == t for r, t in zip(ref["task"], truth, strict=True)])),
            "map_max_abs_diff": md, "score_max_abs_diff": sd, "map_max_abs_value": mv,
@@ -311,8 +369,13 @@ def targets(res: dict, dev) -> dict:
             "moleflow_routing_identical": (mole["gpu_vs_cpu"]["routing_agreement"], 1.0, -1)}  # -1: value >= target
     out: dict = {k: {"value": v, "target": t, "pass": None if v is None else bool(sign * (v - t) <= 0),
                      "device": dev.type} for k, (v, t, sign) in rows.items()}
+    notes = []
     if dev.type != "cuda":
-        out["note"] = "measured on cpu (cpu-vs-cpu comparisons): not GPU figures"
+        notes.append("measured on cpu (agreement: cpu without oneDNN vs cpu with it): not GPU figures")
+    if res["tiny"]:
+        notes.append("--tiny: narrowed random models, few iterations; a smoke run, no target is measured")
+    if notes:
+        out["note"] = "; ".join(notes)
     return out
 
 
@@ -379,9 +442,11 @@ def run(a) -> int:
     res = {"schema": 1, "tool": PROG, "command": " ".join([PROG, *a.argv]), "tiny": a.tiny,
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": environment(dev)}
     if a.tiny:
-        res["tiny_reductions"] = (f"{a.iters} timed iterations, {a.warmup} warmup; EfficientAD batches "
-                                  f"{list(a.ead_batches)} at {EAD_RES}x{EAD_RES} (the architecture's fixed input); "
-                                  f"MoLE-Flow {MOLE_TINY}; {a.mole_test} agreement images")
+        res["tiny_reductions"] = (f"{a.iters} timed iterations, {a.warmup} warmup, {a.budget_s} s budget; "
+                                  f"EfficientAD batches {list(a.ead_batches)} at {EAD_RES}x{EAD_RES} (the "
+                                  f"architecture's fixed input), hidden convolutions {EAD_TINY_DIV}x narrower, "
+                                  f"{EAD_TINY_CHANNELS} output channels; MoLE-Flow {MOLE_TINY}; "
+                                  f"{a.mole_test} agreement images")
     res["efficientad"] = efficientad(dev, a, data)
     res["moleflow"] = moleflow(dev, a, data_dir, data)
     peaks = [*res["efficientad"]["peak_gpu_memory_bytes"].values(), res["moleflow"]["peak_gpu_memory_bytes"]]

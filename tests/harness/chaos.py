@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import threading
@@ -71,9 +72,10 @@ class _LoopThread(threading.Thread):
 
 class Feeder(_LoopThread):
     """A production line: publishes ``n`` frames (cycling ``images``) at ``fps`` across ``cameras``,
-    each send awaited (acks=all), so a broker outage stalls it like it stalls a real producer."""
+    each send awaited (acks=all), so a broker outage stalls it like it stalls a real producer.
+    ``n=None``: publishes until :meth:`stop` (``stop_evt``); the frame in flight is sent first."""
 
-    def __init__(self, bootstrap: str, topic: str, images: list[bytes], *, n: int, fps: float,
+    def __init__(self, bootstrap: str, topic: str, images: list[bytes], *, n: int | None, fps: float,
                  cameras: tuple[str, ...] = ("cam-f1", "cam-f2"), product: str = "bottle"):
         super().__init__("feeder")
         self.bootstrap, self.topic, self.images = bootstrap, topic, images
@@ -87,7 +89,7 @@ class Feeder(_LoopThread):
 
         t0 = time.monotonic()
         async with Producer(self.bootstrap) as p:
-            for i in range(self.n):
+            for i in itertools.count() if self.n is None else range(self.n):
                 if self.stop_evt.is_set():
                     return
                 f = Frame(frame_id=new_frame_id(), camera_id=self.cameras[i % len(self.cameras)],

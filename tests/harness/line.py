@@ -3,9 +3,12 @@ topology scenario ends with (issue #16 item 4; tests/integration/test_topology_*
 
 :class:`Line`: one scenario's fresh topics (``frames`` with ``partitions`` partitions, one camera per
 partition), a :class:`~tests.harness.topology.WorkerFleet`, a warm-up frame, a steady line
-(:class:`~tests.harness.chaos.Feeder`) and a result watch. :func:`check_line`: ``linewatch account``
-(0 lost, 0 DLQ'd), the per-camera order check, and the duplicates at-least-once redelivery added,
-printed and bounded by what the group's membership changes can re-read.
+(:class:`~tests.harness.chaos.Feeder`) and a result watch. The line publishes for ``seconds`` or, with
+``seconds=None``, until the scenario ends it (:meth:`Line.end` / :meth:`Line.finish`, after its last step),
+so a slow machine gets a longer line instead of one that ends before the scenario's last step.
+:func:`check_line`: ``linewatch account`` (0 lost, 0 DLQ'd), the per-camera order check, and the
+duplicates at-least-once redelivery added, printed and bounded by what the group's membership changes
+can re-read.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def small_frames(shared_data, limit: int = 12) -> list[bytes]:
 class Line:
     """One scenario's topics, fleet, warm-up frame, production line and result watch."""
 
-    def __init__(self, stack, model: str | None, images: list[bytes], workdir, tag: str, *, seconds: float,
+    def __init__(self, stack, model: str | None, images: list[bytes], workdir, tag: str, *, seconds: float | None,
                  product: str = "bottle", tritons: list[str] | None = None, env: dict[str, str] | None = None,
                  topics: dict[str, str] | None = None):
         self.stack, self.images = stack, images
@@ -65,7 +68,8 @@ class Line:
         self.watch = ResultWatch(stack.kafka_bootstrap, self.topics["results"])
         self.warm = Feeder(stack.kafka_bootstrap, self.topics["frames"], images[:1], n=1, fps=0,
                            cameras=self.cameras[:1], product=product)
-        self.n = int(seconds * FPS)
+        # None: until end() -- the number of frames the line published is known then
+        self.n: int | None = None if seconds is None else int(seconds * FPS)
         self.feeder = Feeder(stack.kafka_bootstrap, self.topics["frames"], images, n=self.n, fps=FPS,
                              cameras=self.cameras, product=product)
         self.t0: float | None = None
@@ -90,11 +94,23 @@ class Line:
         time.sleep(max(0.0, self.t0 + seconds - time.monotonic()))
 
     def publishing(self) -> bool:
-        return self.feeder.is_alive() and len(self.feeder.sent) < self.n
+        return self.feeder.is_alive() and (self.n is None or len(self.feeder.sent) < self.n)
+
+    def end(self, timeout_s: float = 120.0) -> None:
+        """Stop an open-ended line (``seconds=None``): the frame in flight is sent, then no more.
+        ``timeout_s`` bounds a send stalled on the broker (an upper bound, not the expected time)."""
+        assert self.n is None, "end() is for a line started with seconds=None"
+        self.feeder.stop_evt.set()
+        self.feeder.join(timeout_s)
+        self.n = len(self.feeder.sent)
 
     def finish(self, settle_s: float = 90.0):
-        """Let the line finish, account for every frame, read the results and check the per-camera order."""
-        self.feeder.join(self.n / FPS * 3 + 30)
+        """Let the line finish (end it when open-ended), account for every frame, read the results and
+        check the per-camera order."""
+        if self.n is None:
+            self.end()
+        else:
+            self.feeder.join(self.n / FPS * 3 + 30)
         assert not self.feeder.is_alive() and self.feeder.error is None, f"line stalled: {self.feeder.error!r}"
         rep = asyncio.run(account(self.stack.kafka_bootstrap, frames_topic=self.topics["frames"],
                                   results_topic=self.topics["results"], dlq_topic=self.topics["dlq"],

@@ -199,7 +199,9 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
     store, model, product = tmp_path / "store", f"lwt_topo_{uid}", f"part-{uid}"
     env = {**topic_env(t), **POLICY}
     ctl = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-0")
-    line = Line(stack, None, _small_frames(shared_data), tmp_path, "ctl", seconds=70, product=product,
+    # the line publishes until the scenario's last step is done (line.finish ends it), however long the
+    # steps take on this machine: no fixed duration to outlast
+    line = Line(stack, None, _small_frames(shared_data), tmp_path, "ctl", seconds=None, product=product,
                 tritons=tritons, env=env, topics=t)
     ctl2 = None
     try:
@@ -239,13 +241,19 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         assert _wait(lambda: not any(_loaded(u, f"{model}__candidate") for u in tritons), 30), "candidate left loaded"
 
         # Triton B SIGKILLed and restarted empty (a replacement pod): the reconcile loads v4 there again
-        assert line.publishing(), "the line ended before the Triton restart"
+        assert line.publishing(), f"the line stopped before the Triton restart: {line.feeder.error!r}"
         b.kill()
         time.sleep(3)
         b.start()
         t_back = time.time()
         assert _wait(lambda: _serves(b.grpc_url, model, 4), 60), ctl2.log()[-3000:]
         reconciled_s = time.time() - t_back
+        # the last step: line frames scored through the reconciled Triton B (worker 1 talks to it), then the
+        # line ends; the timeout is an upper bound
+        out_b = line.fleet.metric(1, "linewatch_results_out_total")
+        assert _wait(lambda: line.fleet.metric(1, "linewatch_results_out_total") >= out_b + 20, 120), \
+            f"no results through Triton B after its restart\n{line.fleet.summary()}\n{line.fleet.log_tails()}"
+        assert line.publishing(), f"the line stopped before the scenario's last step: {line.feeder.error!r}"
         rep, order = line.finish(settle_s=120)
         check_line(line, rep, order, changes=3, what="releases + controller kill + triton restart")
         res = [r for r in read_results(boot, t["results"]) if not r.get("shadow")]
