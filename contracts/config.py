@@ -267,6 +267,9 @@ class Settings(BaseSettings):
     # the decision threshold of every trained model targets this false-alarm rate on good parts, estimated on
     # held-out good images (models/operating_point.py); operator feedback refines it through a release
     target_false_alarm_rate: float = Field(default=0.01, gt=0.0, lt=0.5)
+    # the training job's wall budget on a CPU (the detector's full recipe, fewer steps/epochs to fit; a GPU runs
+    # the full schedule): ~300 images in 10 min on a small CPU node
+    train_budget_cpu_s: float = Field(default=600.0, gt=0.0)
 
     @field_validator("kafka_bootstrap")
     @classmethod

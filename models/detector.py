@@ -58,6 +58,9 @@ class Detector(Protocol):
         """Train on the good images in ``train_dir`` into checkpoint ``out`` (returned); ``extra``: more
         arguments of the detector's train verb."""
 
+    def budget_args(self, seconds: float) -> list[str]:
+        """Arguments of the train verb that fit the detector's full recipe into ``seconds`` of wall time."""
+
     def export(self, checkpoint: Path, repository: Path, name: str, *, version: int | None = None,
                max_batch_size: int = 8, require_sha256: bool = False) -> Path:
         """Write a new version of Triton model ``name`` into ``repository``; returns the version dir.
@@ -81,6 +84,7 @@ class DetectorBase:
     ``register``) and the spec read from a version's metadata.json. Subclasses set ``name``."""
 
     name: str
+    budget_flag: str  # the train verb's wall-budget option
 
     @property
     def info(self) -> DetectorInfo:
@@ -95,6 +99,9 @@ class DetectorBase:
 
     def spec(self, version_dir: Path) -> ModelSpec:
         return read_spec(version_dir)
+
+    def budget_args(self, seconds: float) -> list[str]:
+        return [self.budget_flag, f"{float(seconds):g}"]
 
 
 def read_spec(version_dir: Path) -> ModelSpec:

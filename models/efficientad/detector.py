@@ -17,6 +17,7 @@ from models.detector import DetectorBase, Recipe, Scorer, serving_instance
 
 class EfficientADDetector(DetectorBase):
     name = "efficientad"
+    budget_flag = "--max-seconds"
 
     def train(self, train_dir: Path, out: Path, *, product: str, settings: Settings,
               calibration_dir: Path | None = None, extra: Sequence[str] = ()) -> Path:
@@ -38,7 +39,9 @@ class EfficientADDetector(DetectorBase):
         return export_triton(model, repository, product, version, threshold=meta.get("threshold", 0.0),
                              map_threshold=meta.get("map_threshold", 0.0), max_batch_size=max_batch_size,
                              extra={"quantiles": meta.get("quantiles"),
-                                    "threshold_source": meta.get("threshold_source")})
+                                    "threshold_source": meta.get("threshold_source"),
+                                    "schedule": {k: meta.get(k) for k in ("steps_done", "selected_step", "train_seconds",
+                                                                          "device")}})
 
     def load_serving(self, version_dir: Path) -> Scorer:
         from models.efficientad.serving import EfficientADServing

@@ -27,6 +27,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 import typing
 from pathlib import Path
 
@@ -108,6 +109,24 @@ def carry_operating_points(meta: dict, model_dir: Path, task: str) -> None:
                 break
 
 
+def training_budget(a, settings: Settings) -> tuple[float | None, str]:
+    """(wall budget in seconds, device): on a CPU the detector's full recipe fits Settings.train_budget_cpu_s
+    (``--time-budget-s`` overrides, 0 = none); on a GPU the full schedule runs unless a budget is given."""
+    from models.precision import train_device
+
+    device = train_device(settings.train_device).type
+    if a.time_budget_s is not None:
+        return (a.time_budget_s or None), device
+    return (settings.train_budget_cpu_s if device == "cpu" else None), device
+
+
+def _schedule_ran(meta: dict, task: str | None) -> dict:
+    """What the detector's training recorded about its schedule (steps / epochs), for the release metadata."""
+    src = meta["tasks"].get(task, {}) if task and isinstance(meta.get("tasks"), dict) else meta
+    keys = ("epochs", "epochs_planned", "steps_done", "selected_step", "train_seconds", "held_out_cutpaste_auroc")
+    return {k: src[k] for k in keys if k in src} | {k: v for k, v in (src.get("schedule") or {}).items()}
+
+
 def run_job(a, settings: Settings) -> int:
     from models.registry import get
 
@@ -131,7 +150,11 @@ def run_job(a, settings: Settings) -> int:
         cdir = _link_files(hold, Path(tmp) / "calibration")
         # a multi-task detector extends its persistent training store; a per-product one trains afresh
         ckpt = Path(a.base_store) if det.info.multi_task else Path(tmp) / f"{det.name}.ckpt"
-        det.train(tdir, ckpt, product=a.product, settings=settings, calibration_dir=cdir, extra=a.extra)
+        budget, device = training_budget(a, settings)
+        extra = [*a.extra, *(det.budget_args(budget) if budget and det.budget_flag not in a.extra else [])]
+        t_train = time.monotonic()
+        det.train(tdir, ckpt, product=a.product, settings=settings, calibration_dir=cdir, extra=extra)
+        train_s = time.monotonic() - t_train
         vdir = det.export(ckpt, store, model, require_sha256=settings.require_sha256)
     meta = json.loads((vdir / "metadata.json").read_text())
     spec, scorer = det.spec(vdir), det.load_serving(vdir)
@@ -182,7 +205,9 @@ def run_job(a, settings: Settings) -> int:
             gate_ok = a.min_auroc is None or ev["image_auroc"] >= a.min_auroc
         meta["evaluation"] = ev
     meta["probe"] = {"files": files, "kind": "good"}
-    meta["training"] = {"train_images": len(train), "holdout_images": len(hold), "train_dir": str(a.train_dir)}
+    meta["training"] = {"train_images": len(train), "holdout_images": len(hold), "train_dir": str(a.train_dir),
+                        "device": device, "budget_s": budget, "seconds": round(train_s, 1), "train_args": extra,
+                        **_schedule_ran(meta, task)}
     meta = write_manifest(vdir, meta, [*(meta.get("artifacts") or {}), *files])  # the probe images are pinned too
     summary = {"artifact": str(vdir), "model": model, "version": int(meta["version"]),
                "sha256": _sha(vdir / "metadata.json"), "evaluation": meta.get("evaluation"),
@@ -226,6 +251,9 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--target-false-alarm-rate", type=float, default=None,
                     help="decision threshold's false-alarm rate on good parts (default: settings, 0.01)")
     ap.add_argument("--probe-images", type=int, default=24)
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="wall budget of the detector's training (default: settings train_budget_cpu_s on a CPU, "
+                         "none on a GPU; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bootstrap", help="Kafka bootstrap (default: settings / running stack)")
     ap.add_argument("--topic", help="model-events topic")

@@ -19,6 +19,7 @@ from models.detector import DetectorBase, Recipe, Scorer, serving_instance
 
 class MoLEFlowDetector(DetectorBase):
     name = "moleflow"
+    budget_flag = "--time-budget-s"
 
     def train(self, train_dir: Path, out: Path, *, product: str, settings: Settings,
               calibration_dir: Path | None = None, extra: Sequence[str] = ()) -> Path:

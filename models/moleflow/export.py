@@ -59,7 +59,8 @@ def build_spec(name: str, version: int, base_meta: dict, adapters: list[dict]) -
         "threshold": 0.0, "map_threshold": 0.0,
         "score_calibration": "raw_minus_task_threshold",
         "tasks": {a["task"]: {"index": a["index"], "threshold": a.get("threshold"), "map_threshold": a.get("map_threshold"),
-                              "route_distance_threshold": a.get("route_distance_q99"), "adapter_sha256": a["sha256"]}
+                              "route_distance_threshold": a.get("route_distance_q99"), "adapter_sha256": a["sha256"],
+                              "schedule": {k: a.get(k) for k in ("epochs", "train_seconds", "device", "n_train")}}
                   for a in adapters},
         "backbone": cfg["backbone"], "base_sha256": base_meta["sha256"], "grid": int(cfg["grid"]),
     }
