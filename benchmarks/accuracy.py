@@ -199,7 +199,7 @@ def run_moleflow(prods: list[Product], args) -> dict:
         pt, it = extract_features(model, x, desc=f"{p.name} test")
         sets.append(TaskTestSet(p.name, pt, it, p.labels, p.defect_types, masks=masks_for(p, S)))
     feat_s = time.time() - t0
-    tcfg = TrainConfig(epochs=args.moleflow_epochs, progress=False)
+    tcfg = TrainConfig(epochs=args.moleflow_epochs, progress=False, time_budget_s=args.moleflow_seconds)
     matrix, metas, before, ops = [], [], {}, {}
     final = {}
     for i, p in enumerate(prods):
@@ -334,9 +334,12 @@ def main(argv=None) -> int:
     ap.add_argument("--moleflow-hidden", type=int, default=128)
     ap.add_argument("--moleflow-rank", type=int, default=32)
     ap.add_argument("--moleflow-epochs", type=int, default=30)
+    ap.add_argument("--moleflow-seconds", type=float, default=None, help="wall budget per task (fewer epochs to fit)")
     ap.add_argument("--elpv-train", type=int, default=150)
     ap.add_argument("--elpv-test", type=int, default=60, help="good and defective cells each")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the detectors in parallel processes (one core each)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -352,10 +355,15 @@ def main(argv=None) -> int:
                     "weights": {"backbone": str(WEIGHTS), "backbone_sha256": _sha(WEIGHTS)},
                     "data": {p.name: {"train": len(p.train), "test": len(p.test), "masks": p.mask_paths is not None}
                              for p in prods}}
-    if "efficientad" in args.detectors:
-        result["efficientad"] = run_efficientad(prods, args)
-    if "moleflow" in args.detectors:
-        result["moleflow"] = run_moleflow(prods, args)
+    runners = {"efficientad": run_efficientad, "moleflow": run_moleflow}
+    if len(args.detectors) > 1 and args.parallel:  # one process per detector, 1 torch thread each
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(args.detectors)) as pool:
+            futs = {d: pool.submit(runners[d], prods, args) for d in args.detectors}
+            result.update({d: f.result() for d, f in futs.items()})
+    else:
+        result.update({d: runners[d](prods, args) for d in args.detectors})
     result["wall_seconds"] = round(time.time() - t0, 1)
     out = Path(args.out_dir) / f"accuracy{args.tag}.json"
     write_results_json(result, out)

@@ -222,7 +222,7 @@ class MoLEFlow(nn.Module):
         return nll.reshape(b, g, g), ld.reshape(b, g, g)
 
     def image_score(self, nll: torch.Tensor) -> torch.Tensor:
-        k = min(self.cfg.top_k, nll[0].numel())
+        k = min(self.cfg.k_patches, nll[0].numel())
         return nll.flatten(1).topk(k, dim=1).values.mean(1)  # top-K mean (MoLE-Flow paper eq. 28)
 
     def upsample(self, nll: torch.Tensor, size: int | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from models.moleflow.model import MoLEFlow, MoLEFlowConfig
 from models.moleflow.store import ArtifactError, list_adapters, load_model, save_model
 from models.moleflow.train import TrainConfig, train_task
+from tests.harness.requires import require_module
 
 TINY = dict(grid=14, dim=16, subnet_hidden=16, lora_rank=4, lora_alpha=4.0, coupling_layers=2, dia_blocks=2, image_size=64)
 
@@ -132,7 +133,7 @@ def test_lora_init_and_whitening_bounds():
 
 
 def test_router_real_images_bottle_vs_elpv(shared_data):
-    pytest.importorskip("elpv_dataset")
+    require_module("elpv_dataset", "elpv-dataset is not installed (the [dev] extra: make venv)")
     from models.data import list_images
     from models.moleflow.datasets import elpv_split
     from models.moleflow.train import extract_features
@@ -238,25 +239,25 @@ def test_main_input_path_has_no_learned_parameters():
     only feeds the additive scale context. With that context zeroed, embed() is exactly F + P."""
     torch.manual_seed(0)
     m = MoLEFlow(MoLEFlowConfig(**{**TINY, "dim": None}))
-    assert m.cfg.dim == m.feat_channels == 152  # tf_efficientnet_lite0 stages 2+3: 40 + 112 channels
+    assert m.cfg.dim == m.feat_channels == 176  # tf_efficientnet_lite0 stages 1+2+3: 24 + 40 + 112 channels
     patch, _ = m.extract(torch.randn(2, 3, 64, 64))
     with torch.no_grad():
         for p in list(m.proj.parameters()) + list(m.scale_ctx.parameters()):
             p.zero_()
         f = m.embed(patch)
     torch.testing.assert_close(f, patch.permute(0, 2, 3, 1) + m.pos)
-    small = MoLEFlow(MoLEFlowConfig(**TINY))  # D=16 < 152: parameter-free channel average pooling
+    small = MoLEFlow(MoLEFlowConfig(**TINY))  # D=16 < 176: parameter-free channel average pooling
     with torch.no_grad():
         for p in list(small.proj.parameters()) + list(small.scale_ctx.parameters()):
             p.zero_()
-        pooled = torch.nn.functional.adaptive_avg_pool1d(patch.permute(0, 2, 3, 1).reshape(-1, 1, 152), 16)
+        pooled = torch.nn.functional.adaptive_avg_pool1d(patch.permute(0, 2, 3, 1).reshape(-1, 1, 176), 16)
         torch.testing.assert_close(small.embed(patch), pooled.reshape(2, *patch.shape[-2:], 16) + small.pos)
 
 
 def test_grid_28_keeps_stride8_resolution():
     m = MoLEFlow(MoLEFlowConfig(**{**TINY, "grid": 28, "image_size": 224}))
     patch, image = m.extract(torch.randn(1, 3, 224, 224))
-    assert patch.shape == (1, 152, 28, 28) and image.shape == (1, 152)
+    assert patch.shape == (1, 176, 28, 28) and image.shape == (1, 176)
     m.add_task("a")
     nll, ld = m.patch_nll(patch, "a")
     assert nll.shape == ld.shape == (1, 28, 28)
