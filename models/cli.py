@@ -18,7 +18,7 @@ PROG = "linewatch-models"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.jobs import train_job
+    from models.jobs import calibrate, train_job
     from models.registry import all_detectors
 
     parser = OneLineParser(prog=PROG, description="linewatch model jobs")
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     for det in all_detectors():
         det.register_cli(sub)
     train_job.register(sub)
+    calibrate.register(sub)
     sc = sub.add_parser("selfcheck", help="log what this process runs on; fail when a GPU deployment has no CUDA")
     sc.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: the serving.device setting")
     sc.set_defaults(func=_selfcheck)

@@ -104,6 +104,29 @@ class DetectorBase:
         return [self.budget_flag, f"{float(seconds):g}"]
 
 
+def demo_split(good_dir: Path, workdir: Path, max_images: int | None = None) -> tuple[Path, Path]:
+    """A quick recipe's split of a product's good images into symlink folders ``<workdir>/split/{train,holdout}``:
+    the held-out quarter (at least 20, at most half; the training job's rule) calibrates the exported version
+    (models/jobs/calibrate.py), the rest trains (capped at ``max_images``)."""
+    from models.jobs.train_job import split_good
+
+    if not Path(good_dir).is_dir():
+        raise ValueError(f"no good images for the demo recipe: {good_dir} is missing (set LINEWATCH_DATA_DIR)")
+    paths = [Path(p) for p in sorted(Path(good_dir).iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]
+    train, hold = split_good(paths, 0.25, 0)
+    out = Path(workdir) / "split" / Path(good_dir).parent.parent.name  # <data>/mvtec/<product>/train/good
+    if max_images:  # a tiny schedule (tests): a held-out set to match, the estimator's minimum of 20 at least
+        train, hold = train[:max_images], hold[:max(20, max_images)]
+    for name, files in (("train", train), ("holdout", hold)):
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        for f in d.iterdir():
+            f.unlink()
+        for f in files:
+            (d / f.name).symlink_to(f.resolve())
+    return out / "train", out / "holdout"
+
+
 def read_spec(version_dir: Path) -> ModelSpec:
     """The shared ``spec`` implementation: metadata.json of a version dir, parsed (contracts.spec)."""
     from contracts.artifact import read_artifact

@@ -37,11 +37,8 @@ from contracts.artifact import write_manifest
 from contracts.cli import OneLineParser, RuntimeFailure, run_command
 from contracts.config import Settings
 from contracts.detectors import detector_names
-from contracts.image import decode_image
-from contracts.spec import ModelSpec, to_tensor
 from models.artifacts import sha256_file as _sha
-from models.detector import Scorer
-from models.operating_point import choose_operating_point
+from models.jobs.calibrate import apply_operating_point, choose_for_version, score_images
 
 
 def _link_files(paths: list[Path], folder: Path) -> Path:
@@ -67,46 +64,6 @@ def split_good(paths: list[Path], holdout: float, seed: int, min_holdout: int = 
     hold = sorted(paths[i] for i in idx[:n_hold])
     train = sorted(paths[i] for i in idx[n_hold:])
     return train, hold
-
-
-def score_images(scorer: Scorer, spec: ModelSpec, task: str | None, paths: list[Path]) -> np.ndarray:
-    """Scores of the exported artifact, preprocessed exactly as the worker does (contracts.spec)."""
-    out = []
-    for i in range(0, len(paths), 8):
-        x = np.stack([to_tensor(decode_image(p.read_bytes()), spec) for p in paths[i:i + 8]])
-        out.append(np.asarray(scorer(x, [task] * len(x))[spec.outputs.get("score", "score")], np.float64).reshape(-1))
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def score_arrays(scorer: Scorer, spec: ModelSpec, task: str | None, images) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [n], native anomaly maps [n, h, w]) of decoded BGR images, preprocessed as the worker does."""
-    scores, maps = [], []
-    for i in range(0, len(images), 8):
-        x = np.stack([to_tensor(im, spec) for im in images[i:i + 8]])
-        out = scorer(x, [task] * len(x))
-        scores.append(np.asarray(out[spec.outputs.get("score", "score")], np.float64).reshape(-1))
-        m = np.asarray(out[spec.outputs.get("anomaly_map", "anomaly_map")], np.float32)
-        maps.append(m.reshape(len(x), *m.shape[-2:]))
-    return np.concatenate(scores), np.concatenate(maps)
-
-
-def carry_operating_points(meta: dict, model_dir: Path, task: str) -> None:
-    """Earlier tasks of a multi-task model keep the operating point their own release chose: copied from
-    the newest older version where the task's adapter is the same file (adapters never change once
-    trained, so their held-out estimates still hold)."""
-    versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.name != str(meta["version"])),
-                      reverse=True) if model_dir.is_dir() else []
-    for t, info in meta["tasks"].items():
-        if t == task or "operating_point" in info:
-            continue
-        for v in versions:
-            try:
-                old = json.loads((model_dir / str(v) / "metadata.json").read_text()).get("tasks", {}).get(t, {})
-            except (OSError, ValueError):
-                continue
-            if old.get("adapter_sha256") == info.get("adapter_sha256") and "operating_point" in old:
-                info["operating_point"] = old["operating_point"]
-                break
 
 
 def training_budget(a, settings: Settings) -> tuple[float | None, str]:
@@ -177,20 +134,14 @@ def run_job(a, settings: Settings) -> int:
     calibration = [vdir / f for f in files] + list(hold[len(files):])
     cal = score_images(scorer, spec, task, calibration)
     # the operating point (decision + box thresholds, FAR/recall estimates) on the held-out images
-    op = choose_operating_point(lambda imgs: score_arrays(scorer, spec, task, imgs),
-                                [decode_image(p.read_bytes()) for p in hold], (spec.input.height, spec.input.width),
-                                target_false_alarm_rate=a.target_false_alarm_rate or settings.target_false_alarm_rate,
-                                seed=a.seed)
+    op = choose_for_version(det, vdir, hold, task, a.target_false_alarm_rate or settings.target_false_alarm_rate, a.seed)
     thr = op["threshold"]
+    apply_operating_point(meta, op, task, store / model)
     if task and isinstance(meta.get("tasks"), dict) and task in meta["tasks"]:
         meta["tasks"][task]["calibration_scores"] = [float(x) for x in cal]
-        meta["tasks"][task]["operating_point"] = op
-        carry_operating_points(meta, store / model, task)
     else:
         meta["calibration"] = {"scores": [float(x) for x in cal], "n": int(cal.size),
                                "source": "held-out good training images (the stored probe files where one became a probe)"}
-        meta["operating_point"] = op
-        meta["threshold"], meta["map_threshold"] = op["threshold"], op["map_threshold"]
     gate_ok = True
     if a.val_good or a.val_bad:
         from sklearn.metrics import roc_auc_score

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from contracts.config import Settings
-from models.detector import DetectorBase, Recipe, Scorer, serving_instance
+from models.detector import DetectorBase, Recipe, Scorer, demo_split, serving_instance
 
 
 class MoLEFlowDetector(DetectorBase):
@@ -50,11 +50,14 @@ class MoLEFlowDetector(DetectorBase):
     def quick_recipe(self, *, data_dir: Path, product: str, workdir: Path, repository: Path,
                      steps: int | None = None, max_images: int | None = None) -> Recipe:
         store = Path(workdir) / "artifacts" / self.name  # re-runs keep an existing task (train-task is idempotent)
+        tdir, hdir = demo_split(Path(data_dir) / "mvtec" / product / "train" / "good", workdir)
         schedule = [*(["--epochs", str(steps)] if steps else []), *(["--max-images", str(max_images)] if max_images else [])]
-        train = (self.name, "train-task", "--data-dir", str(Path(data_dir) / "mvtec"), "--task", product,
-                 "--out", str(store), "--quick", *schedule)
+        train = (self.name, "train-task", "--data-dir", str(tdir), "--task", product, "--out", str(store),
+                 "--calibration-dir", str(hdir), "--quick", *schedule)
         export = (self.name, "export", "--checkpoint", str(store), "--repo", str(repository), "--name", self.info.model)
-        return Recipe(self.info.model_name(product), (train, export))
+        calibrate = ("calibrate", "--version-dir", str(Path(repository) / self.info.model), "--good-dir", str(hdir),
+                     "--task", product)
+        return Recipe(self.info.model_name(product), (train, export, calibrate))
 
 
 DETECTOR = MoLEFlowDetector()

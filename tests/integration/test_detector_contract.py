@@ -52,6 +52,10 @@ def test_detector_contract(name, local_stack, shared_data, tmp_path):
     assert ver.ok, ver.reasons
     meta = ver.artifact.metadata
     assert meta["detector"] == name and meta["model"] == recipe.model
+    # the recipe's calibrate step chose an operating point on held-out good images (per task if multi-task)
+    op = meta["tasks"][PRODUCT]["operating_point"] if det.info.multi_task else meta["operating_point"]
+    assert op["n_good"] >= 20 and op["n_synthetic"] == 2 * op["n_good"] and 0 <= op["estimated_recall"] <= 1
+    assert op["target_false_alarm_rate"] == Settings().target_false_alarm_rate
 
     # Triton (real tritonserver) loads it, under a session-unique name
     served = f"contract_{name}"

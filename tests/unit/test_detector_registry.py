@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from contracts.detectors import DETECTORS, detector_info
@@ -27,12 +29,17 @@ def test_entry_resolves_and_satisfies_the_protocol(name, tmp_path):
     group = build_parser()._subparsers._group_actions[0].choices[name]
     assert group.format_help()
     # the demo recipe is real linewatch-models argv that leaves the detector's model for the product
+    good = tmp_path / "data" / "mvtec" / "bottle" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(10):
+        cv2.imwrite(str(good / f"{i:03d}.png"), np.full((16, 16, 3), 10 * i, np.uint8))
     r = det.quick_recipe(data_dir=tmp_path / "data", product="bottle", workdir=tmp_path / "w",
                          repository=tmp_path / "repo", steps=3, max_images=8)
     assert isinstance(r, Recipe) and r.model == det.info.model_name("bottle") and len(r.steps) >= 2
     for argv in r.steps:
         args = build_parser().parse_args(list(argv))
-        assert args.group == name and callable(args.func)
+        assert args.group in (name, "calibrate") and callable(args.func)
+    assert r.steps[-1][0] == "calibrate"  # the demo's model gets an operating point too
     assert get(name) is det  # resolved once
 
 
