@@ -2,10 +2,14 @@
 
 - ``frames``: value = encoded image bytes; metadata in Kafka headers (``frame_id``, ``camera_id``,
   ``line_id``, ``ts_ms``, optional ``product``/``task``, ``content_type``, plus free-form
-  ``gt_label``/``gt_defect`` from replays). Key = camera id.
-- ``inspection-results``: JSON :class:`InspectionResult` (key = camera id, idempotent by frame_id).
+  ``gt_label``/``gt_defect`` from replays and ``warmup`` = ``1`` on a warm-up frame (scored, and its result
+  marked ``warmup``; no camera on the console). Key = camera id.
+- ``inspection-results``: JSON :class:`InspectionResult` (key = camera id, idempotent by frame_id): the raw
+  ``score`` and ``threshold`` of the served model's operating point (contracts/operating_point.py) and
+  ``score_normalized`` in [0, 1], 0.5 at the threshold (absent on results written before it existed).
 - ``defect-events``: JSON :class:`DefectEvent` = result + small uint8 heat-map PNG (base64) +
-  bounding boxes of the connected regions above the map threshold.
+  bounding boxes of the connected regions above the map threshold (at the model's input resolution;
+  a flagged frame has at least one).
 - ``frames-dlq``: value = original bytes, original headers + ``error`` (reason) + ``error_detail``
   (a frame over the size limit keeps only its size and sha256: see :func:`dlq_record`).
 
@@ -35,6 +39,7 @@ FRAME_REQUIRED_HEADERS = ("frame_id", "camera_id", "ts_ms")
 CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@/\-]{1,128}$")
 MAX_HEADER_BYTES = 1024
+WARMUP_HEADER = "warmup"  # frame header: "1" on a warm-up frame (e.g. the demo's first frame)
 
 Headers = list[tuple[str, bytes]]
 
@@ -112,6 +117,11 @@ class Frame:
     @property
     def key(self) -> bytes:
         return self.camera_id.encode()
+
+    @property
+    def warmup(self) -> bool:
+        """A warm-up frame (header ``warmup``: 1/true): scored like any other, its result marked ``warmup``."""
+        return self.extra.get(WARMUP_HEADER, "").strip().lower() in ("1", "true", "yes")
 
 
 def new_frame_id() -> str:
@@ -217,6 +227,9 @@ class InspectionResult:
     processed_ts_ms: int = 0
     gt_label: str | None = None
     gt_defect: str | None = None
+    # in [0, 1], 0.5 at ``threshold`` (contracts.operating_point.OperatingPoint.normalised); None: an older writer
+    score_normalized: float | None = None
+    warmup: bool = False  # the frame carried the ``warmup`` header: not a camera of the line
     schema: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,6 +243,7 @@ _RESULT_REQUIRED = {
     "frame_id": str, "camera": str, "model": str, "task": str, "routed": bool,
     "score": (int, float), "threshold": (int, float), "is_anomaly": bool,
 }
+_RESULT_OPTIONAL = {"score_normalized": (int, float), "warmup": bool}  # absent or null: the field's default
 
 
 def _validate(d: Any, required: dict[str, Any], what: str) -> dict[str, Any]:
@@ -243,6 +257,10 @@ def _validate(d: Any, required: dict[str, Any], what: str) -> dict[str, Any]:
         v = d[name]
         if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
             raise EnvelopeError("bad_field", f"{what} field '{name}' is {type(d[name]).__name__}, expected {typ}")
+    for name, typ in _RESULT_OPTIONAL.items():
+        v = d.get(name)
+        if v is not None and (not isinstance(v, typ) or (typ is not bool and isinstance(v, bool))):
+            raise EnvelopeError("bad_field", f"{what} field '{name}' is {type(v).__name__}, expected {typ} or null")
     return d
 
 
@@ -260,6 +278,8 @@ def decode_result(value: bytes) -> InspectionResult:
     kw.setdefault("line", None)
     kw.setdefault("model_version", "")
     kw.setdefault("route_distance", None)
+    if kw.get("warmup") is None:
+        kw.pop("warmup", None)
     return InspectionResult(**kw)
 
 
@@ -306,6 +326,8 @@ def decode_defect_event(value: bytes) -> DefectEvent:
     res.setdefault("line", None)
     res.setdefault("model_version", "")
     res.setdefault("route_distance", None)
+    if res.get("warmup") is None:
+        res.pop("warmup", None)
     return DefectEvent(result=InspectionResult(**res), heatmap_png_b64=d["heatmap_png_b64"],
                        heatmap_scale=float(d.get("heatmap_scale", 1.0)),
                        map_threshold=float(d.get("map_threshold", 0.0)), boxes=d["boxes"])

@@ -267,7 +267,8 @@ def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_rep
 
         async def go():
             # warm-up frame: waits out the consumer-group join and the first Triton call (not counted)
-            warm = await replay(boot, test_dir, cameras=["warmup"], fps=0, product="bottle", limit=1)
+            warm = await replay(boot, test_dir, cameras=["warmup"], fps=0, product="bottle", limit=1,
+                                extra={"warmup": "1"})
             wid = warm[0].frame_id
             await read_topics(boot, ["inspection-results", "frames-dlq"], timeout_s=120,
                               until=lambda o: any(decode_result(r.value).frame_id == wid for r in o["inspection-results"]))

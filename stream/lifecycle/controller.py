@@ -59,6 +59,7 @@ from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
 from contracts.names import is_candidate
 from contracts.triton_control import grpc_headers
+from stream.lifecycle.operating import operating_points
 from stream.lifecycle.policy import Decision, HealthPolicy, ShadowStats
 from stream.lifecycle.repository import (
     materialize,
@@ -254,9 +255,12 @@ class RolloutController:
 
     def _event(self, typ: str, ev: ModelEvent, reasons: list[str], prev: int | None, detail=None,
                art: Artifact | None = None) -> ModelEvent:
+        """An outcome event; with the artifact, its operating point (``detail.operating_point``, per task)."""
+        ops = operating_points(art.metadata) if art is not None else {}
         return ModelEvent(typ, ev.model, ev.version, task=ev.task, product=ev.product or (art.product if art else None),
                           detector=ev.detector or (art.detector if art else None), artifact_uri=ev.artifact_uri,
-                          sha256=ev.sha256, previous_version=prev, reasons=reasons, detail=detail or {})
+                          sha256=ev.sha256, previous_version=prev, reasons=reasons,
+                          detail={**({"operating_point": ops} if ops else {}), **(detail or {})})
 
     async def rollout(self, ev: ModelEvent) -> ModelEvent:
         # claimed before the first await: a second release of the same model cannot slip in meanwhile

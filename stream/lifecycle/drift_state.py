@@ -41,7 +41,7 @@ class DriftStateStore:
         """Snapshots of the cameras in ``batch`` that reached another ``check_every`` frames."""
         due: dict[str, bytes] = {}
         for sc in batch.scored:
-            if sc.result.shadow:
+            if sc.result.shadow or sc.result.warmup:  # the drift hook skips them too
                 continue
             cam = sc.result.camera
             self._where[cam] = sc.raw.partition

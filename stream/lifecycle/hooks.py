@@ -15,6 +15,7 @@ from contracts.config import DriftSettings
 from contracts.envelope import InspectionResult
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
+from contracts.operating_point import operating_point_of
 from stream.lifecycle.drift import DriftAlert, DriftConfig, DriftMonitor
 from stream.lifecycle.policy import calibration_of
 from stream.worker.pipeline import Batch, Outgoing, Scored
@@ -28,8 +29,11 @@ class DriftHook:
     """Feeds every (non-shadow) result into a :class:`stream.lifecycle.drift.DriftMonitor`; returns its alerts.
 
     The reference of a (model, version, task) is the calibration in its spec (``calibration.scores``, or
-    ``tasks[t].calibration_scores`` for MoLE-Flow) with the task's ``route_distance_threshold``; a model
-    without calibration scores gets a warm-up reference (its first ``warmup`` scores)."""
+    ``tasks[t].calibration_scores`` for MoLE-Flow) with the task's ``route_distance_threshold`` and, for the
+    anomaly-rate test, the target false-alarm rate of its operating point (never below the configured
+    expected rate: the line's real defects are flagged too); a model without calibration scores gets a
+    warm-up reference (its first ``warmup`` scores). Warm-up frames (``InspectionResult.warmup``) are not
+    a camera's traffic and are skipped."""
 
     def __init__(self, config: DriftConfig | None = None, warmup: int = _DEFAULTS.warmup,
                  max_tracks: int = _DEFAULTS.max_tracks):
@@ -48,17 +52,19 @@ class DriftHook:
         cal, _ = calibration_of(spec_raw, task or None)
         tinfo = (spec_raw.get("tasks") or {}).get(task) if isinstance(spec_raw.get("tasks"), dict) else None
         rthr = tinfo.get("route_distance_threshold") if isinstance(tinfo, dict) else None
+        target = operating_point_of(spec_raw, task or None).target_false_alarm_rate
+        rate = None if target is None else max(float(target), self.monitor.config.expected_anomaly_rate)
         if cal and len(cal) >= 10:
-            self.monitor.set_reference(key, cal, route_distance_threshold=rthr)
+            self.monitor.set_reference(key, cal, route_distance_threshold=rthr, expected_anomaly_rate=rate)
             return
         w = self._warm.setdefault(key, [])
         w.append(score)
         if len(w) >= self.warmup:
-            self.monitor.set_reference(key, w, route_distance_threshold=rthr)
+            self.monitor.set_reference(key, w, route_distance_threshold=rthr, expected_anomaly_rate=rate)
             self._warm.pop(key, None)
 
     def observe(self, res: InspectionResult, spec_raw: dict[str, Any]) -> list[DriftAlert]:
-        if res.shadow:
+        if res.shadow or res.warmup:
             return []
         key = f"{res.model}@{res.model_version}" + (f"/{res.task}" if res.task else "")
         self._ensure_reference(key, spec_raw or {}, res.task, float(res.score))

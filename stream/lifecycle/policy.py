@@ -16,6 +16,7 @@ import numpy as np
 from scipy import stats
 
 from contracts.config import RolloutSettings
+from contracts.operating_point import operating_point_of
 from stream.lifecycle.drift import population_stability_index
 
 _DEFAULTS = RolloutSettings()  # one set of defaults: the settings' own
@@ -101,8 +102,9 @@ def decide(s: ShadowStats, calibration: np.ndarray | list[float] | None, thresho
 
 
 def calibration_of(spec: dict[str, Any], task: str | None = None) -> tuple[list[float] | None, float]:
-    """(calibration scores, decision threshold) of a spec, for a task of a MoLE-Flow spec."""
-    thr = float(spec.get("threshold", 0.0) or 0.0)
+    """(calibration scores, decision threshold) of a spec, for a task of a MoLE-Flow spec: the threshold of
+    its operating point (contracts/operating_point.py; the spec's ``threshold`` for older versions)."""
+    thr = operating_point_of(spec, task).threshold
     cal = spec.get("calibration") or {}
     scores = cal.get("scores") if isinstance(cal, dict) else None
     tasks = spec.get("tasks")

@@ -19,6 +19,7 @@ from contracts.config import Settings
 from contracts.envelope import EnvelopeError, decode_frame
 from contracts.image import decode_image
 from contracts.logs import get_logger
+from contracts.operating_point import operating_point_of
 from contracts.spec import to_pixels
 from stream.inference.triton_client import TritonInfer
 from stream.kafka.clients import client_kwargs, partitions_of
@@ -103,7 +104,8 @@ class ShadowSampler:
                 return None
             x = np.stack([to_pixels(decode_image(frame.image), spec)])
             out = await infer.infer(ro.model, x, [frame.task or ""] if ro.task else None)
-            return bool(float(out.scores[0]) > spec.threshold)
+            task = out.tasks[0] if out.tasks else (frame.task or None)  # a multi-task model: its task's threshold
+            return operating_point_of(spec.raw, task).is_anomaly(float(out.scores[0]))
         except Exception as e:
             log.warning("shadow_incumbent_failed", model=ro.model, error=f"{type(e).__name__}: {e}"[:200])
             return None

@@ -18,6 +18,7 @@ import numpy as np
 
 from contracts.artifact import Artifact
 from contracts.image import decode_image
+from contracts.operating_point import operating_point_of
 from contracts.spec import parse_spec, to_pixels
 from stream.inference.triton_client import TritonInfer
 from stream.lifecycle.policy import Decision, HealthPolicy, calibration_of, decide
@@ -41,7 +42,8 @@ async def run_shadow(ro, task: str | None, url: str, policy: HealthPolicy, on_re
     """Score until :func:`decide` returns promote or roll back (``ro`` is the controller's Rollout)."""
     pol = policy
     spec = parse_spec(ro.artifact.metadata)
-    cal, thr = calibration_of(ro.artifact.metadata, task)
+    cal, thr = calibration_of(ro.artifact.metadata, task)  # thr: the candidate's operating point (per task)
+    op = operating_point_of(ro.artifact.metadata, task)
     infer = TritonInfer(url, max_retries=2)
     probes = [(b, False) for b in probe_images(ro.artifact)]
     if ro.previous_version is None or task:
@@ -67,12 +69,13 @@ async def run_shadow(ro, task: str | None, url: str, policy: HealthPolicy, on_re
                     sc = out.scores.astype(np.float64)
                     s.frames += len(items)
                     s.scores.extend(float(v) for v, g in zip(sc, good, strict=True) if g)
-                    s.flagged_good += int(sum(1 for v, g in zip(sc, good, strict=True) if g and v > thr))
+                    s.flagged_good += int(sum(1 for v, g in zip(sc, good, strict=True) if g and op.is_anomaly(v)))
                     if on_result is not None:
                         for v in sc:
                             await on_result({"model": ro.candidate, "model_version": str(ro.version),
                                              "score": float(v), "threshold": thr,
-                                             "is_anomaly": bool(v > thr), "shadow": True})
+                                             "score_normalized": op.normalised(float(v)),
+                                             "is_anomaly": op.is_anomaly(float(v)), "shadow": True})
                 except Exception as e:  # a candidate error is evidence, not a crash
                     s.errors += len(items)
                     s.last_error = f"{type(e).__name__}: {e}"

@@ -2,7 +2,9 @@
 
 release ARTIFACT_DIR        verify an artifact (version dir in the model store) and publish ``released``
                             (``--take-over``: it may take over a product/task another model serves)
-rollout status              fold the ``model-events`` history into the state per model
+rollout status              fold the ``model-events`` history into the state per model, with the operating
+                            point (target / estimated false-alarm rate, estimated recall, n) of the serving and
+                            the candidate version, per task for a multi-task model
 controller                  the rollout controller service (stream/lifecycle/service.py): consumes
                             ``model-events``, drives every Triton replica, writes the serving state
 rollout run                 the same (older name)
@@ -38,14 +40,19 @@ def released_event(artifact_dir: str, *, task: str | None = None, product: str |
     """Verify ``artifact_dir`` and build its ``released`` event (ValueError with the reasons if broken)."""
     from contracts.artifact import verify_artifact
     from contracts.model_events import ModelEvent
+    from stream.lifecycle.operating import operating_points
 
     v = verify_artifact(artifact_dir, strict=True)
     if v.artifact is None or (not v.ok and not force):
         raise ValueError(f"artifact {artifact_dir} fails verification: {'; '.join(v.reasons)}")
     art = v.artifact
+    detail = {"tasks": art.tasks} if art.tasks else {}
+    ops = operating_points(art.metadata)  # per task of a multi-task model
+    if ops:
+        detail["operating_point"] = ops
     return ModelEvent("released", art.model, art.version, task=task, product=product or art.product,
                       detector=art.detector or None, artifact_uri=art.uri, sha256=art.sha256,
-                      detail={"tasks": art.tasks} if art.tasks else {}, take_over=take_over)
+                      detail=detail, take_over=take_over)
 
 
 def _cmd_release(a) -> int:
@@ -67,6 +74,7 @@ def _cmd_rollout(a) -> int:
     if a.action == "status":
         from contracts.model_events import ModelEventError, decode, fold_status
         from stream.kafka.clients import read_topics
+        from stream.lifecycle.operating import attach_to_status
 
         def read() -> dict:
             recs = asyncio.run(read_topics(boot, [_topic(a)], timeout_s=a.timeout, idle_s=1.5, settings=s))
@@ -76,7 +84,7 @@ def _cmd_rollout(a) -> int:
                     evs.append(decode(r.value))
                 except ModelEventError:
                     continue
-            st = fold_status(evs)
+            st = attach_to_status(fold_status(evs), evs)
             return {k: v for k, v in st.items() if k == a.model} if a.model else st
 
         st = read()
@@ -96,10 +104,21 @@ def _cmd_rollout(a) -> int:
                 print(f"{m:32s} serving=v{s['serving_version']}  candidate="
                       f"{'v' + str(s['candidate_version']) if s['candidate_version'] else '-'}  "
                       f"last={last['type']} v{last['version']}{why}")
+                print_operating_points(s)
         return 1 if a.wait and any(v["candidate_version"] for v in st.values()) else 0
     if a.action == "run":  # the controller service under its older name
         return _cmd_controller(a)
     raise ValueError(f"unknown rollout action {a.action}")
+
+
+def print_operating_points(s: dict) -> None:
+    """The operating point lines of one model's status (serving, then candidate version), one per product/task."""
+    from stream.lifecycle.operating import describe
+
+    for key, label in (("operating_point", f"v{s.get('serving_version')}"),
+                       ("candidate_operating_point", f"candidate v{s.get('candidate_version')}")):
+        for name, d in sorted((s.get(key) or {}).items()):
+            print(f"    {label} {name}: {describe(d)}")
 
 
 def _cmd_controller(a) -> int:

@@ -58,7 +58,10 @@ def list_images(folder: str | Path) -> list[ReplayItem]:
 
 async def replay(bootstrap: str, folder: str | Path, *, cameras: list[str] | None = None, fps: float = 10.0,
                  topic: str = "frames", product: str | None = None, line: str | None = None, loops: int = 1,
-                 limit: int | None = None, interleave: bool = True, settings: Settings | None = None) -> list[Sent]:
+                 limit: int | None = None, interleave: bool = True, settings: Settings | None = None,
+                 extra: dict[str, str] | None = None) -> list[Sent]:
+    """Send the images of ``folder`` as frames (one per camera each); ``extra``: headers every frame carries
+    (e.g. ``{"warmup": "1"}``: a warm-up frame, contracts.envelope.WARMUP_HEADER)."""
     items = list_images(folder)
     if interleave:  # good and defect frames mixed, deterministic
         items = sorted(items, key=lambda it: (zlib.crc32(it.path.name.encode() + it.path.parent.name.encode()), str(it.path)))
@@ -78,8 +81,8 @@ async def replay(bootstrap: str, folder: str | Path, *, cameras: list[str] | Non
                     ts = int(time.time() * 1000)
                     f = Frame(frame_id=new_frame_id(), camera_id=cam, ts_ms=ts, image=blobs[it.path], line_id=line,
                               product=product, content_type=mimetypes.guess_type(it.path.name)[0],
-                              extra={k2: v for k2, v in (("gt_label", it.gt_label), ("gt_defect", it.gt_defect),
-                                                         ("source", it.path.name)) if v})
+                              extra={**{k2: v for k2, v in (("gt_label", it.gt_label), ("gt_defect", it.gt_defect),
+                                                            ("source", it.path.name)) if v}, **(extra or {})})
                     recs.append(encode_frame(f))
                     sent.append(Sent(f.frame_id, cam, str(it.path), it.gt_label, it.gt_defect, ts))
                 await prod.send_many(topic, recs)

@@ -29,8 +29,12 @@ def format_result(value: bytes, color: bool = False) -> str:
     routed = f" (routed d={r.route_distance:.2f})" if r.routed and r.route_distance is not None else ""
     task = f" task={r.task or '-'}{routed}"
     lat = r.latency_ms
+    # the normalised score (0.5 = threshold) first; the raw score and threshold after it
+    sc = (f"score={r.score_normalized:.2f} (thr 0.5) raw={r.score:.4g} thr={r.threshold:.4g}"
+          if r.score_normalized is not None else f"score={r.score:9.4f} thr={r.threshold:.4f}")
+    warm = " warmup" if r.warmup else ""
     return (f"{time.strftime('%H:%M:%S', time.localtime(r.processed_ts_ms / 1000 or time.time()))} "
-            f"{r.camera:<10s} {r.frame_id[:12]:<12s} {flag:7s} score={r.score:9.4f} thr={r.threshold:.4f} "
+            f"{r.camera:<10s} {r.frame_id[:12]:<12s} {flag:7s} {sc}{warm} "
             f"{r.model}:v{r.model_version}{task} infer={lat.get('infer', 0):.1f}ms e2e={lat.get('e2e', 0):.1f}ms{gt}")
 
 

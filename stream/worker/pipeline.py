@@ -29,6 +29,7 @@ import numpy as np
 from contracts.envelope import EnvelopeError, Frame, InspectionResult, decode_frame, dlq_record, peek_ids
 from contracts.image import decode_image, model_pixel_cap, plan_decode, read_header
 from contracts.logs import get_logger
+from contracts.operating_point import OperatingPoint, operating_point_of
 from contracts.spec import ModelSpec, to_pixels
 from stream.inference.heatmap import make_defect_event
 from stream.inference.routing import Route, Router, RoutingConfig
@@ -148,6 +149,8 @@ class Pipeline(InferStage):
         self.pixels_per_input = s.max_image_pixels_per_input
         self.jpeg_reduced = s.jpeg_reduced_decode
         self.budget = MemoryBudget(cfg.decode_budget_bytes)
+        # (model, version, task) -> (the spec dict it was read from, its operating point)
+        self._ops: dict[tuple[str, str, str], tuple[dict, OperatingPoint]] = {}
         log.info("decode_limits", threads=cfg.decode_threads, budget_mb=cfg.decode_budget_bytes >> 20,
                  max_image_pixels=s.max_image_pixels, pixels_per_input=self.pixels_per_input,
                  jpeg_reduced=self.jpeg_reduced)
@@ -237,16 +240,31 @@ class Pipeline(InferStage):
                                            for r in records)))
 
     # -- outputs
+    def operating_point(self, model: str, spec: ModelSpec, task: str | None) -> OperatingPoint:
+        """The operating point ``spec`` applies to ``task`` (per task for a multi-task model), cached per
+        (model, version, task) for as long as that version's spec is the same object."""
+        key = (model, str(spec.version), task or "")
+        hit = self._ops.get(key)
+        if hit is not None and hit[0] is spec.raw:
+            return hit[1]
+        op = operating_point_of(spec.raw, task or None)
+        if len(self._ops) >= 4096:
+            self._ops.clear()
+        self._ops[key] = (spec.raw, op)
+        return op
+
     def score(self, p: Prepared, out: InferOutput, j: int, t_batch: float) -> Scored:
         f, route = p.frame, p.route
         served = out.versions[j] if out.versions else None
-        # judged with the spec (threshold) of the version Triton says served it; labelled with that version
+        # judged with the operating point of the version Triton says served it (per task for a multi-task
+        # model); labelled with that version
         spec = self.triton.spec_at(route.model, served) or self.triton.spec_for(route.model)
         if served and str(spec.version) != served:
             log.warning("spec_version_unknown", model=route.model, served=served, judged_with=str(spec.version))
         score = float(out.scores[j])
         task = out.tasks[j] if out.tasks is not None else route.task
         rd = float(out.route_distance[j]) if out.route_distance is not None else None
+        op = self.operating_point(route.model, spec, task)
         done_ms = time.time() * 1000
         lat = {**p.latency_ms, "infer": round(out.infer_ms, 3),
                "batch_total": round((time.perf_counter() - t_batch) * 1000, 3),
@@ -254,14 +272,16 @@ class Pipeline(InferStage):
         res = InspectionResult(
             frame_id=f.frame_id, camera=f.camera_id, line=f.line_id, model=route.model,
             model_version=served or str(spec.version), task=task or "", routed=route.routed, route_distance=rd,
-            score=score, threshold=spec.threshold, is_anomaly=bool(score > spec.threshold), shadow=False,
+            score=score, threshold=op.threshold, is_anomaly=op.is_anomaly(score), shadow=False,
             product=route.product or spec.product, latency_ms=lat, ts_ms=f.ts_ms, processed_ts_ms=int(done_ms),
             gt_label=f.extra.get("gt_label"), gt_defect=f.extra.get("gt_defect"),
+            score_normalized=op.normalised(score), warmup=f.warmup,
         )
         defect = None
         if res.is_anomaly:
-            try:
-                defect = make_defect_event(res, out.maps[j], spec.map_threshold, size=self.heatmap_size).to_json()
+            try:  # boxes at the model's input resolution, against the operating point's map threshold
+                defect = make_defect_event(res, out.maps[j], op, (spec.input.height, spec.input.width),
+                                           size=self.heatmap_size).to_json()
             except Exception as e:  # the result still goes out; only its heat map is missing
                 log.warning("defect_event_failed", frame_id=f.frame_id, camera=f.camera_id, error=str(e))
         self.metrics.stage_latency.labels(stage="e2e").observe(lat["e2e"])

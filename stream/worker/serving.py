@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contracts.config import Settings
 from contracts.logs import get_logger
+from contracts.operating_point import operating_point_of
 from contracts.serving_state import ServingEntry, decode_entry
 from contracts.spec import parse_spec
 from stream.kafka.follow import TopicFollower
@@ -40,7 +41,8 @@ class ServingView:
         self.entries[e.product] = e
         products[e.product] = e.model
         self.triton.add_spec(e.model, e.version, parse_spec(e.spec))
-        log.info("serving_state", product=e.product, model=e.model, version=e.version, threshold=e.threshold)
+        log.info("serving_state", product=e.product, model=e.model, version=e.version,
+                 threshold=operating_point_of(e.spec, e.product).threshold)  # the one its frames are judged with
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Read the topic to its end (the worker routes nothing before), then follow it."""

@@ -242,6 +242,42 @@ def test_models_view_serving_rollouts_and_proposals():
     assert m["feedback"] == {"confirmed": 1, "false_alarm": 1}
 
 
+def test_operator_reads_normalised_scores_warm_up_frames_are_no_camera_and_models_show_operating_points():
+    st = ConsoleState()
+    r = result(1, score=4.79e5, anomaly=True)
+    r.score_normalized = 0.73
+    st.apply_result(r)
+    st.apply_result(result(2, camera="cam-2", score=0.2))  # an older worker: no normalised score
+    (t1, t2) = st.camera_tiles()
+    assert t1["score_normalized"] == 0.73 and t1["scores"] == [0.73] and t1["score"] == 4.79e5  # raw kept
+    assert t2["score_normalized"] is None and t2["scores"] == [0.2]
+    warm = result(3, camera="warmup", anomaly=True)
+    warm.warmup = True
+    assert st.apply_result(warm) is None
+    assert st.apply_defect(DefectEvent(result=warm, heatmap_png_b64=_heatmap_b64(), heatmap_scale=1.0,
+                                       map_threshold=0.3, boxes=[])) is None
+    assert [t["camera"] for t in st.camera_tiles()] == ["cam-1", "cam-2"] and "f3" not in st.defects
+    assert st.totals["warmup_results"] == 1 and st.totals["results"] == 2
+    ev = defect(4)
+    ev.result.score_normalized = 0.81
+    assert st.apply_defect(ev)["score_normalized"] == 0.81 and st.defect_detail("f4")["score"] == 0.9
+    spec = {"model": "moleflow", "detector": "moleflow", "threshold": 0.0, "tasks": {
+        "bottle": {"operating_point": {"threshold": 2.5, "target_false_alarm_rate": 0.01,
+                                       "estimated_false_alarm_rate": 0.008, "estimated_recall": 0.93,
+                                       "estimated_recall_by_family": {"scratch": 0.9}, "n_good": 120,
+                                       "n_synthetic": 300}},
+        "cable": {}}}
+    for task in ("bottle", "cable"):
+        st.apply_serving(task, ServingEntry(product=task, model="moleflow", version=4, threshold=0.0, spec=spec))
+    bottle, cable = st.models_view()["serving"]
+    assert bottle["threshold"] == 2.5 and cable["threshold"] == 0.0  # per task, not the spec's 0.0
+    op = bottle["operating_point"]
+    assert op["target_false_alarm_rate"] == 0.01 and op["estimated_recall"] == 0.93 and op["n_good"] == 120
+    assert op["estimated_recall_by_family"] == {"scratch": 0.9} and not cable["operating_point"]["stated"]
+    pages = (REPO / "stream/ops/console/static/pages.js").read_text()
+    assert pages.count("fmt.score(") >= 3 and "operating-points" in pages  # wall, gallery, detail; models
+
+
 def test_drift_alerts_ring():
     st = ConsoleState(max_drift=2)
     for i in range(3):

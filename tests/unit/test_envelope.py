@@ -19,7 +19,8 @@ from contracts.envelope import (
     encode_frame,
     headers_to_dict,
 )
-from stream.inference.heatmap import anomaly_boxes, make_defect_event
+from contracts.operating_point import OperatingPoint, anomaly_boxes
+from stream.inference.heatmap import make_defect_event
 
 
 def _frame(**kw):
@@ -124,12 +125,32 @@ def test_anomaly_boxes_two_regions():
     assert anomaly_boxes(a, 10.0) == []
 
 
+def test_result_score_normalized_and_warmup_are_optional_on_decode():
+    r = _result(score_normalized=0.73, warmup=True)
+    assert decode_result(r.to_json()) == r
+    d = orjson.loads(_result().to_json())
+    for k in ("score_normalized", "warmup"):
+        d.pop(k)  # a result written before the fields existed
+    back = decode_result(orjson.dumps(d))
+    assert back.score_normalized is None and back.warmup is False and back.score == 1.5
+    d["score_normalized"] = "high"
+    with pytest.raises(EnvelopeError) as ei:
+        decode_result(orjson.dumps(d))
+    assert ei.value.reason == "bad_field" and "score_normalized" in ei.value.detail
+
+
+def test_warmup_header_marks_the_frame():
+    assert decode_frame(*encode_frame(_frame(extra={"warmup": "1"}))).warmup
+    assert not decode_frame(*encode_frame(_frame())).warmup
+
+
 def test_defect_event_roundtrip_heatmap_small():
     amap = np.zeros((1, 256, 256), np.float32)
     amap[0, 100:140, 50:90] = 4.0
-    ev = make_defect_event(_result(), amap, map_threshold=1.0, size=64)
+    op = OperatingPoint(threshold=1.0, map_threshold=1.0, map_sigma=0.0)
+    ev = make_defect_event(_result(), amap, op, (256, 256), size=64)
     back = decode_defect_event(ev.to_json())
-    assert back.result == ev.result and len(back.boxes) == 1
+    assert back.result == ev.result and len(back.boxes) == 1 and back.map_threshold == 1.0
     hm = decode_heatmap(back.heatmap_png_b64)
     assert hm.dtype == np.uint8 and hm.shape == (64, 64) and hm.max() == 255
     assert len(base64.b64decode(back.heatmap_png_b64)) < 4096

@@ -7,6 +7,10 @@ the throughput window, drift alerts, DLQ records, model events and feedback reco
 
 Times: throughput and latency use the result's ``processed_ts_ms`` (the worker's clock), DLQ rates the
 record's ``error_ts_ms``, so a bounded replay at start lands where it happened, not all at once.
+
+Scores: an operator reads the normalised score (``score_normalized``, 0.5 at the threshold of the version's
+operating point, contracts/operating_point.py); the raw score and threshold stay in every summary. Results
+of warm-up frames (``warmup``, e.g. the demo's first frame) are counted, never shown as a camera or defect.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from contracts.envelope import DefectEvent, InspectionResult
 from contracts.model_events import ModelEvent, fold_status
 from contracts.serving_state import ServingEntry
 from stream.lifecycle.onboarding import OnboardEvent
+from stream.lifecycle.operating import summary_of
 from stream.ops.console.feedback import Feedback, propose_thresholds
 from stream.ops.console.onboarding import OnboardingView
 
@@ -92,6 +97,7 @@ def result_summary(r: InspectionResult) -> dict[str, Any]:
     return {"frame_id": r.frame_id, "camera": r.camera, "line": r.line, "product": r.product or r.task or None,
             "model": r.model, "version": str(r.model_version), "score": float(r.score),
             "threshold": float(r.threshold), "is_anomaly": bool(r.is_anomaly), "ts_ms": int(r.ts_ms),
+            "score_normalized": None if r.score_normalized is None else float(r.score_normalized),
             "processed_ts_ms": int(r.processed_ts_ms), "gt_label": r.gt_label, "gt_defect": r.gt_defect,
             "latency_ms": {k: round(float(v), 2) for k, v in (r.latency_ms or {}).items()}}
 
@@ -139,6 +145,9 @@ class ConsoleState:
         if r.shadow:  # a rollout candidate's score: not what the line sees
             self.totals["shadow_results"] += 1
             return None
+        if r.warmup:  # a warm-up frame (e.g. the demo's): no camera of the line
+            self.totals["warmup_results"] += 1
+            return None
         s = result_summary(r)
         self.totals["results"] += 1
         self.totals["anomalies"] += int(r.is_anomaly)
@@ -148,11 +157,12 @@ class ConsoleState:
         cam = self.cameras.pop(r.camera, None) or {"camera": r.camera, "scores": deque(maxlen=SPARK), "frames": 0,
                                                    "anomalies": 0, "last_defect": None}
         self.cameras[r.camera] = cam
-        cam["scores"].append(round(float(r.score), 6))
+        # the sparkline: normalised scores (threshold 0.5); the raw score from an older writer
+        cam["scores"].append(round(float(r.score if r.score_normalized is None else r.score_normalized), 6))
         cam["frames"] += 1
         cam["anomalies"] += int(r.is_anomaly)
         cam.update({k: s[k] for k in ("line", "product", "model", "version", "frame_id", "score", "threshold",
-                                      "is_anomaly", "ts_ms", "processed_ts_ms", "gt_label")})
+                                      "score_normalized", "is_anomaly", "ts_ms", "processed_ts_ms", "gt_label")})
         cam["has_frame"] = has_frame
         cam["has_defect"] = s["frame_id"] in self.defects
         while len(self.cameras) > self.max_cameras:
@@ -163,7 +173,9 @@ class ConsoleState:
         self._emit("result", payload)
         return payload
 
-    def apply_defect(self, ev: DefectEvent, thumb: bytes | None = None) -> dict[str, Any]:
+    def apply_defect(self, ev: DefectEvent, thumb: bytes | None = None) -> dict[str, Any] | None:
+        if ev.result.warmup:  # a warm-up frame: not in the gallery
+            return None
         s = {**result_summary(ev.result), "boxes": [dict(b) for b in ev.boxes][:64],
              "map_threshold": float(ev.map_threshold), "heatmap_scale": float(ev.heatmap_scale)}
         fid = s["frame_id"]
@@ -226,9 +238,12 @@ class ConsoleState:
         if e is None:
             self.serving.pop(product, None)
         else:
+            # the operating point of this product (a multi-task model's entry is one task's: its own threshold)
+            op = summary_of(e.spec, e.product)
             self.serving[product] = {"product": e.product, "model": e.model, "version": int(e.version),
-                                     "threshold": float(e.threshold), "detector": e.detector,
-                                     "updated_ms": int(e.updated_ms), "spec_sha256": e.spec_sha256}
+                                     "threshold": float(op["threshold"]),
+                                     "detector": e.detector, "updated_ms": int(e.updated_ms),
+                                     "spec_sha256": e.spec_sha256, "operating_point": op}
         self._emit("serving", {"product": product, "entry": self.serving.get(product)})
 
     def apply_model_event(self, ev: ModelEvent) -> None:

@@ -55,6 +55,17 @@ const LW = (() => {
       const a = Math.abs(v);
       return a !== 0 && (a < 1e-3 || a >= 1e5) ? Number(v).toExponential(2) : Number(v).toFixed(d);
     },
+    // what an operator reads: the normalised score (0.5 = the threshold); raw score / threshold from older workers
+    score(r) {
+      if (r.score_normalized !== null && r.score_normalized !== undefined) {
+        return `${Number(r.score_normalized).toFixed(2)} (thr 0.5)`;
+      }
+      return `${fmt.num(r.score)} (thr ${fmt.num(r.threshold)})`;
+    },
+    pct(v) {
+      if (v === null || v === undefined || Number.isNaN(Number(v))) return "-";
+      return `${Number((100 * v).toPrecision(3))}%`;
+    },
   };
 
   // a frame thumbnail with the defect heat map and its boxes on top (boxes are normalised x, y, w, h)

@@ -17,8 +17,8 @@
         shot(c.frame_id, { hasFrame: c.has_frame !== false, defect })),
       el("div", { class: "verdict" },
         el("span", { class: "badge " + (c.is_anomaly ? "bad" : "good"), text: verdict }),
-        el("span", { class: "score", text: ` score ${fmt.num(c.score)} / thr ${fmt.num(c.threshold)}` })),
-      sparkline(c.scores, c.threshold),
+        el("span", { class: "score", text: ` score ${fmt.score(c)}` })),
+      sparkline(c.scores, c.score_normalized !== null && c.score_normalized !== undefined ? 0.5 : c.threshold),
       el("div", { class: "muted small",
         text: `${c.model || "-"} v${c.version || "-"} · ${c.frames || 0} frames, ${c.anomalies || 0} flagged · ${fmt.clock(c.ts_ms)}` }));
   }
@@ -50,7 +50,7 @@
   wall.on = {
     result(r) {
       const c = wall.tiles.get(r.camera) || { camera: r.camera, scores: [], frames: 0, anomalies: 0 };
-      c.scores = (c.scores || []).concat([r.score]).slice(-60);
+      c.scores = (c.scores || []).concat([r.score_normalized ?? r.score]).slice(-60);
       Object.assign(c, r, { frames: (c.frames || 0) + 1, anomalies: (c.anomalies || 0) + (r.is_anomaly ? 1 : 0),
                             has_frame: true });
       wall.tiles.set(r.camera, c);
@@ -88,7 +88,7 @@
     return el("a", { class: "card" + (d.verdict ? " " + d.verdict : ""), href: `#/defect/${encodeURIComponent(d.frame_id)}`,
                      data: { frameId: d.frame_id, camera: d.camera } },
       shot(d.frame_id, { hasFrame: d.has_frame, defect: d }),
-      el("div", { class: "small" }, el("b", { text: fmt.num(d.score) }), ` ${d.camera} · ${d.product || "-"}`),
+      el("div", { class: "small" }, el("b", { text: fmt.score(d) }), ` ${d.camera} · ${d.product || "-"}`),
       el("div", { class: "muted small", text: `${fmt.time(d.ts_ms)} · ${d.boxes.length} box(es)` }),
       d.verdict ? el("span", { class: "badge " + (d.verdict === "confirmed" ? "bad" : "good"), text: d.verdict.replace("_", " ") }) : null);
   }
@@ -145,7 +145,7 @@
         el("div", {},
           table(["field", "value"], [
             ["camera", d.camera], ["line", d.line], ["product", d.product], ["model", `${d.model} v${d.version}`],
-            ["score", fmt.num(d.score, 6)], ["threshold", fmt.num(d.threshold, 6)],
+            ["score", fmt.score(d)], ["raw score / threshold", `${fmt.num(d.score, 6)} / ${fmt.num(d.threshold, 6)}`],
             ["map threshold", fmt.num(d.map_threshold, 6)], ["boxes", String(d.boxes.length)],
             ["frame time", fmt.time(d.ts_ms)], ["ground truth", d.gt_label ? `${d.gt_label} ${d.gt_defect || ""}` : "-"],
             ["latency", lat || "-"], ["verdict", d.verdict ? d.verdict.replace("_", " ") : "unreviewed"],
@@ -176,8 +176,17 @@
   const models = { title: "models" };
   models.render = async (root) => {
     const m = await api("/api/models");
-    const serving = m.serving.map((e) => [e.product, e.model, `v${e.version}`, fmt.num(e.threshold, 6), e.detector || "-",
-      fmt.time(e.updated_ms)]);
+    const serving = m.serving.map((e) => [e.product, e.model, `v${e.version}`, e.detector || "-", fmt.time(e.updated_ms)]);
+    // the operating point each product is judged at (per task for a multi-task model)
+    const ops = m.serving.map((e) => {
+      const o = e.operating_point || {};
+      const n = [o.n_good !== undefined ? `${o.n_good} good` : null,
+                 o.n_synthetic !== undefined ? `${o.n_synthetic} synthetic` : null].filter(Boolean).join(", ");
+      const fam = Object.entries(o.estimated_recall_by_family || {}).map(([k, v]) => `${k} ${fmt.pct(v)}`).join(", ");
+      return [e.product, o.stated === false ? "not stated (older version)" : fmt.pct(o.target_false_alarm_rate),
+        fmt.pct(o.estimated_false_alarm_rate), fmt.pct(o.estimated_recall), fam || "-", n || "-",
+        fmt.num(e.threshold, 6)];
+    });
     const props = m.proposals.map((p) => [p.product, `${p.model} v${p.model_version}`, fmt.num(p.current, 6),
       p.proposed === null ? "no proposal" : fmt.num(p.proposed, 6), `${p.confirmed} / ${p.false_alarms}`,
       String(p.removed), p.reason]);
@@ -191,8 +200,12 @@
       r.candidate_version ? `v${r.candidate_version}` : "-", r.last_event || "-"]);
     root.replaceChildren(
       el("h2", { text: "Serving (serving-state)" }),
-      serving.length ? table(["product", "model", "version", "threshold", "detector", "since"], serving, "serving")
+      serving.length ? table(["product", "model", "version", "detector", "since"], serving, "serving")
         : el("p", { class: "muted", id: "serving", text: "the serving state is empty (static routing)" }),
+      el("h2", { text: "Operating points" }),
+      el("p", { class: "muted small", text: "False-alarm rate: flagged good parts, estimated on held-out good images; recall: on synthetic defects. The normalised score is 0.5 at the threshold." }),
+      ops.length ? table(["product", "target false-alarm rate", "est. false-alarm rate", "est. recall", "recall by family", "n", "raw threshold"], ops, "operating-points")
+        : el("p", { class: "muted", id: "operating-points", text: "no serving state: no operating point to show" }),
       el("h2", { text: "Threshold proposals from operator feedback" }),
       el("p", { class: "muted small", text: "Proposal = midpoint between the highest false-alarm score below the lowest confirmed score and that lowest confirmed score. Shown only: applied only through a release." }),
       props.length ? table(["product", "serving", "current", "proposed", "confirmed / false alarms", "false alarms removed", "why"], props, "proposals")
