@@ -73,11 +73,14 @@ def decode_entry(value: bytes | None) -> ServingEntry | None:
 
 def entries_for(model: str, version: int, spec: dict[str, Any]) -> list[ServingEntry]:
     """The entries a promoted ``model`` v``version`` with ``spec`` owns: its product, or one per task of a
-    multi-task model. ``threshold`` is the one the worker judges served scores with (the spec's; a
-    multi-task model serves per-task calibrated scores, so one threshold fits every task)."""
+    multi-task model. ``threshold`` is the one the worker judges that product's served scores with: its
+    operating point's (contracts.operating_point; per task for a multi-task model)."""
+    from contracts.operating_point import operating_point_of
+
     tasks = spec.get("tasks") or {}
     names = [str(t) for t in tasks] if isinstance(tasks, dict | list) else []
     if not names and spec.get("product"):
         names = [str(spec["product"])]
-    return [ServingEntry(product=n, model=model, version=int(version), threshold=float(spec.get("threshold", 0.0)),
+    return [ServingEntry(product=n, model=model, version=int(version),
+                         threshold=operating_point_of(spec, n if isinstance(tasks, dict) and n in tasks else None).threshold,
                          spec=spec, detector=str(spec.get("detector", ""))) for n in names]

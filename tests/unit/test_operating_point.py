@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from contracts.operating_point import operating_point_of
-from models.operating_point import choose_operating_point, cross_fitted_false_alarm_rate, synthetic_defects, tail_threshold
+from models.operating_point import (
+    choose_operating_point,
+    cross_fitted_false_alarm_rate,
+    synthetic_defects,
+    tail_threshold,
+)
 from models.synthetic import FAMILIES, colour_patch
 
 
