@@ -15,7 +15,8 @@ the spec's ``threshold`` / ``map_threshold``.
 - Boxes: the native anomaly map is resized to the model's input resolution (bilinear), smoothed with a
   Gaussian of ``map_sigma`` input pixels, a ring of ``map_border`` (fraction of the side) is excluded
   (zero-padded convolutions see past the image edge), and every 8-connected region above
-  ``map_threshold`` is one box. ``map_threshold`` is calibrated on the same held-out good images as the
+  ``map_threshold`` is one box, drawn around the region's core (its pixels at or above half the region's
+  height over the map's median). ``map_threshold`` is calibrated on the same held-out good images as the
   image decision (the prepared map's maximum of those images at the same false-alarm target), so an
   unflagged good frame rarely has a region above it; a flagged frame always gets at least one box
   (the region around the map's peak when nothing passes the map threshold).
@@ -140,7 +141,12 @@ def anomaly_boxes(prepared: np.ndarray, map_threshold: float, *, force: bool = F
 
 
 def _regions(a: np.ndarray, level: float, min_area_frac: float) -> list[dict[str, float]]:
+    """One box per 8-connected region above ``level``, drawn around the region's core: its pixels at or above
+    half the region's height over the map's background (its median; full width at half maximum) and above
+    ``level``, so a defect far above the threshold gets a box around what drove its score, not around the
+    whole low plateau it stands on."""
     h, w = a.shape
+    bg = float(np.median(a))
     mask = (a > level).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     out = []
@@ -148,7 +154,12 @@ def _regions(a: np.ndarray, level: float, min_area_frac: float) -> list[dict[str
         x, y, bw, bh, area = (int(v) for v in stats[i])
         if area < min_area_frac * h * w:
             continue
-        out.append({"x": x / w, "y": y / h, "w": bw / w, "h": bh / h, "area": area / (h * w),
-                    "peak": float(a[labels == i].max())})
+        sub = a[y:y + bh, x:x + bw]
+        region = labels[y:y + bh, x:x + bw] == i
+        peak = float(sub[region].max())
+        ys, xs = np.nonzero(region & (sub >= max(level, bg + 0.5 * (peak - bg))))
+        x0, y0, x1, y1 = x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1
+        out.append({"x": x0 / w, "y": y0 / h, "w": (x1 - x0) / w, "h": (y1 - y0) / h, "area": area / (h * w),
+                    "peak": peak})
     out.sort(key=lambda b: b["peak"], reverse=True)
     return out

@@ -93,3 +93,18 @@ def test_choose_operating_point_on_a_detector_that_sees_brightness_changes():
     assert served.normalised(op["good_median"]) == pytest.approx(0.1, abs=1e-6)
     with pytest.raises(ValueError):
         choose_operating_point(score, goods, (64, 64), target_false_alarm_rate=0.7)
+
+
+def test_box_is_around_the_core_that_drove_the_score_not_the_plateau():
+    """A defect far above the map threshold, standing on a wide low plateau that also passes it: one region,
+    one box, drawn around the peak's core (what an operator looks for), not the plateau."""
+    from contracts.operating_point import anomaly_boxes, prepare_map
+
+    a = np.zeros((224, 224), np.float32)
+    a[40:200, 40:200] = 2.0  # a wide plateau just over the map threshold (1.0)
+    a[100:120, 60:90] = 100.0  # the defect
+    boxes = anomaly_boxes(prepare_map(a, (224, 224), 2.0, 0.0), 1.0, force=True)
+    assert len(boxes) == 1
+    b = boxes[0]
+    x0, y0, x1, y1 = b["x"] * 224, b["y"] * 224, (b["x"] + b["w"]) * 224, (b["y"] + b["h"]) * 224
+    assert abs(x0 - 60) <= 3 and abs(x1 - 90) <= 3 and abs(y0 - 100) <= 3 and abs(y1 - 120) <= 3
