@@ -1,7 +1,9 @@
 """Session fixtures: the real embedded stack (Tansu broker + tritonserver), started once.
 
 If the stack cannot start, every integration test FAILS with the log tail (never skips):
-the integration suite exists to prove the real components work.
+the integration suite exists to prove the real components work. A prerequisite `make` installs
+(a tool, a [dev] package, the shared data) is checked by tests/harness/requires.py: skipped where
+missing, failed under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from pathlib import Path
 import pytest
 
 from contracts.config import Settings
+from tests.harness.requires import (  # noqa: F401 - hooks: the ``requires`` mark, checked before fixtures
+    pytest_configure,
+    pytest_runtest_setup,
+)
 
 
 def pytest_addoption(parser):

@@ -1,24 +1,26 @@
-"""Headless Chromium for the console's browser tests: Debian's /usr/bin/chromium + /usr/bin/chromedriver driven
-by Selenium (the [dev] extra), a fixed 1280x800 page, docs-sized screenshots, and a polling wait."""
+"""Headless Chromium for the console's browser tests: Debian's chromium + chromedriver (found on PATH; make venv
+installs them) driven by Selenium (the [dev] extra), a fixed 1280x800 page, docs-sized screenshots, and a
+polling wait."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import shutil
 import time
 from pathlib import Path
 
-import pytest
+from tests.harness.requires import requires
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# looked up on PATH as make venv's `command -v chromium` / `command -v chromedriver` does (Debian: /usr/bin)
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
-# checked before any fixture runs (no stack or model is set up for a test that cannot run)
+# checked before any fixture runs (no stack or model is set up for a test that cannot run); a failure under CI=true
 needs_browser = [
-    pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-                       reason="Debian chromium + chromium-driver are not installed (/usr/bin/chromium, "
-                              "/usr/bin/chromedriver): `apt-get install chromium chromium-driver` (make venv does)"),
-    pytest.mark.skipif(importlib.util.find_spec("selenium") is None,
-                       reason="selenium is not installed (the [dev] extra has it: make venv)"),
+    requires(CHROMIUM and CHROMEDRIVER,
+             "chromium + chromedriver are not on PATH: `apt-get install chromium chromium-driver` (make venv does)"),
+    requires(importlib.util.find_spec("selenium") is not None,
+             "selenium is not installed (the [dev] extra has it: make venv)"),
 ]
 
 
@@ -27,11 +29,11 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
+    opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,800",
               "--hide-scrollbars", "--force-device-scale-factor=1"):
         opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     inner = drv.execute_script("return [window.innerWidth, window.innerHeight];")
     drv.set_window_size(1280 + 1280 - inner[0], 800 + 800 - inner[1])  # a 1280x800 page, whatever the chrome
     return drv

@@ -34,9 +34,10 @@ from contracts.envelope import Frame, decode_result, encode_frame
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import ensure_topics, read_topics
 from stream.ops.cli import main as linewatch
+from tests.harness.requires import require_module
 from tests.harness.streams import topics
 
-confluent_kafka = pytest.importorskip("confluent_kafka")  # the [dev] extra
+confluent_kafka = require_module("confluent_kafka", "confluent-kafka is not installed (the [dev] extra: make venv)")
 
 pytestmark = pytest.mark.integration
 

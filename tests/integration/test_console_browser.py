@@ -1,5 +1,5 @@
-"""`linewatch console` in a real browser (issue 18 items 2 + 4): headless Chromium (Debian's /usr/bin/chromium +
-/usr/bin/chromedriver) driven by Selenium, against the real session stack (Tansu + tritonserver), the real
+"""`linewatch console` in a real browser (issue 18 items 2 + 4): headless Chromium (Debian's chromium +
+chromedriver, found on PATH) driven by Selenium, against the real session stack (Tansu + tritonserver), the real
 exported bottle detector (the ``detector`` fixture), a Faust worker and the console, both as subprocesses.
 
 A video is written with cv2.VideoWriter from real MVTec bottle test images (good first, then defective) and

@@ -8,6 +8,7 @@ import torch
 from contracts.config import Settings
 from models.backbones import BackboneError, create_backbone, lukemelas_efficientnet_lite0_to_timm
 from models.data import data_root
+from tests.harness.requires import requires
 
 WEIGHTS = data_root(Settings()) / "weights" / "efficientnet-lite0-57934424.pth"
 
@@ -18,7 +19,7 @@ def _timm_lite0_state():
     return timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
 
 
-@pytest.mark.skipif(not WEIGHTS.is_file(), reason="shared EfficientNet-Lite0 weights not available")
+@requires(WEIGHTS.is_file(), f"shared EfficientNet-Lite0 weights not found at {WEIGHTS} (set LINEWATCH_DATA_DIR)")
 def test_lukemelas_keys_all_map_with_matching_shapes():
     sd = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     mapped = lukemelas_efficientnet_lite0_to_timm(sd)
@@ -42,7 +43,7 @@ def test_key_map_on_synthetic_layout():
         lukemelas_efficientnet_lite0_to_timm({"_blocks.1._se_reduce.weight": torch.zeros(1)})
 
 
-@pytest.mark.skipif(not WEIGHTS.is_file(), reason="shared EfficientNet-Lite0 weights not available")
+@requires(WEIGHTS.is_file(), f"shared EfficientNet-Lite0 weights not found at {WEIGHTS} (set LINEWATCH_DATA_DIR)")
 def test_create_backbone_loads_local_file_features_only():
     m = create_backbone("efficientnet_lite0", WEIGHTS, features_only=True, out_indices=(2, 3, 4)).eval()
     sd = lukemelas_efficientnet_lite0_to_timm(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
@@ -68,7 +69,7 @@ def test_create_backbone_random_and_errors(tmp_path):
 SAMPLE = data_root(Settings()) / "imagenet-sample"
 
 
-@pytest.mark.skipif(not (WEIGHTS.is_file() and SAMPLE.is_dir()), reason="shared Lite0 weights / ImageNet sample missing")
+@requires(WEIGHTS.is_file() and SAMPLE.is_dir(), f"shared Lite0 weights / ImageNet sample missing ({WEIGHTS}, {SAMPLE})")
 def test_tf_lite0_with_its_normalisation_classifies_the_imagenet_sample():
     """The shared Lite0 file is a TensorFlow port: tf_efficientnet_lite0 ("same" padding, BN eps 1e-3) with
     inputs at mean = std = 0.5 classifies it; the PyTorch-native build with ImageNet mean/std does not as

@@ -37,6 +37,7 @@ from stream.ops.console.feedback import (
 from stream.ops.console.images import LRU, FrameBuffer, heatmap_overlay, thumbnail
 from stream.ops.console.metrics import ConsoleMetrics
 from stream.ops.console.state import SPARK, ConsoleState, Filters
+from tests.harness.requires import require, requires
 
 REPO = Path(__file__).resolve().parents[2]
 MON = REPO / "k8s" / "monitoring"
@@ -433,11 +434,10 @@ def test_console_metrics_count_drift_alerts_and_feedback():
 
 def test_console_kafka_user_grants_what_the_console_touches(monkeypatch):
     from stream.ops.acls import console_grants, from_strimzi
-    from tests.harness.k8s import by_kind, needs_renderer, render
+    from tests.harness.k8s import RENDERER, RENDERER_MISSING, by_kind, render
     from tests.unit.test_kafka_acls import _settings_of
 
-    if needs_renderer.args[0]:
-        pytest.skip(needs_renderer.kwargs["reason"])
+    require(RENDERER is not None, RENDERER_MISSING)
     base = render("base")
     user = from_strimzi(by_kind(base, "KafkaUser")["linewatch-console"]["spec"]["authorization"]["acls"])
     s = _settings_of(by_kind(base, "ConfigMap")["linewatch-config"]["data"], monkeypatch)
@@ -535,8 +535,8 @@ def test_grafana_dashboard_structure():
     assert len(cells) == sum(p["gridPos"]["w"] * p["gridPos"]["h"] for p in d["panels"]), "panels overlap"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None,
-                    reason="promtool not installed (Debian: apt-get install prometheus; make venv does)")
+@requires(shutil.which("promtool") is not None,
+          "promtool not installed (Debian: apt-get install prometheus; make venv does)")
 def test_promtool_checks_and_unit_tests_the_rules(tmp_path):
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": _rules()["spec"]["groups"]}))
     shutil.copy(MON / "prometheusrule_test.yaml", tmp_path / "test.yaml")
@@ -554,10 +554,9 @@ def test_promtool_checks_and_unit_tests_the_rules(tmp_path):
 
 
 def test_monitoring_kustomization_renders_rule_and_dashboard_configmap():
-    from tests.harness.k8s import RENDERER, pod_spec, render
+    from tests.harness.k8s import RENDERER, RENDERER_MISSING, pod_spec, render
 
-    if RENDERER is None:
-        pytest.skip("no kustomize renderer (Debian: apt-get install kubernetes-client)")
+    require(RENDERER is not None, RENDERER_MISSING)
     out = subprocess.run([*RENDERER, str(MON)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     rendered = [d for d in yaml.safe_load_all(out.stdout) if d]

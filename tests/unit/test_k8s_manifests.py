@@ -14,12 +14,10 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 
 from contracts.config import Settings, env_names
-
-yaml = pytest.importorskip("yaml")
-jsonschema = pytest.importorskip("jsonschema")
-from tests.harness.k8s import (  # noqa: E402 - after the importorskip guards
+from tests.harness.k8s import (
     ENV_NAMES,
     K8S_VERSION,
     KUSTOMIZATIONS,
@@ -30,8 +28,11 @@ from tests.harness.k8s import (  # noqa: E402 - after the importorskip guards
     needs_renderer,
     render,
 )
+from tests.harness.requires import require_module
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+jsonschema = require_module("jsonschema", "jsonschema is not installed (the [dev] extra: make venv)")
+kubernetes_validate = require_module("kubernetes_validate",
+                                     "kubernetes-validate is not installed (the [dev] extra: make venv)")
 
 
 def _strict(schema):

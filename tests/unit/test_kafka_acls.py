@@ -27,8 +27,6 @@ from stream.ops.acls import (
 from tests.harness.k8s import by_kind, needs_renderer, render
 from tests.unit.test_k8s_containers import _argv, _containers, _env
 
-pytest.importorskip("yaml")
-
 # credentials and TLS do not change what a component touches; the pod's CA file does not exist here
 _TRANSPORT = ("LINEWATCH_KAFKA_SECURITY_PROTOCOL", "LINEWATCH_KAFKA_SASL_MECHANISM", "LINEWATCH_KAFKA_SASL_USERNAME",
               "LINEWATCH_KAFKA_SASL_PASSWORD", "LINEWATCH_KAFKA_SSL_CAFILE")

@@ -24,6 +24,7 @@ from contracts.model_events import ModelEvent, ModelEventError, decode
 from contracts.names import BadNameError, check_name, check_version
 from stream.inference.routing import Router, RoutingConfig
 from stream.lifecycle.repository import materialize, write_config
+from tests.harness.requires import require_module
 
 BAD_NAMES = ["..", "../x", "a/b", "a\\b", ".hidden", "", "x" * 129, "a..b", "a b", "/abs", "é"]
 
@@ -115,7 +116,7 @@ def test_materialize_rejects_escaping_target_name(tmp_path, bad):
 
 
 def test_exports_use_the_shared_name_check():
-    pytest.importorskip("torch")
+    require_module("torch", "torch is not installed (the [models] extra, in [dev]: make venv)")
     from models.efficientad.export import export_triton as ead_export
     from models.moleflow.export import export_triton as mf_export
 
