@@ -12,7 +12,7 @@ and CPU ms/image (1 torch thread, batch 1, eager). Schedules, early stopping and
 good images and synthetic anomalies only; each test set is scored once, at the end.
 
     .venv/bin/python benchmarks/accuracy.py                       # both detectors, generic teacher
-    .venv/bin/python benchmarks/accuracy.py --detectors efficientad --teacher frozen-lite0
+    .venv/bin/python benchmarks/accuracy.py --detectors efficientad --teacher-kind pdn
     .venv/bin/python benchmarks/accuracy.py --detectors moleflow --moleflow-grid 28 --tag _grid28
 
 Writes benchmarks/results/accuracy<tag>.json and .png.
@@ -140,9 +140,9 @@ def run_efficientad(prods: list[Product], args) -> dict:
         cfg = TrainConfig(steps=args.efficientad_steps, lr=args.efficientad_lr, seed=0,
                           max_train_seconds=args.efficientad_seconds, select_every=args.select_every,
                           amp_bf16=args.amp_bf16, backbone_weights=str(WEIGHTS),
-                          teacher_kind="lite0-features" if args.teacher == "frozen-lite0" else "pdn",
+                          teacher_kind=args.teacher_kind,
                           penalty_dir=str(data_root(SETTINGS) / "imagenet-sample") if args.penalty else None)
-        model, meta = train_efficientad(fit, cfg, teacher_weights=DEFAULT_TEACHER)
+        model, meta = train_efficientad(fit, cfg, teacher_weights=DEFAULT_TEACHER if args.teacher_kind == "pdn" else None)
         train_s = time.time() - t0
 
         def score(imgs, m=model):
@@ -166,10 +166,10 @@ def run_efficientad(prods: list[Product], args) -> dict:
                        "n_train": len(fit), "n_holdout": len(hold), "n_test": len(p.test)}
         print(f"efficientad {p.name}: {out[p.name]['metrics']} {out[p.name]['operating_point']} "
               f"steps={meta['steps_done']} {train_s:.0f}s", flush=True)
-    teacher_desc = ("frozen tf_efficientnet_lite0 layers 2+3 (PatchCore aggregation) as the teacher"
-                    if args.teacher == "frozen-lite0" else
-                    f"generic PDN teacher {DEFAULT_TEACHER.name} (distilled over imagenet-sample)")
-    return {"teacher": teacher_desc, "teacher_sha256": _sha(DEFAULT_TEACHER) if args.teacher == "generic" else None,
+    teacher_desc = (f"generic PDN teacher {DEFAULT_TEACHER.name} (distilled over imagenet-sample)"
+                    if args.teacher_kind == "pdn" else f"frozen tf_efficientnet_lite0 teacher ({args.teacher_kind})")
+    return {"teacher": teacher_desc, "teacher_kind": args.teacher_kind,
+            "teacher_sha256": _sha(DEFAULT_TEACHER) if args.teacher_kind == "pdn" else None,
             "schedule": {"steps": args.efficientad_steps, "seconds": args.efficientad_seconds, "lr": args.efficientad_lr,
                          "amp_bf16": args.amp_bf16,
                          "select_every": args.select_every, "penalty": args.penalty},
@@ -317,11 +317,16 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--detectors", nargs="+", choices=["efficientad", "moleflow"], default=["efficientad", "moleflow"])
-    ap.add_argument("--teacher", choices=["generic", "frozen-lite0"], default="generic")
+    from models.efficientad.cli import DEFAULT_TEACHER_KIND
+    from models.efficientad.model import TEACHER_KINDS
+
+    ap.add_argument("--teacher-kind", choices=TEACHER_KINDS, default=DEFAULT_TEACHER_KIND,
+                    help="EfficientAD teacher (default: the CLI's, what onboarding trains)")
     ap.add_argument("--efficientad-steps", type=int, default=70_000)
-    ap.add_argument("--efficientad-seconds", type=float, default=1500.0, help="wall budget per product (CPU)")
+    ap.add_argument("--efficientad-seconds", type=float, default=600.0,
+                    help="wall budget per product (default: the training job's CPU budget, train_budget_cpu_s)")
     ap.add_argument("--efficientad-lr", type=float, default=1e-4)
-    ap.add_argument("--select-every", type=int, default=250, help="CutPaste selection every N steps (0: off)")
+    ap.add_argument("--select-every", type=int, default=0, help="CutPaste selection every N steps (0: off, the CLI default)")
     ap.add_argument("--amp-bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast in the EfficientAD step loop (default: only where the CPU has native bf16)")
     ap.add_argument("--products", nargs="+", choices=["bottle", "cells", "screw"], default=["bottle", "cells", "screw"])
@@ -331,10 +336,11 @@ def main(argv=None) -> int:
                     help="pretraining penalty on the ImageNet sample")
     ap.add_argument("--moleflow-grid", type=int, choices=[14, 28], default=28)
     ap.add_argument("--moleflow-dim", type=int, default=None, help="default: backbone channels (152)")
-    ap.add_argument("--moleflow-hidden", type=int, default=128)
-    ap.add_argument("--moleflow-rank", type=int, default=32)
-    ap.add_argument("--moleflow-epochs", type=int, default=30)
-    ap.add_argument("--moleflow-seconds", type=float, default=None, help="wall budget per task (fewer epochs to fit)")
+    # defaults: what `linewatch onboard` ships on a CPU (train-task defaults under the job's 600 s budget)
+    ap.add_argument("--moleflow-hidden", type=int, default=256)
+    ap.add_argument("--moleflow-rank", type=int, default=64)
+    ap.add_argument("--moleflow-epochs", type=int, default=60)
+    ap.add_argument("--moleflow-seconds", type=float, default=600.0, help="wall budget per task (fewer epochs to fit)")
     ap.add_argument("--elpv-train", type=int, default=150)
     ap.add_argument("--elpv-test", type=int, default=60, help="good and defective cells each")
     ap.add_argument("--threads", type=int, default=1)
