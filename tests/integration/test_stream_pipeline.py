@@ -68,12 +68,27 @@ def _collect(bootstrap, t, ids: set[str], timeout_s: float = 90.0):
     return recs, seen(recs)
 
 
-def test_n_frames_in_n_results_out_order_preserved(stack, running, bottle_test):
+# 2 good + 4 defective bottle test images, contamination/017 (the most obvious defect, the one even the tiny
+# detector flags) among them; 3 cameras -> 18 frames
+PICKED = ("good/000.png", "good/004.png", "contamination/017.png", "contamination/015.png", "broken_large/012.png",
+          "broken_small/012.png")
+
+
+@pytest.fixture
+def picked(bottle_test, tmp_path) -> Path:
+    """A replay folder of :data:`PICKED` (labels from the sub-folder names, as in the MVTec layout)."""
+    for name in PICKED:
+        (tmp_path / "picked" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "picked" / name).symlink_to(bottle_test / name)
+    return tmp_path / "picked"
+
+
+def test_n_frames_in_n_results_out_order_preserved(stack, running, picked):
     t, w = running
-    sent = asyncio.run(replay(stack.kafka_bootstrap, bottle_test, cameras=["cam-a", "cam-b", "cam-c"], fps=0,
-                              topic=t["frames"], product="bottle", limit=6))
+    sent = asyncio.run(replay(stack.kafka_bootstrap, picked, cameras=["cam-a", "cam-b", "cam-c"], fps=0,
+                              topic=t["frames"], product="bottle"))
     ids = {s.frame_id for s in sent}
-    assert len(ids) == 18
+    assert len(ids) == 18 and sum(s.gt_label == "defect" for s in sent) == 12
     recs, seen = _collect(stack.kafka_bootstrap, t, ids)
     assert w.alive(), w.log_path.read_text()[-3000:]
     results = [decode_result(r.value) for r in recs[t["results"]]]
@@ -92,12 +107,15 @@ def test_n_frames_in_n_results_out_order_preserved(stack, running, bottle_test):
             if r.camera == cam and r.frame_id not in order:
                 order.append(r.frame_id)
         assert order == want, f"{cam}: results out of order"
-    # one defect event per anomalous result, with a heat map and boxes
+    # defective frames flagged, and one defect event per anomalous result, each with a heat map and >= 1 box
     anomalous = {r.frame_id for r in results if r.is_anomaly}
+    defective = {r.frame_id for r in results if r.gt_label == "defect"}
+    scores = sorted({(r.gt_defect or "good", round(r.score, 5), round(r.threshold, 5)) for r in results})
+    assert anomalous & defective, f"no defective frame was flagged (truth, score, threshold): {scores}"
     events = [decode_defect_event(r.value) for r in recs[t["defects"]]]
     assert {e.result.frame_id for e in events} == anomalous
-    for e in events[:5]:
-        assert e.heatmap_png_b64 and isinstance(e.boxes, list) and len(e.boxes) >= 1  # a flagged frame has a box
+    for e in events:
+        assert e.heatmap_png_b64 and len(e.boxes) >= 1, f"{e.result.frame_id}: a defect event without a box"
 
 
 def _png(shape=(64, 64, 3)):

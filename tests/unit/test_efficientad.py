@@ -21,6 +21,7 @@ from models.efficientad.train import (
     ae_augment,
     compute_map_quantiles,
     hard_feature_loss,
+    synthetic_auroc,
     train_efficientad,
 )
 
@@ -329,21 +330,46 @@ def test_local_difference_lands_at_its_image_position():
     assert np.all(w[rows > 55 + 40] == 0) and np.all(w[cols < 170 - 40] == 0)
 
 
-def test_cpu_schedule_callback_budget_and_selection(tmp_path):
+def test_cpu_schedule_callback_budget_and_selection(tmp_path, monkeypatch):
     """Training knobs: the callback sees the step count, held-out CutPaste selection runs and records
-    its AUROC, the wall budget stops the loop before ``steps``; bf16 is off unless asked for."""
+    its AUROC, the best state is the one returned (restored over the last step's), the wall budget stops the
+    loop before ``steps``; bf16 is off unless asked for."""
+    import importlib
+
+    from models.data import load_image
+
+    train_mod = importlib.import_module("models.efficientad.train")  # the module (the package exports a train())
+
     paths = _write_images(tmp_path / "good", 3)
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(5)
     torch.save(nets.pdn_small().state_dict(), teacher)
-    seen = []
+    seen, states, real = [], {}, []
+
+    def callback(step, model):  # runs before that step's selection; the selection does not change the weights
+        seen.append((step, model.training))
+        states[step] = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def scored(model, *args):  # the real selection score; step 1's lifted above any AUROC: its state must win
+        real.append(synthetic_auroc(model, *args))
+        return real[-1] + (2.0 if len(real) == 1 else 0.0)
+
+    monkeypatch.setattr(train_mod, "synthetic_auroc", scored)
     cfg = TrainConfig(steps=2, val_fraction=0.34, seed=1, select_every=1)
     assert cfg.amp_bf16 is False
-    m, meta = train_efficientad(paths, cfg, teacher_weights=teacher,
-                                callback=lambda step, model: seen.append((step, model.training)), callback_every=1)
+    m, meta = train_efficientad(paths, cfg, teacher_weights=teacher, callback=callback, callback_every=1)
     assert seen == [(1, True), (2, True)] and meta["steps_done"] == 2
-    assert [r["step"] for r in meta["selection"]] == [1, 2, 2] and meta["selected_step"] in (1, 2)
-    assert all(0.0 <= r["synthetic_auroc"] <= 1.0 for r in meta["selection"])
+    sel = meta["selection"]
+    assert [r["step"] for r in sel] == [1, 2, 2] and len(real) == 3
+    assert [r["synthetic_auroc"] for r in sel] == [real[0] + 2.0, real[1], real[2]]
+    assert real[2] == pytest.approx(real[1], abs=1e-12)  # the last row re-scores step 2's weights
+    assert meta["selected_step"] == 1, sel
+    # the returned model IS step 1's state, not the last step's, and scores step 1's AUROC
+    assert any(not torch.equal(states[1][k], states[2][k]) for k in states[1]), "the two steps' weights are equal"
+    for k, v in m.named_parameters():
+        assert torch.equal(v, states[1][k]), f"{k}: not the selected step's weights"
+    val = [load_image(p, cfg.image_size) for p in meta["val_paths"]]
+    assert synthetic_auroc(m, val, cfg.synthetic_seed, cfg.q_a, cfg.q_b) == pytest.approx(real[0], abs=1e-12)
     assert np.isfinite(meta["history"][-1]["loss"]) and np.isfinite(meta["threshold"])
     assert meta["loop_seconds"] > 0 and not m.training
     cfg = TrainConfig(steps=1000, val_fraction=0.34, seed=1, max_train_seconds=0.0)
