@@ -172,7 +172,7 @@ class RssSampler(threading.Thread):
 @dataclass
 class ScenarioResult:
     fault: str
-    frames_sent: int  # n + 1 warm-up frame
+    frames_sent: int  # n (at least n with ``after``) + 1 warm-up frame
     sent_before_fault: int
     sent_during_fault: int  # frames the line published while the fault lasted
     lost: int
@@ -250,10 +250,15 @@ def _wait_metric(port: int, name: str, pred, timeout_s: float) -> bool:
 
 def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *, model: str, n: int = 80,
                  fps: float = 10.0, fault_s: float = 8.0, warm_results: int = 5, settle_s: float = 120.0,
-                 batch_max: int = 8, web_port: int | None = None) -> ScenarioResult:
+                 batch_max: int = 8, web_port: int | None = None, after: int | None = None) -> ScenarioResult:
     """Run one fault scenario against ``stack`` (a started :class:`devstack.stack.LocalStack` with
     ``model`` loaded). Returns the measured :class:`ScenarioResult`; ``ok`` = nothing lost, nothing
-    DLQ'd, the topics read to their end, the worker alive and without crashes."""
+    DLQ'd, the topics read to their end, the worker alive and without crashes.
+
+    ``after=None``: the line publishes exactly ``n`` frames (a fixed length, what benchmarks/reliability.py
+    records). ``after=k``: the line publishes until the fault has ended and ``k`` more frames were sent after
+    it (and at least ``n`` in all), so the fault lands on a publishing line and frames follow it however long
+    the warm-up and the fault take on this machine (tests/integration/test_faults.py)."""
     import tritonclient.grpc as grpcclient
 
     from devstack.worker_process import WorkerProcess
@@ -283,7 +288,7 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
     watch = ResultWatch(boot, topics["results"])
     watch.start()
     warm = Feeder(boot, topics["frames"], images[:1], n=1, fps=0)
-    feeder = Feeder(boot, topics["frames"], images, n=n, fps=fps)
+    feeder = Feeder(boot, topics["frames"], images, n=n if after is None else None, fps=fps)
     notes = ""
     t_fault = t_end = None
 
@@ -344,6 +349,12 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
             stack.load_model(model)
             t_end = time.monotonic()
         log.info("fault_end", fault=fault, seconds=round(t_end - t_fault, 2))
+        if after is not None:  # open-ended line: ``after`` frames past the fault's end (>= n in all), then stop
+            want = max(n, sum(t <= t_end for t in feeder.sent_at) + after)
+            deadline = time.monotonic() + max(60.0, want / max(fps, 0.1) * 3)  # an upper bound for a stalled send
+            while len(feeder.sent) < want and feeder.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            feeder.stop_evt.set()
         feeder.join(max(60.0, n / max(fps, 0.1) * 3))
         if feeder.is_alive() or feeder.error:
             notes = "; ".join(x for x in (notes, f"feeder did not finish: {feeder.error!r}") if x)
@@ -374,7 +385,8 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
         rss_base_mb=round(rss_base, 1), rss_peak_mb=round(max(rss_base, rss.peak(since=t_fault)), 1),
         retries=retries, triton_transient_errors=metrics.get('linewatch_triton_errors_total{kind="transient"}', 0.0),
         wall_s=round(time.monotonic() - t_start, 1),
-        ok=rep.ok and rep.dlq == 0 and alive and crashes == 0 and not notes and len(feeder.sent) == n,
+        ok=rep.ok and rep.dlq == 0 and alive and crashes == 0 and not notes
+        and (len(feeder.sent) == n if after is None else len(feeder.sent) >= n),
         report=rep.to_dict(), topics=topics, notes=notes)
     log.info("scenario_done", **{k: v for k, v in res.to_dict().items() if k not in ("report", "topics")})
     return res

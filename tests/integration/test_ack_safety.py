@@ -166,8 +166,16 @@ def test_worker_started_while_triton_down_past_the_ready_wait_loses_nothing(ack_
     try:
         w = _worker(ack_stack, t, tmp_path, app_id=f"lw-ack-start-{uuid.uuid4().hex[:6]}",
                     env={"LINEWATCH_WORKER_READY_WAIT_S": "4", "LINEWATCH_WORKER_BREAKER_BACKOFF_MAX_S": "1"})
-        time.sleep(14.0)  # the worker joins and takes the frames; Triton stays down 3x its readiness wait
+        # Triton stays down at least 3x the worker's readiness wait and until the worker has joined, taken the
+        # frames and opened its breaker on them (however long that takes here; 120 s is an upper bound)
+        t_start, opened = time.monotonic(), False
+        while time.monotonic() - t_start < 120 and w.alive():
+            opened = '"event":"triton_breaker_open"' in _log(w)
+            if opened and time.monotonic() - t_start >= 14.0:
+                break
+            time.sleep(0.2)
         assert w.alive(), _log(w)[-3000:]
+        assert opened, f"the worker never opened its breaker with Triton down\n{_log(w)[-3000:]}"
         before = _account(boot, t, 0)
         ack_stack.start_triton(models)
         t_up = time.monotonic()

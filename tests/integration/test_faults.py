@@ -2,7 +2,8 @@
 (subprocess), loopback only, no mocks.
 
 Each test runs one :func:`tests.harness.chaos.run_scenario`: fresh topics, a worker, a production line
-publishing real MVTec bottle frames at a steady rate, one fault injected while they flow, then
+publishing real MVTec bottle frames at a steady rate until the fault has ended and ~2 s of frames followed it
+(``after``: no fixed duration for the warm-up and the fault to fit in), one fault injected while they flow, then
 ``linewatch account`` (the CLI, in-process) must prove that every frame has a result or a DLQ
 record. Expected in every scenario: the worker survives (no crash, no crash loop), transient
 failures are retried and never DLQ'd, nothing is lost; duplicate results are allowed
@@ -60,13 +61,15 @@ def _account(stack, topics, capsys, why: str = "") -> dict:
 
 def _run(fault_stack, images, tmp_path, capsys, fault: str, **kw):
     stack, model = fault_stack
+    kw.setdefault("after", int(2 * kw["fps"]))  # the line goes on until ~2 s of frames followed the fault
     r = run_scenario(stack, fault, images, tmp_path, model=model, **kw)
     summary = {k: v for k, v in r.to_dict().items() if k not in ("report", "topics")}
     print(f"\n{fault}: {summary}")
     rep = _account(stack, r.topics, capsys, f"scenario {summary}\n{_worker_logs(tmp_path)}")
     # nothing lost, nothing DLQ'd: every frame produced has a result
-    assert r.frames_sent == kw["n"] + 1, r.notes  # + the warm-up frame
-    assert r.sent_before_fault < r.frames_sent  # the fault hit while the line was still publishing
+    assert r.frames_sent >= kw["n"] + 1, r.notes  # + the warm-up frame
+    # the fault hit while the line was publishing, and the line went on after it
+    assert r.sent_before_fault + r.sent_during_fault + kw["after"] <= r.frames_sent, summary
     assert rep["produced"] == r.frames_sent and rep["accounted"] == rep["produced"] and rep["missing"] == []
     assert rep["complete"] and rep["ok"]
     assert rep["dlq"] == 0 and rep["dlq_reasons"] == {}, f"transient failure DLQ'd: {rep['dlq_reasons']}"

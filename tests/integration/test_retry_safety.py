@@ -253,14 +253,20 @@ def test_triton_down_opens_breaker_pauses_consumption_and_resumes_without_loss(r
         log_before = w.log_path.read_text(errors="replace")
         models = rs_stack.kill_triton()
         assert FLAKY in models
-        down_s = 12.0
         t_kill = time.monotonic()
-        time.sleep(3.0)
+        # the breaker opens on the frames that meet the dead Triton (waited for: 60 s is an upper bound; the
+        # fixed 3 s this used to wait was a guess at this machine's speed), then must stay open with
+        # consumption paused for 8 s more; Triton is down >= 12 s in all
+        deadline = t_kill + 60
+        while time.monotonic() < deadline and scrape_metrics(w.web_port).get("linewatch_triton_breaker_open") != 1.0:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the pause lands on the consumer thread
         during = scrape_metrics(w.web_port)
         in_before = during.get("linewatch_frames_in_total", 0.0)
-        time.sleep(down_s - 3.0)
+        time.sleep(max(8.0, t_kill + 12.0 - time.monotonic()))
         during2 = scrape_metrics(w.web_port)
         log_outage = w.log_path.read_text(errors="replace")[len(log_before):]
+        down_s = time.monotonic() - t_kill
         rs_stack.start_triton([FLAKY])
         feeder.join(60)
         rep = _account_within(boot, t, 120)
