@@ -59,13 +59,9 @@ class TrainConfig:
 
 
 def make_optimizer(params, lr: float, weight_decay: float):
-    """AdamP when installed (MoLE-Flow paper's optimiser), else AdamW; same betas/eps/decay."""
-    try:
-        from adamp import AdamP  # type: ignore
-
-        return AdamP(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, delta=0.1, wd_ratio=0.1)
-    except ImportError:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    """AdamW, always: the optimiser must not change with what happens to be installed (the paper's AdamP is
+    not a dependency; a run is reproducible from the lock of the [models] extra)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
 
 def load_images(paths: Sequence[str | Path], size: int, mean=None, std=None) -> torch.Tensor:
