@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from contracts.config import Settings
-from models.detector import DetectorBase, Recipe, Scorer, serving_instance
+from models.detector import DetectorBase, Recipe, Scorer, demo_split, serving_instance
 
 
 class EfficientADDetector(DetectorBase):
@@ -57,12 +57,14 @@ class EfficientADDetector(DetectorBase):
     def quick_recipe(self, *, data_dir: Path, product: str, workdir: Path, repository: Path,
                      steps: int | None = None, max_images: int | None = None) -> Recipe:
         ckpt = Path(workdir) / "artifacts" / f"{self.info.model_name(product)}.pt"
-        good = Path(data_dir) / "mvtec" / product / "train" / "good"
-        # the CLI's default teacher: the frozen Lite0 features (product-independent, local weights)
-        train = (self.name, "train", "--train-dir", str(good), "--out", str(ckpt), "--steps", str(steps or 300),
+        tdir, hdir = demo_split(Path(data_dir) / "mvtec" / product / "train" / "good", workdir, max_images or 100)
+        # the CLI's defaults: its default teacher (product-independent, local weights) and its penalty setting
+        train = (self.name, "train", "--train-dir", str(tdir), "--out", str(ckpt), "--steps", str(steps or 300),
                  "--max-train-images", str(max_images or 100))
         export = (self.name, "export", "--checkpoint", str(ckpt), "--repository", str(repository), "--product", product)
-        return Recipe(self.info.model_name(product), (train, export))
+        calibrate = ("calibrate", "--version-dir", str(Path(repository) / self.info.model_name(product)),
+                     "--good-dir", str(hdir))
+        return Recipe(self.info.model_name(product), (train, export, calibrate))
 
 
 DETECTOR = EfficientADDetector()
