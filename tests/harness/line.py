@@ -158,3 +158,13 @@ def check_line(line: Line, rep, order, *, changes: int, what: str) -> None:
     assert rep.duplicate_results <= bound, \
         f"{rep.duplicate_results} duplicate results > {bound} ({changes} membership changes x {REREAD_PER_CHANGE})\n{why}"
     assert line.fleet.crashes() == 0, why
+
+
+def wait_until(pred, timeout_s: float) -> bool:
+    """``pred()`` became true within ``timeout_s`` (an upper bound, never the expected time)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return pred()

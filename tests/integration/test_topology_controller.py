@@ -35,7 +35,7 @@ from contracts.model_events import ModelEvent
 from devstack.stack import LocalStack
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from stream.ops.accounting import account
-from tests.harness.line import Line, check_line
+from tests.harness.line import Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
 from tests.harness.rollout import Tiny, lifecycle_topics, start_controller, topic_env, write_artifact
 from tests.harness.topology import read_results
@@ -136,15 +136,6 @@ def _loaded(url: str, name: str) -> bool:
         c.close()
 
 
-def _wait(pred, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return pred()
-
-
 def test_one_worker_client_round_robins_over_both_replicas(two_tritons):
     """Deliver 4 of the GPU-serving issue: a worker's Triton target naming several replicas (k8s: the headless
     Service ``dns:///linewatch-triton-pods...``; here ``ipv4:a,b``) spreads its requests over all of them
@@ -158,7 +149,7 @@ def test_one_worker_client_round_robins_over_both_replicas(two_tritons):
     for u in urls:
         c = grpcclient.InferenceServerClient(u)
         c.load_model(model, headers=stack.control_headers)
-        assert _wait(lambda c=c: c.is_model_ready(model), 60)
+        assert wait_until(lambda c=c: c.is_model_ready(model), 60)
         c.close()
 
     def counts() -> list[int]:
@@ -227,7 +218,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         _release(boot, t, store, model, 4, product, images, 0.97)
         assert _wait_log(ctl, _logged("released", model, 4), mark), ctl.log()[mark:][-3000:]
         # killed once its candidate is up on a replica (loading, shadowing or promoting: all mid-rollout)
-        assert _wait(lambda: _loaded(tritons[0], f"{model}__candidate"), 60), ctl.log()[mark:][-3000:]
+        assert wait_until(lambda: _loaded(tritons[0], f"{model}__candidate"), 60), ctl.log()[mark:][-3000:]
         ctl.kill()
         killed_during = "promoted" if _logged("promoted", model, 4) in ctl.log() else "rollout"
         ctl2 = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-1")
@@ -238,7 +229,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         assert _logged("released", model, 4) in ctl2.log(), "v4 was not redelivered"
         promoted_4 = got4[0]["_ts"]
         assert all(_serves(u, model, 4) for u in tritons)
-        assert _wait(lambda: not any(_loaded(u, f"{model}__candidate") for u in tritons), 30), "candidate left loaded"
+        assert wait_until(lambda: not any(_loaded(u, f"{model}__candidate") for u in tritons), 30), "candidate left loaded"
 
         # Triton B SIGKILLed and restarted empty (a replacement pod): the reconcile loads v4 there again
         assert line.publishing(), f"the line stopped before the Triton restart: {line.feeder.error!r}"
@@ -246,12 +237,12 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         time.sleep(3)
         b.start()
         t_back = time.time()
-        assert _wait(lambda: _serves(b.grpc_url, model, 4), 60), ctl2.log()[-3000:]
+        assert wait_until(lambda: _serves(b.grpc_url, model, 4), 60), ctl2.log()[-3000:]
         reconciled_s = time.time() - t_back
         # the last step: line frames scored through the reconciled Triton B (worker 1 talks to it), then the
         # line ends; the timeout is an upper bound
         out_b = line.fleet.metric(1, "linewatch_results_out_total")
-        assert _wait(lambda: line.fleet.metric(1, "linewatch_results_out_total") >= out_b + 20, 120), \
+        assert wait_until(lambda: line.fleet.metric(1, "linewatch_results_out_total") >= out_b + 20, 120), \
             f"no results through Triton B after its restart\n{line.fleet.summary()}\n{line.fleet.log_tails()}"
         assert line.publishing(), f"the line stopped before the scenario's last step: {line.feeder.error!r}"
         rep, order = line.finish(settle_s=120)
@@ -294,7 +285,7 @@ def test_stack_down_up_restores_serving_versions(images, tmp_path):
         stack.stop()
         stack.start()  # fresh ports, empty broker, empty Triton
         boot = stack.kafka_bootstrap
-        assert _wait(lambda: _serves(stack.triton_grpc_url, model, 1), 90), stack.log_tail("controller", 40)
+        assert wait_until(lambda: _serves(stack.triton_grpc_url, model, 1), 90), stack.log_tail("controller", 40)
         asyncio.run(ensure_topics(boot, ["frames", "inspection-results", "defect-events", "frames-dlq"]))
         w = WorkerProcess(boot, stack.triton_grpc_url, tmp_path / "w", app_id=f"lw-restore-{uid}").start()
         try:

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from tests.harness.line import FPS, PARTITIONS, Line, check_line
+from tests.harness.line import FPS, PARTITIONS, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
 from tests.harness.probe_model import probe_stack
 
@@ -41,16 +41,6 @@ def topo_stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_frames(shared_data) -> list[bytes]:
     return _small_frames(shared_data)
-
-
-def _wait(pred, timeout_s: float) -> bool:
-    """``pred()`` became true within ``timeout_s`` (an upper bound, not the expected time)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return pred()
 
 
 def _last_assignment(fleet, i: int) -> set[int]:
@@ -81,7 +71,7 @@ def test_scale_workers_1_3_1_under_traffic(topo_stack, small_frames, tmp_path):
         assert sorted(gone) == sorted(added)
         assert fleet.all_alive() and fleet.active == [0]
         # the last step: worker 0 owns every partition again and consumes the line alone, then the line ends
-        assert _wait(lambda: _last_assignment(fleet, 0) == set(range(PARTITIONS)), 120), \
+        assert wait_until(lambda: _last_assignment(fleet, 0) == set(range(PARTITIONS)), 120), \
             f"worker 0 never took every partition back: {fleet.summary()}\n{fleet.log_tails()}"
         alone = fleet.frames_in(0)
         assert fleet.wait_frames_in([0], above=alone + 5 * FPS, timeout_s=120), \
@@ -129,7 +119,7 @@ def test_sigkill_worker_during_rebalance(topo_stack, small_frames, tmp_path):
         assert line.publishing(), f"the line stopped before the kill: {line.feeder.error!r}"
         assert fleet.wait_frames_in([new], timeout_s=120), f"the 3rd worker never got partitions\n{fleet.log_tails()}"
         # the last step: the group settled on the survivors (the dead member's session timed out), both consume
-        assert _wait(lambda: _last_assignment(fleet, 1) | _last_assignment(fleet, 2) == set(range(PARTITIONS)), 120), \
+        assert wait_until(lambda: _last_assignment(fleet, 1) | _last_assignment(fleet, 2) == set(range(PARTITIONS)), 120), \
             f"the survivors never owned every partition: {fleet.summary()}\n{fleet.log_tails()}"
         settled = {i: fleet.frames_in(i) for i in (1, 2)}
         assert all(fleet.wait_frames_in([i], above=settled[i] + FPS, timeout_s=120) for i in (1, 2)), \
