@@ -63,9 +63,11 @@ def carry_operating_points(meta: dict, model_dir: Path, task: str) -> None:
                 break
 
 
-def choose_for_version(det, vdir: Path, good: list[Path], task: str | None, rate: float, seed: int = 0) -> dict:
-    """The operating point of version ``vdir`` of detector ``det`` on the held-out ``good`` images."""
-    spec, scorer = det.spec(vdir), det.load_serving(vdir)
+def choose_for_version(det, vdir: Path, good: list[Path], task: str | None, rate: float, seed: int = 0,
+                       loaded: tuple[ModelSpec, Scorer] | None = None) -> dict:
+    """The operating point of version ``vdir`` of detector ``det`` on the held-out ``good`` images; ``loaded``:
+    its (spec, scorer) when the caller already loaded it (the training job adds files before re-pinning)."""
+    spec, scorer = loaded or (det.spec(vdir), det.load_serving(vdir))
     return choose_operating_point(lambda imgs: score_arrays(scorer, spec, task, imgs),
                                   [decode_image(p.read_bytes()) for p in good], (spec.input.height, spec.input.width),
                                   target_false_alarm_rate=rate, seed=seed)

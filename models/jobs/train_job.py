@@ -134,7 +134,8 @@ def run_job(a, settings: Settings) -> int:
     calibration = [vdir / f for f in files] + list(hold[len(files):])
     cal = score_images(scorer, spec, task, calibration)
     # the operating point (decision + box thresholds, FAR/recall estimates) on the held-out images
-    op = choose_for_version(det, vdir, hold, task, a.target_false_alarm_rate or settings.target_false_alarm_rate, a.seed)
+    op = choose_for_version(det, vdir, hold, task, a.target_false_alarm_rate or settings.target_false_alarm_rate, a.seed,
+                            loaded=(spec, scorer))
     thr = op["threshold"]
     apply_operating_point(meta, op, task, store / model)
     if task and isinstance(meta.get("tasks"), dict) and task in meta["tasks"]:
