@@ -6,12 +6,10 @@ import argparse
 import typing
 from pathlib import Path
 
-from contracts.cli import UsageError, non_negative_int, positive_int
+from contracts.cli import UsageError, positive_int
 from contracts.config import Settings
 
-DEFAULT_TEACHER_KIND = "lite0-early"
-BACKBONE_KINDS = ("lite0-early", "lite0-features")  # frozen EfficientNet-Lite0 teachers (--backbone-weights)
-PENALTY_FOLDER = "imagenet-sample"  # <data>/imagenet-sample: the default pretraining-penalty images
+DEFAULT_TEACHER_KIND = "lite0-features"
 DEVICES = typing.get_args(Settings.model_fields["train_device"].annotation)  # auto, cpu, cuda
 
 
@@ -48,25 +46,6 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                         "when torch sees it, with bf16 autocast there)")
 
 
-def _penalty_dir(args) -> str | None:
-    """``--penalty-dir``, else ``<data>/imagenet-sample`` where it exists (EfficientAD paper §3.2: the
-    pretraining penalty on ImageNet images); missing: logged, training goes on without the penalty.
-    Nothing is downloaded."""
-    from contracts.logs import get_logger
-    from models.data import data_root, list_images
-
-    if args.no_penalty:
-        return None
-    if args.penalty_dir:
-        return str(_dir(args.penalty_dir, "penalty image folder"))
-    folder = data_root(args.settings) / PENALTY_FOLDER
-    if folder.is_dir() and list_images(folder, recursive=True):
-        return str(folder)
-    get_logger(__name__).warning("efficientad_no_penalty_images", folder=str(folder),
-                                 note="training without the pretraining penalty")
-    return None
-
-
 def cmd_train(args) -> int:
     from models.backbones import LITE0_WEIGHTS
     from models.data import data_root, list_images
@@ -76,20 +55,21 @@ def cmd_train(args) -> int:
     good = _dir(args.train_dir, "training image folder")
     pdn_given = bool(args.teacher or args.random_teacher)
     kind = args.teacher_kind or ("pdn" if pdn_given else DEFAULT_TEACHER_KIND)
-    lite0 = kind in BACKBONE_KINDS
+    lite0 = kind == "lite0-features"
     if lite0 and pdn_given:
-        raise _usage(f"--teacher/--random-teacher are PDN teachers; --teacher-kind {kind} uses --backbone-weights")
+        raise _usage("--teacher/--random-teacher are PDN teachers; --teacher-kind lite0-features uses --backbone-weights")
     teacher = None if args.random_teacher or lite0 else _file(args.teacher or str(DEFAULT_TEACHER), "teacher weights")
     backbone = _file(args.backbone_weights or str(data_root(args.settings) / LITE0_WEIGHTS), "backbone weights") if lite0 else None
     paths = list_images(good)
     if len(paths) < 2:
         raise _usage(f"need at least 2 images in {good}")
     bad = list_images(_dir(args.anomalous_val_dir, "anomalous validation folder")) if args.anomalous_val_dir else None
-    penalty = _penalty_dir(args)
+    if args.penalty_dir:
+        _dir(args.penalty_dir, "penalty image folder")
     device = _device(args)
     cfg = TrainConfig(model_size=args.model_size, teacher_kind=kind,
                       backbone_weights=str(backbone) if backbone else None, steps=args.steps, lr=args.lr, seed=args.seed,
-                      penalty_dir=penalty, select_every=args.select_every, teacher_cache_k=args.teacher_cache_k,
+                      penalty_dir=args.penalty_dir, select_every=args.select_every,
                       max_train_images=args.max_train_images, max_train_seconds=args.max_seconds,
                       amp_bf16=args.amp_bf16, require_sha256=args.settings.require_sha256)
     model, meta = train_efficientad(paths, cfg, teacher_weights=teacher, anomalous_val_paths=bad, device=device)
@@ -164,16 +144,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--teacher", help="PDN teacher weights (official teacher_small.pth layout or distill-teacher "
                    "output; implies --teacher-kind pdn; default for pdn: the generic teacher shipped with the package)")
     t.add_argument("--random-teacher", action="store_true", help="random teacher (smoke tests only)")
-    t.add_argument("--teacher-kind", choices=["pdn", *BACKBONE_KINDS], default=None,
-                   help=f"lite0-early: frozen EfficientNet-Lite0 stage 1 + the first block of stage 2 at 256 px "
-                        f"(receptive field near the PDN student's, models/efficientad/feature_teacher.py); "
-                        f"lite0-features: frozen Lite0 stages 2+3 at 512 px; pdn: a distilled PDN teacher file "
-                        f"(default: {DEFAULT_TEACHER_KIND})")
-    t.add_argument("--backbone-weights", help="EfficientNet-Lite0 weights for the lite0-* teachers "
+    t.add_argument("--teacher-kind", choices=["pdn", "lite0-features"], default=None,
+                   help=f"lite0-features: the frozen EfficientNet-Lite0 stages 2+3 as the teacher; pdn: a distilled "
+                        f"PDN teacher file (default: {DEFAULT_TEACHER_KIND}, the better on held-out CutPaste "
+                        f"anomalies in benchmarks/accuracy.py)")
+    t.add_argument("--backbone-weights", help="EfficientNet-Lite0 weights for lite0-features "
                                               "(default: <data>/weights/efficientnet-lite0-57934424.pth)")
-    t.add_argument("--teacher-cache-k", type=non_negative_int, default=4,
-                   help="augmented copies per training image whose teacher outputs are computed once "
-                        "(0: a live teacher pass on a fresh augmentation every step)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--model-size", choices=["small", "medium"], default="small")
     t.add_argument("--steps", type=positive_int, default=70_000)
@@ -186,9 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_device(t)
     t.add_argument("--select-every", type=int, default=0,
                    help="every N steps score held-out good + CutPaste images and keep the best state")
-    t.add_argument("--penalty-dir", help=f"image folder for the pretraining penalty (paper: ImageNet; default: "
-                                         f"<data>/{PENALTY_FOLDER} where it exists)")
-    t.add_argument("--no-penalty", action="store_true", help="train without the pretraining penalty")
+    t.add_argument("--penalty-dir", help="image folder for the pretraining penalty (paper: ImageNet)")
     t.add_argument("--anomalous-val-dir", help="anomalous validation images: F1-optimal threshold")
     t.set_defaults(func=cmd_train)
 

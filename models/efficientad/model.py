@@ -17,20 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.artifacts import safe_load_safetensors, safe_torch_load, write_sha256_sidecar
-from models.efficientad.feature_teacher import Lite0EarlyTeacher, lite0_early_teacher, lite0_feature_teacher
+from models.efficientad.feature_teacher import lite0_feature_teacher
 from models.efficientad.networks import STUDENT_CHANNELS, TEACHER_CHANNELS, autoencoder, pdn
 
 CHECKPOINT_FORMAT = "linewatch-efficientad-v1"
 
 
-TEACHER_KINDS = ("pdn", "lite0-features", "lite0-early")
-FEATURE_TEACHERS = {"lite0-features": lite0_feature_teacher, "lite0-early": lite0_early_teacher}  # frozen backbones
+TEACHER_KINDS = ("pdn", "lite0-features")
 
 
 class EfficientAD(nn.Module):
-    """``teacher_kind``: ``"pdn"`` (a distilled PDN teacher, EfficientAD paper §3.1), ``"lite0-features"``
-    (the frozen Lite0 distillation target itself) or ``"lite0-early"`` (frozen Lite0 early stages with a
-    receptive field near the PDN's; models.efficientad.feature_teacher)."""
+    """``teacher_kind``: ``"pdn"`` (a distilled PDN teacher, EfficientAD paper §3.1) or
+    ``"lite0-features"`` (the frozen Lite0 distillation target itself, models.efficientad.feature_teacher)."""
 
     def __init__(self, model_size: str = "small", out_channels: int = TEACHER_CHANNELS, padding: bool = False,
                  input_mean: tuple[float, ...] = (0.5, 0.5, 0.5), input_std: tuple[float, ...] = (0.5, 0.5, 0.5),
@@ -38,15 +36,15 @@ class EfficientAD(nn.Module):
         super().__init__()
         if teacher_kind not in TEACHER_KINDS:
             raise ValueError(f"teacher_kind must be one of {TEACHER_KINDS}, got {teacher_kind!r}")
-        if teacher_kind in FEATURE_TEACHERS and (out_channels != TEACHER_CHANNELS or padding):
-            raise ValueError(f"the {teacher_kind} teacher gives 384 channels on the unpadded 56x56 grid")
+        if teacher_kind == "lite0-features" and (out_channels != TEACHER_CHANNELS or padding):
+            raise ValueError("the lite0-features teacher gives 384 channels on the unpadded 56x56 grid")
         self.teacher_kind = teacher_kind
         self.input_mean = tuple(float(v) for v in input_mean)
         self.input_std = tuple(float(v) for v in input_std)
         self.model_size = model_size
         self.out_channels = out_channels
         self.padding = padding
-        self.teacher = pdn(model_size, out_channels, padding) if teacher_kind == "pdn" else FEATURE_TEACHERS[teacher_kind]()
+        self.teacher = pdn(model_size, out_channels, padding) if teacher_kind == "pdn" else lite0_feature_teacher()
         self.student = pdn(model_size, 2 * out_channels, padding)  # 768 = 384 (T) + 384 (AE)
         self.autoencoder = autoencoder(out_channels, out_size=64 if padding else 56)
         # teacher feature normalisation (Alg. 1: per-channel mean/std over the training images)
@@ -67,19 +65,6 @@ class EfficientAD(nn.Module):
 
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
         return (self.teacher(x) - self.teacher_mean) / self.teacher_std
-
-    def teacher_code(self, x: torch.Tensor) -> torch.Tensor:
-        """The compact raw teacher output the training cache stores: the 64 channels before the fixed
-        projection for ``lite0-early``, the 384-channel output otherwise (``teacher_from_code`` inverts)."""
-        return self.teacher.features(x) if isinstance(self.teacher, Lite0EarlyTeacher) else self.teacher(x)
-
-    def teacher_raw_from_code(self, code: torch.Tensor) -> torch.Tensor:
-        """The raw teacher output from :meth:`teacher_code` output (= ``teacher(x)``)."""
-        return self.teacher.project(code) if isinstance(self.teacher, Lite0EarlyTeacher) else code
-
-    def teacher_from_code(self, code: torch.Tensor) -> torch.Tensor:
-        """Normalised teacher features from :meth:`teacher_code` output (= ``teacher_features(x)``)."""
-        return (self.teacher_raw_from_code(code) - self.teacher_mean) / self.teacher_std
 
     def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalised local (M_ST) and global (M_AE) maps at PDN resolution [B,1,56,56]."""
@@ -203,23 +188,18 @@ def load_teacher_weights(model: EfficientAD, path: str | Path, sha256: str | Non
 
 def load_feature_teacher_weights(model: EfficientAD, backbone_weights: str | Path, *,
                                  require_sha256: bool = False) -> dict[str, Any]:
-    """Fill a ``lite0-features`` / ``lite0-early`` teacher from the local EfficientNet-Lite0 file (a plain
-    state dict, loaded weights-only by models.backbones); inputs at mean = std = 0.5 (the TensorFlow
-    port's normalisation)."""
-    from models.efficientad import feature_teacher as ft
+    """Fill a ``lite0-features`` teacher from the local EfficientNet-Lite0 file (a plain state dict,
+    loaded weights-only by models.backbones); inputs at mean = std = 0.5 (the TensorFlow port's normalisation)."""
+    from models.efficientad.feature_teacher import LITE0, LITE0_STAGES
 
-    kind = model.teacher_kind
-    if kind not in FEATURE_TEACHERS:
-        raise ValueError(f"load_feature_teacher_weights needs a teacher_kind of {sorted(FEATURE_TEACHERS)}, not {kind!r}")
-    model.teacher = FEATURE_TEACHERS[kind](backbone_weights, require_sha256=require_sha256)
+    if model.teacher_kind != "lite0-features":
+        raise ValueError("load_feature_teacher_weights needs teacher_kind='lite0-features'")
+    model.teacher = lite0_feature_teacher(backbone_weights, require_sha256=require_sha256)
     model.input_mean = model.input_std = (0.5, 0.5, 0.5)
-    meta = {"teacher": kind, "backbone": ft.LITE0, "backbone_weights": str(backbone_weights)}
-    if kind == "lite0-early":
-        return {**meta, "out_indices": list(ft.LITE0_EARLY_STAGES), "stage2_blocks": ft.LITE0_EARLY_STAGE2_BLOCKS,
-                "padding": "reflect", "projection": f"orthogonal {ft.LITE0_EARLY_CHANNELS}->384 seed {ft.PROJECTION_SEED}"}
-    return {**meta, "out_indices": list(ft.LITE0_STAGES)}
+    return {"teacher": "lite0-features", "backbone": LITE0, "out_indices": list(LITE0_STAGES),
+            "backbone_weights": str(backbone_weights)}
 
 
-__all__ = ["EfficientAD", "FEATURE_TEACHERS", "TEACHER_KINDS", "load_feature_teacher_weights", "save_checkpoint", "load_checkpoint",
+__all__ = ["EfficientAD", "TEACHER_KINDS", "load_feature_teacher_weights", "save_checkpoint", "load_checkpoint",
            "load_teacher_weights", "DEFAULT_TEACHER",
            "STUDENT_CHANNELS"]

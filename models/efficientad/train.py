@@ -1,9 +1,7 @@
 """EfficientAD training (EfficientAD paper, supplementary Algorithm 1; official hyper-parameters).
 
-Teacher frozen; its outputs for the clean training images and for K augmented copies of each (the
-autoencoder's augmentation, drawn once) are computed once (:mod:`models.efficientad.teacher_cache`), so a
-step runs only the student and the autoencoder; with K = 0 every step draws a *fresh* autoencoder
-augmentation and runs the teacher on it (the paper's loop).
+Teacher frozen; its normalised outputs for the clean training images are computed once (they never
+change). Every step draws a *fresh* autoencoder augmentation of the image and runs the teacher on it.
 Loss per step (batch size 1 as in the paper):
   L_hard  = mean of D_ST entries >= their 0.999-quantile                     (§3.2, hard feature loss)
   L_pen   = mean(S(P)[:384]^2) for an image P of the penalty folder            (§3.2 pretraining penalty)
@@ -34,19 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from contracts.logs import get_logger
 from models.data import ImageFolderDataset, load_image, normalize, split_train_val
 from models.efficientad.model import (
     DEFAULT_TEACHER,
-    FEATURE_TEACHERS,
     EfficientAD,
     load_feature_teacher_weights,
     load_teacher_weights,
 )
-from models.efficientad.teacher_cache import TeacherCache, ae_augment
 from models.precision import autocast_args, log_train_device, model_device
 from models.synthetic import cut_paste
 
@@ -56,11 +51,8 @@ log = get_logger(__name__)
 @dataclass
 class TrainConfig:
     model_size: str = "small"
-    teacher_kind: str = "pdn"  # "pdn": a distilled PDN teacher file; "lite0-early" (the CLI's default) /
-    # "lite0-features": frozen Lite0 stage 1 + 2's first block at 256 px / stages 2+3 at 512 px
-    backbone_weights: str | None = None  # the local EfficientNet-Lite0 file (lite0-* kinds only)
-    teacher_cache_k: int = 4  # augmented copies per image with cached teacher outputs (0: live teacher)
-    teacher_cache_max_mb: float = 1024.0  # cap on the augmented copies' cache (teacher_cache.py formula)
+    teacher_kind: str = "pdn"  # "pdn": a distilled PDN teacher file; "lite0-features": frozen Lite0 stages 2+3
+    backbone_weights: str | None = None  # the local EfficientNet-Lite0 file (lite0-features only)
     require_sha256: bool = False  # Settings.require_sha256: refuse teacher/backbone files of unknown digest
     steps: int = 70_000  # paper: 70,000 iterations
     lr: float = 1e-4
@@ -101,6 +93,32 @@ def _big_quantile(d: torch.Tensor, q: float) -> torch.Tensor:
     flat = d.detach().flatten()
     k = max(1, int(round((1 - q) * flat.numel())))
     return torch.topk(flat, k).values.min()
+
+
+def ae_augment(img: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Supp. §1.1: one of brightness / contrast / saturation jitter with factor in [0.8, 1.2]."""
+    f = rng.uniform(0.8, 1.2)
+    kind = rng.randrange(3)
+    if kind == 0:  # brightness
+        out = img * f
+    elif kind == 1:  # contrast: blend with the mean grey level
+        grey = (img @ np.array([0.299, 0.587, 0.114], np.float32)).mean()
+        out = (img - grey) * f + grey
+    else:  # saturation: blend with the grey image
+        grey = (img @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+        out = (img - grey) * f + grey
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+@torch.no_grad()
+def _teacher_outputs(model: EfficientAD, images: torch.Tensor, desc: str, batch: int = 4, amp_bf16: bool = False) -> torch.Tensor:
+    """Raw teacher outputs on the model's device (bf16 autocast there on CUDA, on the CPU when ``amp_bf16``)."""
+    dev = model_device(model)
+    outs = []
+    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
+        with torch.autocast(**autocast_args(dev, amp_bf16)):
+            outs.append(model.teacher(images[i : i + batch].to(dev)).float())
+    return torch.cat(outs)
 
 
 @torch.no_grad()
@@ -177,8 +195,8 @@ def train_efficientad(
     """Train student + AE on good images; returns the model (eval mode) and metadata.
 
     ``teacher_weights``: a PDN teacher file (default: the generic teacher distilled over the ImageNet
-    sample, committed with the package); ``None`` = random teacher (tests only). With a frozen-backbone
-    ``cfg.teacher_kind`` (``lite0-early``, ``lite0-features``) the teacher is filled from
+    sample, committed with the package); ``None`` = random teacher (tests only). With
+    ``cfg.teacher_kind == "lite0-features"`` the teacher is the frozen Lite0 target filled from
     ``cfg.backbone_weights`` and ``teacher_weights`` is ignored.
     ``callback(steps_done, model)`` runs every ``callback_every`` steps; it gets the model in train
     mode (on ``device``) and must restore that mode itself if it evaluates.
@@ -196,9 +214,9 @@ def train_efficientad(
         fit_paths = fit_paths[: cfg.max_train_images]
     model = EfficientAD(cfg.model_size, teacher_kind=cfg.teacher_kind)
     teacher_meta: dict[str, Any] = {}
-    if cfg.teacher_kind in FEATURE_TEACHERS:
+    if cfg.teacher_kind == "lite0-features":
         if not cfg.backbone_weights:
-            raise ValueError(f"the {cfg.teacher_kind} teacher needs backbone_weights (the local EfficientNet-Lite0 file)")
+            raise ValueError("the lite0-features teacher needs backbone_weights (the local EfficientNet-Lite0 file)")
         teacher_meta = load_feature_teacher_weights(model, cfg.backbone_weights, require_sha256=cfg.require_sha256)
         teacher_weights = None
     elif teacher_weights is not None:
@@ -213,12 +231,10 @@ def train_efficientad(
     rng = random.Random(cfg.seed)
     raw_imgs = [load_image(p, cfg.image_size) for p in tqdm(fit_paths, desc="load train", leave=False)]
     clean = torch.stack([normalize(im, mean, std) for im in raw_imgs]).to(device)
-    # the frozen teacher once: clean images + K augmented copies each -> per-channel stats (Alg. 1)
-    t_cache = time.time()
-    cache = TeacherCache(model, raw_imgs, rng, cfg.teacher_cache_k, steps=cfg.steps, amp_bf16=cfg.amp_bf16,
-                         max_bytes=cfg.teacher_cache_max_mb * 2**20)
-    cache.set_normalization()
-    cache_meta = {"k": cache.k, "mb": round(cache.nbytes / 2**20, 1), "seconds": round(time.time() - t_cache, 1)}
+    # the frozen teacher on the clean images: raw outputs -> per-channel stats -> normalised cache
+    t_clean = _teacher_outputs(model, clean, "teacher(clean)", amp_bf16=cfg.amp_bf16)
+    compute_teacher_normalization(model, t_clean)
+    t_clean = (t_clean - model.teacher_mean) / model.teacher_std
     penalty = (ImageFolderDataset(cfg.penalty_dir, size=2 * cfg.image_size, mean=mean, std=std)
                if cfg.penalty_dir else None)
     val_raw = [load_image(p, cfg.image_size) for p in val_paths]
@@ -246,34 +262,24 @@ def train_efficientad(
                 lr_dropped = True
         i = rng.randrange(len(clean))
         x_st = clean[i : i + 1]
-        if cache.k:  # one of the K cached augmentations and its cached teacher output
-            k = rng.randrange(cache.k)
-            x_ae = cache.augmented_input(i, k)
-            t_st, t_ae = cache.targets(i, k)
-        else:  # fresh augmentation every step, live teacher
-            x_ae = normalize(ae_augment(raw_imgs[i], rng), mean, std)[None].to(device)
-            t_st = cache.clean_target(i)
-            with torch.no_grad(), torch.autocast(**autocast):
-                t_ae = (model.teacher(x_ae).float() - model.teacher_mean) / model.teacher_std
-        batch = [x_st, x_ae]
+        x_ae = normalize(ae_augment(raw_imgs[i], rng), mean, std)[None].to(device)  # fresh augmentation every step
+        t_st = t_clean[i : i + 1]
+        with torch.no_grad(), torch.autocast(**autocast):
+            t_ae = (model.teacher(x_ae).float() - model.teacher_mean) / model.teacher_std
+        with torch.autocast(**autocast):
+            s_both = model.student(torch.cat([x_st, x_ae])).float()  # one batched student pass for I and I'
+        loss_hard = hard_feature_loss(t_st, s_both[:1, :c], cfg.hard_q)
+        loss = loss_hard
+        loss_pen = torch.zeros((), device=device)
         if penalty is not None:
             p = penalty[rng.randrange(len(penalty))]["image"].to(device)
             off = (p.shape[-1] - cfg.image_size) // 2  # Resize(512) + CenterCrop(256) as the paper
             p = p[:, off : off + cfg.image_size, off : off + cfg.image_size]
             if rng.random() < 0.3:  # RandomGrayscale(0.3)
                 p = p.mean(0, keepdim=True).expand(3, -1, -1)
-            batch.append(p[None])
-        with torch.autocast(**autocast):
-            h = model.student[:-1](torch.cat(batch))  # one batched student trunk pass: I, I' (and P)
-            last = model.student[-1]
-            s_both = last(h[:2]).float()
-            # the penalty reads S(P)[:384] only: the last conv's first 384 kernels on P (same values)
-            s_pen = F.conv2d(h[2:], last.weight[:c], last.bias[:c]).float() if penalty is not None else None
-        loss_hard = hard_feature_loss(t_st, s_both[:1, :c], cfg.hard_q)
-        loss = loss_hard
-        loss_pen = torch.zeros((), device=device)
-        if s_pen is not None:  # §3.2 pretraining penalty
-            loss_pen = torch.mean(s_pen**2)
+            with torch.autocast(**autocast):
+                s_pen = model.student(p[None]).float()
+            loss_pen = torch.mean(s_pen[:, :c] ** 2)
             loss = loss + loss_pen
         with torch.autocast(**autocast):
             a = model.autoencoder(x_ae).float()
@@ -334,7 +340,6 @@ def train_efficientad(
         "val_paths": [str(p) for p in val_paths],
         "teacher_weights": str(teacher_weights) if teacher_weights else None,
         "teacher_provenance": {k: v for k, v in teacher_meta.items() if k != "history"},
-        "teacher_cache": cache_meta,
         "input_mean": list(mean),
         "input_std": list(std),
         "quantiles": quantiles,
