@@ -1,11 +1,12 @@
 """The FP16 gate on a trained EfficientAD (GPU-serving issue, deliver 2): does serving in FP16 change decisions?
 
-Trains EfficientAD-S on MVTec bottle train/good (held-out good images excluded), picks the threshold on
-those held-out good images (their max score; never test labels), exports the serving graph to ONNX in FP32
+Trains EfficientAD-S on MVTec bottle train/good with the recipe onboarding ships (the training job's
+held-out split and CPU budget), picks the threshold on the held-out good images the way a release does
+(models/operating_point.tail_threshold at Settings.target_false_alarm_rate; never test labels), exports the serving graph to ONNX in FP32
 and FP16, and scores the 83 bottle test images once with both (onnxruntime, models/efficientad/fp16_gate.py):
 image AUROC change, threshold decisions that flip, max score and map differences.
 
-    .venv/bin/python benchmarks/fp16_gate.py --seconds 900 --select-every 100
+    .venv/bin/python benchmarks/fp16_gate.py --seconds 600
 
 Writes benchmarks/results/fp16_gate.json and .png.
 """
@@ -36,10 +37,11 @@ log = get_logger("benchmarks.fp16_gate")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=70_000)
-    ap.add_argument("--seconds", type=float, default=900.0, help="training wall budget")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="training wall budget (default: Settings.train_budget_cpu_s, what onboarding gives a CPU)")
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--select-every", type=int, default=100, help="CutPaste selection every N steps")
-    ap.add_argument("--holdout", type=int, default=20, help="good training images kept out for the threshold")
+    ap.add_argument("--select-every", type=int, default=0, help="CutPaste selection every N steps (0: as onboarding)")
+    ap.add_argument("--holdout", type=float, default=0.25, help="share of good training images kept out (min 20)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args(argv)
     s = Settings()
@@ -52,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     from models.efficientad.model import DEFAULT_TEACHER
     from models.efficientad.onnx_graph import ServingGraph, export_onnx, onnx_session
     from models.efficientad.train import TrainConfig, train_efficientad
+    from models.jobs.train_job import split_good
+    from models.operating_point import tail_threshold
     from models.precision import native_bf16
 
     torch.set_num_threads(2)
     good = list_images(test.parent / "train" / "good")
-    fit, hold = good[:-a.holdout], good[-a.holdout:]
-    cfg = TrainConfig(steps=a.steps, lr=a.lr, seed=0, max_train_seconds=a.seconds, select_every=a.select_every,
+    fit, hold = split_good(good, a.holdout, seed=0)
+    seconds = a.seconds if a.seconds is not None else float(s.train_budget_cpu_s)
+    cfg = TrainConfig(steps=a.steps, lr=a.lr, seed=0, max_train_seconds=seconds, select_every=a.select_every,
                       amp_bf16=native_bf16(), penalty_dir=str(data_root(s) / "imagenet-sample"))
     t0 = time.time()
     model, meta = train_efficientad(fit, cfg, teacher_weights=DEFAULT_TEACHER)
@@ -72,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = onnx_session(export_onnx(ServingGraph(model, map_dtype=torch.float32), Path(tmp) / "fp32.onnx"))
         _, hold_scores = score_session(fp32, load_pixels(hold, spec))
-        threshold = float(hold_scores.max())
+        threshold, how = tail_threshold(hold_scores, s.target_false_alarm_rate)
         res = fp16_gate(model, load_pixels(paths, spec), labels, threshold, tmp,
-                        threshold_source=f"max score of {len(hold)} held-out good training images",
+                        threshold_source=f"released operating point ({how}) at target false-alarm rate "
+                                         f"{s.target_false_alarm_rate} on {len(hold)} held-out good training images",
                         fp32_session=fp32)
     out = {"command": "benchmarks/fp16_gate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            **git_state(), "machine": machine(),
            "weights": f"EfficientAD-S trained here on bottle ({len(fit)} good images), generic teacher "
                       f"{DEFAULT_TEACHER.name}",
-           "train": {"seconds": round(train_s, 1), "steps_done": meta["steps_done"],
+           "train": {"budget_s": seconds, "seconds": round(train_s, 1), "steps_done": meta["steps_done"],
                      "selected_step": meta["selected_step"], "selection": meta["selection"]},
            "gate": res.as_dict(), "gate_reasons": res.reasons(), "passed": not res.reasons()}
     a.out.mkdir(parents=True, exist_ok=True)
