@@ -20,17 +20,24 @@ def git_commit() -> str:
         return "unknown"
 
 
-def git_state() -> dict:
-    """``{"commit": git_commit(), "dirty": ...}``: ``dirty`` says whether tracked files had uncommitted
-    changes (staged or not) when the script ran, i.e. whether ``commit`` alone reproduces the code
-    measured; None when git cannot tell (outside a checkout). Untracked files are not counted (earlier
-    results files, scratch output)."""
+def _read_git_state() -> dict:
     try:
         p = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         p = None
     return {"commit": git_commit(), "dirty": bool(p.stdout.strip()) if p is not None and p.returncode == 0 else None}
+
+
+_AT_START = _read_git_state()  # read when the script starts: edits made while a long benchmark runs do not count
+
+
+def git_state() -> dict:
+    """``{"commit": ..., "dirty": ...}`` of the checkout when the script started: ``dirty`` says whether
+    tracked files had uncommitted changes (staged or not), i.e. whether ``commit`` alone reproduces the
+    code measured; None when git cannot tell (outside a checkout). Untracked files are not counted
+    (earlier results files, scratch output)."""
+    return dict(_AT_START)
 
 
 def machine() -> str:
