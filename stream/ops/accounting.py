@@ -243,13 +243,16 @@ class TopicReader:
 
 async def account(bootstrap: str, *, frames_topic: str = "frames", results_topic: str = "inspection-results",
                   dlq_topic: str = "frames-dlq", wait_s: float = 0.0, read_timeout_s: float = 60.0,
-                  poll_s: float = 1.0, settings: Settings | None = None) -> Report:
+                  poll_s: float = 1.0, stall_s: float | None = None, settings: Settings | None = None) -> Report:
     """Read the three topics to their end offsets and account for every frame.
 
     ``wait_s`` > 0: while frames are missing, keep catching up (new results may still be on their
-    way) until none are missing or ``wait_s`` has passed.
+    way) until none are missing or ``wait_s`` has passed. ``stall_s``: also stop once no further
+    frame has been accounted for that long (a slow machine keeps making progress and gets the whole
+    ``wait_s``; a stuck pipeline is reported after ``stall_s``).
     """
     t0 = time.monotonic()
+    progress_at, last_missing = t0, None
     ledger = Ledger()
     feed = {frames_topic: lambda r: ledger.add_frame(r.key, r.value, r.headers),
             results_topic: lambda r: ledger.add_result(r.value),
@@ -261,7 +264,10 @@ async def account(bootstrap: str, *, frames_topic: str = "frames", results_topic
         while True:
             complete, ends = await reader.catch_up(lambda topic, r: feed[topic](r), timeout_s=read_timeout_s)
             missing = ledger.missing()
-            if (not missing and complete) or time.monotonic() - t0 >= wait_s:
+            now = time.monotonic()
+            if last_missing is None or len(missing) < last_missing:
+                progress_at, last_missing = now, len(missing)
+            if (not missing and complete) or now - t0 >= wait_s or (stall_s is not None and now - progress_at >= stall_s):
                 break
             log.info("account_waiting", missing=len(missing), produced=len(ledger.frames),
                      waited_s=round(time.monotonic() - t0, 1))

@@ -263,7 +263,7 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
 
     from devstack.worker_process import WorkerProcess
     from stream.kafka.clients import ensure_topics
-    from stream.ops.accounting import account
+    from tests.harness.settle import settle
 
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")
@@ -358,8 +358,8 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
         feeder.join(max(60.0, n / max(fps, 0.1) * 3))
         if feeder.is_alive() or feeder.error:
             notes = "; ".join(x for x in (notes, f"feeder did not finish: {feeder.error!r}") if x)
-        rep = asyncio.run(account(boot, frames_topic=topics["frames"], results_topic=topics["results"],
-                                  dlq_topic=topics["dlq"], wait_s=settle_s))
+        rep = settle(boot, frames_topic=topics["frames"], results_topic=topics["results"], dlq_topic=topics["dlq"],
+                     stall_s=settle_s)
         metrics = scrape_metrics(workers[-1].web_port)
         alive = workers[-1].alive()
     finally:

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from stream.kafka.clients import ensure_topics
-from stream.ops.accounting import account
 from tests.harness.chaos import Feeder, ResultWatch, load_images
+from tests.harness.settle import settle
 from tests.harness.topology import WorkerFleet, cameras_for_partitions, check_camera_order, read_results
 
 PARTITIONS = 6
@@ -105,16 +105,15 @@ class Line:
         self.n = len(self.feeder.sent)
 
     def finish(self, settle_s: float = 90.0):
-        """Let the line finish (end it when open-ended), account for every frame, read the results and
-        check the per-camera order."""
+        """Let the line finish (end it when open-ended), account for every frame (``settle_s``: how long
+        without progress before giving up), read the results and check the per-camera order."""
         if self.n is None:
             self.end()
         else:
             self.feeder.join(self.n / FPS * 3 + 30)
         assert not self.feeder.is_alive() and self.feeder.error is None, f"line stalled: {self.feeder.error!r}"
-        rep = asyncio.run(account(self.stack.kafka_bootstrap, frames_topic=self.topics["frames"],
-                                  results_topic=self.topics["results"], dlq_topic=self.topics["dlq"],
-                                  wait_s=settle_s))
+        rep = settle(self.stack.kafka_bootstrap, frames_topic=self.topics["frames"],
+                     results_topic=self.topics["results"], dlq_topic=self.topics["dlq"], stall_s=settle_s)
         order = check_camera_order(read_results(self.stack.kafka_bootstrap, self.topics["results"]),
                                    self.warm.sent + self.feeder.sent)
         return rep, order

@@ -33,7 +33,7 @@ from contracts.config import Settings
 from contracts.image import model_pixel_cap
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
-from stream.ops.accounting import account
+from tests.harness.settle import settle
 from tests.harness.streams import topics
 
 pytestmark = pytest.mark.integration
@@ -125,8 +125,8 @@ def test_bombs_under_the_cap_stay_in_budget(stack, detector, bottle_test, tmp_pa
         pid = w.proc.pid
         warm_kb = _status_kb(pid, "VmHWM")
         asyncio.run(send(batch))
-        rep = asyncio.run(account(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"],
-                                  wait_s=240, poll_s=2.0))
+        rep = settle(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"], stall_s=240,
+                     poll_s=2.0)
         alive = w.alive()
         hwm_kb = _status_kb(pid, "VmHWM") if alive else -1
     finally:

@@ -20,8 +20,8 @@ import pytest
 from contracts.envelope import Frame, encode_frame
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
-from stream.ops.accounting import account
 from tests.harness.rollout import Tiny, write_artifact
+from tests.harness.settle import settle
 
 pytestmark = pytest.mark.integration
 
@@ -64,8 +64,7 @@ def test_drift_window_continues_on_the_next_worker(local_stack, shared_data, tmp
     a = worker("worker-a")
     try:
         send("a", 8)
-        rep = asyncio.run(account(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"],
-                                  wait_s=90))
+        rep = settle(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"])
         assert rep.ok and rep.missing == [], a.log_path.read_text()[-3000:]
         assert alerts() == []  # 8 of 16: the window is not full yet
     finally:
@@ -73,8 +72,7 @@ def test_drift_window_continues_on_the_next_worker(local_stack, shared_data, tmp
     b = worker("worker-b")
     try:
         send("b", 8)
-        rep = asyncio.run(account(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"],
-                                  wait_s=90))
+        rep = settle(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"])
         deadline = time.monotonic() + 20
         got = alerts()
         while not got and time.monotonic() < deadline:

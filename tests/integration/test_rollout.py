@@ -38,6 +38,7 @@ from tests.harness.rollout import (
     topic_env,
     write_artifact,
 )
+from tests.harness.settle import settle
 
 pytestmark = pytest.mark.integration
 
@@ -336,7 +337,6 @@ def test_tampered_model_py_refused_while_frames_flow_nothing_lost(life, images, 
     scored by the version already serving, none lost, none DLQ'd."""
     from contracts.envelope import Frame, decode_result, encode_frame
     from devstack.worker_process import WorkerProcess
-    from stream.ops.accounting import account
 
     uid = uuid.uuid4().hex[:6]
     t = lifecycle_topics(f"it-tamper-{uid}")
@@ -374,8 +374,7 @@ def test_tampered_model_py_refused_while_frames_flow_nothing_lost(life, images, 
 
         evs = asyncio.run(read_topics(boot, [t["events"]], until=lambda o: bool(outcome(o)), timeout_s=120))
         asyncio.run(send(t["frames"], frames("c", 20)))
-        rep = asyncio.run(account(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"],
-                                  wait_s=120))
+        rep = settle(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"], stall_s=120)
         res = [decode_result(r.value) for r in asyncio.run(read_topics(boot, [t["results"]], timeout_s=30,
                                                                        idle_s=2.0))[t["results"]]]
         alive = w.alive()

@@ -34,10 +34,10 @@ from contracts.envelope import Frame, decode_result, encode_frame
 from contracts.model_events import ModelEvent
 from devstack.stack import LocalStack
 from stream.kafka.clients import Producer, ensure_topics, read_topics
-from stream.ops.accounting import account
 from tests.harness.line import Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
 from tests.harness.rollout import Tiny, lifecycle_topics, start_controller, topic_env, write_artifact
+from tests.harness.settle import settle
 from tests.harness.topology import read_results
 from tests.harness.triton_replica import TritonReplica
 
@@ -292,8 +292,7 @@ def test_stack_down_up_restores_serving_versions(images, tmp_path):
             frames = [encode_frame(Frame(f"r-{i}", "cam-r", int(time.time() * 1000), images[i], product=product,
                                          content_type="image/png")) for i in range(20)]
             _send(boot, "frames", frames)
-            rep = asyncio.run(account(boot, frames_topic="frames", results_topic="inspection-results",
-                                      dlq_topic="frames-dlq", wait_s=90))
+            rep = settle(boot, frames_topic="frames", results_topic="inspection-results", dlq_topic="frames-dlq")
             res = [decode_result(r.value) for r in asyncio.run(read_topics(boot, ["inspection-results"], timeout_s=20,
                                                                            idle_s=2.0))["inspection-results"]]
         finally:
