@@ -37,7 +37,7 @@ SCHEMA_VERSION = 1
 
 FRAME_REQUIRED_HEADERS = ("frame_id", "camera_id", "ts_ms")
 CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp")
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:@/\-]{1,128}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_.:@/\-]{1,128}")  # fullmatch only
 MAX_HEADER_BYTES = 1024
 WARMUP_HEADER = "warmup"  # frame header: "1" on a warm-up frame (e.g. the demo's first frame)
 
@@ -154,7 +154,7 @@ def decode_frame(key: bytes | None, value: bytes | None, headers: Any) -> Frame:
     frame_id = _hstr(h, "frame_id", required=True)
     camera_id = _hstr(h, "camera_id", required=True)
     for name, v in (("frame_id", frame_id), ("camera_id", camera_id)):
-        if not _ID_RE.match(v):
+        if not _ID_RE.fullmatch(v):
             raise EnvelopeError("bad_header", f"frame header '{name}'={v[:64]!r} has characters outside [A-Za-z0-9_.:@/-] or is too long")
     ts_raw = _hstr(h, "ts_ms", required=True)
     try:

@@ -35,7 +35,7 @@ from contracts.names import CANDIDATE_SUFFIX, is_candidate, is_safe_name
 
 SCHEMA_VERSION = 1
 EVENT_TYPES = ("released", "promoted", "rolled_back", "refused", "rollback_requested", "retrain_requested")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_SHA = re.compile(r"[0-9a-f]{64}")  # fullmatch only
 
 
 class ModelEventError(ValueError):
@@ -107,7 +107,7 @@ def validate(d: dict[str, Any]) -> None:
         if not isinstance(d.get("sha256"), str):
             bad("sha256", "is required for a released event")
     sha = d.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not _SHA.match(sha)):
+    if sha is not None and (not isinstance(sha, str) or not _SHA.fullmatch(sha)):
         bad("sha256", f"must be 64 lowercase hex digits, got {str(sha)[:80]!r}")
     pv = d.get("previous_version")
     if pv is not None and (not isinstance(pv, int) or isinstance(pv, bool) or pv < 1):

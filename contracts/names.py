@@ -13,7 +13,7 @@ import re
 
 CANDIDATE_SUFFIX = "__candidate"  # the rollout's shadow copy of a model; never routed, never released
 MAX_NAME = 128
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")  # always fullmatch: `$` matches before a final "\n"
 
 
 class BadNameError(ValueError):
@@ -21,7 +21,7 @@ class BadNameError(ValueError):
 
 
 def is_safe_name(value: object) -> bool:
-    return isinstance(value, str) and bool(_NAME.match(value)) and ".." not in value
+    return isinstance(value, str) and bool(_NAME.fullmatch(value)) and ".." not in value
 
 
 def check_name(value: object, what: str = "model name") -> str:

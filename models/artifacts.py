@@ -24,7 +24,7 @@ from typing import Any
 from contracts.artifact import ArtifactIntegrityError, check_sha256, sha256_file
 from contracts.logs import get_logger
 
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"[0-9a-f]{64}")  # fullmatch only
 _HUB_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|bin|ckpt|safetensors)$")
 
 log = get_logger("models.artifacts")
@@ -54,7 +54,7 @@ def expected_sha256(path: str | Path, sha256: str | None = None) -> str | None:
     if side.is_file():
         text = side.read_text().strip()
         d = text.split()[0].lower() if text else ""
-        if not _HEX.match(d):
+        if not _HEX.fullmatch(d):
             raise ArtifactIntegrityError(f"{side} does not hold a sha256 digest")
         return d
     m = _HUB_NAME.search(Path(path).name)

@@ -6,11 +6,11 @@ import re
 from dataclasses import asdict, dataclass
 
 TASK_CONTAINERS = ("lora_A", "lora_B", "lora_bias", "wa_gamma", "wa_beta", "scm_gate", "dia")
-_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_TASK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch only
 
 
 def check_task_name(name: str) -> str:
-    if not isinstance(name, str) or not _TASK_RE.match(name):
+    if not isinstance(name, str) or not _TASK_RE.fullmatch(name):
         raise ValueError(f"bad task name {name!r}: use letters, digits, '_' or '-' (max 64)")
     return name
 

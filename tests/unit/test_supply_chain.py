@@ -231,3 +231,25 @@ def test_routing_config_cannot_name_a_candidate():
         RoutingConfig.from_dict({"products": {"bottle": "efficientad_bottle__candidate"}})
     with pytest.raises(ValueError, match="candidate"):
         RoutingConfig.from_dict({"cameras": {"cam-1": "bottle__candidate"}})
+
+
+@pytest.mark.parametrize("bad", ["x\n", "bottle\n", "x\r\n", "x\n\n"])
+def test_names_reject_trailing_newline(bad):
+    """Issue #26 item 11: ``$`` matches before a final ``\\n``, so ``x\\n`` passed and became a folder
+    ``x\\n`` (``POST /api/onboarding/x%0A/onboard``). Every name check matches the whole string."""
+    from contracts.envelope import decode_frame, encode_frame
+    from contracts.names import is_safe_name
+    from models.moleflow.config import check_task_name
+
+    assert not is_safe_name(bad)
+    with pytest.raises(BadNameError):
+        check_name(bad)
+    with pytest.raises(ValueError):
+        check_task_name(bad)
+    with pytest.raises(BadNameError):
+        check_version(bad)
+    key, value, headers = encode_frame(Frame(frame_id="f1", camera_id="cam1", ts_ms=1, image=b"\xff\xd8x"))
+    for header in ("frame_id", "camera_id"):
+        bad_headers = [(k, (bad.encode() if k == header else v)) for k, v in headers]
+        with pytest.raises(EnvelopeError):
+            decode_frame(key, value, bad_headers)
