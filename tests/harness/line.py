@@ -159,6 +159,12 @@ def check_line(line: Line, rep, order, *, changes: int, what: str) -> None:
     assert line.fleet.crashes() == 0, why
 
 
+# An upper bound for one scenario step (a rebalance, a model load, a rollout stage): these steps take 5-40 s
+# on the 2-core AVX2 development VM and up to ~2 min with the CPU throttled or shared; a step that has not
+# happened in STEP_CAP_S is stuck, not slow. Waits return as soon as the step is done.
+STEP_CAP_S = 300.0
+
+
 def wait_until(pred, timeout_s: float) -> bool:
     """``pred()`` became true within ``timeout_s`` (an upper bound, never the expected time)."""
     deadline = time.monotonic() + timeout_s

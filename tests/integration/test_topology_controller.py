@@ -34,7 +34,7 @@ from contracts.envelope import Frame, decode_result, encode_frame
 from contracts.model_events import ModelEvent
 from devstack.stack import LocalStack
 from stream.kafka.clients import Producer, ensure_topics, read_topics
-from tests.harness.line import Line, check_line, wait_until
+from tests.harness.line import STEP_CAP_S, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
 from tests.harness.rollout import Tiny, lifecycle_topics, start_controller, topic_env, write_artifact
 from tests.harness.settle import settle
@@ -59,7 +59,7 @@ def images(shared_data):
 @pytest.fixture(scope="module")
 def two_tritons(tmp_path_factory):
     root = tmp_path_factory.mktemp("controller-topology")
-    stack = LocalStack(root / "work", root / "model_repository", start_timeout_s=90)
+    stack = LocalStack(root / "work", root / "model_repository", start_timeout_s=STEP_CAP_S)
     stack.start()
     b = TritonReplica(stack, root / "triton-b")
     try:
@@ -85,7 +85,7 @@ def _release(boot, t, store, model, version, product, images, gain) -> None:
     _send(boot, t["events"], [(ev.key, ev.to_json(), [])])
 
 
-def _outcomes(boot, t, model, versions, timeout_s=150.0) -> dict[int, list[dict]]:
+def _outcomes(boot, t, model, versions, timeout_s=STEP_CAP_S) -> dict[int, list[dict]]:
     """{version: [outcome events]} once every version in ``versions`` has one (promoted / rolled_back / refused)."""
     def hits(o):
         out: dict[int, list[dict]] = {}
@@ -149,7 +149,7 @@ def test_one_worker_client_round_robins_over_both_replicas(two_tritons):
     for u in urls:
         c = grpcclient.InferenceServerClient(u)
         c.load_model(model, headers=stack.control_headers)
-        assert wait_until(lambda c=c: c.is_model_ready(model), 60)
+        assert wait_until(lambda c=c: c.is_model_ready(model), STEP_CAP_S)
         c.close()
 
     def counts() -> list[int]:
@@ -200,7 +200,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
         assert all(_serves(u, model, 1) for u in tritons)
         line.begin(3)  # the workers know the product from the serving state only (no static routing)
-        assert line.fleet.wait_frames_in([0, 1, 2], timeout_s=60), line.fleet.summary()
+        assert line.fleet.wait_frames_in([0, 1, 2], timeout_s=STEP_CAP_S), line.fleet.summary()
 
         # two releases of one model at once: one rollout at a time, in order, each acked when it ended
         mark = len(ctl.log())
@@ -218,7 +218,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         _release(boot, t, store, model, 4, product, images, 0.97)
         assert _wait_log(ctl, _logged("released", model, 4), mark), ctl.log()[mark:][-3000:]
         # killed once its candidate is up on a replica (loading, shadowing or promoting: all mid-rollout)
-        assert wait_until(lambda: _loaded(tritons[0], f"{model}__candidate"), 60), ctl.log()[mark:][-3000:]
+        assert wait_until(lambda: _loaded(tritons[0], f"{model}__candidate"), STEP_CAP_S), ctl.log()[mark:][-3000:]
         ctl.kill()
         killed_during = "promoted" if _logged("promoted", model, 4) in ctl.log() else "rollout"
         ctl2 = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-1")
@@ -229,7 +229,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         assert _logged("released", model, 4) in ctl2.log(), "v4 was not redelivered"
         promoted_4 = got4[0]["_ts"]
         assert all(_serves(u, model, 4) for u in tritons)
-        assert wait_until(lambda: not any(_loaded(u, f"{model}__candidate") for u in tritons), 30), "candidate left loaded"
+        assert wait_until(lambda: not any(_loaded(u, f"{model}__candidate") for u in tritons), STEP_CAP_S), "candidate left loaded"
 
         # Triton B SIGKILLed and restarted empty (a replacement pod): the reconcile loads v4 there again
         assert line.publishing(), f"the line stopped before the Triton restart: {line.feeder.error!r}"
@@ -237,12 +237,12 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         time.sleep(3)
         b.start()
         t_back = time.time()
-        assert wait_until(lambda: _serves(b.grpc_url, model, 4), 60), ctl2.log()[-3000:]
+        assert wait_until(lambda: _serves(b.grpc_url, model, 4), STEP_CAP_S), ctl2.log()[-3000:]
         reconciled_s = time.time() - t_back
         # the last step: line frames scored through the reconciled Triton B (worker 1 talks to it), then the
         # line ends; the timeout is an upper bound
         out_b = line.fleet.metric(1, "linewatch_results_out_total")
-        assert wait_until(lambda: line.fleet.metric(1, "linewatch_results_out_total") >= out_b + 20, 120), \
+        assert wait_until(lambda: line.fleet.metric(1, "linewatch_results_out_total") >= out_b + 20, STEP_CAP_S), \
             f"no results through Triton B after its restart\n{line.fleet.summary()}\n{line.fleet.log_tails()}"
         assert line.publishing(), f"the line stopped before the scenario's last step: {line.feeder.error!r}"
         rep, order = line.finish(settle_s=120)
@@ -285,7 +285,7 @@ def test_stack_down_up_restores_serving_versions(images, tmp_path):
         stack.stop()
         stack.start()  # fresh ports, empty broker, empty Triton
         boot = stack.kafka_bootstrap
-        assert wait_until(lambda: _serves(stack.triton_grpc_url, model, 1), 90), stack.log_tail("controller", 40)
+        assert wait_until(lambda: _serves(stack.triton_grpc_url, model, 1), STEP_CAP_S), stack.log_tail("controller", 40)
         asyncio.run(ensure_topics(boot, ["frames", "inspection-results", "defect-events", "frames-dlq"]))
         w = WorkerProcess(boot, stack.triton_grpc_url, tmp_path / "w", app_id=f"lw-restore-{uid}").start()
         try:
@@ -293,7 +293,7 @@ def test_stack_down_up_restores_serving_versions(images, tmp_path):
                                          content_type="image/png")) for i in range(20)]
             _send(boot, "frames", frames)
             rep = settle(boot, frames_topic="frames", results_topic="inspection-results", dlq_topic="frames-dlq")
-            res = [decode_result(r.value) for r in asyncio.run(read_topics(boot, ["inspection-results"], timeout_s=20,
+            res = [decode_result(r.value) for r in asyncio.run(read_topics(boot, ["inspection-results"], timeout_s=60,
                                                                            idle_s=2.0))["inspection-results"]]
         finally:
             w.stop()

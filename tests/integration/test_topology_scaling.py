@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from tests.harness.line import FPS, PARTITIONS, Line, check_line, wait_until
+from tests.harness.line import FPS, PARTITIONS, STEP_CAP_S, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
 from tests.harness.probe_model import probe_stack
 
@@ -61,7 +61,7 @@ def test_scale_workers_1_3_1_under_traffic(topo_stack, small_frames, tmp_path):
         line.at(10)
         t_up = time.monotonic() - line.t0
         added = fleet.scale_to(3)
-        took = fleet.wait_frames_in(added, timeout_s=120)
+        took = fleet.wait_frames_in(added, timeout_s=STEP_CAP_S)
         assert took, f"the added workers never took partitions: {fleet.summary()}\n{fleet.log_tails()}"
         line.at(max(25.0, time.monotonic() - line.t0 + 5))  # three workers share the line for a while
         t_down = time.monotonic() - line.t0
@@ -71,10 +71,10 @@ def test_scale_workers_1_3_1_under_traffic(topo_stack, small_frames, tmp_path):
         assert sorted(gone) == sorted(added)
         assert fleet.all_alive() and fleet.active == [0]
         # the last step: worker 0 owns every partition again and consumes the line alone, then the line ends
-        assert wait_until(lambda: _last_assignment(fleet, 0) == set(range(PARTITIONS)), 120), \
+        assert wait_until(lambda: _last_assignment(fleet, 0) == set(range(PARTITIONS)), STEP_CAP_S), \
             f"worker 0 never took every partition back: {fleet.summary()}\n{fleet.log_tails()}"
         alone = fleet.frames_in(0)
-        assert fleet.wait_frames_in([0], above=alone + 5 * FPS, timeout_s=120), \
+        assert fleet.wait_frames_in([0], above=alone + 5 * FPS, timeout_s=STEP_CAP_S), \
             f"worker 0 stopped consuming after the scale-down: {fleet.summary()}\n{fleet.log_tails()}"
         assert line.publishing(), f"the line stopped before the scenario's last step: {line.feeder.error!r}"
         rep, order = line.finish()
@@ -102,13 +102,13 @@ def test_sigkill_worker_during_rebalance(topo_stack, small_frames, tmp_path):
     fleet = line.fleet
     try:
         line.begin(2)
-        assert fleet.wait_frames_in([0, 1], timeout_s=120), f"2 workers never shared the partitions: {fleet.summary()}"
+        assert fleet.wait_frames_in([0, 1], timeout_s=STEP_CAP_S), f"2 workers never shared the partitions: {fleet.summary()}"
         line.at(6)
         marks = {i: fleet.log_mark(i) for i in (0, 1)}
         (new,) = fleet.start(1)
         # the rebalance the join triggers: the old members revoke and rejoin
         t_join = time.monotonic()
-        revoking = fleet.wait_log(0, "Revoking previously assigned partitions", since=marks[0], timeout_s=120)
+        revoking = fleet.wait_log(0, "Revoking previously assigned partitions", since=marks[0], timeout_s=STEP_CAP_S)
         t_kill = time.monotonic()
         new_frames_at_kill = fleet.frames_in(new)
         fleet.kill(0)
@@ -117,12 +117,12 @@ def test_sigkill_worker_during_rebalance(topo_stack, small_frames, tmp_path):
         assert revoking, f"worker 0 never saw the rebalance\n{fleet.log_tails()}"
         assert new_frames_at_kill == 0, "the 3rd worker already consumed: the kill did not land mid-rebalance"
         assert line.publishing(), f"the line stopped before the kill: {line.feeder.error!r}"
-        assert fleet.wait_frames_in([new], timeout_s=120), f"the 3rd worker never got partitions\n{fleet.log_tails()}"
+        assert fleet.wait_frames_in([new], timeout_s=STEP_CAP_S), f"the 3rd worker never got partitions\n{fleet.log_tails()}"
         # the last step: the group settled on the survivors (the dead member's session timed out), both consume
-        assert wait_until(lambda: _last_assignment(fleet, 1) | _last_assignment(fleet, 2) == set(range(PARTITIONS)), 120), \
+        assert wait_until(lambda: _last_assignment(fleet, 1) | _last_assignment(fleet, 2) == set(range(PARTITIONS)), STEP_CAP_S), \
             f"the survivors never owned every partition: {fleet.summary()}\n{fleet.log_tails()}"
         settled = {i: fleet.frames_in(i) for i in (1, 2)}
-        assert all(fleet.wait_frames_in([i], above=settled[i] + FPS, timeout_s=120) for i in (1, 2)), \
+        assert all(fleet.wait_frames_in([i], above=settled[i] + FPS, timeout_s=STEP_CAP_S) for i in (1, 2)), \
             f"a survivor stopped consuming: {fleet.summary()}\n{fleet.log_tails()}"
         assert line.publishing(), f"the line stopped before the scenario's last step: {line.feeder.error!r}"
         rep, order = line.finish()
