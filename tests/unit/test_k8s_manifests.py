@@ -293,14 +293,49 @@ def test_only_workers_and_the_controller_reach_triton(name):
                                                                                                         "controller")
 
 
+def _min_replicas(docs, dep: dict) -> int:
+    """The fewest pods a Deployment runs: KEDA's minReplicaCount where a ScaledObject owns it, else replicas."""
+    for so in by_kind(docs, "ScaledObject").values():
+        if so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]:
+            return int(so["spec"]["minReplicaCount"])
+    return int(dep["spec"].get("replicas", 1))
+
+
+def _allowed_disruptions(pdb: dict, pods: int) -> int:
+    """How many of ``pods`` healthy pods a voluntary eviction (a drain) may take under ``pdb`` (ints only)."""
+    spec = pdb["spec"]
+    if "minAvailable" in spec:
+        return max(0, pods - int(spec["minAvailable"]))
+    return min(pods, int(spec["maxUnavailable"]))
+
+
 @needs_renderer
 @pytest.mark.parametrize("name", SERVICE)
-def test_pdbs_cover_worker_and_triton(name):
+def test_pdbs_keep_a_pod_and_let_a_drain_proceed(name):
+    """Issue #26 item 11: a PDB with ``maxUnavailable: 1`` on a one-replica Deployment protects nothing (a drain
+    evicts the only pod) while it claims to. Every PDB must, at the Deployment's fewest replicas, both leave a pod
+    running and allow one eviction (a PDB that allows none blocks every drain); a one-replica Deployment has no PDB
+    (it cannot be both); a Deployment that runs >= 2 pods (prod's workers and Tritons) has one."""
     docs = render(name)
-    pdbs = by_kind(docs, "PodDisruptionBudget").values()
-    for dep in ("linewatch-worker", "linewatch-triton"):
-        labels = by_kind(docs, "Deployment")[dep]["spec"]["template"]["metadata"]["labels"]
-        assert any(p["spec"]["selector"]["matchLabels"].items() <= labels.items() for p in pdbs), dep
+    pdbs = list(by_kind(docs, "PodDisruptionBudget").values())
+    for dep in by_kind(docs, "Deployment").values():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        covering = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        pods = _min_replicas(docs, dep)
+        assert len(covering) <= 1, (name, dep["metadata"]["name"], "several PDBs")
+        for pdb in covering:  # a PDB in another namespace (an overlay resource misses base's namespace) protects nothing
+            assert pdb["metadata"].get("namespace") == dep["metadata"]["namespace"], (name, pdb["metadata"])
+            allowed = _allowed_disruptions(pdb, pods)
+            assert pods - allowed >= 1, (name, dep["metadata"]["name"], pods, pdb["spec"], "a drain evicts every pod")
+            assert allowed >= 1, (name, dep["metadata"]["name"], pods, pdb["spec"], "the PDB blocks every drain")
+        if dep["metadata"]["name"] in ("linewatch-worker", "linewatch-triton") and pods >= 2:
+            assert covering, (name, dep["metadata"]["name"], "runs >= 2 pods and has no PDB")
+    for pdb in pdbs:  # no PDB selects nothing
+        sel = pdb["spec"]["selector"]["matchLabels"].items()
+        assert any(sel <= d["spec"]["template"]["metadata"]["labels"].items()
+                   for d in by_kind(docs, "Deployment").values()), pdb["metadata"]["name"]
+    if name == "prod":
+        assert {p["metadata"]["name"] for p in pdbs} == {"linewatch-worker", "linewatch-triton"}
 
 
 @needs_renderer
