@@ -46,7 +46,8 @@ from devstack.demo import (  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
 from devstack.worker_process import WorkerProcess  # noqa: E402
 from stream.kafka.clients import ensure_topics, read_topics  # noqa: E402
-from stream.ops.replay import list_images, replay  # noqa: E402
+from stream.ops.replay import replay  # noqa: E402
+from stream.sources.inputs import list_images  # noqa: E402
 
 DATA_DIR = process_settings().data_dir  # this script's settings (LINEWATCH_DATA_DIR)
 

@@ -50,7 +50,7 @@ from devstack.stack import LocalStack  # noqa: E402
 from devstack.worker_process import WorkerProcess  # noqa: E402
 from stream.kafka.clients import Producer, ensure_topics  # noqa: E402
 from stream.ops.accounting import account  # noqa: E402
-from stream.ops.replay import list_images  # noqa: E402
+from stream.sources.inputs import list_images  # noqa: E402
 from tests.harness.chaos import Feeder, ResultWatch, scrape_metrics  # noqa: E402
 from tests.harness.probe_model import write_probe_model  # noqa: E402
 from tests.harness.streams import tiny_moleflow, topics  # noqa: E402

@@ -229,7 +229,7 @@ class Settings(BaseSettings):
     console_host: str = "127.0.0.1"
     console_port: int = Field(default=8090, ge=1, le=65535)
     console_token: SecretStr | None = None  # every action needs it; without it the console is read-only
-    # operator verdicts on defect events (confirm / false alarm), written by the console (stream/ops/console)
+    # operator verdicts on defect events (confirm / false alarm), written by the console (stream/console)
     topic_feedback: str = "inspection-feedback"
     console_replay: int = Field(default=200, ge=0, le=100_000)  # records per partition replayed at start
     console_max_defects: int = Field(default=500, ge=1, le=100_000)  # defect events kept (ring buffer)

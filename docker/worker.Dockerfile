@@ -3,7 +3,7 @@
 # pyproject), the image installs only the `[worker]` extra, and only contracts/ + stream/ are copied
 # (no models/, devstack/ or tests/: tests/unit/test_dockerfiles.py checks the file set).
 # The same image runs `linewatch console`, whose `linewatch onboard --k8s` child creates the training Job
-# with `kubectl apply` from k8s/train/train-job.yaml (stream/ops/onboard.py JOB_TEMPLATE, next to the
+# with `kubectl apply` from k8s/train/train-job.yaml (stream/lifecycle/onboard_runner.py JOB_TEMPLATE, next to the
 # installed packages): both are in the image (k8s/base/console.yaml).
 # Build from the repo root:  docker build -f docker/worker.Dockerfile -t linewatch/worker:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -30,7 +30,7 @@ COPY k8s/train/train-job.yaml k8s/train/kustomization.yaml ./k8s/train/
 RUN pip install ".[worker]" \
  && python -c "import importlib.util as u, sys; sys.exit(1 if u.find_spec('torch') else 0)" \
  && python -c "import stream.worker.app, stream.ops.cli; stream.ops.cli.build_parser()" \
- && python -I -c "import shutil, stream.ops.onboard as o; o.JOB_TEMPLATE.parent.mkdir(parents=True); [shutil.copy(f'k8s/train/{n}', o.JOB_TEMPLATE.parent) for n in ('train-job.yaml', 'kustomization.yaml')]; assert o.train_image(o.JOB_TEMPLATE.with_name('kustomization.yaml'))"
+ && python -I -c "import shutil, stream.lifecycle.onboard_runner as o; o.JOB_TEMPLATE.parent.mkdir(parents=True); [shutil.copy(f'k8s/train/{n}', o.JOB_TEMPLATE.parent) for n in ('train-job.yaml', 'kustomization.yaml')]; assert o.train_image(o.JOB_TEMPLATE.with_name('kustomization.yaml'))"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="linewatch-worker" \

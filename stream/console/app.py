@@ -5,10 +5,10 @@ it reads ``/api/*`` and listens on ``/events`` (text/event-stream: one event per
 applied, plus a ``stats`` event every 2 s), so every page updates live. Each SSE client has a bounded queue;
 a client that falls behind is disconnected (its EventSource reconnects and reloads the views).
 
-Reads need no token. Every action needs ``Authorization: Bearer <console_token>`` (stream/ops/console/auth.py;
+Reads need no token. Every action needs ``Authorization: Bearer <console_token>`` (stream/console/auth.py;
 without a configured token it answers 403): ``POST /api/defects/{frame_id}/feedback`` (operator verdict),
 ``POST /api/onboarding/{product}/select`` (capture these candidate frames) and
-``POST /api/onboarding/{product}/onboard`` (run ``linewatch onboard``: stream/ops/console/onboarding.py).
+``POST /api/onboarding/{product}/onboard`` (run ``linewatch onboard``: stream/console/onboarding.py).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from aiohttp import web
 from contracts.config import Settings
 from contracts.detectors import detector_info, detector_names
 from contracts.logs import get_logger
-from stream.ops.console.auth import check_bearer
-from stream.ops.console.feedback import Feedback, FeedbackError, parse_request
-from stream.ops.console.images import heatmap_overlay
-from stream.ops.console.metrics import ConsoleMetrics
-from stream.ops.console.onboarding import OnboardRunner, RunnerRefused
-from stream.ops.console.sources import ConsoleSources
-from stream.ops.console.state import ConsoleState, Filters
+from stream.console.auth import check_bearer
+from stream.console.feedback import Feedback, FeedbackError, parse_request
+from stream.console.images import heatmap_overlay
+from stream.console.metrics import ConsoleMetrics
+from stream.console.onboarding import OnboardRunner, RunnerRefused
+from stream.console.sources import ConsoleSources
+from stream.console.state import ConsoleState, Filters
 
-log = get_logger("stream.ops.console")
+log = get_logger("stream.console")
 
 STATIC = {"console.css": "text/css", "console.js": "text/javascript", "pages.js": "text/javascript",
           "onboarding.js": "text/javascript"}
@@ -101,7 +101,7 @@ async def _headers(request: web.Request, handler):
 
 
 def _asset(name: str) -> bytes:
-    return files("stream.ops.console").joinpath("static", name).read_bytes()
+    return files("stream.console").joinpath("static", name).read_bytes()
 
 
 async def index(request: web.Request) -> web.Response:

@@ -30,7 +30,7 @@ from contracts.logs import get_logger
 from contracts.names import is_safe_name
 from stream.lifecycle.onboarding import OnboardEvent
 
-log = get_logger("stream.ops.console")
+log = get_logger("stream.console")
 
 STEPS = ("onboard_started", "training_started", "training_finished", "released", "promoted")
 FINAL = ("promoted", "rolled_back", "refused", "failed")

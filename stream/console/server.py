@@ -1,23 +1,23 @@
-"""``linewatch console [--host H] [--port P] [--bootstrap B]``: the operator web console (registered in
-stream/ops/cli.py CORE_VERBS). Runs until SIGTERM / Ctrl-C; prints one line with its URL."""
+"""The console's server: the web app (app.py) on one port until SIGTERM / Ctrl-C, one line with its URL.
+
+The ``linewatch console`` verb that starts it is stream/ops/cli_console.py (the CLI resolves the bootstrap)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 
-from contracts.cli import RuntimeFailure, non_negative_int
+from contracts.cli import RuntimeFailure
 from contracts.logs import get_logger
 
-log = get_logger("stream.ops.console")
+log = get_logger("stream.console")
 
 
 async def serve(settings, bootstrap: str, host: str, port: int, *, ready=None) -> None:
     """Serve until SIGTERM/SIGINT. ``ready(url)`` is called once the port is bound."""
     from aiohttp import web
 
-    from stream.ops.console.app import build_app
+    from stream.console.app import build_app
 
     app = build_app(settings, bootstrap)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=3.0)
@@ -43,22 +43,3 @@ async def serve(settings, bootstrap: str, host: str, port: int, *, ready=None) -
         log.info("console_stopping")
     finally:
         await runner.cleanup()
-
-
-def _cmd_console(a) -> int:
-    from stream.ops.cli_worker import _bootstrap
-
-    s = a.settings.with_overrides(console_host=a.host, console_port=a.port or None, console_replay=a.replay)
-    asyncio.run(serve(s, _bootstrap(a), s.console_host, 0 if a.port == 0 else s.console_port))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("console", help="operator web console: camera wall, defects, drift, models, throughput, "
-                                       "feedback (live, server-sent events)")
-    p.add_argument("--host", help="address to bind (default: settings console_host, 127.0.0.1)")
-    p.add_argument("--port", type=non_negative_int, help="port (default: settings console_port, 8090; 0 = any free)")
-    p.add_argument("--bootstrap", help="Kafka bootstrap host:port (default from settings / a running stack)")
-    p.add_argument("--replay", type=non_negative_int,
-                   help="records per partition read back at start (default: settings console_replay)")
-    p.set_defaults(func=_cmd_console)

@@ -5,7 +5,7 @@ No consumer group, nothing committed: each topic is assigned whole and read from
 before its end (per partition: a bounded replay, so the pages are not empty after a restart), then followed.
 The compacted ``serving-state`` is read whole (:class:`stream.kafka.follow.TopicFollower`). A topic that does
 not exist yet is picked up once it does. Frames are read only to draw thumbnails: their bytes sit in a
-bounded :class:`~stream.ops.console.images.FrameBuffer` and are decoded (bounded, in a thread) only for a
+bounded :class:`~stream.console.images.FrameBuffer` and are decoded (bounded, in a thread) only for a
 defect event or a page that asks.
 """
 
@@ -27,15 +27,15 @@ from contracts.logs import get_logger
 from contracts.model_events import ModelEventError
 from contracts.model_events import decode as decode_model_event
 from contracts.serving_state import decode_entry
+from stream.console.feedback import Feedback, FeedbackError, decode_feedback
+from stream.console.images import LRU, FrameBuffer, thumbnail
+from stream.console.state import ConsoleState
 from stream.kafka.clients import Producer, client_kwargs, ensure_topics, partitions_of
 from stream.kafka.codecs import require_codecs
 from stream.kafka.follow import TopicFollower
 from stream.lifecycle.onboarding import OnboardEvent, decode_event
-from stream.ops.console.feedback import Feedback, FeedbackError, decode_feedback
-from stream.ops.console.images import LRU, FrameBuffer, thumbnail
-from stream.ops.console.state import ConsoleState
 
-log = get_logger("stream.ops.console")
+log = get_logger("stream.console")
 
 
 @dataclass(frozen=True)

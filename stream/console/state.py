@@ -1,7 +1,7 @@
 """What the console knows, in bounded memory: every topic's records folded into ring buffers and small maps.
 
-Pure logic (no Kafka, no HTTP): :mod:`stream.ops.console.sources` feeds decoded records in, the web app
-(:mod:`stream.ops.console.app`) reads views out, and every change is passed to ``on_change(kind, payload)``
+Pure logic (no Kafka, no HTTP): :mod:`stream.console.sources` feeds decoded records in, the web app
+(:mod:`stream.console.app`) reads views out, and every change is passed to ``on_change(kind, payload)``
 (the server-sent-event hub). Bounds: cameras (least recently seen dropped), defect events, results kept for
 the throughput window, drift alerts, DLQ records, model events and feedback records are each a ring.
 
@@ -26,10 +26,10 @@ import numpy as np
 from contracts.envelope import DefectEvent, InspectionResult
 from contracts.model_events import ModelEvent, fold_status
 from contracts.serving_state import ServingEntry
+from stream.console.feedback import Feedback, propose_thresholds
+from stream.console.onboarding import OnboardingView
 from stream.lifecycle.onboarding import OnboardEvent
 from stream.lifecycle.operating import summary_of
-from stream.ops.console.feedback import Feedback, propose_thresholds
-from stream.ops.console.onboarding import OnboardingView
 
 SPARK = 60  # scores per camera for the sparkline
 WINDOW_S = 60  # throughput / latency window

@@ -48,7 +48,7 @@ from contracts.logs import get_logger
 from contracts.names import check_name
 from stream.lifecycle.onboarding import CaptureStore, OnboardEvent
 
-log = get_logger("stream.ops.onboard")
+log = get_logger("stream.lifecycle.onboard_runner")
 
 JOB_TEMPLATE = REPO_ROOT / "k8s" / "train" / "train-job.yaml"
 OUTCOMES = ("promoted", "rolled_back", "refused")
@@ -334,7 +334,7 @@ class Onboarding:
 
 def count_images(folder: Path) -> int:
     """Images the training job would read from ``folder`` (what an operator left in good/)."""
-    from stream.ops.replay import IMAGE_EXT
+    from stream.sources.inputs import IMAGE_EXT
 
     return sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT) if folder.is_dir() else 0
 

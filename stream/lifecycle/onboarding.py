@@ -1,7 +1,7 @@
 """Capture data layout, capture policy and onboarding progress records (pure: files and JSON, no Kafka).
 
 Shared by the capture service (stream/lifecycle/capture.py, ``linewatch capture``), ``linewatch onboard``
-(stream/ops/onboard.py) and the console, which reads both the files and the topic.
+(stream/lifecycle/onboard_runner.py) and the console, which reads both the files and the topic.
 
 **Capture layout** (``Settings.capture_dir``; in k8s the model store's datasets dir)::
 

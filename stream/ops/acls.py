@@ -14,13 +14,13 @@ the reading and writing.
 - **controller**: ``linewatch controller`` (:class:`stream.lifecycle.service.ControllerService`) reads
   and writes the topics of its ``ControllerTopics`` (model events in its own group, the compacted serving
   state) and reads frames without a group (the shadow sampler).
-- **console**: ``linewatch console`` (:class:`stream.ops.console.sources.ConsoleTopics`) reads every topic it
+- **console**: ``linewatch console`` (:class:`stream.console.sources.ConsoleTopics`) reads every topic it
   shows without a group and writes operator feedback and capture selections. Unless
   ``console_onboard_runner`` is ``off`` it runs ``linewatch onboard`` as a child with its own identity, so
   its user also holds :func:`onboard_grants` for that runner.
 - **capture**: ``linewatch capture`` (:class:`stream.lifecycle.capture.CaptureTopics`) reads the DLQ, model
   events and onboarding commands in its group, live frames without one, and writes onboarding progress.
-- **onboard**: ``linewatch onboard`` (stream/ops/onboard.py) reads serving-state, model-events and the
+- **onboard**: ``linewatch onboard`` (stream/lifecycle/onboard_runner.py) reads serving-state, model-events and the
   onboarding topic without a group and publishes its steps on the onboarding topic; trained locally, the
   training subprocess publishes ``released`` with the same identity.
 - **line**: a factory line publishes frames the way ``linewatch replay`` and ``linewatch camera`` do and
@@ -137,7 +137,7 @@ def line_grants(settings: Settings) -> Grants:
 
 
 def onboard_grants(settings: Settings, k8s: bool = True) -> Grants:
-    """``linewatch onboard [--k8s]`` (stream/ops/onboard.py), no consumer group anywhere (``read_topics``):
+    """``linewatch onboard [--k8s]`` (stream/lifecycle/onboard_runner.py), no consumer group anywhere (``read_topics``):
     the serving state read whole (``serving_entries``: is the product served, which model), model events
     read (``wait_model_event``: the ``released``, then the outcome with ``--wait``), the onboarding topic
     read (``captured_on_topic``: the image count without the capture volume, ``--k8s``) and written (each
@@ -160,7 +160,7 @@ def console_grants(settings: Settings) -> Grants:
     """``linewatch console``: reads the topics it shows (no group), writes operator feedback and capture
     selections; plus what its ``linewatch onboard`` child needs (``console_onboard_runner``: ``k8s`` adds
     ``--k8s``, ``off`` runs none)."""
-    from stream.ops.console.sources import ConsoleTopics
+    from stream.console.sources import ConsoleTopics
 
     t = ConsoleTopics.of(settings)
     g: Grants = {}

@@ -18,7 +18,7 @@ from contracts.config import Settings
 from contracts.logs import configure_logging
 
 CORE_VERBS = ("stream.ops.cli_worker", "stream.ops.cli_lifecycle", "stream.ops.accounting", "stream.ops.acls",
-              "stream.ops.console.cli", "stream.ops.cli_camera")
+              "stream.ops.cli_console", "stream.ops.cli_camera")
 PLUGIN_GROUP = "linewatch.verbs"
 
 

@@ -1,11 +1,11 @@
 """`linewatch camera|capture|onboard` verbs (issue 18), registered into stream/ops/cli.py's parser.
 
 camera    a video file, RTSP/HTTP stream, /dev/videoN or image folder -> JPEG frames on ``frames`` at --fps
-          (stream/ops/camera.py: pacing, bounded in-flight window, drops counted, reconnect with backoff)
+          (stream/sources/camera.py: pacing, bounded in-flight window, drops counted, reconnect with backoff)
 capture   the capture service (stream/lifecycle/capture.py): unknown-product DLQ frames and route-OOD products'
           frames -> ``<capture_dir>/<product>/good`` + manifest.json (layout: stream/lifecycle/onboarding.py)
 onboard   captured images -> training job (local subprocess, or the k8s Job with --k8s) -> released ->
-          the controller's outcome (stream/ops/onboard.py)
+          the controller's outcome (stream/lifecycle/onboard_runner.py)
 Bad arguments: one line on stderr, exit 2 (contracts/cli.py).
 """
 
@@ -39,8 +39,8 @@ def _stopper(stop: asyncio.Event, *also) -> None:
 
 def _cmd_camera(a) -> int:
     from contracts.names import is_safe_name
-    from stream.ops.camera import CameraConfig, camera, check_config, open_source
     from stream.ops.cli_worker import _bootstrap
+    from stream.sources.camera import CameraConfig, camera, check_config, open_source
 
     s = a.settings
     for what, v in (("--product", a.product), ("--task", a.task)):
@@ -87,8 +87,8 @@ def _cmd_capture(a) -> int:
 
 
 def _cmd_onboard(a) -> int:
+    from stream.lifecycle.onboard_runner import Onboarding
     from stream.ops.cli_worker import _bootstrap
-    from stream.ops.onboard import Onboarding
 
     a.extra = [x for x in (a.extra or []) if x != "--"]
     a.min_images = a.min_images or a.settings.onboard_min_images

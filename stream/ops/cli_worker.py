@@ -65,7 +65,8 @@ def tail_topics(a) -> dict[str, str | None]:
 
 
 def _cmd_replay(a) -> int:
-    from stream.ops.replay import list_images, replay
+    from stream.ops.replay import replay
+    from stream.sources.inputs import list_images
 
     list_images(a.folder)  # FileNotFoundError: a usage error (exit 2, contracts.cli)
     if a.fps < 0:

@@ -19,16 +19,9 @@ from contracts.config import Settings
 from contracts.envelope import Frame, encode_frame, new_frame_id
 from contracts.logs import get_logger
 from stream.kafka.clients import Producer
+from stream.sources.inputs import list_images
 
 log = get_logger("stream.ops.replay")
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp"}
-
-
-@dataclass
-class ReplayItem:
-    path: Path
-    gt_label: str | None
-    gt_defect: str | None
 
 
 @dataclass
@@ -39,21 +32,6 @@ class Sent:
     gt_label: str | None
     gt_defect: str | None
     ts_ms: int
-
-
-def list_images(folder: str | Path) -> list[ReplayItem]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"replay folder {folder} does not exist")
-    flat = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT)
-    items = [ReplayItem(p, None, None) for p in flat]
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        imgs = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT)
-        label = "good" if sub.name in ("good", "ok", "normal") else "defect"
-        items += [ReplayItem(p, label, None if label == "good" else sub.name) for p in imgs]
-    if not items:
-        raise FileNotFoundError(f"no images (png/jpg/bmp) in {folder}")
-    return items
 
 
 async def replay(bootstrap: str, folder: str | Path, *, cameras: list[str] | None = None, fps: float = 10.0,

@@ -1,7 +1,7 @@
 """``linewatch camera``: one camera (video file, RTSP/HTTP stream, V4L2 device or image folder) -> JPEG
 frames on the ``frames`` topic, paced at ``fps``, with bounded memory whatever the broker does.
 
-Sources: stream/ops/camera_sources.py (:func:`~stream.ops.camera_sources.open_source`: a file, a folder,
+Sources: stream/sources/inputs.py (:func:`~stream.sources.inputs.open_source`: a file, a folder,
 an RTSP/HTTP URL or ``/dev/videoN``; live streams reconnect with capped exponential backoff).
 
 Each frame is JPEG-encoded at ``jpeg_quality`` and published with the envelope of ``linewatch replay``
@@ -35,9 +35,9 @@ from contracts.cli import RuntimeFailure, UsageError
 from contracts.envelope import Frame, decode_frame, encode_frame, new_frame_id
 from contracts.logs import get_logger
 from stream.kafka.produce import classify, root_cause
-from stream.ops.camera_sources import Shot, open_source  # noqa: F401 - re-exported for the CLI and tests
+from stream.sources.inputs import Shot, open_source  # noqa: F401 - re-exported for the CLI and tests
 
-log = get_logger("stream.ops.camera")
+log = get_logger("stream.sources.camera")
 
 Record = tuple[bytes, bytes, list]
 Send = Callable[[Record], Awaitable[asyncio.Future]]

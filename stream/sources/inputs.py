@@ -1,4 +1,4 @@
-"""Camera sources for ``linewatch camera`` (stream/ops/camera.py): video files, live streams, image folders.
+"""Camera sources for ``linewatch camera`` (stream/sources/camera.py): video files, live streams, image folders.
 
 - ``FILE`` (mp4, avi, mkv ...): ``cv2.VideoCapture``, frames in order; its end is the camera's end
   (``loop``: from the start again). A file that does not open is a usage error.
@@ -6,8 +6,8 @@
   a live stream. A reader thread keeps only the newest frame (a camera faster than ``fps`` is decimated,
   nothing buffers); a failed open or read reconnects with capped exponential backoff (``backoff_s``
   doubling up to ``backoff_max_s``); more than ``max_reconnects`` failures in a row end it (``gave_up``).
-- ``FOLDER``: its images in order (:func:`stream.ops.replay.list_images`: the MVTec layout adds the
-  ``gt_label``/``gt_defect`` headers, as ``linewatch replay`` does), ``loop`` optional.
+- ``FOLDER``: its images in order (:func:`list_images`, which ``linewatch replay`` reads too: the MVTec
+  layout adds the ``gt_label``/``gt_defect`` headers), ``loop`` optional.
 
 Every source has ``read() -> Shot | None`` (None: the end), ``skip(n) -> skipped``, ``close()`` and ``reconnects``.
 """
@@ -28,12 +28,12 @@ import numpy as np
 from contracts.cli import UsageError
 from contracts.logs import get_logger
 from stream.kafka.produce import backoff
-from stream.ops.replay import list_images
 
-log = get_logger("stream.ops.camera")
+log = get_logger("stream.sources.camera")
 
 _URL = re.compile(r"^(rtsps?|https?|rtmp|udp|tcp|srt)://", re.I)
 _DEVICE = re.compile(r"^/dev/video(\d+)$")
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
 @dataclass
@@ -41,6 +41,30 @@ class Shot:
     image: np.ndarray
     ts_ms: int
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FolderImage:
+    path: Path
+    gt_label: str | None
+    gt_defect: str | None
+
+
+def list_images(folder: str | Path) -> list[FolderImage]:
+    """The images of ``folder`` in order: its own, then each sub-folder's; an MVTec-style sub-folder labels its
+    images (``good``/``ok``/``normal``: good, any other: defect named after it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"replay folder {folder} does not exist")
+    flat = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT)
+    items = [FolderImage(p, None, None) for p in flat]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        imgs = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT)
+        label = "good" if sub.name in ("good", "ok", "normal") else "defect"
+        items += [FolderImage(p, label, None if label == "good" else sub.name) for p in imgs]
+    if not items:
+        raise FileNotFoundError(f"no images (png/jpg/bmp) in {folder}")
+    return items
 
 
 class FolderSource:

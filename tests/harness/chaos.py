@@ -198,7 +198,7 @@ class ScenarioResult:
 
 
 def load_images(folder: str | Path, limit: int = 16) -> list[bytes]:
-    from stream.ops.replay import list_images
+    from stream.sources.inputs import list_images
 
     return [it.path.read_bytes() for it in list_images(folder)[:limit]]
 

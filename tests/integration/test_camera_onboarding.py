@@ -240,7 +240,7 @@ def test_route_ood_retrain_request_arms_capture_of_live_frames(local_stack, sett
     from contracts.model_events import ModelEvent
     from stream.kafka.clients import Producer, ensure_topics
     from stream.lifecycle.capture import CaptureService
-    from stream.ops.camera import CameraConfig, camera, open_source
+    from stream.sources.camera import CameraConfig, camera, open_source
 
     uid = uuid.uuid4().hex[:6]
     boot = local_stack.kafka_bootstrap

@@ -15,6 +15,7 @@ from contracts.cli import RuntimeFailure
 from contracts.envelope import Frame, decode_frame, dlq_record, encode_frame
 from contracts.model_events import ModelEvent
 from stream.lifecycle.capture import CaptureService
+from stream.lifecycle.onboard_runner import JOB_TEMPLATE, job_name, render_job, train_image
 from stream.lifecycle.onboarding import (
     CapturePolicy,
     CaptureStore,
@@ -23,10 +24,9 @@ from stream.lifecycle.onboarding import (
     decode_event,
     file_stem,
 )
-from stream.ops.camera import CameraConfig, Pacer, run_camera
-from stream.ops.camera_sources import FileSource, FolderSource, StreamSource, open_source
 from stream.ops.cli import main
-from stream.ops.onboard import JOB_TEMPLATE, job_name, render_job, train_image
+from stream.sources.camera import CameraConfig, Pacer, run_camera
+from stream.sources.inputs import FileSource, FolderSource, StreamSource, open_source
 
 # ----------------------------------------------------------------------------- fakes
 
@@ -60,7 +60,7 @@ class Frames:
         self.n, self.clock, self.cost, self.i, self.reconnects, self.skipped = n, clock, cost, 0, 0, []
 
     def read(self):
-        from stream.ops.camera_sources import Shot
+        from stream.sources.inputs import Shot
 
         if self.i >= self.n:
             return None

@@ -24,9 +24,9 @@ from contracts.config import Settings
 from contracts.envelope import DefectEvent, InspectionResult
 from contracts.model_events import ModelEvent
 from contracts.serving_state import ServingEntry
-from stream.ops.console import auth
-from stream.ops.console.auth import check_bearer
-from stream.ops.console.feedback import (
+from stream.console import auth
+from stream.console.auth import check_bearer
+from stream.console.feedback import (
     Feedback,
     FeedbackError,
     decode_feedback,
@@ -34,9 +34,9 @@ from stream.ops.console.feedback import (
     propose,
     propose_thresholds,
 )
-from stream.ops.console.images import LRU, FrameBuffer, heatmap_overlay, thumbnail
-from stream.ops.console.metrics import ConsoleMetrics
-from stream.ops.console.state import SPARK, ConsoleState, Filters
+from stream.console.images import LRU, FrameBuffer, heatmap_overlay, thumbnail
+from stream.console.metrics import ConsoleMetrics
+from stream.console.state import SPARK, ConsoleState, Filters
 from tests.harness.requires import require, requires
 
 REPO = Path(__file__).resolve().parents[2]
@@ -275,7 +275,7 @@ def test_operator_reads_normalised_scores_warm_up_frames_are_no_camera_and_model
     op = bottle["operating_point"]
     assert op["target_false_alarm_rate"] == 0.01 and op["estimated_recall"] == 0.93 and op["n_good"] == 120
     assert op["estimated_recall_by_family"] == {"scratch": 0.9} and not cable["operating_point"]["stated"]
-    pages = (REPO / "stream/ops/console/static/pages.js").read_text()
+    pages = (REPO / "stream/console/static/pages.js").read_text()
     assert pages.count("fmt.score(") >= 3 and "operating-points" in pages  # wall, gallery, detail; models
 
 
@@ -339,7 +339,7 @@ def test_frame_buffer_and_cache_are_bounded():
 async def _client(settings: Settings, st: ConsoleState):
     from aiohttp.test_utils import TestClient, TestServer
 
-    from stream.ops.console.app import build_app
+    from stream.console.app import build_app
 
     client = TestClient(TestServer(build_app(settings, "127.0.0.1:1", state=st, connect=False)))
     await client.start_server()
@@ -392,7 +392,7 @@ async def test_reads_are_open_actions_need_the_token_and_headers_are_strict():
 
 
 def test_hub_drops_a_client_that_falls_behind():
-    from stream.ops.console.app import Hub
+    from stream.console.app import Hub
 
     hub = Hub()
     slow, fast = asyncio.Queue(maxsize=2), asyncio.Queue(maxsize=10)

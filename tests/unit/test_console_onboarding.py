@@ -1,5 +1,5 @@
 """The console's onboarding page without Kafka: folding onboarding records and unknown-product DLQ records
-(stream/ops/console/onboarding.py), the actions' token / input checks, and the Onboard action's real child
+(stream/console/onboarding.py), the actions' token / input checks, and the Onboard action's real child
 process (`linewatch onboard`, which refuses a product with too few captured images before touching Kafka).
 The whole loop in a browser on the real stack is tests/integration/test_camera_onboarding.py."""
 
@@ -10,9 +10,9 @@ import asyncio
 import pytest
 
 from contracts.config import Settings
+from stream.console.onboarding import MAX_CANDIDATES, OnboardingView, OnboardRunner, RunnerRefused
+from stream.console.state import ConsoleState
 from stream.lifecycle.onboarding import OnboardEvent
-from stream.ops.console.onboarding import MAX_CANDIDATES, OnboardingView, OnboardRunner, RunnerRefused
-from stream.ops.console.state import ConsoleState
 
 TOKEN = "t-onboarding-123"
 
@@ -70,7 +70,7 @@ def test_run_progress_done_active_failed_and_outcomes():
 async def _client(settings: Settings, st: ConsoleState):
     from aiohttp.test_utils import TestClient, TestServer
 
-    from stream.ops.console.app import build_app
+    from stream.console.app import build_app
 
     client = TestClient(TestServer(build_app(settings, "127.0.0.1:1", state=st, connect=False)))
     await client.start_server()
@@ -119,7 +119,7 @@ async def test_onboard_action_runs_linewatch_onboard_and_shows_its_exit(tmp_path
                 break
             await asyncio.sleep(0.1)
         app_runner = c.server.app
-        from stream.ops.console.app import RUNNER_KEY
+        from stream.console.app import RUNNER_KEY
 
         status = app_runner[RUNNER_KEY].status("elpv")
         assert status["rc"] == 2, status

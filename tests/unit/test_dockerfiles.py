@@ -175,7 +175,7 @@ def test_worker_runs_from_its_file_set_alone():
 
 def test_worker_image_carries_what_the_consoles_onboard_k8s_runs():
     """`linewatch onboard --k8s` (the console's child, k8s/base/console.yaml) needs kubectl on PATH and the Job
-    template where the installed package looks for it (stream/ops/onboard.py JOB_TEMPLATE)."""
+    template where the installed package looks for it (stream/lifecycle/onboard_runner.py JOB_TEMPLATE)."""
     text = re.sub(r"\\\n", " ", DOCKERFILES["worker"].read_text())
     stages = dict(re.findall(r"^FROM\s+(\S+)\s+AS\s+(\w+)", text, flags=re.M | re.I))
     assert any(image.startswith("registry.k8s.io/kubectl:v1.") and name == "kubectl" for image, name in stages.items())
