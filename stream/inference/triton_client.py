@@ -5,7 +5,8 @@
   looks one up (a model seen READY before keeps its spec while it reloads), ``available()`` lists
   the routable models and their tasks.
 - ``infer()``: one micro-batch for one model, split into chunks of the model's max_batch_size,
-  retried (up to ``max_retries``, exponential backoff) on transient errors; then
+  retried (up to ``max_retries``, capped exponential backoff with equal jitter:
+  :class:`contracts.backoff.Backoff`) on transient errors; then
   :class:`TransientInferError`. Permanent errors (bad input shape, unknown task) raise
   :class:`PermanentInferError` so the caller can DLQ those frames. Both carry the gRPC ``code``.
 - Transient or permanent is decided by the gRPC **status code** only (:data:`TRANSIENT_CODES`:
@@ -20,7 +21,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from dataclasses import dataclass
 
@@ -30,6 +30,7 @@ import orjson
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from contracts.backoff import Backoff
 from contracts.logs import get_logger
 from contracts.spec import ModelSpec, model_input, parse_spec
 
@@ -101,8 +102,7 @@ class TritonInfer:
         self.client = grpcclient.InferenceServerClient(url=url, channel_args=channel_args(url))
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = Backoff(backoff_s, backoff_max_s, "equal")
         self.metrics = metrics
         self._specs: dict[str, ModelSpec] = {}
         self.last_specs: dict[str, ModelSpec] = {}
@@ -281,7 +281,7 @@ class TritonInfer:
                     if attempt > self.max_retries:
                         raise TransientInferError(f"{model}: {attempt} attempts failed, last: {e}",
                                                   status_code(e)) from e
-                    delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+                    delay = self.backoff.delay(attempt)
                     log.warning("triton_retry", model=model, attempt=attempt, delay_s=round(delay, 3), error=str(e)[:300])
                     await asyncio.sleep(delay)
             attempts_total += attempt

@@ -5,7 +5,8 @@ unacknowledged ones sent again (issue #15 item 2).
 
 - ``"retriable"``: the broker may take it later (connection lost, broker paused, leader moving, a
   delivery timeout, too few in-sync replicas). :func:`send_all` re-sends the records that failed so,
-  with capped exponential backoff, for as long as it takes (the batch is not acked meanwhile);
+  with capped exponential backoff and equal jitter (:class:`contracts.backoff.Backoff`), for as long as
+  it takes (the batch is not acked meanwhile);
 - ``"fatal"``: it can never succeed (authorization denied, a record over ``max.message.bytes`` or the
   producer's ``max_request_size``, an invalid topic, a closed producer, a bug). :func:`send_all` raises
   :class:`FatalProduceError` at once; the worker stops without acking the batch (stream/worker/app.py),
@@ -17,11 +18,13 @@ Records the broker acknowledged are never sent again (no duplicates from a retry
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
 from aiokafka import errors as ke
 
+from contracts.backoff import Backoff
 from contracts.logs import get_logger
 
 log = get_logger("stream.kafka.produce")
@@ -79,20 +82,18 @@ def classify(exc: BaseException) -> Kind:
     return "fatal"  # a bug (TypeError, ...): retrying would only repeat it
 
 
-def backoff(attempt: int, base_s: float, max_s: float) -> float:
-    """Capped exponential backoff before retry ``attempt`` (1-based)."""
-    return min(max_s, base_s * 2 ** min(attempt - 1, 30))
-
-
 async def send_all(records: Sequence[T], send: Callable[[T], Awaitable[Awaitable]], *,
                    target: Callable[[T], str] = lambda r: "?", backoff_s: float = 0.2, backoff_max_s: float = 10.0,
-                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> int:
+                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                   rng: Callable[[], float] = random.random) -> int:
     """Publish every record; returns the number of retry rounds it took (0: all acknowledged at once).
 
     ``send(record)`` schedules one record and returns its delivery future (Faust ``topic.send`` /
     aiokafka ``producer.send``). A round sends every pending record, then awaits all their futures;
     the ones acknowledged are done for good, the ones that failed retriably are the next round's pending
-    (after a capped exponential backoff). A fatal error raises :class:`FatalProduceError` at once."""
+    (after a capped exponential backoff: ``backoff_s`` doubling up to ``backoff_max_s``, equal jitter from
+    ``rng``). A fatal error raises :class:`FatalProduceError` at once."""
+    backoff = Backoff(backoff_s, backoff_max_s, "equal", rng)
     pending = list(range(len(records)))
     rounds = 0
     while pending:
@@ -116,10 +117,10 @@ async def send_all(records: Sequence[T], send: Callable[[T], Awaitable[Awaitable
         if not failed:
             return rounds
         rounds += 1
-        delay = backoff(rounds, backoff_s, backoff_max_s)
+        delay = backoff.delay(rounds)
         i0, e0 = failed[0]
         log.warning("produce_retry", attempt=rounds, failed=len(failed), of=len(records), target=target(records[i0]),
-                    error=f"{type(root_cause(e0)).__name__}: {e0}"[:300], delay_s=delay)
+                    error=f"{type(root_cause(e0)).__name__}: {e0}"[:300], delay_s=round(delay, 3))
         await sleep(delay)
         pending = sorted(i for i, _ in failed)
     return rounds

@@ -25,9 +25,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from contracts.backoff import backoff_delay
 from contracts.cli import UsageError
 from contracts.logs import get_logger
-from stream.kafka.produce import backoff
 
 log = get_logger("stream.sources.camera")
 
@@ -183,7 +183,7 @@ class StreamSource:
             if self.max_reconnects is not None and failures > self.max_reconnects:
                 self.gave_up = f"{failures} failed attempts in a row"
                 break
-            delay = backoff(failures, self.backoff_s, self.backoff_max_s)
+            delay = backoff_delay(failures, self.backoff_s, self.backoff_max_s, jitter="none")  # one reader per camera
             self.reconnects += 1
             log.warning("camera_reconnect", source=self.name, attempt=failures, delay_s=delay)
             self._sleep(delay)

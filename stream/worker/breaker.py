@@ -5,15 +5,18 @@
   goes to the DLQ as ``retry_exhausted`` instead of being retried for ever and stalling its partition.
 - :class:`CircuitBreaker`: opened when Triton itself is unreachable (not live). While open the worker
   sends no inference requests and takes no new frames (app.py pauses the consumer's partitions);
-  it probes liveness once per backoff step (exponential, capped) and closes on the first live answer.
+  it probes liveness once per backoff step (exponential, capped, equal jitter: every worker's probes
+  do not arrive together; :class:`contracts.backoff.Backoff`) and closes on the first live answer.
   Frames are never charged retries while it is open: Triton being down is not their fault.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 
+from contracts.backoff import Backoff
 from contracts.logs import get_logger
 
 log = get_logger("stream.worker.breaker")
@@ -44,10 +47,9 @@ class CircuitBreaker:
     def __init__(self, probe: Callable[[], Awaitable[bool]], *, backoff_s: float = 0.5, backoff_max_s: float = 10.0,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  on_open: Callable[[], None] | None = None, on_close: Callable[[], None] | None = None,
-                 metrics=None):
+                 metrics=None, rng: Callable[[], float] = random.random):
         self.probe = probe
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = Backoff(backoff_s, backoff_max_s, "equal", rng)
         self._sleep = sleep
         self.on_open = on_open
         self.on_close = on_close
@@ -84,11 +86,12 @@ class CircuitBreaker:
             log.warning("triton_breaker_hook_failed", error=f"{type(e).__name__}: {e}"[:300])
 
     async def wait_closed(self) -> None:
-        """Return once the breaker is closed, probing Triton once per (capped, doubling) backoff step."""
+        """Return once the breaker is closed, probing Triton once per (capped, doubling, jittered) backoff
+        step; the first probe comes after one step."""
         if self.closed:
             return
         async with self._lock:  # one prober, however many callers wait
-            delay, probes = self.backoff_s, 0
+            delay, probes = self.backoff.delay(1), 0
             while not self.closed:
                 await self._sleep(delay)
                 probes += 1
@@ -96,8 +99,9 @@ class CircuitBreaker:
                     live = await self.probe()
                 except Exception:  # unreachable: still down
                     live = False
-                log.info("triton_breaker_probe", probe=probes, live=live, next_delay_s=min(delay * 2, self.backoff_max_s))
                 if live:
+                    log.info("triton_breaker_probe", probe=probes, live=live)
                     self._close(probes)
                     return
-                delay = min(delay * 2, self.backoff_max_s)
+                delay = self.backoff.delay(probes + 1)
+                log.info("triton_breaker_probe", probe=probes, live=live, next_delay_s=round(delay, 3))

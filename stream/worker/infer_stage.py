@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from contracts.backoff import Backoff
 from contracts.envelope import EnvelopeError, headers_to_dict
 from contracts.image import decode_image
 from contracts.logs import get_logger
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 log = get_logger("stream.worker.pipeline")
 
-BACKOFF_S, BACKOFF_MAX_S = 0.5, 10.0  # between retry rounds while Triton answers
+ROUND_BACKOFF = Backoff(0.5, 10.0, "equal")  # between retry rounds while Triton answers
 
 
 class InferStage:
@@ -70,7 +71,7 @@ class InferStage:
         scored: list[Scored] = []
         dead: list[DeadLetter] = []
         budget = RetryBudget(self.retry_budget)
-        pending, backoff, t_first_fail = items, BACKOFF_S, 0.0
+        pending, rounds, t_first_fail = items, 0, 0.0
         while pending:
             retry: list[Prepared] = []
             groups: dict[str, list[Prepared]] = defaultdict(list)
@@ -86,11 +87,11 @@ class InferStage:
                 break
             t_first_fail = t_first_fail or time.monotonic()
             if self.breaker.closed:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                rounds += 1
+                await asyncio.sleep(ROUND_BACKOFF.delay(rounds))
             else:  # Triton unreachable: wait for it (capped-backoff liveness probes), then retry at once
                 await self.breaker.wait_closed()
-                backoff = BACKOFF_S
+                rounds = 0  # the backoff starts over once Triton is back
             try:
                 await self.refresh_models()
             except Exception as e:

@@ -119,7 +119,7 @@ def test_breaker_opens_probes_with_capped_backoff_and_closes():
         sleeps.append(s)
 
     async def go():
-        br = CircuitBreaker(probe, backoff_s=0.5, backoff_max_s=2.0, sleep=fake_sleep,
+        br = CircuitBreaker(probe, backoff_s=0.5, backoff_max_s=2.0, sleep=fake_sleep, rng=lambda: 1.0,
                             on_open=lambda: events.append("open"), on_close=lambda: events.append("close"))
         assert br.closed
         br.open("UNAVAILABLE")
@@ -131,4 +131,32 @@ def test_breaker_opens_probes_with_capped_backoff_and_closes():
     asyncio.run(go())
     assert events == ["open", "close"]
     assert len(probes) == 6  # one probe per backoff step, never a busy loop
-    assert sleeps == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0]  # capped exponential backoff (first probe after a wait)
+    # capped exponential backoff (first probe after a wait); rng at 1.0: equal jitter's top, the envelope
+    assert sleeps == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+
+
+def test_breaker_probes_are_jittered_within_the_envelope():
+    """Every worker's breaker probes a restarted Triton at a different moment (equal jitter), never sooner
+    than half a step and never later than the capped step."""
+    import random
+
+    from stream.worker.breaker import CircuitBreaker
+
+    sleeps: list[float] = []
+    live = iter([False] * 7 + [True])
+
+    async def probe() -> bool:
+        return next(live)
+
+    async def fake_sleep(s: float) -> None:
+        sleeps.append(s)
+
+    async def go(seed: int) -> None:
+        br = CircuitBreaker(probe, backoff_s=0.5, backoff_max_s=2.0, sleep=fake_sleep, rng=random.Random(seed).random)
+        br.open("UNAVAILABLE")
+        await br.wait_closed()
+
+    asyncio.run(go(7))
+    envelope = [0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert len(sleeps) == 8 and all(e / 2 <= s <= e for s, e in zip(sleeps, envelope, strict=True))
+    assert len(set(sleeps)) == len(sleeps)  # jittered: no two waits alike
