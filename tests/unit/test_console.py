@@ -406,7 +406,7 @@ def test_hub_drops_a_client_that_falls_behind():
 
 
 def test_static_pages_never_write_server_text_as_html():
-    static = REPO / "stream" / "ops" / "console" / "static"
+    static = REPO / "stream" / "console" / "static"
     for js in static.glob("*.js"):
         src = js.read_text()
         assert not re.search(r"\.(inner|outer)HTML\b|insertAdjacentHTML|document\.write|\beval\(", src), js.name
