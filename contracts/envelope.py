@@ -145,6 +145,11 @@ def encode_frame(frame: Frame) -> tuple[bytes, bytes, Headers]:
     return frame.key, frame.image, headers_to_list(h)
 
 
+def is_valid_id(value: str) -> bool:
+    """A frame or camera id as :func:`decode_frame` accepts it: 1-128 chars of ``[A-Za-z0-9_.:@/-]``."""
+    return isinstance(value, str) and bool(_ID_RE.fullmatch(value))
+
+
 def decode_frame(key: bytes | None, value: bytes | None, headers: Any) -> Frame:
     """Validate a ``frames`` record. Raises :class:`EnvelopeError` naming what is wrong."""
     h = headers_to_dict(headers)

@@ -58,13 +58,13 @@ class InferStage:
         known = {t for ts in self.triton.available().values() for t in ts}
         return any(v not in known for v in _header_values(records, "task"))
 
-    def names_unknown_product(self, records: list[RawRecord]) -> bool:
-        """A frame whose ``product`` header no routing entry or served model knows (yet)."""
+    def unknown_products(self, records: list[RawRecord]) -> set[str]:
+        """The ``product`` headers no routing entry or served model knows (yet)."""
         known = set(self.router.config.products)
         for name, spec in self.triton.available_specs().items():
             if not is_candidate(name):  # a candidate in its shadow window routes nothing
                 known |= {spec.product, *spec.tasks} - {None, ""}
-        return any(v not in known for v in _header_values(records, "product"))
+        return {v for v in _header_values(records, "product") if v not in known}
 
     async def infer(self, items: list[Prepared], t_batch: float) -> tuple[list[Scored], list[DeadLetter]]:
         """Score every prepared frame (see the module docstring); returns (scored, dead letters)."""

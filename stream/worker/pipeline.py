@@ -39,6 +39,7 @@ from stream.worker.budget import MemoryBudget
 from stream.worker.config import WorkerConfig
 from stream.worker.infer_stage import InferStage
 from stream.worker.metrics import WorkerMetrics
+from stream.worker.serving import ResyncThrottle
 
 log = get_logger("stream.worker.pipeline")
 
@@ -136,6 +137,7 @@ class Pipeline(InferStage):
         self.model_missing_since: dict[str, float] = {}
         # set by the worker app: await it to apply every serving-state entry written so far (stream/worker/serving.py)
         self.sync_serving: Callable[[], Awaitable[None]] | None = None
+        self.resync = ResyncThrottle()  # ...when a frame names a product nothing routes
         self.executor = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
         self.grace_s = s.worker_transient_grace_s
         self.retry_budget = s.worker_retry_budget
@@ -313,15 +315,19 @@ class Pipeline(InferStage):
         now_ms = time.time() * 1000
         # a frame naming a product nothing routes yet: catch up with the serving state (read-your-writes) and
         # re-read Triton's models before calling it unknown; a task no model reports: re-read the specs (<= 1/s)
-        if self.sync_serving is not None and self.names_unknown_product(records):
+        # (throttled: stream/worker/serving.ResyncThrottle; per batch, a camera of a product not onboarded yet made
+        # every batch pay both round trips)
+        unknown = self.unknown_products(records) if self.sync_serving is not None else set()
+        if unknown and self.resync.due(unknown, time.monotonic()):
             await self.sync_serving()
             await self.triton.specs(max_age_s=0)
+            self.resync.forget(unknown - self.unknown_products(records))
         await self.triton.specs(max_age_s=1.0 if self.names_unknown_task(records) else 30.0)
         self.router.update_models(self.triton.available())
         for name in self.triton.ready_models():
             self.model_missing_since.pop(name, None)
         for r in records:
-            self.metrics.frames_in.labels(camera=peek_ids(r.headers)[1] or "?").inc()
+            self.metrics.count_frame_in(peek_ids(r.headers)[1])  # a bounded label set (untrusted header)
         front = await self.front_stages(records, now_ms)
         dead = [x for x in front if isinstance(x, DeadLetter)]
         scored, lost = await self.infer([x for x in front if isinstance(x, Prepared)], t_batch)

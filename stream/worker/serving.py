@@ -8,6 +8,9 @@ model control; the controller (stream/lifecycle/service.py) is the only writer.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterable
+
 from contracts.config import Settings
 from contracts.logs import get_logger
 from contracts.operating_point import operating_point_of
@@ -55,3 +58,42 @@ class ServingView:
 
     async def stop(self) -> None:
         await self.follower.stop()
+
+
+class ResyncThrottle:
+    """Whether a batch whose frames name products nothing routes should re-sync the serving state and re-read
+    Triton's specs (both cost a round trip; per batch, a camera publishing a product before it is onboarded, or
+    rotating product names, made every batch pay them: issue #26 item 11).
+
+    A name not asked about recently: yes, at once (read-your-writes right after a promotion). The same name
+    again: after ``min_s``, its interval doubling to ``max_s`` while it stays unknown. All names together: at
+    most once per ``min_s``. Remembers the last ``max_names`` names (untrusted headers: bounded).
+    """
+
+    def __init__(self, min_s: float = 0.5, max_s: float = 10.0, max_names: int = 1024):
+        self.min_s, self.max_s, self.max_names = min_s, max_s, max_names
+        self._next: OrderedDict[str, tuple[float, float]] = OrderedDict()  # name -> (next due, its interval)
+        self._last = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._next)
+
+    def due(self, names: Iterable[str], now: float) -> bool:
+        names = set(names)
+        if not names or now - self._last < self.min_s:
+            return False
+        if not any(n not in self._next or now >= self._next[n][0] for n in names):
+            return False
+        self._last = now
+        for n in names:
+            prev = self._next.pop(n, None)
+            interval = self.min_s if prev is None else min(prev[1] * 2, self.max_s)
+            self._next[n] = (now + interval, interval)
+        while len(self._next) > self.max_names:
+            self._next.popitem(last=False)
+        return True
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Names that route now: unknown again later, they are re-synced at once."""
+        for n in names:
+            self._next.pop(n, None)
