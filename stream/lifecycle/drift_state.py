@@ -23,7 +23,7 @@ from contracts.logs import get_logger
 from stream.kafka.clients import client_kwargs, ensure_topics, partition_for_key, partitions_of
 from stream.kafka.follow import read_to_end
 from stream.lifecycle.drift import DriftMonitor
-from stream.worker.pipeline import Batch, Outgoing
+from stream.worker.records import Batch, Outgoing
 
 log = get_logger("stream.lifecycle.drift_state")
 

@@ -1,7 +1,7 @@
 """What the worker's lifecycle does per micro-batch: drift alerts (+ ``retrain_requested`` on route OOD).
 
 :class:`DriftHook` feeds results into a :class:`stream.lifecycle.drift.DriftMonitor`;
-:class:`Lifecycle` is called once per batch with the pipeline's typed :class:`stream.worker.pipeline.Batch`
+:class:`Lifecycle` is called once per batch with the pipeline's typed :class:`stream.worker.records.Batch`
 and returns the extra records to publish with the batch's results (before the batch is acked).
 """
 
@@ -18,7 +18,7 @@ from contracts.model_events import ModelEvent
 from contracts.operating_point import operating_point_of
 from stream.lifecycle.drift import DriftAlert, DriftConfig, DriftMonitor
 from stream.lifecycle.policy import calibration_of
-from stream.worker.pipeline import Batch, Outgoing, Scored
+from stream.worker.records import Batch, Outgoing, Scored
 
 log = get_logger("stream.lifecycle.hooks")
 

@@ -41,7 +41,8 @@ from stream.worker.acks import ShutdownWatchdog, exit_code_for, fatal_stop, reac
 from stream.worker.breaker import CircuitBreaker
 from stream.worker.config import WorkerConfig, add_worker_args, worker_config
 from stream.worker.metrics import WorkerMetrics
-from stream.worker.pipeline import Batch, Outgoing, Pipeline, RawRecord
+from stream.worker.pipeline import Pipeline
+from stream.worker.records import Batch, Outgoing, RawRecord
 from stream.worker.serving import ServingView
 
 log = get_logger("stream.worker.app")

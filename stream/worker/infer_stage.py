@@ -35,7 +35,7 @@ from stream.worker.breaker import RetryBudget
 
 if TYPE_CHECKING:
     from stream.inference.routing import Route
-    from stream.worker.pipeline import DeadLetter, Prepared, RawRecord, Scored
+    from stream.worker.records import DeadLetter, Prepared, RawRecord, Scored
 
 log = get_logger("stream.worker.pipeline")
 

@@ -10,8 +10,8 @@
     publish   Batch     -> Outgoing   results, defect events, dead letters (+ the lifecycle's drift alerts and
                                       events); stream/worker/app.py sends them and awaits every send before the ack
 
-A frame that fails a stage becomes a :class:`DeadLetter` for ``frames-dlq`` (reason + stage); one bad
-frame never stops the stream. :meth:`Pipeline.process` returns a :class:`Batch` with the scored
+The records between the stages are stream/worker/records.py. A frame that fails a stage becomes a
+:class:`DeadLetter` for ``frames-dlq`` (reason + stage); one bad frame never stops the stream. :meth:`Pipeline.process` returns a :class:`Batch` with the scored
 frames in input order.
 """
 
@@ -21,24 +21,22 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from contracts.envelope import EnvelopeError, Frame, InspectionResult, decode_frame, dlq_record, peek_ids
+from contracts.envelope import EnvelopeError, InspectionResult, decode_frame, dlq_record, peek_ids
 from contracts.image import decode_image, model_pixel_cap, plan_decode, read_header
 from contracts.logs import get_logger
 from contracts.operating_point import OperatingPoint, operating_point_of
 from contracts.spec import ModelSpec, to_pixels
 from stream.inference.heatmap import make_defect_event
-from stream.inference.routing import Route, Router, RoutingConfig
+from stream.inference.routing import Router, RoutingConfig
 from stream.inference.triton_client import InferOutput, TritonInfer
 from stream.worker.breaker import CircuitBreaker
 from stream.worker.budget import MemoryBudget
 from stream.worker.config import WorkerConfig
 from stream.worker.infer_stage import InferStage
 from stream.worker.metrics import WorkerMetrics
+from stream.worker.records import Batch, DeadLetter, Decoded, Outgoing, Prepared, RawRecord, Routed, Scored
 from stream.worker.serving import ResyncThrottle
 
 log = get_logger("stream.worker.pipeline")
@@ -47,79 +45,6 @@ log = get_logger("stream.worker.pipeline")
 # ones, and every frame of a multi-frame batch, go to the decode thread pool (OpenCV releases the GIL)
 INLINE_DECODE_MAX_BYTES = 2 * 1024 * 1024
 INLINE_DECODE_MAX_PIXELS = 4_000_000  # ...and whose header declares at most this (a small PNG can declare 40 MP)
-
-
-# ----------------------------------------------------------------------------- records between the stages
-
-
-@dataclass(frozen=True)
-class RawRecord:
-    """One ``frames`` record as the broker delivered it."""
-
-    index: int  # position in the micro-batch
-    key: bytes | None
-    value: bytes | None
-    headers: Any
-    kafka_ts_s: float | None
-    partition: int = -1  # of the frames topic (drift state follows its cameras: stream/lifecycle/drift_state.py)
-
-
-@dataclass(frozen=True)
-class Decoded:
-    raw: RawRecord
-    frame: Frame
-    t_start: float  # perf_counter when the frame's decode began
-
-
-@dataclass(frozen=True)
-class Routed:
-    decoded: Decoded
-    route: Route
-    spec: ModelSpec
-
-
-@dataclass(frozen=True)
-class Prepared:
-    raw: RawRecord
-    frame: Frame
-    route: Route
-    tensor: np.ndarray  # (C, H, W) uint8 pixels per the model's spec (normalised at send: contracts.spec.model_input)
-    latency_ms: dict[str, float]  # queue, decode, preprocess
-
-
-@dataclass(frozen=True)
-class Scored:
-    raw: RawRecord
-    key: bytes  # the frame's camera id: results and defect events are keyed by camera
-    spec: ModelSpec  # of the model version that scored it
-    result: InspectionResult
-    result_json: bytes
-    defect_json: bytes | None  # a defect event when the frame is anomalous
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    raw: RawRecord
-    reason: str
-    stage: str
-    record: tuple[bytes | None, bytes, Any]  # (key, value, headers) for frames-dlq (contracts.envelope.dlq_record)
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A record to publish with the batch (before its offsets commit)."""
-
-    topic: Any  # a Faust topic
-    key: bytes | None
-    value: bytes
-    headers: Any
-
-
-@dataclass(frozen=True)
-class Batch:
-    records: list[RawRecord]
-    scored: list[Scored]  # input order
-    dead: list[DeadLetter]
 
 
 # ----------------------------------------------------------------------------- the stages

@@ -26,7 +26,8 @@ from contracts.spec import parse_spec
 from stream.inference.heatmap import make_defect_event
 from stream.inference.routing import Route
 from stream.inference.triton_client import InferOutput
-from stream.worker.pipeline import Pipeline, Prepared, RawRecord
+from stream.worker.pipeline import Pipeline
+from stream.worker.records import Prepared, RawRecord
 
 H = W = 256
 

@@ -21,7 +21,7 @@ from stream.kafka.limits import DLQ_HEADERS_BOUND, DLQ_HEADROOM_BYTES, TopicLimi
 from stream.kafka.produce import FatalProduceError, classify
 from stream.kafka.produce import send_all as send_records
 from stream.worker.app import send_all
-from stream.worker.pipeline import Outgoing
+from stream.worker.records import Outgoing
 
 
 def _wrapped(e: BaseException) -> ProducerSendError:

@@ -25,7 +25,8 @@ from contracts.config import Settings
 from contracts.envelope import Frame, encode_frame
 from stream.worker.config import WorkerConfig
 from stream.worker.metrics import WorkerMetrics
-from stream.worker.pipeline import Pipeline, RawRecord
+from stream.worker.pipeline import Pipeline
+from stream.worker.records import RawRecord
 
 
 class ModelList:
