@@ -86,3 +86,16 @@ def attach_to_status(status: dict[str, dict[str, Any]], events: list[ModelEvent]
             if v is not None and (model, int(v)) in by_version:
                 s[key] = by_version[(model, int(v))]
     return status
+
+
+def status_line(model: str, s: dict[str, Any]) -> str:
+    """One model's `linewatch rollout status` line: serving, candidate (and "waiting for traffic"), the last event
+    with its reasons, and the shadow rule that decided the last outcome (stream/lifecycle/policy.py)."""
+    last = s["history"][-1]
+    why = f"  ({'; '.join(last['reasons'])})" if last.get("reasons") else ""
+    cand = f"v{s['candidate_version']}" if s.get("candidate_version") else "-"
+    if s.get("candidate_version") and s.get("candidate_state"):
+        cand += f" ({s['candidate_state']})"
+    rule = f"  rule={s['decided_by']}" if s.get("decided_by") else ""
+    return (f"{model:32s} serving=v{s['serving_version']}  candidate={cand}  "
+            f"last={last['type']} v{last['version']}{rule}{why}")

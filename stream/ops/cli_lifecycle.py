@@ -99,16 +99,19 @@ def _cmd_rollout(a) -> int:
             print(f"no model events on {_topic(a)}")
         else:
             for m, s in sorted(st.items()):
-                last = s["history"][-1]
-                why = f"  ({'; '.join(last['reasons'])})" if last.get("reasons") else ""
-                print(f"{m:32s} serving=v{s['serving_version']}  candidate="
-                      f"{'v' + str(s['candidate_version']) if s['candidate_version'] else '-'}  "
-                      f"last={last['type']} v{last['version']}{why}")
-                print_operating_points(s)
+                print_status_line(m, s)
         return 1 if a.wait and any(v["candidate_version"] for v in st.values()) else 0
     if a.action == "run":  # the controller service under its older name
         return _cmd_controller(a)
     raise ValueError(f"unknown rollout action {a.action}")
+
+
+def print_status_line(model: str, s: dict) -> None:
+    """One model's status (stream/lifecycle/operating.status_line) and its operating points."""
+    from stream.lifecycle.operating import status_line
+
+    print(status_line(model, s))
+    print_operating_points(s)
 
 
 def print_operating_points(s: dict) -> None:
