@@ -48,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     test = bottle_test_dir(s.data_dir)
     if test is None:
         return 2
-    from models.data import data_root, list_images
+    from models.data import data_root, list_images, split_good
     from models.efficientad.export import build_spec
     from models.efficientad.fp16_gate import fp16_gate, load_pixels, score_session
     from models.efficientad.model import DEFAULT_TEACHER
     from models.efficientad.onnx_graph import ServingGraph, export_onnx, onnx_session
     from models.efficientad.train import TrainConfig, train_efficientad
-    from models.jobs.train_job import split_good
     from models.operating_point import tail_threshold
     from models.precision import native_bf16
 

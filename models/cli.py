@@ -60,14 +60,6 @@ def run(argv: Sequence[str], settings: Settings) -> int:
     return int(args.func(args) or 0)
 
 
-def usage_errors() -> tuple[type[BaseException], ...]:
-    from contracts.artifact import ArtifactError
-    from models.backbones import BackboneError
-    from models.data import DataError
-
-    return DataError, BackboneError, ArtifactError  # an artifact that fails verification is bad data
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -78,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.settings.log_level)
         return int(args.func(args) or 0)
 
+    from models.errors import usage_errors
     from models.serving_device import CudaUnavailable
 
     return run_command(PROG, go, usage=usage_errors(), runtime=(CudaUnavailable,))

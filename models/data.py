@@ -9,6 +9,7 @@ API (import from ``models.data``):
 * :class:`Sample` (path, label, defect_type, mask_path)
 * :func:`mvtec_samples` (category_dir, split="train"|"test") -> list[Sample]
 * :func:`split_train_val` (items, val_fraction=0.1, seed=0) -> (train, val) deterministic
+* :func:`split_good` (paths, holdout, seed) -> (train, held-out) as the training job splits good images
 * :func:`load_image` (path, size) -> float32 RGB HxWx3 in [0, 1] (resize like stream/preprocess)
 * :func:`load_mask` (path, size) -> uint8 HxW {0,1} (nearest resize); zeros when path is None
 * :func:`normalize` (img, mean, std) / :data:`DEFAULT_MEAN` / :data:`IMAGENET_MEAN`: HWC [0,1] -> CHW tensor
@@ -109,6 +110,19 @@ def split_train_val(items: Sequence, val_fraction: float = 0.1, seed: int = 0) -
         n_val = max(1, n_val)
     val_idx = set(idx[:n_val])
     return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
+
+
+def split_good(paths: list[Path], holdout: float, seed: int, min_holdout: int = 20) -> tuple[list[Path], list[Path]]:
+    """(train, held-out) of a product's good images, deterministic in ``seed``: the held-out share is
+    ``holdout`` of them, at least ``min_holdout`` and at most half (the training job calibrates on it)."""
+    paths = sorted(paths)
+    rng = random.Random(seed)
+    idx = list(range(len(paths)))
+    rng.shuffle(idx)
+    n_hold = min(max(min_holdout, int(round(len(paths) * holdout))), len(paths) // 2)
+    hold = sorted(paths[i] for i in idx[:n_hold])
+    train = sorted(paths[i] for i in idx[n_hold:])
+    return train, hold
 
 
 def _resize(img: np.ndarray, size: int | tuple[int, int], nearest: bool = False) -> np.ndarray:

@@ -108,7 +108,7 @@ def demo_split(good_dir: Path, workdir: Path, max_images: int | None = None) -> 
     """A quick recipe's split of a product's good images into symlink folders ``<workdir>/split/{train,holdout}``:
     the held-out quarter (at least 20, at most half; the training job's rule) calibrates the exported version
     (models/jobs/calibrate.py), the rest trains (capped at ``max_images``)."""
-    from models.jobs.train_job import split_good
+    from models.data import split_good
 
     if not Path(good_dir).is_dir():
         raise ValueError(f"no good images for the demo recipe: {good_dir} is missing (set LINEWATCH_DATA_DIR)")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import tempfile
@@ -55,17 +54,6 @@ def _images(d: str | Path) -> list[Path]:
     return [Path(p) for p in list_images(Path(d))]
 
 
-def split_good(paths: list[Path], holdout: float, seed: int, min_holdout: int = 20) -> tuple[list[Path], list[Path]]:
-    paths = sorted(paths)
-    rng = random.Random(seed)
-    idx = list(range(len(paths)))
-    rng.shuffle(idx)
-    n_hold = min(max(min_holdout, int(round(len(paths) * holdout))), len(paths) // 2)
-    hold = sorted(paths[i] for i in idx[:n_hold])
-    train = sorted(paths[i] for i in idx[n_hold:])
-    return train, hold
-
-
 def training_budget(a, settings: Settings) -> tuple[float | None, str]:
     """(wall budget in seconds, device): on a CPU the detector's full recipe fits Settings.train_budget_cpu_s
     (``--time-budget-s`` overrides, 0 = none); on a GPU the full schedule runs unless a budget is given."""
@@ -85,6 +73,7 @@ def _schedule_ran(meta: dict, task: str | None) -> dict:
 
 
 def run_job(a, settings: Settings) -> int:
+    from models.data import split_good
     from models.registry import get
 
     if getattr(a, "device", None):
@@ -231,7 +220,7 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.cli import usage_errors
+    from models.errors import usage_errors
 
     a = build_parser(OneLineParser(prog="python -m models.jobs.train_job",
                                    description=__doc__.splitlines()[0])).parse_args(argv)
