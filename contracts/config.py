@@ -95,6 +95,9 @@ class RolloutSettings(BaseModel):
     shadow_frames: int = Field(default=32, ge=1)  # frames the candidate scores before a decision
     min_frames: int = Field(default=16, ge=1)  # fewer at the timeout -> roll back (not enough evidence)
     shadow_timeout_s: float = Field(default=120.0, gt=0)
+    # a candidate of a served product on an idle line (no live frame) waits in shadow ("waiting for traffic") up
+    # to this long, then is judged on what it has (rolled back under min_frames); idle is not failure
+    traffic_deadline_s: float = Field(default=3600.0, gt=0)
     load_timeout_s: float = Field(default=180.0, gt=0)
     max_error_rate: float = Field(default=0.0, ge=0, le=1)  # any inference error -> roll back
     max_good_flag_rate: float = Field(default=0.2, ge=0, le=1)  # good-looking frames the candidate flags

@@ -8,6 +8,8 @@ Event types (``type``):
                         the previous version keeps / resumes serving.
 - ``refused``           the artifact never reached Triton (sha256 mismatch, incompatible base or input
                         spec, unreadable metadata); the previous version keeps serving.
+- ``shadow_waiting``    progress, not an outcome: the candidate of a served product saw no live frame in its
+                        shadow window and waits for traffic (up to ``detail.deadline_s``; idle is not failure).
 - ``rollback_requested`` operator verb ``linewatch rollback``: serve ``version`` (an older one) again.
 - ``retrain_requested`` a drift alert (route_ood) suggests a new product/task: train an adapter.
 
@@ -34,7 +36,8 @@ import orjson
 from contracts.names import CANDIDATE_SUFFIX, is_candidate, is_safe_name
 
 SCHEMA_VERSION = 1
-EVENT_TYPES = ("released", "promoted", "rolled_back", "refused", "rollback_requested", "retrain_requested")
+EVENT_TYPES = ("released", "promoted", "rolled_back", "refused", "rollback_requested", "retrain_requested",
+               "shadow_waiting")
 _SHA = re.compile(r"[0-9a-f]{64}")  # fullmatch only
 
 
@@ -153,21 +156,29 @@ def fold_status(events: list[ModelEvent]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for e in events:
         s = out.setdefault(e.model, {"model": e.model, "serving_version": None, "candidate_version": None,
-                                     "last_event": None, "history": []})
+                                     "candidate_state": None, "last_event": None, "history": []})
         s["last_event"] = e.type
         s["history"].append({"type": e.type, "version": e.version, "ts_ms": e.ts_ms,
                              **({"reasons": e.reasons} if e.reasons else {})})
         if e.type == "released":
             s["candidate_version"] = e.version
+            s["candidate_state"] = None
+        elif e.type == "shadow_waiting":
+            if s["candidate_version"] == e.version:
+                s["candidate_state"] = "waiting for traffic"
         elif e.type == "promoted":
             s["serving_version"] = e.version
             if s["candidate_version"] == e.version:
                 s["candidate_version"] = None
+                s["candidate_state"] = None
         elif e.type in ("rolled_back", "refused"):
             if s["candidate_version"] == e.version:
                 s["candidate_version"] = None
+                s["candidate_state"] = None
             if e.type == "rolled_back" and e.previous_version is not None and e.detail.get("operator"):
                 s["serving_version"] = e.previous_version
+        if e.type in ("promoted", "rolled_back") and (e.detail or {}).get("rule"):
+            s["decided_by"] = e.detail["rule"]  # the shadow rule that decided (stream/lifecycle/policy.py)
         if e.product:
             s["product"] = e.product
     return out

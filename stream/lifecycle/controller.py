@@ -12,7 +12,9 @@ On a ``released`` event, step by step:
 3. **candidate**: the artifact is copied (checked copy, stream/lifecycle/repository.py) into the Triton repository as a separate model
    ``<model>__candidate`` (explicit version policy) and loaded with ``load_model``. The serving model
    is not touched, so it keeps answering. A failed load -> ``rolled_back`` (``load_failed``).
-4. **shadow**: for ``policy.shadow_frames`` frames or ``policy.shadow_timeout_s``, the candidate scores
+4. **shadow**: until the window's rule says it has enough (stream/lifecycle/policy.py: a product nothing serves
+   yet is judged on its probes alone; a served one on ``policy.shadow_frames`` frames or ``shadow_timeout_s`` of
+   traffic, and on an idle line waits for traffic, ``shadow_waiting``, up to ``traffic_deadline_s``), it scores
    (a) the probe images shipped with the artifact (good validation images listed under
    ``metadata.probe``) and (b) live frames from every ``frames`` partition that the controller's
    sampler (stream/lifecycle/sampler.py) offers (:meth:`RolloutController.offer`) for that model/product
@@ -51,16 +53,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from contracts.artifact import CANDIDATE_SUFFIX, Artifact, check_compatibility, verify_artifact
 from contracts.config import ServingSettings
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
-from contracts.names import is_candidate
 from contracts.triton_control import grpc_headers
 from stream.lifecycle.operating import operating_points
 from stream.lifecycle.policy import Decision, HealthPolicy, ShadowStats
+from stream.lifecycle.replicas import TritonReplicas, _claimed
 from stream.lifecycle.repository import (
     materialize,
     model_dir,
@@ -74,7 +74,6 @@ log = get_logger("stream.lifecycle.controller")
 
 # the event types the controller acts on (the others are its own outcomes, or for the training job)
 HANDLED = ("released", "rollback_requested")
-CONTROL_TIMEOUT_S = 10.0  # one model-control or readiness call to a replica (a hung replica never stalls a pass)
 
 Publish = Callable[[ModelEvent], Awaitable[None]]
 
@@ -87,13 +86,15 @@ class Rollout:
     artifact: Artifact
     previous_version: int | None
     task: str | None = None  # MoLE-Flow: the adapter released (its own frames are its shadow traffic)
+    new_product: bool = False  # nothing serves its product (task) yet: its probes decide (policy.py)
+    waiting: bool = False  # a served product's candidate on an idle line: waiting for traffic
     started: float = field(default_factory=time.monotonic)
     state: str = "verifying"
     stats: ShadowStats = field(default_factory=ShadowStats)
     queue: deque = field(default_factory=lambda: deque(maxlen=256))  # (image bytes, incumbent flagged?)
 
 
-class RolloutController:
+class RolloutController(TritonReplicas):
     """Runs one rollout at a time per model; events are handled in order."""
 
     def __init__(self, triton_grpc_url: str | list[str], repository: str | Path, publish: Publish,
@@ -115,110 +116,6 @@ class RolloutController:
         self.active: dict[str, Rollout] = {}
         self._busy: set[str] = set()
         self.history: list[dict[str, Any]] = []
-
-    # -- Triton helpers (every replica shares the model repository; model control goes to each of them)
-    @property
-    def url(self) -> str:
-        return self.urls[0]
-
-    def set_replicas(self, urls: list[str]) -> None:
-        """The Triton replicas (gRPC host:port) model control reaches; reads go to the first."""
-        if not urls:
-            raise ValueError("the rollout controller needs at least one Triton replica")
-        self.urls = list(dict.fromkeys(urls))
-
-    def client(self, url: str | None = None):
-        url = url or self.url
-        if url not in self._clients:
-            import tritonclient.grpc.aio as grpcclient
-
-            self._clients[url] = grpcclient.InferenceServerClient(url=url)
-        return self._clients[url]
-
-    async def close(self) -> None:
-        clients, self._clients = self._clients, {}
-        for c in clients.values():
-            await c.close()
-
-    async def serving_spec(self, model: str) -> tuple[dict[str, Any] | None, int | None]:
-        """(linewatch_spec, version) Triton serves for ``model`` now, or (None, None)."""
-        c = self.client()
-        try:
-            if not await c.is_model_ready(model):
-                return None, None
-            cfg = (await c.get_model_config(model, as_json=True))["config"]
-            meta = await c.get_model_metadata(model, as_json=True)
-        except Exception:  # not loaded / unknown
-            return None, None
-        raw = cfg.get("parameters", {}).get("linewatch_spec", {}).get("string_value")
-        versions = [int(v) for v in meta.get("versions", []) if str(v).isdigit()]
-        spec = orjson.loads(raw) if raw else None
-        return spec, (max(versions) if versions else (int(spec.get("version")) if spec else None))
-
-    async def claims(self, exclude: str) -> dict[str, str]:
-        """{product or task: model} over the READY models Triton serves now, except ``exclude`` and candidates."""
-        c = self.client()
-        idx = await c.get_model_repository_index(as_json=True, headers=self.headers)
-        out: dict[str, str] = {}
-        for m in idx.get("models", []):
-            name = m.get("name", "")
-            if m.get("state") != "READY" or name == exclude or is_candidate(name):
-                continue
-            spec, _ = await self.serving_spec(name)
-            for k in _claimed(spec or {}):
-                out.setdefault(k, name)
-        return out
-
-    async def _load(self, name: str, version: int | None = None) -> None:
-        """Load ``name`` on every replica and wait until each serves ``version`` (all at once)."""
-        await asyncio.gather(*(self._load_on(u, name, version) for u in self.urls))
-
-    async def _load_on(self, url: str, name: str, version: int | None) -> None:
-        c = self.client(url)
-        await c.load_model(name, headers=self.headers, client_timeout=self.policy.load_timeout_s)
-        t0 = time.monotonic()
-        while True:
-            try:
-                if await c.is_model_ready(name, str(version) if version else "", client_timeout=CONTROL_TIMEOUT_S):
-                    return
-            except Exception:
-                pass
-            if time.monotonic() - t0 > self.policy.load_timeout_s:
-                raise TimeoutError(f"{name} v{version} not ready on {url} after {self.policy.load_timeout_s}s")
-            await asyncio.sleep(0.2)
-
-    async def _unload(self, name: str) -> None:
-        for u in self.urls:
-            try:
-                await self.client(u).unload_model(name, headers=self.headers)
-            except Exception as e:
-                log.warning("rollout_unload_failed", model=name, replica=u, error=str(e)[:200])
-
-    async def ensure_serving(self, model: str, version: int) -> list[str]:
-        """Reconcile: load ``model`` on each replica that does not serve ``version`` (a restarted Triton
-        in explicit mode serves nothing). Returns the replicas it loaded it on."""
-        fixed = []
-        for u in self.urls:
-            try:
-                if await self.client(u).is_model_ready(model, str(version), client_timeout=CONTROL_TIMEOUT_S):
-                    continue
-                await asyncio.wait_for(self._load_on(u, model, version), self.policy.load_timeout_s + CONTROL_TIMEOUT_S)
-                fixed.append(u)
-            except Exception as e:  # that replica is down: the next pass retries, on a fresh channel
-                log.warning("reconcile_failed", model=model, version=version, replica=u,
-                            error=f"{type(e).__name__}: {e}"[:200])
-                await self._drop_client(u)
-        return fixed
-
-    async def _drop_client(self, url: str) -> None:
-        """Forget ``url``'s gRPC channel: a replica that was killed and restarted (a replacement pod on the
-        same address) is reached on a new connection, not one stuck in the old channel's reconnect backoff."""
-        c = self._clients.pop(url, None)
-        if c is not None:
-            try:
-                await c.close()
-            except Exception:  # closing a broken channel
-                pass
 
     async def _serving_changed(self, model: str) -> None:
         spec, version = await self.serving_spec(model)
@@ -287,15 +184,17 @@ class RolloutController:
         if cur_ver == ev.version and await asyncio.to_thread(self._is_served_copy, ev):
             return await self._recovered(ev, art)
         reasons = check_compatibility(art.metadata, current)
+        owners = await self.claims(exclude=ev.model) if not reasons else {}
         if not reasons and not ev.take_over:
-            owners = await self.claims(exclude=ev.model)
             mine = _claimed(art.metadata) | {k for k in (ev.product, ev.task) if k}
             reasons = [f"takeover: {k!r} is served by {owners[k]!r}; release with take_over "
                        f"(`linewatch release --take-over`) to move it to {ev.model!r}" for k in sorted(mine & set(owners))]
         if reasons:
             return await self._emit(self._event("refused", ev, reasons, cur_ver, art=art))
         cand = f"{ev.model}{CANDIDATE_SUFFIX}"
-        ro = Rollout(ev.model, ev.version, cand, art, cur_ver, task=ev.task or None)
+        key = ev.task or ev.product or art.product  # the product (task) the candidate is judged for
+        new = bool(key) and key not in _claimed(current or {}) | set(owners)
+        ro = Rollout(ev.model, ev.version, cand, art, cur_ver, task=ev.task or None, new_product=new)
         self.active[ev.model] = ro
         try:
             ro.state = "loading_candidate"
@@ -389,19 +288,24 @@ class RolloutController:
                 ro.queue.append((image, flagged_by_serving))
 
     async def _shadow(self, ro: Rollout, ev: ModelEvent) -> Decision:
-        return await run_shadow(ro, ev.task, self.url, self.policy, self.on_shadow_result)
+        async def waiting(ro: Rollout, d: Decision) -> None:  # progress for `rollout status`: best effort
+            key = ev.task or ev.product or ro.artifact.product
+            why = (f"waiting_for_traffic: no live frame of {key!r} in {self.policy.shadow_timeout_s:g} s; "
+                   f"waits up to {self.policy.traffic_deadline_s:g} s")
+            try:
+                await self._emit(self._event("shadow_waiting", ev, [why], ro.previous_version,
+                                             {**d.stats, "deadline_s": self.policy.traffic_deadline_s}))
+            except Exception as e:
+                log.warning("shadow_waiting_publish_failed", model=ev.model, error=str(e)[:200])
+
+        return await run_shadow(ro, ev.task, self.url, self.policy, self.on_shadow_result, waiting)
 
     def status(self) -> dict[str, Any]:
-        return {"active": {m: {"version": r.version, "state": r.state, "frames": r.stats.frames,
+        return {"active": {m: {"version": r.version, "state": "waiting for traffic" if r.waiting else r.state,
+                               "frames": r.stats.frames, "live_frames": r.stats.live,
                                "errors": r.stats.errors, "since_s": round(time.monotonic() - r.started, 1)}
                            for m, r in self.active.items()},
                 "history": self.history[-50:]}
-
-
-def _claimed(spec: dict[str, Any]) -> set[str]:
-    """Products and tasks a spec serves (its product; a multi-task model's tasks)."""
-    tasks = spec.get("tasks") or {}
-    return ({spec["product"]} if spec.get("product") else set()) | set(tasks if isinstance(tasks, dict | list) else ())
 
 
 def _inside(path: Path, root: Path) -> bool:

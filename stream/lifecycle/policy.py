@@ -5,6 +5,17 @@ probe images shipped with the artifact) are compared with the candidate's own ca
 (``metadata.calibration.scores``): two-sample KS test and PSI as in :mod:`stream.lifecycle.drift`, and
 the flagged fraction of good frames against ``max_good_flag_rate``. Any inference error rolls back.
 The tunables are ``settings.rollout`` (contracts.config.RolloutSettings, ``LINEWATCH_ROLLOUT__*``).
+
+When the evidence is enough is a rule of the shadow window (:class:`Window`; the decision names it):
+
+- ``probes_only``: nothing serves the candidate's product (or MoLE-Flow task) yet: no incumbent to compare live
+  frames with, so its probe images decide as soon as they are scored, however few;
+- ``shadow_traffic``: a served product: ``shadow_frames`` frames (probes + live), or once live frames flow,
+  ``shadow_timeout_s`` of traffic with at least ``min_frames``. An idle line (no live frame) is not failure: the
+  candidate waits ("waiting for traffic", ``stats.waiting_for_traffic`` past the shadow window)...
+- ``traffic_deadline``: ...up to ``traffic_deadline_s``, then it is judged on what it has (rolled back under
+  ``min_frames``);
+- ``inference_errors``: any candidate error decides at once.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ class HealthPolicy:
     shadow_frames: int = _DEFAULTS.shadow_frames  # frames the candidate must score before a decision
     min_frames: int = _DEFAULTS.min_frames  # fewer than this at the timeout -> roll back (not enough evidence)
     shadow_timeout_s: float = _DEFAULTS.shadow_timeout_s
+    traffic_deadline_s: float = _DEFAULTS.traffic_deadline_s  # an idle line waits this long for live frames
     load_timeout_s: float = _DEFAULTS.load_timeout_s
     max_error_rate: float = _DEFAULTS.max_error_rate  # any inference error -> roll back
     max_good_flag_rate: float = _DEFAULTS.max_good_flag_rate  # good-looking frames the candidate flags
@@ -40,9 +52,13 @@ class HealthPolicy:
     def from_settings(cls, rollout: RolloutSettings, **overrides: Any) -> HealthPolicy:
         """The policy of ``settings.rollout``; non-None ``overrides`` (command-line flags) win."""
         kw = {k: getattr(rollout, k) for k in ("shadow_frames", "min_frames", "shadow_timeout_s", "load_timeout_s",
-                                                "max_error_rate", "max_good_flag_rate")}
+                                                "max_error_rate", "max_good_flag_rate", "traffic_deadline_s")}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
+
+
+PROBES_ONLY, SHADOW_TRAFFIC, TRAFFIC_DEADLINE, INFERENCE_ERRORS = (
+    "probes_only", "shadow_traffic", "traffic_deadline", "inference_errors")
 
 
 @dataclass
@@ -50,6 +66,7 @@ class Decision:
     action: str  # "promote" | "rollback" | "wait"
     reasons: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    rule: str = SHADOW_TRAFFIC  # which rule decided (module docstring); also ``stats["rule"]``
 
 
 @dataclass
@@ -59,19 +76,66 @@ class ShadowStats:
     errors: int = 0
     last_error: str = ""
     flagged_good: int = 0
+    live: int = 0  # of ``frames``: live frames (the rest are probe images)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a shadow window stands (stream/lifecycle/shadow.py keeps the clock)."""
+
+    new_product: bool  # nothing serves the candidate's product (or task) yet
+    probes: int  # probe images the artifact ships
+    elapsed_s: float  # since the window opened
+    live_s: float | None  # since the first live frame; None: no live frame yet (an idle line)
+
+
+def _enough(s: ShadowStats, policy: HealthPolicy, w: Window) -> tuple[str, str]:
+    """(``judge`` | ``wait`` | ``waiting_for_traffic`` | ``too_few``, the rule) for a window with no errors."""
+    if w.new_product and w.probes:
+        return ("judge" if s.frames >= min(w.probes, policy.shadow_frames) else "wait"), PROBES_ONLY
+    if s.frames >= policy.shadow_frames:
+        return "judge", SHADOW_TRAFFIC
+    if w.live_s is not None and w.live_s > policy.shadow_timeout_s and s.frames >= policy.min_frames:
+        return "judge", SHADOW_TRAFFIC  # slow traffic: judged on the window's frames
+    if w.elapsed_s > policy.traffic_deadline_s:
+        return ("judge" if s.frames >= policy.min_frames else "too_few"), TRAFFIC_DEADLINE
+    idle = w.live_s is None and w.elapsed_s > policy.shadow_timeout_s
+    return ("waiting_for_traffic" if idle else "wait"), SHADOW_TRAFFIC
 
 
 def decide(s: ShadowStats, calibration: np.ndarray | list[float] | None, threshold: float,
-           policy: HealthPolicy, timed_out: bool = False) -> Decision:
-    """Promote / roll back / wait from what the candidate did in its shadow window (pure)."""
+           policy: HealthPolicy, timed_out: bool = False, window: Window | None = None) -> Decision:
+    """Promote / roll back / wait from what the candidate did in its shadow window (pure). Without ``window``:
+    ``shadow_frames`` frames, or at ``timed_out`` at least ``min_frames`` (the plain window rule)."""
     total = s.frames + s.errors
-    st: dict[str, Any] = {"frames": s.frames, "errors": s.errors, "good_frames": len(s.scores)}
+    st: dict[str, Any] = {"frames": s.frames, "errors": s.errors, "good_frames": len(s.scores),
+                          "live_frames": s.live, "probe_frames": s.frames - s.live}
     if total and s.errors / total > policy.max_error_rate:
-        return Decision("rollback", [f"inference_errors: {s.errors}/{total} requests failed ({s.last_error[:200]})"], st)
-    if s.frames < policy.shadow_frames and not timed_out:
-        return Decision("wait", [], st)
-    if s.frames < policy.min_frames:
-        return Decision("rollback", [f"insufficient_shadow_traffic: {s.frames} frames < {policy.min_frames}"], st)
+        st["rule"] = INFERENCE_ERRORS
+        return Decision("rollback", [f"inference_errors: {s.errors}/{total} requests failed ({s.last_error[:200]})"],
+                        st, INFERENCE_ERRORS)
+    if window is None:
+        rule = SHADOW_TRAFFIC
+        enough = "wait" if s.frames < policy.shadow_frames and not timed_out else (
+            "judge" if s.frames >= policy.min_frames else "too_few")
+    else:
+        enough, rule = _enough(s, policy, window)
+    st["rule"] = rule
+    if enough in ("wait", "waiting_for_traffic"):
+        if enough == "waiting_for_traffic":
+            st["waiting_for_traffic"] = True
+        return Decision("wait", [], st, rule)
+    if enough == "too_few":
+        within = f" within the traffic deadline ({policy.traffic_deadline_s:g} s)" if rule == TRAFFIC_DEADLINE else ""
+        return Decision("rollback", [f"insufficient_shadow_traffic: {s.frames} frames ({s.live} live) < "
+                                     f"{policy.min_frames}{within}"], st, rule)
+    d = _judge(s, calibration, threshold, policy, st)
+    d.rule = rule
+    return d
+
+
+def _judge(s: ShadowStats, calibration, threshold: float, policy: HealthPolicy, st: dict[str, Any]) -> Decision:
+    """The health checks on the window's good-looking frames."""
     reasons: list[str] = []
     good = np.asarray(s.scores, dtype=np.float64)
     if good.size == 0:

@@ -199,11 +199,29 @@ class ControllerService:
                         if ev is not None:
                             log.info("model_event_taken", type=ev.type, model=ev.model, version=ev.version,
                                      offset=r.offset)
-                            await self.ctl.handle_safely(ev)
+                            await self._handle_polled(c, ev)
                         # the rollout has ended (promoted, rolled back or refused): only now is it acked
                         await c.commit({TopicPartition(tp.topic, tp.partition): r.offset + 1})
         finally:
             await c.stop()
+
+    async def _handle_polled(self, c: AIOKafkaConsumer, ev: ModelEvent) -> None:
+        """Handle ``ev`` while the consumer stays in its group: a rollout (a load, a shadow window, a candidate
+        waiting for traffic up to ``rollout.traffic_deadline_s``) can last longer than the consumer's
+        ``max_poll_interval_ms``; its partitions are paused and polled (no record is taken) meanwhile."""
+        task = asyncio.ensure_future(self.ctl.handle_safely(ev))
+        parts = set(c.assignment())
+        c.pause(*parts)
+        try:
+            while not (await asyncio.wait({task}, timeout=1.0))[0]:
+                await c.getmany(timeout_ms=0)  # paused: returns nothing, keeps the member's poll clock fresh
+        finally:
+            if not task.done():  # stopping mid-rollout: the event is not acked, it is redelivered
+                task.cancel()
+            live = parts & set(c.assignment())
+            if live:
+                c.resume(*live)
+        await task
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()

@@ -64,14 +64,15 @@ def scores_eager(net, imgs, spec) -> list[float]:
 
 
 def write_artifact(store: Path, model: str, version: int, product: str, net, images, *, honest=None,
-                   example=None) -> tuple[Path, str]:
-    """Export like models.efficientad.export + calibration scores + probe images (all sha-pinned)."""
+                   example=None, probes: int = 24) -> tuple[Path, str]:
+    """Export like models.efficientad.export + calibration scores + ``probes`` probe images (all sha-pinned)."""
     vdir = store / model / str(version)
     (vdir / "probe").mkdir(parents=True)
     ex = example if example is not None else torch.randn(2, 3, SIZE, SIZE)
     torch.jit.trace(net.eval(), ex, check_trace=False).save(str(vdir / "model.pt"))
     (vdir / "model.py").write_text(MODEL_PY)
-    probes = images[60:84]
+    n_probes, probes = probes, images[60:60 + probes]
+    assert len(probes) == n_probes, "not enough images for the probes"
     for i, b in enumerate(probes):
         (vdir / "probe" / f"{i:03d}.png").write_bytes(b)
     spec = build_spec(model, product, version, threshold=0.0, map_threshold=0.0, size=SIZE)
