@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from contracts.cli import RuntimeFailure, UsageError, non_negative_int
+from contracts.cli import RuntimeFailure, UsageError, non_negative_int, positive_int
 from contracts.config import Settings
 
 
@@ -60,7 +60,8 @@ def _cmd_demo(a) -> int:
 
     try:
         run_demo(settings=a.settings, workdir=a.workdir, model_repository=a.model_repository, fps=a.fps,
-                 retrain=a.retrain, cameras=a.camera, bootstrap=a.bootstrap, triton_grpc_url=a.triton, model=a.model)
+                 retrain=a.retrain, cameras=a.camera, bootstrap=a.bootstrap, triton_grpc_url=a.triton, model=a.model,
+                 limit=a.limit, max_images=a.max_images)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     return 0
@@ -109,4 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", help="use a running broker (with --triton) instead of the embedded stack")
     p.add_argument("--triton", help="Triton gRPC host:port of a running server")
     p.add_argument("--model", help="Triton model name to use (default: the bottle model found in the repository)")
+    p.add_argument("--limit", type=positive_int, help="replay only this many test frames (good and defective mixed)")
+    p.add_argument("--max-images", type=positive_int,
+                   help="training images when a model is trained here (default: the detector's quick recipe)")
     p.set_defaults(func=_cmd_demo)

@@ -67,14 +67,15 @@ def _run(cmd: list[str]) -> None:
 
 
 def train_and_export(repo: Path, workdir: Path, settings: Settings, product: str = "bottle",
-                     detector: str | None = None) -> str:
+                     detector: str | None = None, max_images: int | None = None) -> str:
     """Short-schedule training + export into ``repo``: the detector's quick recipe (models/registry.py,
-    default: the first registered detector), each step a models CLI subprocess. Returns the model name."""
+    default: the first registered detector), each step a models CLI subprocess. Returns the model name.
+    ``max_images``: cap the training images (a small slice; None: the recipe's own)."""
     from models.registry import get
 
     recipe = get(detector or next(iter(DETECTORS))).quick_recipe(
         data_dir=Path(settings.data_dir), product=product, workdir=workdir, repository=repo,
-        steps=settings.demo_steps)
+        steps=settings.demo_steps, max_images=max_images)
     (workdir / "artifacts").mkdir(parents=True, exist_ok=True)
     for step in recipe.steps:
         _run([*models_cli(), *step])
@@ -221,11 +222,13 @@ def load_model(grpc_url: str, name: str, timeout_s: float = 180.0, *, control_ke
 def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_repository: str | Path | None = None,
              fps: float = 10.0, cameras: list[str] | None = None, retrain: bool = False,
              out_dir: str | Path | None = None, timeout_s: float = 150.0, bootstrap: str | None = None,
-             triton_grpc_url: str | None = None, model: str | None = None, detector: str | None = None) -> Summary:
+             triton_grpc_url: str | None = None, model: str | None = None, detector: str | None = None,
+             limit: int | None = None, max_images: int | None = None) -> Summary:
     """Run the demo (``settings``: the entry point's, stream/ops/cli.py). With ``bootstrap`` +
     ``triton_grpc_url`` an already running stack is used (e.g. ``linewatch stack up``) and left running;
     otherwise the embedded stack is started and stopped. ``detector``: the one to train when no model
-    exists (default: the first registered)."""
+    exists (default: the first registered). ``limit``: replay only that many test frames (good and defective
+    mixed); ``max_images``: training images of a model trained here (a small slice; None: the recipe's)."""
     from stream.kafka.clients import ensure_topics, read_topics
     from stream.ops.replay import replay
 
@@ -244,7 +247,7 @@ def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_rep
     if model is None:
         t0 = time.monotonic()
         print("no bottle model in triton_repo/: training a short-schedule one (subprocess)...", flush=True)
-        model = train_and_export(repo, workdir, settings, detector=detector)
+        model = train_and_export(repo, workdir, settings, detector=detector, max_images=max_images)
         trained_s = time.monotonic() - t0
     print(f"model: {model}; starting embedded stack...", flush=True)
     own_stack = not (bootstrap and triton_grpc_url)
@@ -274,7 +277,7 @@ def run_demo(*, settings: Settings, workdir: str | Path | None = None, model_rep
                               until=lambda o: any(decode_result(r.value).frame_id == wid for r in o["inspection-results"]))
             t0 = time.monotonic()
             sent = await replay(boot, test_dir, cameras=cameras or ["cam-bottle-1"], fps=fps, product="bottle",
-                                line="line-1")
+                                line="line-1", limit=limit)
             ids = {s.frame_id for s in sent}
 
             def done(o):

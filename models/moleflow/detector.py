@@ -50,7 +50,7 @@ class MoLEFlowDetector(DetectorBase):
     def quick_recipe(self, *, data_dir: Path, product: str, workdir: Path, repository: Path,
                      steps: int | None = None, max_images: int | None = None) -> Recipe:
         store = Path(workdir) / "artifacts" / self.name  # re-runs keep an existing task (train-task is idempotent)
-        tdir, hdir = demo_split(Path(data_dir) / "mvtec" / product / "train" / "good", workdir)
+        tdir, hdir = demo_split(Path(data_dir) / "mvtec" / product / "train" / "good", workdir, max_images)
         schedule = [*(["--epochs", str(steps)] if steps else []), *(["--max-images", str(max_images)] if max_images else [])]
         train = (self.name, "train-task", "--data-dir", str(tdir), "--task", product, "--out", str(store),
                  "--calibration-dir", str(hdir), "--quick", *schedule)

@@ -1,6 +1,6 @@
 """EfficientAD serving graph (uint8 in, native FP16 map + FP32 score out): ONNX and TorchScript exports
 equal the eager model on real MVTec bottle images preprocessed by the exported spec (contracts.spec);
-the FP16 gate (models/efficientad/fp16_gate.py) on the whole bottle test set.
+the FP16 gate (models/efficientad/fp16_gate.py) on a slice of the bottle test set.
 
 One model per module: the packaged teacher, a few training steps on real good images, teacher
 normalisation and map quantiles computed by train_efficientad on held-out good images.
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from contracts.artifact import verify_artifact
+from contracts.pbtxt import parse_config
+from contracts.pbtxt import schema as pb
 from contracts.spec import normalise, parse_spec
 from models.data import list_images, mvtec_samples
 from models.efficientad.export import export_triton
@@ -91,11 +93,11 @@ def test_export_layout_spec_and_config(exported, batch8):
     assert dims["image"][1:] == [3, 256, 256] and isinstance(dims["image"][0], str)  # dynamic batch
     assert dims["score"][1:] == [1] and h < 256
     assert meta["efficientad"]["anomaly_map"] == {"dims": [1, h, w], "data_type": "TYPE_FP16", "upsample": "bilinear"}
-    cfg = (vdir / "config.pbtxt").read_text()
-    assert 'backend: "python"' in cfg
-    assert 'name: "image" data_type: TYPE_UINT8 dims: [ 3, 256, 256 ]' in cfg
-    assert f'name: "anomaly_map" data_type: TYPE_FP16 dims: [ 1, {h}, {w} ]' in cfg
-    assert 'name: "score" data_type: TYPE_FP32 dims: [ 1 ]' in cfg
+    cfg = parse_config((vdir / "config.pbtxt").read_text())
+    assert cfg.backend == "python"
+    tensors = {t.name: (pb().DataType.Name(t.data_type), list(t.dims)) for t in (*cfg.input, *cfg.output)}
+    assert tensors == {"image": ("TYPE_UINT8", [3, 256, 256]), "anomaly_map": ("TYPE_FP16", [1, h, w]),
+                       "score": ("TYPE_FP32", [1])}
 
 
 def test_native_map_is_the_eager_map_before_upsampling(eager):
@@ -140,15 +142,17 @@ def test_torchscript_model_pt_equals_eager(exported, eager, batch8):
 
 @pytest.mark.slow
 def test_fp16_gate_on_the_bottle_test_set(shared_data, trained, exported, fp32_session, tmp_path):
-    """FP32 vs FP16 (models.efficientad.fp16_gate) on all 83 bottle test images at the model's threshold
-    (the max score of its held-out good train images, train_efficientad), never test labels."""
+    """FP32 vs FP16 (models.efficientad.fp16_gate) on a slice of the bottle test set (every 6th image:
+    good and each defect type) at the model's threshold (the max score of its held-out good train images,
+    train_efficientad), never test labels. The whole test set on a trained model is
+    benchmarks/fp16_gate.py's job."""
     model, meta = trained
-    samples = mvtec_samples(shared_data / "mvtec" / "bottle", "test")
+    samples = mvtec_samples(shared_data / "mvtec" / "bottle", "test")[::6]
     pixels = load_pixels([s.path for s in samples], exported[1])
     r = fp16_gate(model, pixels, [s.label for s in samples], meta["threshold"], tmp_path,
                   threshold_source=meta["threshold_source"], fp32_session=fp32_session)
     print("fp16 gate:", json.dumps({k: v for k, v in r.as_dict().items() if not k.startswith("scores")}))
-    assert r.runtime == RUNTIME and r.n_images == len(samples) == 83
+    assert r.runtime == RUNTIME and r.n_images == len(samples) >= 13 and 0 < sum(s.label for s in samples) < len(samples)
     assert r.flips <= MAX_FLIPS and r.max_abs_score_diff <= 1e-3
     # This 12-step model scores near chance with scores packed within ~1e-4, so FP16 rounding reorders
     # near-ties: the AUROC change must be no larger than the share of (good, defect) pairs closer than
