@@ -32,7 +32,9 @@ import orjson
 
 from contracts.names import CANDIDATE_SUFFIX as CANDIDATE_SUFFIX
 from contracts.names import BadNameError, check_name, check_version
+from contracts.pbtxt import ConfigError as ConfigError
 from contracts.pbtxt import TensorConfig as TensorConfig
+from contracts.pbtxt import config_pinned as config_pinned
 from contracts.pbtxt import config_sha256 as config_sha256
 from contracts.pbtxt import render_config as render_config
 from contracts.pbtxt import rewrite_config as rewrite_config
@@ -276,10 +278,14 @@ def config_reasons(a: Artifact, *, strict: bool = False) -> list[str]:
         return [f"missing_config_digest: {METADATA} pins no config_sha256"] if strict else []
     if a.config_path is None:
         return []
-    actual = config_sha256(a.config_path.read_text())
-    if actual != pinned:
-        return [f"config_sha256_mismatch: {a.config_path.name} is {actual[:12]}.., metadata says {str(pinned)[:12]}.."]
-    return []
+    text = a.config_path.read_text()
+    if config_pinned(text, pinned):
+        return []
+    try:
+        actual = config_sha256(text)
+    except ConfigError as e:
+        return [f"bad_config: {a.config_path.name}: {e}"[:500]]
+    return [f"config_sha256_mismatch: {a.config_path.name} is {actual[:12]}.., metadata says {str(pinned)[:12]}.."]
 
 
 def check_compatibility(new: dict[str, Any], current: dict[str, Any] | None) -> list[str]:

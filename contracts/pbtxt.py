@@ -1,21 +1,62 @@
-"""Triton config.pbtxt rendering and rewriting (torch- and faust-free; re-exported by contracts.artifact).
+"""Triton model configs (config.pbtxt) built, edited and pinned as Triton's own ``ModelConfig`` message.
 
-:func:`config_sha256` is the digest the manifest pins (``metadata.json`` ``config_sha256``): the
-template with its ``linewatch_spec`` parameter removed (the rollout replaces that parameter with the
-sha-verified metadata.json, which embeds the digest, so pinning it would be circular).
+Every config is a ``inference.ModelConfig`` (Triton's model_config.proto, shipped compiled with
+tritonclient as ``tritonclient.grpc.model_config_pb2``) written and read with protobuf's text format
+(``google.protobuf.text_format``), the format and schema tritonserver itself parses. So a config this
+module writes names only fields Triton knows, with values of the right type (an unknown field or data
+type fails here, with the line and column, not in Triton's load log), and a config edited by hand (on
+several lines, with comments, in any field order) parses and edits like one this module wrote. Edits
+do not keep comments: the edited message is written out again.
+
+The schema is the contract, so it is imported here (the one ``contracts -> tritonclient`` import,
+allowed by name in pyproject's import-linter contracts; every image installs tritonclient[grpc]).
+It is imported on first use: ``tritonclient.grpc``'s package init loads the whole gRPC client, a cost
+the many importers of contracts.artifact that never touch a config do not pay.
+
+:func:`config_sha256` is the digest the manifest pins (``metadata.json`` ``config_sha256``): of the
+config's message minus its ``linewatch_spec`` parameter (the rollout replaces that parameter with the
+sha-verified metadata.json, which embeds the digest, so pinning it would be circular), serialised
+deterministically, so comments, layout and field order do not change it. :func:`config_pinned` also
+accepts the digest versions exported before configs were messages pinned (their text minus the spec lines).
+
+:func:`apply_deployment` owns the fields a deployment decides (written by the rollout when it
+materialises a version, stream/lifecycle/repository.py): ``instance_group``, ``backend``, the onnxruntime
+``default_model_filename`` and TensorRT accelerator, the ``FORCE_CPU_ONLY_INPUT_TENSORS`` and
+``linewatch_fp16`` parameters and the ``zeros`` warmup; applying it again replaces them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
+
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+SPEC_PARAMETER = "linewatch_spec"
+ONNX_FILE = "model.onnx"
+WARMUP_NAME = "zeros"
+_DEPLOYMENT_PARAMETERS = ("FORCE_CPU_ONLY_INPUT_TENSORS", "linewatch_fp16")
+
+
+class ConfigError(ValueError):
+    """A config.pbtxt that is not a valid Triton ``ModelConfig`` (the message names the line and field)."""
+
+
+@functools.cache
+def schema() -> ModuleType:
+    """Triton's compiled model_config.proto (``ModelConfig``, ``DataType``, ``ModelInstanceGroup`` ...)."""
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
 
 
 @dataclass(frozen=True)
@@ -27,146 +68,204 @@ class TensorConfig:
     dims: tuple[int, ...]
     optional: bool = False
 
-    def render(self) -> str:
-        opt = " optional: true" if self.optional else ""
-        dims = ", ".join(str(int(d)) for d in self.dims)
-        return f'{{ name: "{self.name}" data_type: {self.data_type} dims: [ {dims} ]{opt} }}'
+    def fill(self, msg: Any) -> None:
+        """Set a ``ModelInput``/``ModelOutput`` message's fields from this entry."""
+        msg.name = self.name
+        msg.data_type = _enum(schema().DataType, self.data_type, f"{self.name}.data_type")
+        msg.dims.extend(int(d) for d in self.dims)
+        if self.optional:
+            if not hasattr(msg, "optional"):
+                raise ConfigError(f"output {self.name!r}: only inputs may be optional")
+            msg.optional = True
 
 
-def _pbtxt_string(s: str) -> str:
-    return orjson.dumps(s).decode()  # JSON string escaping is valid protobuf text-format escaping
+def _enum(enum: Any, value: str, what: str) -> int:
+    try:
+        return enum.Value(value)
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not one of Triton's {', '.join(enum.keys())}") from None
 
 
-def _spec_parameter(spec: Mapping[str, Any]) -> str:
-    quoted = _pbtxt_string(orjson.dumps(spec, option=_JSON_OPTS).decode())
-    return f'parameters {{ key: "linewatch_spec" value {{ string_value: {quoted} }} }}'
+# ----------------------------------------------------------------------------- text <-> message
+def parse_config(text: str) -> ModelConfig:
+    """config.pbtxt text -> ``ModelConfig``; :class:`ConfigError` (line:column and the field) when Triton's
+    schema would refuse it (unknown field, wrong type, a singular field set twice, bad syntax)."""
+    from google.protobuf import text_format
+
+    cfg = schema().ModelConfig()
+    try:
+        text_format.Parse(text, cfg)
+    except text_format.ParseError as e:
+        raise ConfigError(f"config.pbtxt is not a valid Triton ModelConfig: {e}") from None
+    return cfg
 
 
-def _version_policy(versions: Sequence[int] | None = None, latest: int | None = None) -> str | None:
+def format_config(cfg: ModelConfig) -> str:
+    """``ModelConfig`` -> config.pbtxt text (protobuf text format, fields in schema order)."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(cfg, as_utf8=True)
+
+
+def _set_parameter(cfg: ModelConfig, key: str, value: str) -> None:
+    cfg.parameters[key].string_value = value
+
+
+def _set_spec(cfg: ModelConfig, spec: Mapping[str, Any]) -> None:
+    _set_parameter(cfg, SPEC_PARAMETER, orjson.dumps(spec, option=_JSON_OPTS).decode())
+
+
+def _set_version_policy(cfg: ModelConfig, versions: Sequence[int] | None = None, latest: int | None = None) -> None:
     if versions is not None and latest is not None:
         raise ValueError("a version policy is either specific versions or the latest N, not both")
     if versions is not None:
-        return "version_policy: { specific: { versions: [ " + ", ".join(str(int(v)) for v in versions) + " ] } }"
-    if latest is not None:
-        return f"version_policy: {{ latest: {{ num_versions: {int(latest)} }} }}"
-    return None
+        cfg.version_policy.ClearField("specific")  # oneof: clears ``latest``/``all`` too
+        cfg.version_policy.specific.versions.extend(int(v) for v in versions)
+    elif latest is not None:
+        cfg.version_policy.latest.num_versions = int(latest)
 
 
-def render_config(name: str, *, inputs: Sequence[TensorConfig], outputs: Sequence[TensorConfig],
-                  max_batch_size: int = 8, backend: str = "python", instance_kind: str = "KIND_CPU",
-                  instance_count: int = 1, max_queue_delay_us: int | None = 2000,
-                  versions: Sequence[int] | None = None, latest: int | None = None,
-                  spec: Mapping[str, Any] | None = None, parameters: Mapping[str, str] | None = None) -> str:
-    """A Triton config.pbtxt: ``dynamic_batching`` unless ``max_queue_delay_us`` is None, version policy
+# ----------------------------------------------------------------------------- templates
+def build_config(name: str, *, inputs: Sequence[TensorConfig], outputs: Sequence[TensorConfig],
+                 max_batch_size: int = 8, backend: str = "python", instance_kind: str = "KIND_CPU",
+                 instance_count: int = 1, max_queue_delay_us: int | None = 2000,
+                 versions: Sequence[int] | None = None, latest: int | None = None,
+                 spec: Mapping[str, Any] | None = None, parameters: Mapping[str, str] | None = None) -> ModelConfig:
+    """A Triton ``ModelConfig``: ``dynamic_batching`` unless ``max_queue_delay_us`` is None, version policy
     ``specific: versions`` or ``latest: latest`` (neither: Triton's default, the latest 1), string
     ``parameters`` and the ``linewatch_spec`` parameter (the manifest, JSON)."""
-    def block(key: str, ts: Sequence[TensorConfig]) -> list[str]:
-        return [f"{key} [", ",\n".join(f"  {t.render()}" for t in ts), "]"]
-
-    lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {int(max_batch_size)}",
-             *block("input", inputs), *block("output", outputs)]
+    pb = schema()
+    cfg = pb.ModelConfig(name=name, backend=backend, max_batch_size=int(max_batch_size))
+    for t in inputs:
+        t.fill(cfg.input.add())
+    for t in outputs:
+        t.fill(cfg.output.add())
     if max_queue_delay_us is not None:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}")
-    lines.append(f"instance_group [ {{ kind: {instance_kind} count: {int(instance_count)} }} ]")
-    policy = _version_policy(versions, latest)
-    if policy:
-        lines.append(policy)
+        cfg.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
+    cfg.instance_group.add(kind=_enum(pb.ModelInstanceGroup.Kind, instance_kind, "instance_group.kind"),
+                           count=int(instance_count))
+    _set_version_policy(cfg, versions, latest)
     for k, v in (parameters or {}).items():
-        lines.append(f"parameters {{ key: {_pbtxt_string(k)} value {{ string_value: {_pbtxt_string(str(v))} }} }}")
+        _set_parameter(cfg, str(k), str(v))
     if spec is not None:
-        lines.append(_spec_parameter(spec))
-    return "\n".join(lines) + "\n"
+        _set_spec(cfg, spec)
+    return cfg
 
 
-_NAME_RE = re.compile(r'^\s*name\s*:\s*"[^"]*"\s*$', re.M)
-_POLICY_RE = re.compile(r"^\s*version_policy\s*:.*$", re.M)
+def render_config(name: str, **kw: Any) -> str:
+    """:func:`build_config` as config.pbtxt text."""
+    return format_config(build_config(name, **kw))
 
 
 def rewrite_config(text: str, name: str, versions: list[int] | None, spec: dict[str, Any] | None = None) -> str:
     """config.pbtxt with ``name`` replaced, ``version_policy`` = specific ``versions`` (None: keep) and the
-    ``linewatch_spec`` parameter replaced by ``spec`` (metadata.json is the sha-verified source of truth)."""
+    ``linewatch_spec`` parameter replaced by ``spec`` (None: keep; metadata.json is the sha-verified source
+    of truth)."""
+    cfg = parse_config(text)
+    cfg.name = name
+    if versions is not None:
+        _set_version_policy(cfg, versions)
     if spec is not None:
-        text = "\n".join(ln for ln in text.splitlines() if '"linewatch_spec"' not in ln) + "\n"
-        text += _spec_parameter(spec) + "\n"
-    text = _NAME_RE.sub(f'name: "{name}"', text, count=1) if _NAME_RE.search(text) else f'name: "{name}"\n{text}'
-    policy = _version_policy(versions)
-    if policy is not None:
-        text = _POLICY_RE.sub(policy, text, count=1) if _POLICY_RE.search(text) else text.rstrip("\n") + "\n" + policy + "\n"
-    return text
+        _set_spec(cfg, spec)
+    return format_config(cfg)
 
 
-def _without_spec(text: str) -> str:
-    return "\n".join(ln.rstrip() for ln in text.splitlines() if '"linewatch_spec"' not in ln).strip() + "\n"
-
-
+# ----------------------------------------------------------------------------- the manifest's pin
 def config_sha256(text: str) -> str:
-    """sha256 of a config.pbtxt template minus its ``linewatch_spec`` parameter (what the manifest pins)."""
-    return hashlib.sha256(_without_spec(text).encode()).hexdigest()
+    """sha256 of a config.pbtxt template's message minus its ``linewatch_spec`` parameter (what the manifest
+    pins), deterministically serialised: comments, layout and field order do not change it."""
+    cfg = parse_config(text)
+    if SPEC_PARAMETER in cfg.parameters:
+        del cfg.parameters[SPEC_PARAMETER]
+    return hashlib.sha256(cfg.SerializeToString(deterministic=True)).hexdigest()
 
 
-# -- the deployment block: written by the rollout when it materialises a version (stream/lifecycle/repository.py)
-_DEPLOY_BEGIN, _DEPLOY_END = "# linewatch:deployment begin", "# linewatch:deployment end"
-_GROUP_RE = re.compile(r"^\s*instance_group\s*\[.*?\]\s*$", re.M)
-_BACKEND_RE = re.compile(r'^\s*backend\s*:\s*"[^"]*"\s*$', re.M)
-_INPUTS_RE = re.compile(r"^input \[\n(.*?)\n\]", re.M | re.S)
-_TENSOR_RE = re.compile(r'name: "(\w+)" data_type: (TYPE_\w+) dims: \[ ([\d, ]+) \]( optional: true)?')
-ONNX_FILE = "model.onnx"
+def _text_sha256(text: str) -> str:
+    """The pin of versions exported before configs were messages: the text minus its spec lines."""
+    kept = "\n".join(ln.rstrip() for ln in text.splitlines() if f'"{SPEC_PARAMETER}"' not in ln).strip() + "\n"
+    return hashlib.sha256(kept.encode()).hexdigest()
 
 
-def _without_deployment(text: str) -> str:
-    out, inside = [], False
-    for ln in text.splitlines():
-        if ln.strip() == _DEPLOY_BEGIN:
-            inside = True
-        elif ln.strip() == _DEPLOY_END:
-            inside = False
-        elif not inside:
-            out.append(ln)
-    return "\n".join(out) + "\n"
+def config_pinned(text: str, pinned: object) -> bool:
+    """Is ``text`` the template a manifest's ``config_sha256`` ``pinned`` (its message digest, or for a
+    version exported before configs were messages, its text digest)? False for a text that does not parse."""
+    if not isinstance(pinned, str):
+        return False
+    if pinned == _text_sha256(text):
+        return True
+    try:
+        return pinned == config_sha256(text)
+    except ConfigError:
+        return False
 
 
-def _warmup(text: str) -> str | None:
+# ----------------------------------------------------------------------------- the deployment
+def _warmup(cfg: ModelConfig) -> Any | None:
     """One zero batch of every required non-string input: Triton marks the model READY only after it ran
-    (on a GPU: after CUDA initialised and the first kernels compiled)."""
-    m = _INPUTS_RE.search(text)
-    ins = [t for t in _TENSOR_RE.findall(m.group(1)) if not t[3] and t[1] != "TYPE_STRING"] if m else []
+    (on a GPU: after CUDA initialised and the first kernels compiled). None: no such input."""
+    pb = schema()
+    ins = [t for t in cfg.input if not t.optional and t.data_type != pb.TYPE_STRING]
     if not ins:
         return None
-    body = " ".join(f'inputs {{ key: "{n}" value: {{ data_type: {dt} dims: [ {dims} ] zero_data: true }} }}'
-                    for n, dt, dims, _ in ins)
-    return f'model_warmup [ {{ name: "zeros" batch_size: 1 {body} }} ]'
+    warm = pb.ModelWarmup(name=WARMUP_NAME, batch_size=1)
+    for t in ins:
+        warm.inputs[t.name].CopyFrom(pb.ModelWarmup.Input(data_type=t.data_type, dims=list(t.dims), zero_data=True))
+    return warm
+
+
+def _clear_deployment(cfg: ModelConfig) -> None:
+    cfg.ClearField("instance_group")
+    if cfg.default_model_filename == ONNX_FILE:
+        cfg.ClearField("default_model_filename")
+    if cfg.HasField("optimization"):  # our TensorRT accelerator; the containers only when left empty
+        opt = cfg.optimization
+        if opt.HasField("execution_accelerators"):
+            accel = opt.execution_accelerators.gpu_execution_accelerator
+            keep = [a for a in accel if a.name != "tensorrt"]
+            del accel[:]
+            accel.extend(keep)
+            if not opt.execution_accelerators.ListFields():
+                opt.ClearField("execution_accelerators")
+        if not opt.ListFields():
+            cfg.ClearField("optimization")
+    for k in _DEPLOYMENT_PARAMETERS:
+        if k in cfg.parameters:
+            del cfg.parameters[k]
+    keep_warm = [w for w in cfg.model_warmup if w.name != WARMUP_NAME]
+    del cfg.model_warmup[:]
+    cfg.model_warmup.extend(keep_warm)
 
 
 def apply_deployment(text: str, *, device: str = "cpu", instances: int = 1, gpus: Sequence[int] = (),
                      fp16: bool = True, onnxruntime: bool = False, trt_cache_dir: str = "/trt-cache") -> str:
     """``text`` with the deployment's ``instance_group`` (KIND_GPU on ``gpus`` or KIND_CPU), a warmup batch,
     and for ``onnxruntime`` (EfficientAD on GPUs) the onnxruntime backend on ``model.onnx`` with the
-    TensorRT accelerator (FP16 when ``fp16``, engine cache in ``trt_cache_dir``). Idempotent: the block
-    it writes replaces the one an earlier call wrote."""
+    TensorRT accelerator (FP16 when ``fp16``, engine cache in ``trt_cache_dir``). Idempotent: the fields
+    it owns (module docstring) are replaced, the rest of the config is kept."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be cpu or gpu, got {device!r}")
     if onnxruntime and device != "gpu":
         raise ValueError("the onnxruntime/TensorRT backend is the GPU path")
-    text = _GROUP_RE.sub("", _without_deployment(text)).replace("\n\n", "\n")
-    lines = [_DEPLOY_BEGIN]
+    pb = schema()
+    cfg = parse_config(text)
+    _clear_deployment(cfg)
+    group = cfg.instance_group.add(count=int(instances))
     if device == "gpu":
-        on = f" gpus: [ {', '.join(str(int(g)) for g in gpus)} ]" if gpus else ""
-        lines.append(f"instance_group [ {{ kind: KIND_GPU count: {int(instances)}{on} }} ]")
+        group.kind = pb.ModelInstanceGroup.KIND_GPU
+        group.gpus.extend(int(g) for g in gpus)
     else:
-        lines.append(f"instance_group [ {{ kind: KIND_CPU count: {int(instances)} }} ]")
-    text = _BACKEND_RE.sub(f'backend: "{"onnxruntime" if onnxruntime else "python"}"', text, count=1)
+        group.kind = pb.ModelInstanceGroup.KIND_CPU
+    cfg.backend = "onnxruntime" if onnxruntime else "python"
     if onnxruntime:
-        trt = [("precision_mode", "FP16" if fp16 else "FP32"), ("max_workspace_size_bytes", str(1 << 30)),
-               ("trt_engine_cache_enable", "1"), ("trt_engine_cache_path", trt_cache_dir)]
-        params = " ".join(f'parameters {{ key: "{k}" value: "{v}" }}' for k, v in trt)
-        lines += [f'default_model_filename: "{ONNX_FILE}"',
-                  "optimization { execution_accelerators { gpu_execution_accelerator : [ "
-                  f'{{ name : "tensorrt" {params} }} ] }} }}']
+        cfg.default_model_filename = ONNX_FILE
+        trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters.update({"precision_mode": "FP16" if fp16 else "FP32",
+                               "max_workspace_size_bytes": str(1 << 30), "trt_engine_cache_enable": "1",
+                               "trt_engine_cache_path": trt_cache_dir})
     elif device == "gpu":  # Python backend: inputs may arrive in GPU memory (DLPack, models/serving_device.py)
-        lines.append('parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value { string_value: "no" } }')
-    lines.append(f'parameters {{ key: "linewatch_fp16" value {{ string_value: "{int(bool(fp16 and device == "gpu"))}" }} }}')
-    warm = _warmup(text)
-    if warm:
-        lines.append(warm)
-    lines.append(_DEPLOY_END)
-    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+        _set_parameter(cfg, "FORCE_CPU_ONLY_INPUT_TENSORS", "no")
+    _set_parameter(cfg, "linewatch_fp16", str(int(bool(fp16 and device == "gpu"))))
+    warm = _warmup(cfg)
+    if warm is not None:
+        cfg.model_warmup.append(warm)
+    return format_config(cfg)

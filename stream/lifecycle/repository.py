@@ -24,7 +24,7 @@ from contracts.artifact import (
     Artifact,
     ArtifactIntegrityError,
     StoreError,
-    config_sha256,
+    config_pinned,
     read_manifest,
     rewrite_config,
     sha256_file,
@@ -64,7 +64,7 @@ def _copy_verified(artifact: Artifact, dst: Path) -> None:
     bad = [rel for rel, digest in files.items() if digest is not None and sha256_file(dst / rel) != digest]
     if hashlib.sha256((dst / METADATA).read_bytes()).hexdigest() != artifact.sha256:
         bad.append(METADATA)
-    if CONFIG in files and config_sha256((dst / CONFIG).read_text()) != artifact.metadata.get("config_sha256"):
+    if CONFIG in files and not config_pinned((dst / CONFIG).read_text(), artifact.metadata.get("config_sha256")):
         bad.append(CONFIG)
     if bad:
         raise ArtifactIntegrityError(f"copy of {src} does not match its verified manifest ({', '.join(bad)}): "
@@ -100,7 +100,7 @@ def materialize(artifact: Artifact, repository: str | os.PathLike, name: str, ve
                          "model store")
     template = artifact.config_path.read_text()  # what is written below is exactly what was checked
     pinned = artifact.metadata.get("config_sha256")
-    if pinned is None or config_sha256(template) != pinned:
+    if not config_pinned(template, pinned):
         raise ArtifactIntegrityError(f"{artifact.config_path}: config template does not match {METADATA} "
                                      f"config_sha256 ({str(pinned)[:12]}..); nothing was written")
     mdir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import tritonclient.grpc as grpcclient
 
 from contracts.artifact import path_to_uri, sha256_file, verify_artifact
 from contracts.model_events import ModelEvent, decode
+from contracts.pbtxt import parse_config
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from stream.lifecycle.drift import DriftConfig, DriftMonitor
 from stream.lifecycle.repository import remove_model_dir
@@ -326,7 +327,8 @@ def test_served_copy_is_independent_of_the_store(life, images, local_stack):
     assert (served / "model.pt").stat().st_ino != (vdir / "model.pt").stat().st_ino
     (vdir / "model.pt").write_bytes(b"tampered in the store after the rollout")
     assert verify_artifact(served, digest).ok
-    assert "version_policy: { specific: { versions: [ 96 ] } }" in (served.parent / "config.pbtxt").read_text()
+    written = parse_config((served.parent / "config.pbtxt").read_text())
+    assert list(written.version_policy.specific.versions) == [96]
     assert infer_score(client, life.model, images[:2]).shape == (2,)
     client.close()
 

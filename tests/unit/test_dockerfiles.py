@@ -111,6 +111,8 @@ def test_extras_split_the_dependencies():
     assert {"worker", "models", "devstack", "dev"} <= set(extras)
     assert not extras["worker"] & TORCH_FAMILY, "the worker extra must not pull torch or the embedded stack"
     assert {"faust-streaming", "aiokafka", "tritonclient"} <= extras["worker"]
+    # every image reads and writes config.pbtxt through Triton's schema (contracts/pbtxt.py)
+    assert all("tritonclient" in deps for deps in extras.values())
     # declared where used: the console's web server, `linewatch acls`'s YAML (not left to another package's extra)
     assert {"aiohttp", "pyyaml"} <= extras["worker"]
     assert {"torch", "timm", "freia"} <= extras["models"] and "faust-streaming" not in extras["models"]

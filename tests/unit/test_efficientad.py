@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import cv2
@@ -214,9 +213,12 @@ def test_export_equals_eager_and_layout(tmp_path):
     assert meta["model"] == "efficientad_bottle" and meta["threshold"] == 0.25 and meta["input"]["height"] == 256
     assert meta["version"] == 5 and meta["input"]["dtype"] == "UINT8"
     cfg = (tmp_path / "efficientad_bottle" / "config.pbtxt").read_text()
-    spec = json.loads(json.loads(re.search(r'string_value: (".*") }', cfg).group(1)))
+    from contracts.pbtxt import parse_config
+
+    parsed = parse_config(cfg)
+    spec = json.loads(parsed.parameters["linewatch_spec"].string_value)
     assert spec == meta
-    assert 'backend: "python"' in cfg and "KIND_CPU" in cfg and "dynamic_batching" in cfg
+    assert parsed.backend == "python" and "KIND_CPU" in cfg and parsed.HasField("dynamic_batching")
     from contracts.spec import parse_spec
 
     assert parse_spec(spec).input.width == 256

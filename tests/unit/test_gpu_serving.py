@@ -13,7 +13,8 @@ import torch
 
 from contracts.artifact import read_artifact, verify_artifact, write_manifest
 from contracts.config import ServingSettings
-from contracts.pbtxt import TensorConfig, apply_deployment, render_config
+from contracts.pbtxt import TensorConfig, apply_deployment, format_config, parse_config, render_config
+from contracts.pbtxt import schema as pb
 from contracts.spec import model_input, normalise, parse_spec, to_pixels, to_tensor
 from models.serving_device import CudaUnavailable, instance_device, self_check
 from stream.lifecycle.repository import StoreError, materialize, write_config
@@ -32,18 +33,28 @@ def _spec(detector: str = "efficientad", dtype: str = "UINT8") -> dict:
 def test_deployment_block_gpu_cpu_and_tensorrt():
     t = render_config("m", inputs=IN, outputs=OUT, spec=_spec())
     gpu = apply_deployment(t, device="gpu", instances=2, gpus=[0, 1])
-    assert "instance_group [ { kind: KIND_GPU count: 2 gpus: [ 0, 1 ] } ]" in gpu
-    assert "KIND_CPU" not in gpu and gpu.count("instance_group") == 1
-    assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS" value { string_value: "no" }' in gpu  # DLPack in GPU memory
+    g = parse_config(gpu)
+    assert [(x.kind, x.count, list(x.gpus)) for x in g.instance_group] == [(pb().ModelInstanceGroup.KIND_GPU, 2, [0, 1])]
+    assert g.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"  # DLPack in GPU memory
+    assert g.parameters["linewatch_fp16"].string_value == "1"
     # the warmup batch: the required UINT8 image, not the optional BYTES task
-    assert 'inputs { key: "image" value: { data_type: TYPE_UINT8 dims: [ 3, 64, 64 ] zero_data: true } }' in gpu
-    assert 'key: "task"' not in gpu.split("model_warmup", 1)[1]
-    trt = apply_deployment(gpu, device="gpu", onnxruntime=True, trt_cache_dir="/cache")
-    assert 'backend: "onnxruntime"' in trt and 'default_model_filename: "model.onnx"' in trt
-    assert 'name : "tensorrt"' in trt and 'key: "precision_mode" value: "FP16"' in trt and '"/cache"' in trt
-    assert trt.count("# linewatch:deployment begin") == 1  # idempotent: one block, replaced
-    cpu = apply_deployment(trt)
-    assert cpu == apply_deployment(t) and 'backend: "python"' in cpu and "KIND_CPU count: 1" in cpu
+    (warm,) = g.model_warmup
+    assert (warm.name, warm.batch_size, list(warm.inputs)) == ("zeros", 1, ["image"])
+    w = warm.inputs["image"]
+    assert (w.data_type, list(w.dims), w.zero_data) == (pb().TYPE_UINT8, [3, 64, 64], True)
+    trt = parse_config(apply_deployment(gpu, device="gpu", onnxruntime=True, trt_cache_dir="/cache"))
+    assert trt.backend == "onnxruntime" and trt.default_model_filename == "model.onnx"
+    (acc,) = trt.optimization.execution_accelerators.gpu_execution_accelerator
+    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+    assert acc.parameters["trt_engine_cache_path"] == "/cache"
+    assert len(trt.instance_group) == 1 and len(trt.model_warmup) == 1  # idempotent: replaced, not added
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in trt.parameters
+    cpu = apply_deployment(format_config(trt))
+    c = parse_config(cpu)
+    assert cpu == apply_deployment(t) and c.backend == "python" and not c.HasField("optimization")
+    assert [(x.kind, x.count) for x in c.instance_group] == [(pb().ModelInstanceGroup.KIND_CPU, 1)]
+    assert not c.default_model_filename and c.parameters["linewatch_fp16"].string_value == "0"
+    assert parse_config(cpu).parameters["linewatch_spec"] == parse_config(t).parameters["linewatch_spec"]
     with pytest.raises(ValueError, match="GPU path"):
         apply_deployment(t, onnxruntime=True)
     with pytest.raises(ValueError):
@@ -68,8 +79,10 @@ def test_materialize_writes_the_deployment(tmp_path):
     gpu = ServingSettings(device="gpu", instances=1, gpus=[1], efficientad_backend="onnxruntime")
     out = materialize(_artifact(tmp_path / "store"), tmp_path / "repo", "m", [1], gpu)
     cfg = (out.parent / "config.pbtxt").read_text()
-    assert "KIND_GPU count: 1 gpus: [ 1 ]" in cfg and 'backend: "onnxruntime"' in cfg and (out / "model.onnx").is_file()
-    assert "version_policy: { specific: { versions: [ 1 ] } }" in cfg
+    c = parse_config(cfg)
+    assert [(x.kind, x.count, list(x.gpus)) for x in c.instance_group] == [(pb().ModelInstanceGroup.KIND_GPU, 1, [1])]
+    assert c.backend == "onnxruntime" and (out / "model.onnx").is_file()
+    assert list(c.version_policy.specific.versions) == [1]
     assert verify_artifact(out).ok  # the version's pinned template is untouched: only the model config differs
     # a rollback rewrites the config: the deployment stays
     write_config(out.parent, cfg, "m", [1], serving=gpu)
@@ -77,7 +90,7 @@ def test_materialize_writes_the_deployment(tmp_path):
     # MoLE-Flow keeps the Python backend on the GPU; an EfficientAD without model.onnx is refused
     mf = materialize(_artifact(tmp_path / "s2", "moleflow", onnx=False), tmp_path / "r2", "m", [1], gpu)
     mcfg = (mf.parent / "config.pbtxt").read_text()
-    assert 'backend: "python"' in mcfg and "KIND_GPU" in mcfg
+    assert parse_config(mcfg).backend == "python" and "KIND_GPU" in mcfg
     with pytest.raises(StoreError, match="model.onnx"):
         materialize(_artifact(tmp_path / "s3", onnx=False), tmp_path / "r3", "m", [1], gpu)
 

@@ -24,6 +24,8 @@ from contracts.artifact import (
     verify_artifact,
     write_manifest,
 )
+from contracts.pbtxt import parse_config
+from contracts.pbtxt import schema as pb
 from stream.lifecycle.repository import materialize, remove_model_dir, repository_versions, write_config
 
 CONFIG = '''name: "efficientad_bottle"
@@ -131,11 +133,12 @@ def test_compatibility_moleflow_base_and_adapters():
 
 def test_rewrite_config_and_materialize(tmp_path):
     txt = rewrite_config(CONFIG, "efficientad_bottle__candidate", [3], {"model": "x", "k": 'q"uote'})
-    assert 'name: "efficientad_bottle__candidate"' in txt
-    assert "version_policy: { specific: { versions: [ 3 ] } }" in txt
-    assert txt.count("linewatch_spec") == 1 and '\\"k\\":\\"q\\\\\\"uote\\"' in txt
+    cfg = parse_config(txt)
+    assert cfg.name == "efficientad_bottle__candidate" and list(cfg.version_policy.specific.versions) == [3]
+    assert txt.count("linewatch_spec") == 1
+    assert orjson.loads(cfg.parameters["linewatch_spec"].string_value) == {"model": "x", "k": 'q"uote'}
     txt2 = rewrite_config(txt, "m", [4])
-    assert txt2.count("version_policy") == 1 and "[ 4 ]" in txt2
+    assert txt2.count("version_policy") == 1 and list(parse_config(txt2).version_policy.specific.versions) == [4]
     store, repo = tmp_path / "store", tmp_path / "repo"
     vdir, sha = make_artifact(store, version=5)
     art = read_artifact(vdir)
@@ -143,12 +146,11 @@ def test_rewrite_config_and_materialize(tmp_path):
     assert out == repo / "efficientad_bottle__candidate" / "5"
     assert (out / "model.pt").read_bytes() == b"weights"
     cfg = (repo / "efficientad_bottle__candidate" / "config.pbtxt").read_text()
-    line = [ln for ln in cfg.splitlines() if "linewatch_spec" in ln][0]
-    raw = line.split("string_value: ", 1)[1].rsplit(" } }", 1)[0]
-    assert orjson.loads(orjson.loads(raw))["version"] == 5
+    assert orjson.loads(parse_config(cfg).parameters["linewatch_spec"].string_value)["version"] == 5
     assert repository_versions(repo, "efficientad_bottle__candidate") == [5]
     write_config(repo / "efficientad_bottle__candidate", cfg, "efficientad_bottle__candidate", [5, 6])
-    assert "versions: [ 5, 6 ]" in (repo / "efficientad_bottle__candidate" / "config.pbtxt").read_text()
+    written = parse_config((repo / "efficientad_bottle__candidate" / "config.pbtxt").read_text())
+    assert list(written.version_policy.specific.versions) == [5, 6]
     remove_model_dir(repo, "efficientad_bottle__candidate")
     assert repository_versions(repo, "efficientad_bottle__candidate") == []
 
@@ -216,21 +218,21 @@ def test_render_config():
                         inputs=[TensorConfig("image", "TYPE_FP32", (3, 64, 64)),
                                 TensorConfig("task", "TYPE_STRING", (1,), optional=True)],
                         outputs=[TensorConfig("score", "TYPE_FP32", (1,))])
-    lines = txt.splitlines()
-    assert lines[:3] == ['name: "m"', 'backend: "python"', "max_batch_size: 4"]
-    assert '  { name: "image" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] },' in lines
-    assert '  { name: "task" data_type: TYPE_STRING dims: [ 1 ] optional: true }' in lines
-    assert "dynamic_batching { max_queue_delay_microseconds: 2000 }" in lines
-    assert "instance_group [ { kind: KIND_CPU count: 1 } ]" in lines
-    assert "version_policy: { latest: { num_versions: 1 } }" in lines
-    assert 'parameters { key: "delay_ms" value { string_value: "100" } }' in lines
-    line = [ln for ln in lines if "linewatch_spec" in ln][0]
-    assert orjson.loads(orjson.loads(line.split("string_value: ", 1)[1].rsplit(" } }", 1)[0])) == s
-    # the renderer and the rewriter agree: rewriting a rendered config only swaps name / policy / spec
-    again = rewrite_config(txt, "m", None, s)
-    assert sorted(again.splitlines()) == sorted(lines)
-    pinned = render_config("m", versions=[2, 3], max_queue_delay_us=None, inputs=[], outputs=[])
-    assert "versions: [ 2, 3 ]" in pinned and "dynamic_batching" not in pinned
-    assert "version_policy" not in render_config("m", inputs=[], outputs=[])
+    cfg = parse_config(txt)
+    assert (cfg.name, cfg.backend, cfg.max_batch_size) == ("m", "python", 4)
+    image, task = cfg.input
+    assert (image.name, image.data_type, list(image.dims), image.optional) == ("image", pb().TYPE_FP32, [3, 64, 64], False)
+    assert (task.name, task.data_type, list(task.dims), task.optional) == ("task", pb().TYPE_STRING, [1], True)
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("score", [1])]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert [(g.kind, g.count) for g in cfg.instance_group] == [(pb().ModelInstanceGroup.KIND_CPU, 1)]
+    assert cfg.version_policy.latest.num_versions == 1
+    assert cfg.parameters["delay_ms"].string_value == "100"
+    assert orjson.loads(cfg.parameters["linewatch_spec"].string_value) == s
+    # the renderer and the rewriter agree: rewriting a rendered config with its own name / spec changes nothing
+    assert rewrite_config(txt, "m", None, s) == txt
+    pinned = parse_config(render_config("m", versions=[2, 3], max_queue_delay_us=None, inputs=[], outputs=[]))
+    assert list(pinned.version_policy.specific.versions) == [2, 3] and not pinned.HasField("dynamic_batching")
+    assert not parse_config(render_config("m", inputs=[], outputs=[])).HasField("version_policy")
     with pytest.raises(ValueError):
         render_config("m", versions=[1], latest=1, inputs=[], outputs=[])

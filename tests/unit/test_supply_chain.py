@@ -22,6 +22,7 @@ from contracts.artifact import (
 from contracts.envelope import EnvelopeError, Frame
 from contracts.model_events import ModelEvent, ModelEventError, decode
 from contracts.names import BadNameError, check_name, check_version
+from contracts.pbtxt import parse_config
 from stream.inference.routing import Router, RoutingConfig
 from stream.lifecycle.repository import materialize, write_config
 from tests.harness.requires import require_module
@@ -202,7 +203,8 @@ def test_rollout_always_writes_an_explicit_version_policy(tmp_path):
     store, repo = tmp_path / "store", tmp_path / "repo"
     vdir, _ = export(store)
     materialize(read_artifact(vdir), repo, "efficientad_bottle", [1])
-    assert "version_policy: { specific: { versions: [ 1 ] } }" in (repo / "efficientad_bottle" / "config.pbtxt").read_text()
+    written = parse_config((repo / "efficientad_bottle" / "config.pbtxt").read_text())
+    assert list(written.version_policy.specific.versions) == [1]
     for versions in ([], None):
         with pytest.raises(ValueError, match="version"):
             write_config(repo / "efficientad_bottle", cfg(), "efficientad_bottle", versions)
