@@ -105,6 +105,14 @@ def bgr(paths: list[Path]) -> list[np.ndarray]:
     return [cv2.imread(str(q), cv2.IMREAD_COLOR) for q in paths]
 
 
+def as_batch(imgs: list[np.ndarray], size: int, mean, std) -> torch.Tensor:
+    """BGR uint8 images -> the normalised [N, 3, size, size] batch a detector scores (INTER_AREA resize, RGB)."""
+    import cv2
+
+    return torch.stack([normalize(cv2.cvtColor(cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA),
+                                               cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0, mean, std) for im in imgs])
+
+
 def at_operating_point(op: dict, scores: np.ndarray, maps: np.ndarray, p: Product, size: int) -> dict:
     """Test-set figures at the released operating point (reported, never used to choose it)."""
     from contracts.operating_point import anomaly_boxes, prepare_map
@@ -146,12 +154,7 @@ def run_efficientad(prods: list[Product], args) -> dict:
         train_s = time.time() - t0
 
         def score(imgs, m=model):
-            import cv2
-
-            x = torch.stack([normalize(cv2.cvtColor(cv2.resize(im, (256, 256), interpolation=cv2.INTER_AREA),
-                                                    cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0,
-                                       m.input_mean, m.input_std) for im in imgs])
-            maps, scores = predict(m, x)
+            maps, scores = predict(m, as_batch(imgs, 256, m.input_mean, m.input_std))
             return scores.numpy().reshape(-1), maps[:, 0].numpy()
 
         op = choose_operating_point(score, bgr(hold), (256, 256), target_false_alarm_rate=args.target_false_alarm_rate)
@@ -206,11 +209,7 @@ def run_moleflow(prods: list[Product], args) -> dict:
         metas.append(train_task(model, p.name, feats[i][0], tcfg, features=feats[i][1], calibration_images=held[i][0]))
 
         def score(imgs, t=p.name):
-            import cv2
-
-            x = torch.stack([normalize(cv2.cvtColor(cv2.resize(im, (S, S), interpolation=cv2.INTER_AREA),
-                                                    cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0, *norm) for im in imgs])
-            o = model.predict(x, [t] * len(x), calibrated=True)
+            o = model.predict(as_batch(imgs, S, *norm), [t] * len(imgs), calibrated=True)
             return o["score"].numpy(), o["anomaly_map"][:, 0].numpy()
 
         ops[p.name] = choose_operating_point(score, bgr(held[i][0]), (S, S),
