@@ -72,6 +72,7 @@ def _parse(argv: list[str], settings: Settings) -> argparse.Namespace:
 
 def worker_grants(settings: Settings, args: list[str] | None = None) -> Grants:
     """What the Faust app of ``linewatch worker ARGS`` reads, writes, creates and joins (built, never started)."""
+    from stream.kafka.faust_adapter import leader_topic_name
     from stream.worker.app import build_app, limit_topics
     from stream.worker.config import worker_config
 
@@ -90,7 +91,7 @@ def worker_grants(settings: Settings, args: list[str] | None = None) -> Grants:
             _add(g, _topic(name), WRITE)
         for name in limit_topics(s):
             _add(g, _topic(name), frozenset({"DescribeConfigs"}))
-        internal = [] if app.conf.topic_disable_leader else [app._leader_assignor._leader_topic_name]
+        internal = [] if app.conf.topic_disable_leader else [leader_topic_name(app)]
         internal += [t.changelog_topic.get_topic_name() for t in app.tables.values()]
         prefix = f"{app.conf.id}-"
         if any(not n.startswith(prefix) for n in internal):

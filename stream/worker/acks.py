@@ -1,11 +1,10 @@
 """Ack safety of the worker (issue #15 item 1): nothing reaches Faust's ack but a fully published batch.
 
-Faust's ``Stream.take_events`` acks the events it yielded in a ``finally`` block: when the agent's batch
-body raises (or is cancelled), the async generator is closed and the *unpublished* batch is acked anyway,
-so its offsets commit with no result and no DLQ record. :func:`withhold` marks such a batch's messages as
-already acked without telling the consumer (``Message.ack`` skips a message whose ``acked`` is set, and
-the consumer commits only offsets it was told about, contiguously), so that ``finally`` commits nothing:
-the frames stay uncommitted and are redelivered to the next worker.
+The agent takes its batches with manual acks (``Stream.noack_take``, stream/worker/app.py) and acks a
+batch's events only after every output is on the broker. A batch whose body raised (or was cancelled) is
+never acked: it is withheld (:func:`stream.kafka.faust_adapter.withhold`: settled without telling the
+consumer, so no commit covers it and no rebalance waits for it) and its frames are redelivered to the next
+worker.
 
 A fatal error (:func:`fatal_stop`) withholds its batch, logs one line and stops the worker with SIGTERM
 (exit 1); :class:`ShutdownWatchdog` bounds every stop to ``worker_shutdown_timeout_s`` (a stop against an
@@ -26,19 +25,9 @@ from typing import Any
 
 from contracts.cli import EXIT_RUNTIME, EXIT_USAGE, UsageError
 from contracts.logs import get_logger
+from stream.kafka.faust_adapter import withhold
 
 log = get_logger("stream.worker.acks")
-
-
-def withhold(events: Iterable[Any]) -> int:
-    """Make Faust's later ack of these events a no-op for the commit (see the module docstring)."""
-    n = 0
-    for e in events:
-        msg = e.message
-        if not msg.acked:
-            msg.acked = True  # faust.types.tuples.Message.ack returns early; Consumer.ack is never called
-            n += 1
-    return n
 
 
 class ShutdownWatchdog:

@@ -1,15 +1,16 @@
 """The stream worker: a Faust (faust-streaming) app consuming ``frames``.
 
-Per micro-batch (``stream.take_events(batch_max, within=batch_within_s)``) the stages of
+Per micro-batch (``stream.noack_take(batch_max, within=batch_within_s)``: manual acks) the stages of
 :mod:`stream.worker.pipeline` (decode -> route -> prepare -> infer) produce one result per frame on
 ``inspection-results``, one defect event per anomalous frame on ``defect-events`` and a DLQ record
 per malformed frame on ``frames-dlq``; the lifecycle hook (stream/lifecycle/hooks.py) adds drift
 alerts and feeds a rollout's shadow window. Every send future is awaited before the iteration
 returns (stream/kafka/produce.py: retriable errors re-send only the unacknowledged records, fatal ones
-stop the worker), so offsets commit only after the outputs are on the broker (at-least-once; results are
-keyed by camera and carry ``frame_id`` so a replayed frame yields an identical, idempotent result).
-Faust's ``take_events`` would also ack a batch whose body raised: the agent withholds such a batch and
-stops the worker instead (stream/worker/acks.py), and every stop is bounded (``worker_shutdown_timeout_s``).
+stop the worker), and only then does the agent ack the batch's events, so offsets commit only after the
+outputs are on the broker (at-least-once; results are keyed by camera and carry ``frame_id`` so a replayed
+frame yields an identical, idempotent result). A batch whose body raised is never acked: the agent
+withholds it and stops the worker (stream/worker/acks.py), and every stop is bounded
+(``worker_shutdown_timeout_s``). Faust's private parts it relies on are in stream/kafka/faust_adapter.py.
 At start the DLQ topic's ``max.message.bytes`` caps the original bytes a DLQ record keeps
 (stream/kafka/limits.py), and Triton being down waits behind the circuit breaker.
 
@@ -33,11 +34,17 @@ from contracts.config import Settings
 from contracts.logs import configure_logging, get_logger
 from stream.inference.triton_client import TritonInfer
 from stream.kafka.codecs import require_codecs
-from stream.kafka.compat import apply_dev_broker_workarounds, limit_fetch_wait
+from stream.kafka.faust_adapter import (
+    apply_dev_broker_workarounds,
+    limit_fetch_wait,
+    pause_fetch,
+    resume_fetch,
+    withhold,
+)
 from stream.kafka.limits import DLQ_HEADROOM_BYTES, dlq_value_cap, read_topic_limits
 from stream.kafka.produce import send_all as _send_records
 from stream.lifecycle.wiring import register as register_lifecycle
-from stream.worker.acks import ShutdownWatchdog, exit_code_for, fatal_stop, reach_triton, withhold
+from stream.worker.acks import ShutdownWatchdog, exit_code_for, fatal_stop, reach_triton
 from stream.worker.breaker import CircuitBreaker
 from stream.worker.config import WorkerConfig, add_worker_args, worker_config
 from stream.worker.metrics import WorkerMetrics
@@ -116,38 +123,21 @@ def attach_breaker(app: faust.App, breaker: CircuitBreaker, topic: str) -> None:
     """While the Triton circuit breaker is open, pause fetching ``topic``'s assigned partitions (the
     backlog stays in Kafka, no frames are taken); resume the ones it paused when it closes.
 
-    The pause is aiokafka's own (in Faust's consumer thread), not Faust's ``pause_partitions``: Faust's
-    only drops the partition from the set its fetch loop filters on, so records aiokafka had already
-    returned for it (its position past them) were discarded without a result or an ack, and the next
-    commit skipped them -- frames lost whenever Triton went down mid-fetch. aiokafka's pause keeps the
-    position: what it had buffered is fetched again after the resume; what Faust holds is processed."""
-    from aiokafka import TopicPartition
-
+    The pause is aiokafka's own, not Faust's ``pause_partitions``, which loses records it had fetched
+    (stream/kafka/faust_adapter.py :func:`~stream.kafka.faust_adapter.pause_fetch`): frames lost whenever
+    Triton went down mid-fetch. aiokafka's pause keeps the position: what it had buffered is fetched again
+    after the resume; what Faust holds is processed."""
     paused: set = set()
-
-    async def on_consumer_thread(method: str, tps: set) -> None:
-        thread = app.consumer._thread  # type: ignore[attr-defined]
-        consumer = thread._ensure_consumer()
-
-        async def call() -> None:
-            getattr(consumer, method)(*(TopicPartition(tp.topic, tp.partition) for tp in tps))
-
-        await thread.call_thread(call)
-
-    def run(method: str, tps: set) -> None:
-        fut = asyncio.ensure_future(on_consumer_thread(method, tps))
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.error(
-            "consumption_control_failed", method=method, error=str(f.exception())[:300]))
 
     def pause() -> None:
         tps = {tp for tp in app.consumer.assignment() if tp.topic == topic}
-        run("pause", tps)
+        pause_fetch(app, tps)
         paused.update(tps)
         log.warning("consumption_paused", reason="triton_unreachable", partitions=len(tps))
 
     def resume() -> None:
         tps = paused & set(app.consumer.assignment())
-        run("resume", tps)
+        resume_fetch(app, tps)
         paused.clear()
         log.info("consumption_resumed", partitions=len(tps))
 
@@ -213,9 +203,9 @@ def build_app(cfg: WorkerConfig) -> faust.App:
 
     @app.agent(frames_t)
     async def inspect(stream):
-        async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
-            # take_events acks `events` in a finally block, even when this body raises: only a batch whose
-            # every output is on the broker may reach it (stream/worker/acks.py)
+        # manual acks: a batch is acked only once every output is on the broker; one that never will be is
+        # withheld (settled unacked: no commit covers it, no rebalance waits for it) and redelivered later
+        async for events in stream.noack_take(s.batch_max, within=s.batch_within_s):
             try:
                 await handle(events)
             except asyncio.CancelledError:  # stopping (SIGTERM, rebalance) mid-batch: redelivered later
@@ -224,6 +214,8 @@ def build_app(cfg: WorkerConfig) -> faust.App:
             except BaseException as e:
                 fatal_stop(state, e, events)
                 await asyncio.Event().wait()  # take no further batch; the stop cancels this task
+            for event in events:
+                await stream.ack(event)
 
     @app.page("/metrics")
     async def metrics_page(web, request):
@@ -281,11 +273,11 @@ def run_worker(cfg: WorkerConfig, loglevel: str = "info") -> None:
     watchdog = ShutdownWatchdog(s.worker_shutdown_timeout_s)
 
     class BoundedWorker(Worker):
-        def _schedule_shutdown(self, sig) -> None:
+        async def on_stop(self) -> None:  # the first step of every stop (a signal's included)
             fatal = state.get("fatal")
             watchdog.exit_code = exit_code_for(fatal) if fatal is not None else EXIT_RUNTIME
-            watchdog.arm(f"{getattr(sig, 'name', sig)}" + (f" after {type(fatal).__name__}" if fatal else ""))
-            super()._schedule_shutdown(sig)
+            watchdog.arm("worker stop" + (f" after {type(fatal).__name__}" if fatal else ""))
+            await super().on_stop()
 
     log.info("worker_start", bootstrap=s.kafka_bootstrap, triton=s.triton_grpc_url, topic=s.topic_frames,
              batch_max=s.batch_max, within_s=s.batch_within_s, web_port=s.worker_web_port, dev_broker=s.dev_broker,

@@ -10,7 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contracts.config import Settings
 from stream.kafka.clients import aiokafka_client_kwargs
-from stream.kafka.compat import apply_dev_broker_workarounds
+from stream.kafka.faust_adapter import apply_dev_broker_workarounds
 
 pytestmark = pytest.mark.integration
 

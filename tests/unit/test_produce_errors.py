@@ -1,11 +1,11 @@
-"""Producer error handling and ack withholding (issue #15 items 1 and 2): pure logic, no broker.
+"""Producer error handling, the start-up wait and the bounded stop (issue #15 items 1 and 2): no broker.
 
 - :func:`stream.kafka.produce.classify` sorts aiokafka / Faust errors into retriable vs fatal;
 - :func:`stream.worker.app.send_all` sends each record once, re-sends only the unacknowledged ones with
   capped backoff, and stops at once on a fatal error (it used to re-send the whole list up to 1,000,000
   times, whatever the error);
 - :func:`stream.kafka.limits.dlq_value_cap` fits a DLQ record into the DLQ topic's max.message.bytes;
-- :func:`stream.worker.acks.withhold` keeps Faust's ``finally`` ack of a failed batch from reaching the consumer.
+- withholding a failed batch's acks: tests/unit/test_faust_adapter.py.
 """
 
 from __future__ import annotations
@@ -152,37 +152,6 @@ def test_capped_dlq_record_fits_the_topic_limit():
                          max_value_bytes=cap)
     size = len(k) + len(v) + sum(len(a) + len(b) for a, b in h)
     assert v == b"" and size <= 10 * mib
-
-
-# ----------------------------------------------------------------------------- ack withholding
-
-
-class _Consumer:
-    def __init__(self):
-        self.acked: list[int] = []
-
-    def ack(self, message) -> bool:
-        self.acked.append(message.offset)
-        return True
-
-
-def test_withheld_batch_never_reaches_the_consumer_ack():
-    from faust.types.tuples import ConsumerMessage
-
-    from stream.worker.acks import withhold
-
-    @dataclass
-    class Ev:
-        message: ConsumerMessage
-
-    msgs = [ConsumerMessage("frames", 0, off, 0.0, 0, None, b"k", b"v", None) for off in range(4)]
-    for m in msgs:
-        m.incref()  # the one stream holding it
-    consumer = _Consumer()
-    assert withhold([Ev(m) for m in msgs[2:]]) == 2
-    for m in msgs:  # what take_events' finally does for every event of the batch
-        m.ack(consumer)
-    assert consumer.acked == [0, 1]  # offsets 2 and 3 are never committed: redelivered
 
 
 # ----------------------------------------------------------------------------- start-up wait and bounded stop
