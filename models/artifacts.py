@@ -101,3 +101,15 @@ def resolve_version(model_dir: Path, version: int | None) -> int:
         return version
     existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(existing, default=0) + 1
+
+
+def version_dir(path: Path) -> Path:
+    """``path`` if it is an exported version dir (holds metadata.json), else a model dir's newest version."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    versions = sorted((int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()),
+                      reverse=True) if path.is_dir() else []
+    if not versions:
+        raise ValueError(f"{path} is neither a version dir (metadata.json) nor a model dir with versions")
+    return path / str(versions[0])

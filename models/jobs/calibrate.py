@@ -87,15 +87,11 @@ def apply_operating_point(meta: dict, op: dict, task: str | None, model_dir: Pat
 def _cmd(a) -> int:
     from contracts.artifact import write_manifest
     from contracts.pbtxt import rewrite_config
+    from models.artifacts import version_dir
     from models.data import list_images
     from models.registry import get
 
-    vdir = Path(a.version_dir)
-    if not (vdir / "metadata.json").is_file():  # a model dir: its newest version
-        versions = sorted((int(p.name) for p in vdir.iterdir() if p.name.isdigit()), reverse=True) if vdir.is_dir() else []
-        if not versions:
-            raise ValueError(f"{vdir} is neither a version dir (metadata.json) nor a model dir with versions")
-        vdir = vdir / str(versions[0])
+    vdir = version_dir(Path(a.version_dir))  # a model dir: its newest version
     meta = json.loads((vdir / "metadata.json").read_text())
     det = get(meta["detector"])
     task = a.task or (det.info.task_of(meta["product"]) if meta.get("product") else None)
