@@ -73,6 +73,20 @@ def _schedule_ran(meta: dict, task: str | None) -> dict:
 
 
 def run_job(a, settings: Settings) -> int:
+    """One onboarding. A multi-task detector's onboardings of one model take turns (issue #26 item 9): its training
+    store's lock (models/locks.py) is held from loading the store (the next adapter index) to the exported version's
+    manifest and its release, so a second job waits, then adds its adapter after the first and exports the next
+    version."""
+    from models.locks import store_lock
+    from models.registry import get
+
+    if get(a.detector).info.multi_task and a.base_store:
+        with store_lock(a.base_store, what=f"{a.detector} training store"):
+            return _run_job(a, settings)
+    return _run_job(a, settings)
+
+
+def _run_job(a, settings: Settings) -> int:
     from models.data import split_good
     from models.registry import get
 

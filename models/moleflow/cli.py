@@ -61,11 +61,9 @@ def _weights(args) -> Path | None:
 def cmd_train_task(args) -> int:
     import torch
 
+    from models.locks import store_lock
     from models.moleflow.datasets import task_images
-    from models.moleflow.model import MoLEFlow, MoLEFlowConfig, check_task_name
-    from models.moleflow.store import BASE_META, load_model, save_adapter, save_base_if_needed
-    from models.moleflow.train import TrainConfig, train_task
-    from models.precision import cli_train_device
+    from models.moleflow.model import check_task_name
 
     try:
         check_task_name(args.task)
@@ -76,6 +74,18 @@ def cmd_train_task(args) -> int:
     paths = task_images(args.data_dir, args.task)
     if len(paths) < 2:
         raise _usage(f"need at least 2 good images for task {args.task}, found {len(paths)}")
+    # one writer at a time (models/locks.py): load the store, take the next adapter index ... save the adapter
+    with store_lock(out, what="MoLE-Flow training store"):
+        return _train_task_locked(args, out, paths)
+
+
+def _train_task_locked(args, out: Path, paths) -> int:
+    from models.moleflow.datasets import task_images
+    from models.moleflow.model import MoLEFlow, MoLEFlowConfig
+    from models.moleflow.store import BASE_META, load_model, save_adapter, save_base_if_needed
+    from models.moleflow.train import TrainConfig, train_task
+    from models.precision import cli_train_device
+
     quick = args.quick
     model = None
     if (out / BASE_META).is_file():
@@ -194,13 +204,15 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from models.locks import store_lock
     from models.moleflow.export import export_triton
 
     store = Path(args.checkpoint)
     if not store.is_dir():
         raise _usage(f"MoLE-Flow store not found: {store}")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    vdir = export_triton(store, args.repo, args.name, args.version, tasks, args.max_batch_size)
+    with store_lock(store, what="MoLE-Flow training store"):  # a consistent store: no adapter half written
+        vdir = export_triton(store, args.repo, args.name, args.version, tasks, args.max_batch_size)
     print(vdir)
     return 0
 
