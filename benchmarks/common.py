@@ -40,6 +40,13 @@ def git_state() -> dict:
     return dict(_AT_START)
 
 
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line that reproduces a run: the script (repo-relative) and its arguments."""
+    import sys
+
+    return " ".join([script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def machine() -> str:
     gpu = "GPU" if shutil.which("nvidia-smi") else "no GPU"
     return f"{platform.node()} ({os.cpu_count()} CPU, {platform.machine()}, {gpu})"

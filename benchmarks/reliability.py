@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bottle_test_dir, git_state, machine, require_model_dir  # noqa: E402
+from benchmarks.common import bottle_test_dir, command, git_state, machine, require_model_dir  # noqa: E402
 from contracts.config import Settings  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
 from tests.harness.chaos import FAULTS, load_images, run_scenario  # noqa: E402
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
             "model": model if a.model_dir else f"{model} (probe detector, {a.probe_delay_ms} ms per batch)",
             "frames": a.frames, "fps": a.fps, "fault_s": a.fault_s, "batch": a.batch, "faults": faults,
-            "wall_s": round(time.monotonic() - t0, 1), **git_state(), "safety_rc": safety_rc}
+            "wall_s": round(time.monotonic() - t0, 1), **git_state(), "command": command("benchmarks/reliability.py", argv),
+            "safety_rc": safety_rc}
     doc = {"meta": meta, "scenarios": rows}
     if safety is not None:
         doc["safety_scenarios"] = safety

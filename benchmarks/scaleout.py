@@ -43,7 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bottle_test_dir, git_state, machine, require_model_dir  # noqa: E402
+from benchmarks.common import bottle_test_dir, command, git_state, machine, require_model_dir  # noqa: E402
 from contracts.config import Settings  # noqa: E402
 from contracts.envelope import Frame, encode_frame, new_frame_id  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     add_efficiency(rows)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": machine(),
-            **git_state(), "workloads": workloads, "workers": ks, "partitions": a.partitions,
+            **git_state(), "command": command("benchmarks/scaleout.py", argv), "workloads": workloads, "workers": ks, "partitions": a.partitions,
             "cameras": len(a.cams), "batch_max": a.batch, "wall_s": round(time.monotonic() - t_wall, 1),
             "fps_definition": "result records after every worker's first result / (last result - that moment)"}
     doc = {"meta": meta, "rows": rows, "take_load": take}
