@@ -24,7 +24,9 @@ from contracts.artifact import CONFIG, rewrite_config, verify_artifact
 from contracts.config import Settings
 from contracts.detectors import DETECTORS
 from contracts.image import decode_image
+from contracts.pbtxt import apply_deployment
 from contracts.spec import parse_spec, to_tensor
+from models import Detector
 from models.cli import run
 from models.registry import get
 
@@ -63,7 +65,9 @@ def test_detector_contract(name, local_stack, shared_data, tmp_path):
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(vdir.parent, dst)
-    (dst / CONFIG).write_text(rewrite_config((vdir.parent / CONFIG).read_text(), served, None))
+    # the config the rollout writes (stream/lifecycle/repository.py): renamed, plus the CPU deployment's
+    # instance group and warmup batch (contracts.pbtxt, Triton's ModelConfig schema)
+    (dst / CONFIG).write_text(apply_deployment(rewrite_config((vdir.parent / CONFIG).read_text(), served, None)))
     client = grpcclient.InferenceServerClient(local_stack.triton_grpc_url)
     client.load_model(served, headers=local_stack.control_headers)
     try:
@@ -108,5 +112,9 @@ def test_detector_contract(name, local_stack, shared_data, tmp_path):
                 assert [bytes(v) for v in got.reshape(-1)] == [bytes(v) for v in want.reshape(-1)], o
             else:
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=o)
+        # the Python API (models.api.Detector) scores what Triton serves, judged by the version's operating point
+        preds = Detector.load(vdir).predict_batch([decode_image(p.read_bytes()) for p in images], tasks)
+        np.testing.assert_allclose([p.score for p in preds], res.as_numpy(spec.outputs["score"])[:, 0], rtol=1e-4, atol=1e-5)
+        assert all(p.is_anomaly == (p.score > p.threshold) and bool(p.boxes) == p.is_anomaly for p in preds)
     finally:
         client.unload_model(served, headers=local_stack.control_headers)
