@@ -64,13 +64,22 @@ def carry_operating_points(meta: dict, model_dir: Path, task: str) -> None:
 
 
 def choose_for_version(det, vdir: Path, good: list[Path], task: str | None, rate: float, seed: int = 0,
-                       loaded: tuple[ModelSpec, Scorer] | None = None) -> dict:
-    """The operating point of version ``vdir`` of detector ``det`` on the held-out ``good`` images; ``loaded``:
-    its (spec, scorer) when the caller already loaded it (the training job adds files before re-pinning)."""
+                       loaded: tuple[ModelSpec, Scorer] | None = None) -> tuple[dict, np.ndarray]:
+    """The operating point of version ``vdir`` of detector ``det`` on the held-out ``good`` images, and those
+    images' scores; ``loaded``: its (spec, scorer) when the caller already loaded it (the training job adds
+    files before re-pinning)."""
     spec, scorer = loaded or (det.spec(vdir), det.load_serving(vdir))
-    return choose_operating_point(lambda imgs: score_arrays(scorer, spec, task, imgs),
-                                  [decode_image(p.read_bytes()) for p in good], (spec.input.height, spec.input.width),
-                                  target_false_alarm_rate=rate, seed=seed)
+    first: list[np.ndarray] = []  # choose_operating_point scores the good images first, then synthetic defects
+
+    def score(imgs):
+        s, m = score_arrays(scorer, spec, task, imgs)
+        if not first:
+            first.append(np.asarray(s, np.float64).reshape(-1))
+        return s, m
+
+    op = choose_operating_point(score, [decode_image(p.read_bytes()) for p in good],
+                                (spec.input.height, spec.input.width), target_false_alarm_rate=rate, seed=seed)
+    return op, first[0]
 
 
 def apply_operating_point(meta: dict, op: dict, task: str | None, model_dir: Path) -> None:
@@ -98,7 +107,7 @@ def _cmd(a) -> int:
     good = [Path(p) for p in list_images(Path(a.good_dir))]
     if len(good) < 4:
         raise ValueError(f"need at least 4 held-out good images in {a.good_dir}, found {len(good)}")
-    op = choose_for_version(det, vdir, good, task, a.target_false_alarm_rate or a.settings.target_false_alarm_rate,
+    op, _ = choose_for_version(det, vdir, good, task, a.target_false_alarm_rate or a.settings.target_false_alarm_rate,
                             a.seed)
     apply_operating_point(meta, op, task, vdir.parent)
     cfg = vdir.parent / "config.pbtxt"

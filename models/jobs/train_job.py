@@ -134,11 +134,11 @@ def _run_job(a, settings: Settings) -> int:
         files.append(rel)
     # calibrate on the images exactly as the controller's health check will score them: the stored
     # (downscaled) probe files where a held-out image became a probe, the originals otherwise
+    # and the operating point (decision + box thresholds, FAR/recall estimates) on the same images, scored once
     calibration = [vdir / f for f in files] + list(hold[len(files):])
-    cal = score_images(scorer, spec, task, calibration)
-    # the operating point (decision + box thresholds, FAR/recall estimates) on the held-out images
-    op = choose_for_version(det, vdir, hold, task, a.target_false_alarm_rate or settings.target_false_alarm_rate, a.seed,
-                            loaded=(spec, scorer))
+    op, cal = choose_for_version(det, vdir, calibration, task,
+                                 a.target_false_alarm_rate or settings.target_false_alarm_rate, a.seed,
+                                 loaded=(spec, scorer))
     thr = op["threshold"]
     apply_operating_point(meta, op, task, store / model)
     if task and isinstance(meta.get("tasks"), dict) and task in meta["tasks"]:
