@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sys
 import time
 from collections import OrderedDict, deque
@@ -35,6 +36,8 @@ log = get_logger("stream.console")
 STEPS = ("onboard_started", "training_started", "training_finished", "released", "promoted")
 FINAL = ("promoted", "rolled_back", "refused", "failed")
 MAX_PRODUCTS, MAX_CANDIDATES, MAX_RUNS, MAX_IDS = 64, 48, 8, 5000
+READ_CHUNK, MAX_TAIL = 64 * 1024, 64 * 1024  # the child's output: read in chunks, an unended "line" cut here
+_SEP = re.compile(rb"(\r\n|\r|\n)")
 
 
 def _product(name: str) -> dict[str, Any]:
@@ -178,7 +181,7 @@ class OnboardRunner:
                                                     stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
         self.runs[product] = {"product": product, "detector": detector, "mode": self.mode, "pid": proc.pid,
                               "started_ms": int(time.time() * 1000), "rc": None, "ended_ms": None,
-                              "output": deque(maxlen=40)}
+                              "output": deque(maxlen=40), "progress": None, "bytes": 0}
         self._procs[product] = proc
         log.info("console_onboard_started", product=product, detector=detector, pid=proc.pid, runner=self.mode)
         task = asyncio.ensure_future(self._follow(product, proc))
@@ -193,17 +196,58 @@ class OnboardRunner:
             self.on_change("onboard_runner", {k: v for k, v in st.items() if k != "output"} if st else {})
 
     async def _follow(self, product: str, proc: asyncio.subprocess.Process) -> None:
+        """Read the child's output in chunks (never lines: tqdm's ``\\r`` progress has no newline and one
+        "line" can pass any limit), split on ``\\r`` and ``\\n`` with a bounded tail: ``\\n``-ended text
+        is an output line, ``\\r``-ended text a progress update (the newest kept, announced at most once a
+        second). The exit code is recorded whatever happens to the reader (a reader that fails kills the
+        child rather than leave it blocked on a full pipe)."""
         run = self.runs[product]
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                run["output"].append(line[:400])
-        run["rc"] = await proc.wait()
-        run["ended_ms"] = int(time.time() * 1000)
-        self._procs.pop(product, None)
-        log.info("console_onboard_ended", product=product, rc=run["rc"])
-        self._emit(product)
+        tail, last_emit = b"", 0.0
+        try:
+            while chunk := await proc.stdout.read(READ_CHUNK):
+                run["bytes"] += len(chunk)
+                parts = _SEP.split(tail + chunk)
+                tail = parts.pop()
+                for seg, sep in zip(parts[0::2], parts[1::2], strict=True):
+                    self._segment(run, seg, progress=sep == b"\r")
+                if len(tail) > MAX_TAIL:  # a "line" that never ends: shown cut, not kept growing
+                    self._segment(run, tail, progress=False)
+                    tail = b""
+                if run["progress"] is not None and time.monotonic() - last_emit >= 1.0:
+                    last_emit = time.monotonic()
+                    self._progress(product, run)
+            if tail:
+                self._segment(run, tail, progress=False)
+        except Exception as e:  # noqa: BLE001 - the exit code below must be recorded whatever failed here
+            log.error("console_onboard_reader_failed", product=product, error=f"{type(e).__name__}: {e}"[:300])
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        finally:
+            run["rc"] = await proc.wait()
+            run["ended_ms"] = int(time.time() * 1000)
+            self._procs.pop(product, None)
+            if run["progress"] is not None:
+                self._progress(product, run)
+            log.info("console_onboard_ended", product=product, rc=run["rc"], output_bytes=run["bytes"])
+            self._emit(product)
+
+    @staticmethod
+    def _segment(run: dict[str, Any], raw: bytes, *, progress: bool) -> None:
+        text = raw.decode("utf-8", "replace").strip()
+        if not text:
+            return
+        if progress:
+            p = run["progress"] or {"updates": 0}
+            run["progress"] = {"text": text[:200], "updates": p["updates"] + 1, "ts_ms": int(time.time() * 1000)}
+        else:
+            run["output"].append(text[:400])
+
+    def _progress(self, product: str, run: dict[str, Any]) -> None:
+        """A structured progress event (an SSE ``onboard_progress`` on the page, one JSON log line)."""
+        log.info("console_onboard_progress", product=product, **run["progress"])
+        if self.on_change is not None:
+            self.on_change("onboard_progress", {"product": product, **run["progress"]})
 
     async def stop(self) -> None:
         for proc in list(self._procs.values()):

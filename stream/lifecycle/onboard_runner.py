@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -230,11 +231,11 @@ class Onboarding:
         await self.emit("training_started", runner="local", argv=argv)
         t0 = time.monotonic()
 
-        def run() -> tuple[int, list[str]]:
+        def run() -> tuple[int, deque[str]]:
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
             timer = threading.Timer(self.a.train_timeout, p.kill)  # a hung job: killed, exit 124 below
             timer.start()
-            lines = []
+            lines: deque[str] = deque(maxlen=200)  # the summary is among the last lines; a long job's output is not kept
             try:
                 for line in p.stdout:  # echoed: the job's summary and the released event are JSON lines
                     sys.stdout.write(line)

@@ -6,6 +6,7 @@ The whole loop in a browser on the real stack is tests/integration/test_camera_o
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
@@ -140,3 +141,44 @@ def test_runner_argv_and_limits():
     with pytest.raises(RunnerRefused) as e:
         asyncio.run(OnboardRunner(Settings(console_onboard_runner="off"), "b:1").start("elpv", "moleflow"))
     assert e.value.status == 403
+
+
+class _ChildRunner(OnboardRunner):
+    """The runner with an arbitrary child command in place of `linewatch onboard` (its process handling is
+    what is under test: the real child, pipe and exit code)."""
+
+    def __init__(self, settings: Settings, child: list[str]):
+        super().__init__(settings, "b:1")
+        self.child = child
+
+    def argv(self, product: str, detector: str) -> list[str]:
+        return self.child
+
+
+async def test_runner_survives_a_megabyte_of_carriage_return_progress():
+    """Issue #26 item 6: tqdm writes ``\\r`` with no newline; 1 MB of it is one "line" past asyncio's 64 KiB
+    limit. The run must still end with the child's exit code, its progress as bounded events, and a later
+    Onboard accepted (not 409)."""
+    child = ("import sys\n"
+             "for i in range(20000):\n"
+             "    sys.stdout.write(f'\\rtrain {i:6d}/20000 |' + '#' * 40 + '| loss 0.1234')\n"
+             "sys.stdout.write('\\n{\"summary\": 1}\\n'); sys.stdout.flush()\n")
+    r = _ChildRunner(Settings(console_onboard_runner="local"), [sys.executable, "-c", child])
+    events: list = []
+    r.on_change = lambda kind, payload: events.append((kind, payload))
+    await r.start("elpv", "moleflow")
+    for _ in range(300):
+        if r.status("elpv")["rc"] is not None:
+            break
+        await asyncio.sleep(0.1)
+    st = r.status("elpv")
+    assert st["rc"] == 0, {k: v for k, v in st.items() if k != "output"}
+    assert "elpv" not in r.running()
+    # the last bar (ended by \n) and the summary are output lines; every \r-ended bar before was progress
+    assert st["output"][-2].startswith("train  19999/20000") and st["output"][-1] == '{"summary": 1}'
+    assert len(st["output"]) <= 40 and all(len(x) <= 400 for x in st["output"])
+    assert st["progress"]["text"].startswith("train  19998/20000") and st["progress"]["updates"] == 19999
+    assert st["bytes"] > 1_000_000 and [k for k, _ in events].count("onboard_progress") >= 1
+    again = await r.start("elpv", "moleflow")  # ended: accepted, not 409
+    assert again["rc"] is None
+    await r.stop()

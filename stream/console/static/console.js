@@ -140,7 +140,7 @@ const LW = (() => {
       opened = true;
     });
     es.onerror = () => { live.textContent = "reconnecting"; live.className = "live off"; };
-    for (const kind of ["result", "defect", "drift", "dlq", "serving", "model_event", "feedback", "onboarding", "onboard_runner", "stats"]) {
+    for (const kind of ["result", "defect", "drift", "dlq", "serving", "model_event", "feedback", "onboarding", "onboard_runner", "onboard_progress", "stats"]) {
       es.addEventListener(kind, (ev) => {
         let data;
         try { data = JSON.parse(ev.data); } catch (_) { return; }

@@ -71,6 +71,7 @@
       status,
       runner ? el("details", { class: "runner" },
         el("summary", { text: `linewatch onboard (${runner.mode}): ${runner.rc === null ? "running" : "exit " + runner.rc}` }),
+        runner.progress ? el("p", { class: "muted small progress", text: runner.progress.text }) : null,
         el("pre", { text: (runner.output || []).join("\n") })) : null,
       p.candidates.length ? el("p", { class: "muted small", text: "Frames DLQ'd as an unknown product (newest first): select the ones to capture." }) : null,
       cands,
@@ -88,6 +89,6 @@
         : el("p", { class: "muted", text: "no unknown product seen" })));
   };
   const reload = debounce(() => { if (location.hash.startsWith("#/onboarding")) LW.render(); }, 600);
-  page.on = { onboarding: reload, onboard_runner: reload, serving: reload };
+  page.on = { onboarding: reload, onboard_runner: reload, onboard_progress: reload, serving: reload };
   LW.page("onboarding", page);
 })();
