@@ -3,7 +3,8 @@
 One app on one port. ``GET /`` serves the single page (plain HTML/CSS/JS from ``static/``, no build step);
 it reads ``/api/*`` and listens on ``/events`` (text/event-stream: one event per record the console
 applied, plus a ``stats`` event every 2 s), so every page updates live. Each SSE client has a bounded queue;
-a client that falls behind is disconnected (its EventSource reconnects and reloads the views).
+a client that falls behind loses its oldest events (counted) and is told to reload the views. Live clients
+are capped, anonymous ones separately, so clients without the token cannot take every slot.
 
 Reads need no token. Every action needs ``Authorization: Bearer <console_token>`` (stream/console/auth.py;
 without a configured token it answers 403): ``POST /api/defects/{frame_id}/feedback`` (operator verdict),
@@ -38,28 +39,65 @@ STATIC = {"console.css": "text/css", "console.js": "text/javascript", "pages.js"
           "onboarding.js": "text/javascript"}
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
-SSE_QUEUE = 512  # events buffered per live client
+SSE_QUEUE = 512  # events buffered per live client (past it the oldest is dropped, counted, and the page reloads)
 SSE_CLIENTS = 64  # live clients at once (each holds at most SSE_QUEUE events)
+SSE_ANONYMOUS = 48  # of which without the console token: the rest is kept for token holders
+
+
+class SseClient:
+    """One live client: its bounded queue, whether it showed the token, what was dropped for it."""
+
+    def __init__(self, token_holder: bool):
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=SSE_QUEUE)
+        self.token_holder = token_holder
+        self.dropped = 0
+        self.reported = 0  # drops the client was told of (a ``hello``: its page reloads the views)
 
 
 class Hub:
-    """Fan-out of state changes to the connected SSE clients (bounded queue each)."""
+    """Fan-out of state changes to the connected SSE clients: a bounded queue each, the oldest event dropped
+    (and counted: ``dropped``, ``linewatch_console_sse_dropped_total``) when a client falls behind."""
 
-    def __init__(self) -> None:
-        self.clients: set[asyncio.Queue] = set()
+    def __init__(self, metrics: ConsoleMetrics | None = None) -> None:
+        self.clients: set[SseClient] = set()
+        self.dropped = 0
+        self.metrics = metrics
+
+    def refusal(self, token_holder: bool) -> str | None:
+        """Why a new live client cannot connect now (None: it can)."""
+        if len(self.clients) >= SSE_CLIENTS:
+            return f"too many live clients (max {SSE_CLIENTS}); the pages still load without live updates"
+        if not token_holder and sum(not c.token_holder for c in self.clients) >= SSE_ANONYMOUS:
+            return (f"too many anonymous live clients (max {SSE_ANONYMOUS}; the other {SSE_CLIENTS - SSE_ANONYMOUS} "
+                    "are kept for console token holders); the pages still load without live updates")
+        return None
+
+    def connect(self, token_holder: bool) -> SseClient:
+        c = SseClient(token_holder)
+        self.clients.add(c)
+        return c
+
+    def close(self, c: SseClient) -> None:
+        self.clients.discard(c)
+        if c.queue.full():
+            c.queue.get_nowait()
+        c.queue.put_nowait(None)
+
+    def _put(self, c: SseClient, msg: bytes | None) -> None:
+        if c.queue.full():
+            c.queue.get_nowait()
+            c.dropped += 1
+            self.dropped += 1
+            if self.metrics is not None:
+                self.metrics.sse_dropped.inc()
+        c.queue.put_nowait(msg)
 
     def publish(self, kind: str, payload: dict[str, Any]) -> None:
         if not self.clients:
             return
         msg = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
-        for q in list(self.clients):
-            try:
-                q.put_nowait(msg)
-            except asyncio.QueueFull:  # too slow: drop it; its EventSource reconnects and reloads
-                self.clients.discard(q)
-                with contextlib.suppress(asyncio.QueueFull):
-                    q.get_nowait()
-                    q.put_nowait(None)
+        for c in list(self.clients):
+            self._put(c, msg)
 
 
 STATE_KEY = web.AppKey("state", ConsoleState)
@@ -125,6 +163,7 @@ async def api_config(request: web.Request) -> web.Response:
                   "read-only: no console token configured (LINEWATCH_CONSOLE_TOKEN), actions are disabled",
                   "topics": src.topics.__dict__, "replay": s.console_replay, "max_defects": s.console_max_defects,
                   "onboard_runner": s.console_onboard_runner, "detectors": detector_names(),
+                  "max_cameras": request.app[STATE_KEY].max_cameras,
                   "multi_task_detectors": [d for d in detector_names() if detector_info(d).multi_task]})
 
 
@@ -277,28 +316,41 @@ async def post_feedback(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    hub = request.app[HUB_KEY]
-    if len(hub.clients) >= SSE_CLIENTS:
-        return _error(503, f"too many live clients (max {SSE_CLIENTS}); the pages still load without live updates")
+    """Live updates. The console token (``Authorization: Bearer`` or ``?token=``: a browser's EventSource
+    cannot set headers; the console keeps no access log) reaches the slots kept for token holders."""
+    hub, token = request.app[HUB_KEY], request.app[SETTINGS_KEY].console_token
+    given = request.query.get("token")
+    header = f"Bearer {given}" if given is not None else request.headers.get("Authorization")
+    holder = False
+    if header is not None and token is not None:
+        d = check_bearer(header, token.get_secret_value())
+        if not d.allowed:
+            return _error(d.status, d.message)
+        holder = True
+    why = hub.refusal(holder)
+    if why is not None:
+        return _error(503, why)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    q: asyncio.Queue = asyncio.Queue(maxsize=SSE_QUEUE)
-    hub.clients.add(q)
+    client = hub.connect(holder)
     try:
         await resp.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
         while True:
             try:
-                msg = await asyncio.wait_for(q.get(), timeout=15.0)
+                msg = await asyncio.wait_for(client.queue.get(), timeout=15.0)
             except TimeoutError:
                 msg = b": ping\n\n"
-            if msg is None:  # dropped by the hub
+            if msg is None:  # closed by the app
                 break
+            if client.dropped > client.reported:  # it fell behind: its page reloads the views
+                msg = b"event: hello\ndata: " + orjson.dumps({"dropped": client.dropped}) + b"\n\n" + msg
+                client.reported = client.dropped
             await resp.write(msg)
     except ConnectionResetError:  # the browser went away
         pass
     finally:
-        hub.clients.discard(q)
+        hub.clients.discard(client)
     return resp
 
 
@@ -313,7 +365,8 @@ def build_app(settings: Settings, bootstrap: str, *, state: ConsoleState | None 
     """The console app; its Kafka tails start with the app (``on_startup``) and stop with it (``connect=False``:
     no Kafka at all, the views serve ``state`` as it is)."""
     app = web.Application(middlewares=[_headers], client_max_size=16 * 1024)
-    hub, m = Hub(), ConsoleMetrics()
+    m = ConsoleMetrics()
+    hub = Hub(m)
     st = state or ConsoleState(max_defects=settings.console_max_defects)
 
     def changed(kind: str, payload: dict[str, Any]) -> None:
@@ -331,10 +384,8 @@ def build_app(settings: Settings, bootstrap: str, *, state: ConsoleState | None 
         app[STATS_KEY] = asyncio.ensure_future(_stats_loop(app))
 
     async def shutdown(app: web.Application) -> None:  # end the event streams, or the server waits for them
-        for q in list(hub.clients):
-            hub.clients.discard(q)
-            with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(None)
+        for c in list(hub.clients):
+            hub.close(c)
 
     async def cleanup(app: web.Application) -> None:
         await app[RUNNER_KEY].stop()

@@ -26,6 +26,8 @@ class ConsoleMetrics:
                                 ["verdict"], registry=r)
         for v in ("confirmed", "false_alarm"):
             self.feedback.labels(verdict=v)
+        self.sse_dropped = Counter("linewatch_console_sse_dropped", "Live-update events dropped for a client "
+                                   "that fell behind (oldest first)", registry=r)
         self.sse_clients = Gauge("linewatch_console_sse_clients", "Connected live-update (SSE) clients", registry=r)
 
     def observe(self, kind: str, payload: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from contracts.logs import get_logger
 log = get_logger("stream.sources.camera")
 
 _URL = re.compile(r"^(rtsps?|https?|rtmp|udp|tcp|srt)://", re.I)
-_DEVICE = re.compile(r"^/dev/video(\d+)$")
+_DEVICE = re.compile(r"/dev/video(\d+)")  # fullmatch: `$` would accept a trailing newline
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
@@ -225,7 +225,7 @@ def _open_stream(target: str | int):
 def open_source(spec: str, *, loop: bool = False, backoff_s: float = 0.5, backoff_max_s: float = 30.0,
                 max_reconnects: int | None = None):
     """FILE | FOLDER | stream URL | /dev/videoN -> a source (module docstring)."""
-    m = _DEVICE.match(spec)
+    m = _DEVICE.fullmatch(spec)
     if m:
         return StreamSource(int(m.group(1)), backoff_s=backoff_s, backoff_max_s=backoff_max_s,
                             max_reconnects=max_reconnects, name=spec)

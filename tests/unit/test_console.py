@@ -5,7 +5,6 @@ The real-browser test against the real stack is tests/integration/test_console_b
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
@@ -391,18 +390,28 @@ async def test_reads_are_open_actions_need_the_token_and_headers_are_strict():
         await acting.close()
 
 
-def test_hub_drops_a_client_that_falls_behind():
-    from stream.console.app import Hub
+def test_hub_drops_the_oldest_events_of_a_client_that_falls_behind(monkeypatch):
+    from stream.console import app
 
-    hub = Hub()
-    slow, fast = asyncio.Queue(maxsize=2), asyncio.Queue(maxsize=10)
-    hub.clients |= {slow, fast}
+    monkeypatch.setattr(app, "SSE_QUEUE", 2)
+    m = ConsoleMetrics()
+    hub = app.Hub(m)
+    slow = hub.connect(token_holder=False)
+    monkeypatch.setattr(app, "SSE_QUEUE", 10)
+    fast = hub.connect(token_holder=True)
     for i in range(3):
         hub.publish("result", {"i": i})
-    assert slow not in hub.clients and fast in hub.clients and fast.qsize() == 3
-    items = [slow.get_nowait() for _ in range(slow.qsize())]
-    assert items[-1] is None  # told to go (its EventSource reconnects and reloads)
-    assert fast.get_nowait().startswith(b"event: result\ndata: {")
+    assert {slow, fast} == hub.clients and fast.queue.qsize() == 3 and slow.queue.qsize() == 2
+    assert slow.dropped == 1 == hub.dropped and fast.dropped == 0
+    assert [orjson_i(slow.queue.get_nowait()) for _ in range(2)] == [1, 2]  # the oldest went
+    assert fast.queue.get_nowait().startswith(b"event: result\ndata: {")
+    assert b"linewatch_console_sse_dropped_total 1.0" in m.render()[0]
+    hub.close(slow)
+    assert slow not in hub.clients and slow.queue.get_nowait() is None
+
+
+def orjson_i(msg: bytes) -> int:
+    return json.loads(msg.split(b"data: ", 1)[1])["i"]
 
 
 def test_static_pages_never_write_server_text_as_html():

@@ -132,7 +132,8 @@ const LW = (() => {
 
   function connect() {
     const live = document.getElementById("live");
-    const es = new EventSource("/events");
+    // the token reaches the live-update slots kept for token holders (EventSource cannot set headers)
+    const es = new EventSource("/events" + (token ? "?token=" + encodeURIComponent(token) : ""));
     let opened = false;
     es.addEventListener("hello", () => {
       live.textContent = "live"; live.className = "live on";

@@ -33,7 +33,9 @@
 
   wall.render = async (root) => {
     const data = await api("/api/cameras");
-    wall.tiles = new Map(data.cameras.map((c) => [c.camera, c]));
+    // least recently seen first, so a live result re-inserts its camera at the end and the cap evicts the oldest
+    const byAge = data.cameras.slice().sort((a, b) => (a.processed_ts_ms || 0) - (b.processed_ts_ms || 0));
+    wall.tiles = new Map(byAge.map((c) => [c.camera, c]));
     wall.root = root;
     drawWall(root);
   };
@@ -41,9 +43,10 @@
     wall.timer = null;
     const grid = document.getElementById("wall");
     if (!grid) return;
+    if (wall.evicted) { wall.evicted = false; wall.pending.clear(); drawWall(wall.root); return; }
     for (const c of wall.pending.values()) {
       const old = grid.querySelector(`.tile[data-camera="${CSS.escape(c.camera)}"]`);
-      if (old) old.replaceWith(tile(c)); else drawWall(wall.root);
+      if (old) old.replaceWith(tile(c)); else { drawWall(wall.root); break; }
     }
     wall.pending.clear();
   };
@@ -53,7 +56,15 @@
       c.scores = (c.scores || []).concat([r.score_normalized ?? r.score]).slice(-60);
       Object.assign(c, r, { frames: (c.frames || 0) + 1, anomalies: (c.anomalies || 0) + (r.is_anomaly ? 1 : 0),
                             has_frame: true });
+      wall.tiles.delete(r.camera); // re-inserted: the Map's order is least recently seen first
       wall.tiles.set(r.camera, c);
+      const cap = LW.config.max_cameras || 256;
+      for (const old of wall.tiles.keys()) { // past the cap the least recently seen tile goes (as on the server)
+        if (wall.tiles.size <= cap) break;
+        wall.tiles.delete(old);
+        wall.pending.delete(old);
+        wall.evicted = true;
+      }
       wall.pending.set(r.camera, c);
       if (!wall.timer) wall.timer = setTimeout(wall.flush, 700); // at most ~1.5 redraws/s per camera
     },
