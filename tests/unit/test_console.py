@@ -391,13 +391,13 @@ async def test_reads_are_open_actions_need_the_token_and_headers_are_strict():
 
 
 def test_hub_drops_the_oldest_events_of_a_client_that_falls_behind(monkeypatch):
-    from stream.console import app
+    from stream.console import hub as hub_mod
 
-    monkeypatch.setattr(app, "SSE_QUEUE", 2)
+    monkeypatch.setattr(hub_mod, "SSE_QUEUE", 2)
     m = ConsoleMetrics()
-    hub = app.Hub(m)
+    hub = hub_mod.Hub(m)
     slow = hub.connect(token_holder=False)
-    monkeypatch.setattr(app, "SSE_QUEUE", 10)
+    monkeypatch.setattr(hub_mod, "SSE_QUEUE", 10)
     fast = hub.connect(token_holder=True)
     for i in range(3):
         hub.publish("result", {"i": i})

@@ -12,6 +12,7 @@ import pytest
 from contracts.config import Settings
 from contracts.envelope import InspectionResult
 from stream.console import app as console_app
+from stream.console import hub as console_hub
 from stream.console.state import ConsoleState
 
 TOKEN = "t-bounds-123"
@@ -47,8 +48,8 @@ async def test_ten_thousand_cameras_through_the_console_stay_bounded():
         tracemalloc.stop()
         assert len(st.cameras) <= st.max_cameras
         assert list(st.cameras)[-1] == "cam-09999"  # least recently seen evicted, newest kept
-        assert slow in hub.clients and slow.queue.qsize() <= console_app.SSE_QUEUE  # kept, drop-oldest
-        assert slow.dropped == 30_000 - console_app.SSE_QUEUE and hub.dropped == slow.dropped
+        assert slow in hub.clients and slow.queue.qsize() <= console_hub.SSE_QUEUE  # kept, drop-oldest
+        assert slow.dropped == 30_000 - console_hub.SSE_QUEUE and hub.dropped == slow.dropped
         assert grown < 16 * 1024 * 1024, grown
         cams = (await (await c.get("/api/cameras")).json())["cameras"]
         assert len(cams) == len(st.cameras) <= st.max_cameras
@@ -75,8 +76,8 @@ async def _open(c, **kw):
 
 
 async def test_token_holder_still_connects_when_anonymous_clients_fill_their_share(monkeypatch):
-    monkeypatch.setattr(console_app, "SSE_CLIENTS", 6)
-    monkeypatch.setattr(console_app, "SSE_ANONYMOUS", 4, raising=False)
+    monkeypatch.setattr(console_hub, "SSE_CLIENTS", 6)
+    monkeypatch.setattr(console_hub, "SSE_ANONYMOUS", 4)
     c = await _client(Settings(console_token=TOKEN), ConsoleState())
     held = []
     try:
