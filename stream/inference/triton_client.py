@@ -204,6 +204,9 @@ class TritonInfer:
         """A spec for ``model`` v``version`` from the serving state (stream/worker/serving.py); the model
         list is re-read on the next batch (a newly promoted model is READY now)."""
         self._versioned[(model, str(version))] = spec
+        # the serving version's spec is this model's until Triton says otherwise: a worker started while Triton
+        # is empty (restarted, reloading) preprocesses and routes by it (spec_for) instead of calling it unknown
+        self.last_specs[model] = spec
         self._refreshed = 0.0
 
     def spec_at(self, model: str, version: str | None) -> ModelSpec | None:

@@ -133,7 +133,7 @@ def attach_breaker(app: faust.App, breaker: CircuitBreaker, topic: str) -> None:
         tps = {tp for tp in app.consumer.assignment() if tp.topic == topic}
         pause_fetch(app, tps)
         paused.update(tps)
-        log.warning("consumption_paused", reason="triton_unreachable", partitions=len(tps))
+        log.warning("consumption_paused", reason=breaker.reason[:300], partitions=len(tps))
 
     def resume() -> None:
         tps = paused & set(app.consumer.assignment())
@@ -177,6 +177,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
                 view = ServingView(s, p.router, triton)
                 await view.start()
                 p.sync_serving = view.sync
+                p.serving = view  # the authority: a product it serves waits for its model, never unknown_product
                 state["serving"] = view
                 # Triton down at start: the breaker pauses consumption and probes; nothing raises into the agent
                 await reach_triton(p, s.worker_ready_wait_s)

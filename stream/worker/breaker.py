@@ -55,6 +55,7 @@ class CircuitBreaker:
         self.on_close = on_close
         self.metrics = metrics
         self.closed = True
+        self.reason = ""  # why it last opened: Triton unreachable, or a served model not loaded (infer_stage.py)
         self.opened_total = 0
         self._lock = asyncio.Lock()
 
@@ -62,6 +63,7 @@ class CircuitBreaker:
         if not self.closed:
             return
         self.closed = False
+        self.reason = why
         self.opened_total += 1
         log.warning("triton_breaker_open", reason=why[:300])
         if self.metrics is not None:

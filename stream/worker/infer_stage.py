@@ -7,8 +7,10 @@ the error text) and by Triton's health right after it:
   (``inference_error``);
 - transient, Triton unreachable: the circuit breaker (stream/worker/breaker.py) opens; no frame is
   charged, no request is sent until a liveness probe answers (app.py pauses consumption meanwhile);
-- transient, the model not READY (unloaded, reloading): re-routed and retried; DLQ'd as the
-  routing error (``unknown_product``) only past ``worker_transient_grace_s``;
+- transient, the model not READY (unloaded, reloading, Triton restarted empty): a model the serving state
+  routes a product to (stream/worker/serving.py, the authority) is waited for behind the circuit breaker
+  (consumption paused, no timer: its frames are never ``unknown_product``; issue #26 item 4); any other is
+  re-routed and retried, DLQ'd as the routing error (``unknown_product``) only past ``worker_transient_grace_s``;
 - transient while Triton answers and the model is READY: the frames are retried one by one, and each
   frame's own failures are charged to its retry budget (``worker_retry_budget``); past it the frame
   goes to the DLQ as ``retry_exhausted`` instead of stalling its partition for ever.
@@ -43,8 +45,36 @@ ROUND_BACKOFF = Backoff(0.5, 10.0, "equal")  # between retry rounds while Triton
 
 
 class InferStage:
-    """Mixed into Pipeline (which provides triton, metrics, router, breaker, retry_budget, grace_s,
-    _image_limits, refresh_models, score, dead_letter)."""
+    """Mixed into Pipeline (which provides triton, metrics, router, serving, awaiting, breaker, retry_budget,
+    grace_s, _image_limits, refresh_models, score, dead_letter)."""
+
+    def route_live(self, frame) -> Route:
+        """The router's route; for a product the serving state serves, its model's route even while Triton has
+        not loaded it (the frame then waits for it: never ``unknown_product``)."""
+        try:
+            return self.router.route(frame)
+        except EnvelopeError as e:
+            if e.reason != "unknown_product" or self.serving is None:
+                raise
+            r = self.serving.route_of(self.router.product_of(frame), frame.task)
+            if r is None:
+                raise
+            return r
+
+    def served(self, model: str) -> bool:
+        return self.serving is not None and model in self.serving.served_models()
+
+    async def probe(self) -> bool:
+        """The circuit breaker's probe: Triton live, and every awaited served model READY (a model the serving
+        state no longer routes to is not waited for)."""
+        if not await self.triton.live():
+            return False
+        self.awaiting = {m for m in self.awaiting if self.served(m)}
+        for m in sorted(self.awaiting):
+            if await self.triton.health(m) != "ok":
+                return False
+        self.awaiting.clear()
+        return True
 
     def check_task(self, route: Route) -> None:
         """A frame's task must be one its model reports (else DLQ ``unknown_task``, before any request:
@@ -130,6 +160,9 @@ class InferStage:
         log.warning("triton_transient_batch", model=model, n=n, code=e.code, health=health, error=str(e)[:300])
         if health == "down":
             self.breaker.open(f"{model}: {e.code}: {e}")
+        elif health == "unready" and self.served(model):  # the serving state routes to it: wait, no timer
+            self.awaiting.add(model)
+            self.breaker.open(f"{model}: not loaded in Triton; the serving state routes to it: waiting for its load")
         return health
 
     def _charge(self, p: Prepared, e: TransientInferError, budget: RetryBudget) -> tuple[list, list]:
@@ -166,7 +199,7 @@ class InferStage:
         dead: list[DeadLetter] = []
         for p in pending:
             try:
-                r = self.router.route(p.frame)
+                r = self.route_live(p.frame)
                 self.check_task(r)
             except EnvelopeError as e:
                 if e.reason == "unknown_product" and waited < self.grace_s:  # e.g. model reloading: keep retrying

@@ -37,7 +37,7 @@ from stream.worker.config import WorkerConfig
 from stream.worker.infer_stage import InferStage
 from stream.worker.metrics import WorkerMetrics
 from stream.worker.records import Batch, DeadLetter, Decoded, Outgoing, Prepared, RawRecord, Routed, Scored
-from stream.worker.serving import ResyncThrottle
+from stream.worker.serving import ResyncThrottle, ServingView
 
 log = get_logger("stream.worker.pipeline")
 
@@ -62,11 +62,14 @@ class Pipeline(InferStage):
         self.model_missing_since: dict[str, float] = {}
         # set by the worker app: await it to apply every serving-state entry written so far (stream/worker/serving.py)
         self.sync_serving: Callable[[], Awaitable[None]] | None = None
+        # set by the worker app: the serving state, the authority on which products are served (issue #26 item 4)
+        self.serving: ServingView | None = None
+        self.awaiting: set[str] = set()  # models of served products not loaded in Triton: the breaker waits for them
         self.resync = ResyncThrottle()  # ...when a frame names a product nothing routes
         self.executor = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
         self.grace_s = s.worker_transient_grace_s
         self.retry_budget = s.worker_retry_budget
-        self.breaker = breaker or CircuitBreaker(triton.live, backoff_s=s.worker_breaker_backoff_s,
+        self.breaker = breaker or CircuitBreaker(self.probe, backoff_s=s.worker_breaker_backoff_s,
                                                  backoff_max_s=s.worker_breaker_backoff_max_s, metrics=metrics)
         self.heatmap_size = s.heatmap_size
         self.max_bytes = cfg.dlq_value_bytes or s.max_frame_bytes  # a DLQ record's original value
@@ -93,9 +96,10 @@ class Pipeline(InferStage):
 
     def route(self, d: Decoded) -> Routed:
         try:
-            route = self.router.route(d.frame)
+            route = self.route_live(d.frame)
         except EnvelopeError as e:
-            # its model was READY before (reloading / Triton restarting): retry within the grace period
+            # not served by the serving state, its model READY before (reloading / Triton restarting): retry
+            # within the grace period
             if e.reason != "unknown_product":
                 raise
             route = Router(self.router.config, self.triton.available(include_unready=True)).route(d.frame)

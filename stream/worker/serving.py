@@ -16,6 +16,7 @@ from contracts.logs import get_logger
 from contracts.operating_point import operating_point_of
 from contracts.serving_state import ServingEntry, decode_entry
 from contracts.spec import parse_spec
+from stream.inference.routing import Route
 from stream.kafka.follow import TopicFollower
 
 log = get_logger("stream.worker.serving")
@@ -46,6 +47,23 @@ class ServingView:
         self.triton.add_spec(e.model, e.version, parse_spec(e.spec))
         log.info("serving_state", product=e.product, model=e.model, version=e.version,
                  threshold=operating_point_of(e.spec, e.product).threshold)  # the one its frames are judged with
+
+    def route_of(self, product: str | None, task: str | None) -> Route | None:
+        """The route the serving state gives ``product``, whether or not Triton has its model loaded now
+        (None: the serving state does not serve it). The serving state is the authority (issue #26 item 4): a
+        product it routes is never ``unknown_product``; while its model is not loaded its frames wait."""
+        e = self.entries.get(product or "")
+        if e is None:
+            return None
+        spec = self.triton.spec_for(e.model)
+        tasks = spec.tasks if spec is not None else ()
+        if tasks:  # a multi-task model: the product's task (the model routes when it has none)
+            t = task or (e.product if e.product in tasks else "")
+            return Route(e.model, t, e.product, routed=not t)
+        return Route(e.model, task or "", e.product, routed=False)
+
+    def served_models(self) -> set[str]:
+        return {e.model for e in self.entries.values()}
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Read the topic to its end (the worker routes nothing before), then follow it."""
