@@ -7,9 +7,11 @@ restart re-reads at most one batch; a frame already in the manifest is not writt
 - **unknown product**: ``frames-dlq`` records whose ``error`` is ``unknown_product``. A DLQ record is the
   original frame bytes with the original headers plus ``error*`` headers (contracts.envelope.dlq_record),
   so :func:`contracts.envelope.decode_frame` recovers the frame as the camera published it. (A frame over
-  the DLQ size limit keeps only its size and sha256: it is skipped, counted ``empty``.)
-- **out of distribution**: a ``retrain_requested`` event on ``model-events`` (a worker's route-OOD drift
-  alert; stream/lifecycle/hooks.py) *arms* capture for its product (or, without one, its camera) for
+  the DLQ size limit keeps only its size and sha256: it is skipped, counted ``empty``.) Only products the
+  serving state (followed here) does not serve are taken: a served one is never "new" (issue #26 item 4).
+- **out of distribution**: a ``retrain_requested`` event on ``retrain-requests`` (a worker's route-OOD drift
+  alert; stream/lifecycle/hooks.py; never on ``model-events``, whose commands the controller obeys and which
+  workers may not write) *arms* capture for its product (or, without one, its camera) for
   ``capture_arm_s``: live frames of that product are then read from the ``frames`` topic (every
   partition, no group, from the end, like the rollout's shadow sampler) while the arm lasts. An arm lives in
   this process only: a restarted service does not re-arm (its ``retrain_requested`` was acked).
@@ -37,6 +39,7 @@ from contracts.model_events import ModelEventError
 from contracts.model_events import decode as decode_model_event
 from contracts.names import is_safe_name
 from stream.kafka.clients import Producer, client_kwargs, ensure_topics, partitions_of
+from stream.kafka.follow import TopicFollower
 from stream.lifecycle.onboarding import (
     CapturePolicy,
     CaptureStore,
@@ -54,18 +57,20 @@ class CaptureTopics:
     """The Kafka resources the service uses (stream/ops/acls.py derives its KafkaUser from the same object)."""
 
     dlq: str  # unknown_product candidates, in ``group``
-    model_events: str  # retrain_requested arms, in ``group``
+    retrain: str  # retrain_requested arms (the workers' retrain-requests topic), in ``group``
     onboarding: str  # capture_select read in ``group``; captured / capture_armed written
     frames: str  # live frames while armed: every partition, no group
     group: str
+    serving_state: str = "serving-state"  # followed whole, no group: products it serves are never captured
 
     @classmethod
     def of(cls, s: Settings) -> CaptureTopics:
-        return cls(s.topic_dlq, s.topic_model_events, s.topic_onboarding, s.topic_frames, s.capture_group)
+        return cls(s.topic_dlq, s.topic_retrain_requests, s.topic_onboarding, s.topic_frames, s.capture_group,
+                   s.topic_serving_state)
 
     @property
     def subscribed(self) -> tuple[str, ...]:
-        return (self.dlq, self.model_events, self.onboarding)
+        return (self.dlq, self.retrain, self.onboarding)
 
     @property
     def writes(self) -> tuple[str, ...]:
@@ -100,6 +105,7 @@ class CaptureService:
         self._triggers: dict[str, str] = {}
         self._armed = asyncio.Event()
         self.live_ready = asyncio.Event()  # the live reader is positioned at the end of every frames partition
+        self.served: set[str] = set()  # products the serving state serves: not "unknown", never captured as such
 
     # -- pure-ish steps (unit-testable without a broker)
     def offer(self, frame: Frame, trigger: str) -> bool:
@@ -136,7 +142,14 @@ class CaptureService:
         except EnvelopeError:
             self.stats["undecodable"] += 1
             return
+        if frame.product in self.served:  # the serving state knows it: a model loading, not a new product
+            self.stats["served"] += 1
+            return
         self.offer(frame, "unknown_product")
+
+    def on_serving(self, key: bytes | None, value: bytes | None) -> None:
+        product = (key or b"").decode("utf-8", "replace")
+        (self.served.add if value else self.served.discard)(product)  # an empty value: a tombstone (retired)
 
     def on_model_event(self, value: bytes | None) -> OnboardEvent | None:
         try:
@@ -222,7 +235,7 @@ class CaptureService:
                     for r in recs:
                         if tp.topic == s.topic_dlq:
                             self.on_dlq(r.key, r.value, r.headers)
-                        elif tp.topic == s.topic_model_events:
+                        elif tp.topic == t.retrain:
                             ev = self.on_model_event(r.value)
                             events += [ev] if ev else []
                         else:
@@ -276,14 +289,18 @@ class CaptureService:
         s = self.s
         if s.dev_broker:  # the embedded broker; in k8s the KafkaTopics exist
             # (frames and the DLQ are the workers': their partition count is theirs to choose)
-            await ensure_topics(s.kafka_bootstrap, [s.topic_model_events, s.topic_onboarding], settings=s)
+            await ensure_topics(s.kafka_bootstrap, [s.topic_retrain_requests, s.topic_onboarding], settings=s)
         self.store.root.mkdir(parents=True, exist_ok=True)
         self.producer = Producer(s.kafka_bootstrap, settings=s)
         await self.producer.start()
+        serving = TopicFollower(s.kafka_bootstrap, CaptureTopics.of(s).serving_state, self.on_serving, settings=s,
+                                missing_ok=True)
         log.info("capture_start", capture_dir=str(self.store.root), policy=self.policy.mode,
                  every_n=self.policy.every_n, max_per_product=self.policy.max_per_product)
         try:
+            await serving.start()
             await run_until_stopped(stop, self._control(stop), self._live(stop))
         finally:
+            await serving.stop()
             await self.producer.stop()
             log.info("capture_stop", **dict(self.stats))

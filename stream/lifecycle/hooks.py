@@ -83,7 +83,7 @@ class Lifecycle:
 
     @property
     def output_topics(self) -> tuple[Any, ...]:
-        """The topics this hook publishes to: drift alerts, model events (retrain_requested), drift state."""
+        """The topics this hook publishes to: drift alerts, retrain requests (never model-events), drift state."""
         return (self.drift_topic, self.events_topic) + ((self.state.topic,) if self.state is not None else ())
 
     def after_batch(self, batch: Batch) -> list[Outgoing]:

@@ -1,5 +1,6 @@
 """Wire the worker's lifecycle hooks into its Faust app (stream/worker/app.py): per-batch drift alerts
-(+ ``retrain_requested`` on a route-OOD alert) through :class:`stream.lifecycle.hooks.Lifecycle`.
+(+ ``retrain_requested`` on a route-OOD alert, on ``topic_retrain_requests``: the capture service reads it,
+the controller never does) through :class:`stream.lifecycle.hooks.Lifecycle`.
 
 Rollouts are not the worker's job: the controller service (stream/lifecycle/service.py) is the only
 component with Triton model control; the worker follows the serving state it writes
@@ -17,7 +18,8 @@ from stream.worker.config import WorkerConfig
 
 def register(app: Any, cfg: WorkerConfig) -> Lifecycle:
     s = cfg.settings
-    events_t = app.topic(s.topic_model_events, key_serializer="raw", value_serializer="raw")
+    # retrain_requested goes to its own topic, not model-events: the worker may not write the controller's commands
+    events_t = app.topic(s.topic_retrain_requests, key_serializer="raw", value_serializer="raw")
     drift_t = app.topic(s.topic_drift, key_serializer="raw", value_serializer="raw")
     drift = DriftHook.from_settings(s.drift) if s.drift.enabled else None
     state = None

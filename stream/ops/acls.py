@@ -5,7 +5,8 @@ the reading and writing.
 
 - **worker**: the Faust app that ``linewatch worker`` runs (:func:`stream.worker.app.build_app`).
   It reads its agents' source topics and writes the topics in ``app.linewatch_writes`` (the ones its
-  pipeline and lifecycle hooks publish to). At start it reads the ``max.message.bytes`` of
+  pipeline and lifecycle hooks publish to; never ``model-events``: a worker decodes untrusted images, and the
+  controller obeys the commands on that topic, so its ``retrain_requested`` goes to ``retrain-requests``). At start it reads the ``max.message.bytes`` of
   :func:`stream.worker.app.limit_topics` (DescribeConfigs). Faust creates its internal topics (the
   assignor's leader topic, table changelogs) under the ``<app id>-`` prefix, and its consumer group
   is the app id.
@@ -18,11 +19,13 @@ the reading and writing.
   shows without a group and writes operator feedback and capture selections. Unless
   ``console_onboard_runner`` is ``off`` it runs ``linewatch onboard`` as a child with its own identity, so
   its user also holds :func:`onboard_grants` for that runner.
-- **capture**: ``linewatch capture`` (:class:`stream.lifecycle.capture.CaptureTopics`) reads the DLQ, model
-  events and onboarding commands in its group, live frames without one, and writes onboarding progress.
+- **capture**: ``linewatch capture`` (:class:`stream.lifecycle.capture.CaptureTopics`) reads the DLQ, the
+  workers' retrain requests and onboarding commands in its group, live frames and the serving state without
+  one, and writes onboarding progress.
 - **onboard**: ``linewatch onboard`` (stream/lifecycle/onboard_runner.py) reads serving-state, model-events and the
   onboarding topic without a group and publishes its steps on the onboarding topic; trained locally, the
   training subprocess publishes ``released`` with the same identity.
+- **operator**: a person's ``linewatch rollback`` and ``linewatch rollout status``.
 - **line**: a factory line publishes frames the way ``linewatch replay`` and ``linewatch camera`` do and
   follows its results the way ``linewatch tail --defects`` does. None uses a consumer group.
 
@@ -186,15 +189,35 @@ def capture_grants(settings: Settings, args: list[str] | None = None) -> Grants:
     for name in t.subscribed:
         _add(g, _topic(name), READ)
     _add(g, _topic(t.frames), READ)
+    _add(g, _topic(t.serving_state), READ)  # followed whole, no group: served products are not captured
     for name in t.writes:
         _add(g, _topic(name), WRITE)
     _add(g, Resource("group", t.group), READ)
     return g
 
 
+def operator_grants(settings: Settings) -> Grants:
+    """A person's ``linewatch rollback`` (publishes ``rollback_requested``) and ``linewatch rollout status``
+    (reads the history, no group), on the topic their parsers resolve."""
+    from stream.ops.cli_lifecycle import _topic as events_topic
+
+    g: Grants = {}
+    _add(g, _topic(events_topic(_parse(["rollback", "m", "--to-version", "1"], settings))), WRITE)
+    _add(g, _topic(events_topic(_parse(["rollout", "status"], settings))), READ)
+    return g
+
+
+def command_writers(settings: Settings) -> set[str]:
+    """The components that may write the topic whose commands (``released``, ``rollback_requested``) the
+    controller obeys: never the worker (issue #26 item 7)."""
+    res = _topic(settings.topic_model_events)
+    return {n for n, f in COMPONENTS.items() if "Write" in f(settings).get(res, frozenset())}
+
+
 COMPONENTS = {"linewatch-worker": worker_grants, "linewatch-controller": controller_grants,
               "linewatch-trainer": trainer_grants, "linewatch-line": line_grants,
-              "linewatch-console": console_grants, "linewatch-capture": capture_grants}
+              "linewatch-console": console_grants, "linewatch-capture": capture_grants,
+              "linewatch-operator": operator_grants}
 
 
 def from_strimzi(acls: list[dict]) -> Grants:

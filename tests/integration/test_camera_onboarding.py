@@ -246,12 +246,12 @@ def test_route_ood_retrain_request_arms_capture_of_live_frames(local_stack, sett
     boot = local_stack.kafka_bootstrap
     s = settings.with_overrides(kafka_bootstrap=boot, capture_dir=tmp_path / "caps", capture_group=f"cap-{uid}",
                                 topic_frames=f"cap-{uid}-frames", topic_dlq=f"cap-{uid}-dlq",
-                                topic_model_events=f"cap-{uid}-events", topic_onboarding=f"cap-{uid}-onb")
+                                topic_retrain_requests=f"cap-{uid}-retrain", topic_onboarding=f"cap-{uid}-onb")
     cells = _images([p for p in sorted((shared_data / "mvtec" / "bottle" / "test" / "good").glob("*.png"))[:6]],
                     tmp_path / "frames")
 
     async def go():
-        await ensure_topics(boot, [s.topic_frames, s.topic_dlq, s.topic_model_events, s.topic_onboarding])
+        await ensure_topics(boot, [s.topic_frames, s.topic_dlq, s.topic_retrain_requests, s.topic_onboarding])
         svc = CaptureService(s)
         stop = asyncio.Event()
         task = asyncio.ensure_future(svc.run(stop))
@@ -261,7 +261,7 @@ def test_route_ood_retrain_request_arms_capture_of_live_frames(local_stack, sett
             ev = ModelEvent("retrain_requested", "moleflow", 0, product="cells", reasons=["route_ood: 80% of 64"],
                             detail={"camera": "cam-ood", "task": "bottle"})
             async with Producer(boot, settings=s) as p:
-                await p.send_many(s.topic_model_events, [(ev.key, ev.to_json(), [])])
+                await p.send_many(s.topic_retrain_requests, [(ev.key, ev.to_json(), [])])
             deadline = time.monotonic() + 30
             while "product:cells" not in svc.arms and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)

@@ -15,11 +15,13 @@ from stream.ops.acls import (
     WRITE,
     Resource,
     capture_grants,
+    command_writers,
     console_grants,
     controller_grants,
     from_strimzi,
     line_grants,
     onboard_grants,
+    operator_grants,
     to_strimzi,
     trainer_grants,
     worker_grants,
@@ -82,6 +84,28 @@ def test_kafka_users_grant_exactly_what_the_code_uses(monkeypatch):
     # factory lines run outside the cluster with the ConfigMap's topic names
     base_cm = by_kind(render("base"), "ConfigMap")["linewatch-config"]["data"]
     assert users["linewatch-line"] == line_grants(_settings_of(base_cm, monkeypatch))
+    # the operator's user: `linewatch rollback` / `linewatch rollout status`, by a person outside the cluster
+    assert users["linewatch-operator"] == operator_grants(_settings_of(base_cm, monkeypatch))
+    # who may command the controller (write model-events): never the worker, which decodes untrusted images
+    events = Resource("topic", base_cm.get("LINEWATCH_TOPIC_MODEL_EVENTS", "model-events"))
+    writers = {n for n, g in users.items() if "Write" in g.get(events, frozenset())}
+    assert writers == {"linewatch-controller", "linewatch-trainer", "linewatch-operator"}, writers
+
+
+def test_the_worker_cannot_write_the_controllers_commands():
+    """Issue #26 item 7: from the code, for any settings: the worker's grants hold nothing on model-events; its
+    retrain_requested goes to retrain-requests, which the capture service reads and the controller does not."""
+    from stream.lifecycle.service import ControllerTopics
+
+    s = Settings(topic_model_events="p2-events", topic_retrain_requests="p2-retrain", dev_broker=False)
+    assert "linewatch-worker" not in command_writers(s)
+    assert command_writers(s) <= {"linewatch-controller", "linewatch-trainer", "linewatch-operator",
+                                  "linewatch-console"}  # the console only with a local onboarding runner
+    assert "linewatch-console" not in command_writers(s.with_overrides(console_onboard_runner="k8s"))
+    w = worker_grants(s)
+    assert Resource("topic", "p2-events") not in w and w[Resource("topic", "p2-retrain")] == WRITE
+    assert "p2-retrain" not in ControllerTopics.of(s).reads
+    assert capture_grants(s)[Resource("topic", "p2-retrain")] == READ
 
 
 def test_worker_grants_follow_the_worker_flags_and_settings():
@@ -93,8 +117,10 @@ def test_worker_grants_follow_the_worker_flags_and_settings():
     assert g[("group", "lw-plant2", "literal")] == {"Read", "Describe"}
     assert g[("topic", "lw-plant2-", "prefix")] >= {"Create", "Read"}  # Faust's assignor leader topic
     assert ("topic", "frames", "literal") not in g and ("cluster", "", "literal") not in g
-    # the drift hook writes retrain_requested; rollouts (and their Read) are the controller's
-    assert g[("topic", "model-events", "literal")] == {"Write", "Describe"}
+    # the drift hook writes retrain_requested on its own topic; nothing on model-events, whose commands the
+    # controller obeys (issue #26 item 7)
+    assert g[("topic", "retrain-requests", "literal")] == {"Write", "Describe"}
+    assert not [k for k in g if k[1] == "model-events"]
     assert g[("topic", "serving-state", "literal")] == {"Read", "Describe"}
 
 
@@ -118,12 +144,13 @@ def _named(g) -> dict[tuple[str, str], set[str]]:
 
 
 def test_capture_grants_follow_its_code_settings_and_group_flag():
-    """One group for the DLQ, model events and onboarding commands; frames without a group; progress out."""
-    s = Settings(topic_dlq="p2-dlq", topic_model_events="p2-events", topic_onboarding="p2-onboarding",
-                 topic_frames="p2-frames", capture_group="p2-capture")
-    assert _named(capture_grants(s)) == {("topic", "p2-dlq"): READ, ("topic", "p2-events"): READ,
+    """One group for the DLQ, retrain requests and onboarding commands; frames and the serving state without a
+    group; progress out."""
+    s = Settings(topic_dlq="p2-dlq", topic_retrain_requests="p2-retrain", topic_onboarding="p2-onboarding",
+                 topic_frames="p2-frames", capture_group="p2-capture", topic_serving_state="p2-serving")
+    assert _named(capture_grants(s)) == {("topic", "p2-dlq"): READ, ("topic", "p2-retrain"): READ,
                                          ("topic", "p2-onboarding"): READ | WRITE, ("topic", "p2-frames"): READ,
-                                         ("group", "p2-capture"): READ}
+                                         ("topic", "p2-serving"): READ, ("group", "p2-capture"): READ}
     g = capture_grants(s, ["--group", "other"])  # `linewatch capture --group` replaces the settings' group
     assert Resource("group", "other") in g and Resource("group", "p2-capture") not in g
 
@@ -160,7 +187,7 @@ def test_capture_service_subscribes_to_what_it_is_granted(monkeypatch):
     asyncio.run(svc._control(stop))
     g = capture_grants(s)
     assert Resource("group", seen["group"]) in g
-    assert set(seen["topics"]) == {s.topic_dlq, s.topic_model_events, s.topic_onboarding}
+    assert set(seen["topics"]) == {s.topic_dlq, s.topic_retrain_requests, s.topic_onboarding}
     assert all(g[Resource("topic", t)] >= READ for t in seen["topics"])
 
 
