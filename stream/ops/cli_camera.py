@@ -64,7 +64,8 @@ def _cmd_camera(a) -> int:
 
     st = asyncio.run(run())
     print(f"camera {cfg.camera_id}: published {st.published} frames to {topic}, dropped {st.dropped} "
-          f"(late {st.dropped_late}, window {st.dropped_window}), failed {st.failed}, reconnects {st.reconnects}")
+          f"(late {st.dropped_late}, window {st.dropped_window}), failed {st.failed}, re-encoded {st.reencoded}, "
+          f"too large {st.too_large}, reconnects {st.reconnects}")
     return 0
 
 

@@ -15,8 +15,12 @@ ticks are skipped and their frames **dropped** (``late``: a file or folder skips
 stream simply has newer ones). At most ``max_inflight`` sends await their broker ack; a tick that finds
 the window full drops its frame (``window``) instead of queueing it. Drops are logged as
 ``camera_frames_dropped`` at most every ``drop_log_s`` seconds. A send that fails after the producer's own
-retries is counted ``failed``; a fatal producer error (authorization, topic, size) stops the camera
-(:class:`contracts.cli.RuntimeFailure`, exit 1). The time a live stream spent reconnecting is not counted
+retries is counted ``failed``; a fatal producer error (authorization, topic) stops the camera
+(:class:`contracts.cli.RuntimeFailure`, exit 1). Sizes never do (stream/sources/fit.py): the producer is
+sized from the topic's ``max.message.bytes`` read at start (else ``max_frame_bytes``), a JPEG over the
+budget is re-encoded (lower quality, then downscaled; counted ``reencoded``, logged
+``camera_frame_reencoded``), a frame that fits at no size, or that the broker still refuses as too large, is
+counted ``too_large`` (and the budget shrinks a quarter for the next frames). The time a live stream spent reconnecting is not counted
 as drops (the pacer restarts). The end is logged once as ``camera_done`` with :class:`CameraStats`.
 """
 
@@ -30,16 +34,20 @@ from typing import Any
 
 import cv2
 import numpy as np
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from contracts.cli import RuntimeFailure, UsageError
 from contracts.envelope import Frame, decode_frame, encode_frame, new_frame_id
 from contracts.logs import get_logger
 from stream.kafka.produce import classify, root_cause
+from stream.sources.fit import FrameLimit, fit_jpeg
 from stream.sources.inputs import Shot, open_source  # noqa: F401 - re-exported for the CLI and tests
 
 log = get_logger("stream.sources.camera")
 
 Record = tuple[bytes, bytes, list]
+TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+REENCODE_LOG_S = 5.0
 Send = Callable[[Record], Awaitable[asyncio.Future]]
 
 
@@ -64,6 +72,8 @@ class CameraStats:
     dropped_late: int = 0
     dropped_window: int = 0
     failed: int = 0
+    reencoded: int = 0  # JPEGs re-encoded (lower quality / downscaled) to fit the topic
+    too_large: int = 0  # frames that fit at no size, or that the broker refused as too large
     reconnects: int = 0
     seconds: float = 0.0
 
@@ -112,6 +122,7 @@ class Window:
         self.limit, self.stats = limit, stats
         self.pending: set[asyncio.Future] = set()
         self.fatal: BaseException | None = None
+        self.on_too_large: Callable[[], None] | None = None
         self._last_fail_log = 0.0
 
     def full(self) -> bool:
@@ -132,6 +143,13 @@ class Window:
         self.failed(err)
 
     def failed(self, err: BaseException) -> None:
+        if isinstance(root_cause(err), TOO_LARGE):  # never fatal: counted, and later frames made smaller
+            self.stats.too_large += 1
+            if self.on_too_large is not None:
+                self.on_too_large()
+            log.warning("camera_frame_too_large", too_large=self.stats.too_large,
+                        error=f"{type(err).__name__}: {err}"[:300])
+            return
         if isinstance(err, Exception) and classify(err) == "fatal":
             self.fatal = self.fatal or err
             return
@@ -174,13 +192,42 @@ def check_config(cfg: CameraConfig) -> None:
         raise UsageError(f"--jpeg-quality must be 1..100, got {cfg.jpeg_quality}")
 
 
+def _encode(cfg: CameraConfig, shot: Shot, limit: FrameLimit | None, shrink: float, stats: CameraStats,
+            last_log: list[float]) -> Record | None:
+    """The frame's record, its JPEG fitted to ``limit`` (stream/sources/fit.py); None: it fits at no size."""
+    if limit is None:
+        return frame_record(cfg, encode_jpeg(shot.image, cfg.jpeg_quality), shot.ts_ms, shot.extra)
+    k, v, h = frame_record(cfg, b"", shot.ts_ms, shot.extra)
+    budget = int(limit.budget(k, h) * shrink)
+    fit = fit_jpeg(shot.image, cfg.jpeg_quality, budget)
+    if fit.data is None:
+        stats.too_large += 1
+        log.warning("camera_frame_too_large", camera=cfg.camera_id, bytes=fit.first_bytes, budget=budget,
+                    too_large=stats.too_large, shape=list(shot.image.shape[:2]))
+        return None
+    if fit.reencoded:
+        stats.reencoded += 1
+        now = time.monotonic()
+        if now - last_log[0] >= REENCODE_LOG_S or stats.reencoded == 1:
+            last_log[0] = now
+            log.warning("camera_frame_reencoded", camera=cfg.camera_id, reencoded=stats.reencoded,
+                        bytes_before=fit.first_bytes, bytes_after=len(fit.data), budget=budget,
+                        quality=fit.quality, scale=fit.scale, shape=list(shot.image.shape[:2]))
+    return k, fit.data, h
+
+
 async def run_camera(source, send: Send, cfg: CameraConfig, *, clock: Callable[[], float] = time.monotonic,
                      sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, stop: asyncio.Event | None = None,
-                     offload: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> CameraStats:
+                     offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
+                     limit: FrameLimit | None = None) -> CameraStats:
     """Read, encode and publish until the source ends, ``max_frames`` were sent, or ``stop`` (see the module
-    docstring). ``send(record)`` schedules one record and returns its delivery future."""
+    docstring). ``send(record)`` schedules one record and returns its delivery future; ``limit``: what a
+    record may weigh (None: no limit, the JPEG as encoded)."""
     stats = CameraStats()
     window = Window(cfg.max_inflight, stats)
+    shrink = [1.0]  # the budget's factor: a quarter less after each frame the broker refused as too large
+    window.on_too_large = lambda: shrink.__setitem__(0, shrink[0] * 0.75)
+    last_reenc_log = [float("-inf")]
     t_start = clock()
     pacer = Pacer(cfg.fps, t_start)
     last_log, logged = t_start, 0
@@ -203,14 +250,15 @@ async def run_camera(source, send: Send, cfg: CameraConfig, *, clock: Callable[[
             if window.full():
                 stats.dropped_window += 1
             else:
-                data = await offload(encode_jpeg, shot.image, cfg.jpeg_quality)
-                try:
-                    fut = await send(frame_record(cfg, data, shot.ts_ms, shot.extra))
-                except Exception as e:  # refused before it left the client (e.g. larger than max_request_size)
-                    window.failed(e)
-                else:
-                    stats.sent += 1
-                    window.add(fut)
+                rec = await offload(_encode, cfg, shot, limit, shrink[0], stats, last_reenc_log)
+                if rec is not None:
+                    try:
+                        fut = await send(rec)
+                    except Exception as e:  # refused before it left the client (e.g. larger than max_request_size)
+                        window.failed(e)
+                    else:
+                        stats.sent += 1
+                        window.add(fut)
             missed = pacer.advance(clock())
             if missed:
                 stats.dropped_late += source.skip(missed)
@@ -235,11 +283,15 @@ async def run_camera(source, send: Send, cfg: CameraConfig, *, clock: Callable[[
 async def camera(bootstrap: str, source, cfg: CameraConfig, *, topic: str = "frames", settings=None,
                  stop: asyncio.Event | None = None) -> CameraStats:
     """:func:`run_camera` over a real producer (stream.kafka.clients.Producer: acks=all)."""
+    from contracts.config import process_settings
     from stream.kafka.clients import Producer
+    from stream.sources.fit import frame_limit
 
-    async with Producer(bootstrap, settings=settings) as prod:
+    s = settings or process_settings()
+    limit = await frame_limit(bootstrap, topic, s)
+    async with Producer(bootstrap, settings=s, max_request_size=limit.producer_max_request_size()) as prod:
         async def send(rec: Record) -> asyncio.Future:
             k, v, h = rec
             return await prod.p.send(topic, key=k, value=v, headers=h)
 
-        return await run_camera(source, send, cfg, stop=stop)
+        return await run_camera(source, send, cfg, stop=stop, limit=limit)
