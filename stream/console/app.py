@@ -6,7 +6,8 @@ applied, plus a ``stats`` event every 2 s), so every page updates live. Each SSE
 a client that falls behind loses its oldest events (counted) and is told to reload the views. Live clients
 are capped, anonymous ones separately, so clients without the token cannot take every slot.
 
-Reads need no token. Every action needs ``Authorization: Bearer <console_token>`` (stream/console/auth.py;
+Reads need no token, except frame images, heat maps (``?token=`` accepted) and the onboarding runner's output
+(left out of ``/api/onboarding`` without it; issue #26 item 7). Every action needs ``Authorization: Bearer <console_token>`` (stream/console/auth.py;
 without a configured token it answers 403): ``POST /api/defects/{frame_id}/feedback`` (operator verdict),
 ``POST /api/onboarding/{product}/select`` (capture these candidate frames) and
 ``POST /api/onboarding/{product}/onboard`` (run ``linewatch onboard``: stream/console/onboarding.py).
@@ -153,26 +154,39 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def img_frame(request: web.Request) -> web.Response:
+    if (refused := _refused(request, query=True)) is not None:  # a frame is the plant's image: token holders only
+        return refused
     jpg = await request.app[SOURCES_KEY].frame_thumbnail(request.match_info["frame_id"])
     if jpg is None:
         raise web.HTTPNotFound(text="frame not in this console's buffer")
-    return web.Response(body=jpg, content_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+    return web.Response(body=jpg, content_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
 async def img_heatmap(request: web.Request) -> web.Response:
+    if (refused := _refused(request, query=True)) is not None:
+        return refused
     rec = request.app[STATE_KEY].defects.get(request.match_info["frame_id"])
     png = None if rec is None else heatmap_overlay(rec.heatmap_b64, map_threshold=rec.summary["map_threshold"],
                                                    heatmap_scale=rec.summary["heatmap_scale"])
     if png is None:
         raise web.HTTPNotFound(text="no heat map for this frame")
-    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=3600"})
+    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _refused(request: web.Request) -> web.Response | None:
-    """None when the request carries the console token; else the 401/403 to answer (logged)."""
+def _decision(request: web.Request, query: bool = False):
+    """The request's console token checked (``query``: it may come as ``?token=`` too: an ``<img>`` cannot set
+    headers; the console keeps no access log)."""
     s = request.app[SETTINGS_KEY]
     token = s.console_token.get_secret_value() if s.console_token is not None else None
-    decision = check_bearer(request.headers.get("Authorization"), token)
+    header = request.headers.get("Authorization")
+    if header is None and query and request.query.get("token"):
+        header = "Bearer " + request.query["token"]
+    return check_bearer(header, token)
+
+
+def _refused(request: web.Request, query: bool = False) -> web.Response | None:
+    """None when the request carries the console token; else the 401/403 to answer (logged)."""
+    decision = _decision(request, query)
     if decision.allowed:
         return None
     log.warning("console_action_refused", status=decision.status, path=request.path, peer=request.remote)
@@ -192,6 +206,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
 async def api_onboarding(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     products = [{**p, "serving": st.serving.get(p["product"])} for p in st.onboarding.view(request.app[RUNNER_KEY])]
+    if not _decision(request).allowed:  # the runner's output (paths, errors, the plant's data) is for token holders
+        products = [{**p, "runner": {k: v for k, v in p["runner"].items() if k != "output"}} if p.get("runner") else p
+                    for p in products]
     return _json({"products": products,
                   "runner": request.app[SETTINGS_KEY].console_onboard_runner,
                   "running": request.app[RUNNER_KEY].running()})

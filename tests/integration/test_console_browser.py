@@ -163,6 +163,9 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
 
         wait = WebDriverWait(drv, 20)
         drv.get(base + "/#/wall")  # open before the camera starts: the wall fills in live (server-sent events)
+        # the token first: frame images and heat maps are for token holders only (issue #26 item 7)
+        drv.find_element(By.ID, "token").send_keys(TOKEN)
+        drv.find_element(By.ID, "token-save").click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "live"), "live"))
         names = GOOD + DEFECTIVE
         video = _video(tmp_path / "line.avi", bottle_test, names)
@@ -230,9 +233,7 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
         time.sleep(0.5)
         shot(drv, out, "defects")
 
-        # feedback: the token, then confirm a defective frame (and call a flagged good one a false alarm)
-        drv.find_element(By.ID, "token").send_keys(TOKEN)
-        drv.find_element(By.ID, "token-save").click()
+        # feedback: confirm a defective frame (and call a flagged good one a false alarm), with the token
         target = max(defective, key=lambda f: len(events[f].boxes))
         drv.get(base + f"/#/defect/{target}")
         btn = wait.until(ec.element_to_be_clickable((By.ID, "btn-confirm")))

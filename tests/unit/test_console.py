@@ -363,9 +363,9 @@ async def test_reads_are_open_actions_need_the_token_and_headers_are_strict():
         assert (await read_only.get("/api/defects?since=soon")).status == 400
         cams = (await (await read_only.get("/api/cameras")).json())["cameras"]
         assert cams[0]["has_defect"] and cams[0]["boxes"]
-        heat = await read_only.get("/img/heatmap/f1.png")
-        assert heat.status == 200 and heat.content_type == "image/png"
-        assert (await read_only.get("/img/frame/f1.jpg")).status == 404  # no frame bytes were buffered
+        # images are the plant's data: never without a token (none configured here: 403)
+        for path in ("/img/heatmap/f1.png", "/img/frame/f1.jpg", "/img/frame/f1.jpg?token=x"):
+            assert (await read_only.get(path)).status == 403, path
         for path in ("/api/models", "/api/drift", "/api/throughput", "/api/defects/f1"):
             assert (await read_only.get(path)).status == 200, path
         assert b"linewatch_console_records_total" in await (await read_only.get("/metrics")).read()
@@ -379,6 +379,13 @@ async def test_reads_are_open_actions_need_the_token_and_headers_are_strict():
         no = await acting.post("/api/defects/f1/feedback", json={"verdict": "confirmed"})
         assert no.status == 401 and no.headers["WWW-Authenticate"].startswith("Bearer")
         auth_h = {"Authorization": "Bearer tok"}
+        # issue #26 item 7: an image URL without the token (or with a wrong one) is 401; the header or ?token= opens it
+        for path in ("/img/heatmap/f1.png", "/img/frame/f1.jpg", "/img/heatmap/f1.png?token=wrong"):
+            assert (await acting.get(path)).status == 401, path
+        heat = await acting.get("/img/heatmap/f1.png?token=tok")
+        assert heat.status == 200 and heat.content_type == "image/png" and "private" in heat.headers["Cache-Control"]
+        assert (await acting.get("/img/heatmap/f1.png", headers=auth_h)).status == 200
+        assert (await acting.get("/img/frame/f1.jpg?token=tok")).status == 404  # no frame bytes were buffered
         assert (await acting.post("/api/defects/zz/feedback", json={"verdict": "confirmed"}, headers=auth_h)).status == 404
         assert (await acting.post("/api/defects/f1/feedback", json={"verdict": "?"}, headers=auth_h)).status == 400
         big = await acting.post("/api/defects/f1/feedback", data=b"x" * 20000, headers=auth_h)

@@ -105,6 +105,7 @@ async def test_onboard_action_runs_linewatch_onboard_and_shows_its_exit(tmp_path
     """The real child process: `linewatch onboard` with no captured images exits 2 with one line (no Kafka)."""
     s = Settings(console_token=TOKEN, capture_dir=tmp_path, console_onboard_runner="local", onboard_min_images=4)
     st = ConsoleState()
+    st.apply_onboard_event(_ev("captured", count=1, frame_ids=["a"]))  # the page lists elpv (no image on disk)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     c = await _client(s, st)
     try:
@@ -125,6 +126,11 @@ async def test_onboard_action_runs_linewatch_onboard_and_shows_its_exit(tmp_path
         status = app_runner[RUNNER_KEY].status("elpv")
         assert status["rc"] == 2, status
         assert any("only 0 captured images of elpv" in line for line in status["output"]), status["output"]
+        # the runner's output is for token holders (issue #26 item 7): left out of the read API without the token
+        anon = {p["product"]: p for p in (await (await c.get("/api/onboarding")).json())["products"]}
+        held = {p["product"]: p for p in (await (await c.get("/api/onboarding", headers=auth)).json())["products"]}
+        assert anon["elpv"]["runner"]["rc"] == 2 and "output" not in anon["elpv"]["runner"]
+        assert any("only 0 captured images" in line for line in held["elpv"]["runner"]["output"])
         again = await c.post("/api/onboarding/elpv/onboard", json={}, headers=auth)  # ended: may run again
         assert again.status == 202
     finally:

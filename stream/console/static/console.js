@@ -68,19 +68,22 @@ const LW = (() => {
     },
   };
 
+  // images need the console token; an <img> cannot set headers, so it goes in the query (no access log is kept)
+  const imgToken = () => (token ? "?token=" + encodeURIComponent(token) : "");
+
   // a frame thumbnail with the defect heat map and its boxes on top (boxes are normalised x, y, w, h)
   function shot(frameId, { hasFrame = true, defect = null, big = false } = {}) {
     const box = el("div", { class: "shot" + (big ? " big" : ""), data: { frameId } });
     const ph = el("div", { class: "placeholder", text: "no frame" });
     if (hasFrame) {
-      const img = el("img", { class: "frame", alt: "frame " + frameId, src: `/img/frame/${encodeURIComponent(frameId)}.jpg` });
+      const img = el("img", { class: "frame", alt: "frame " + frameId, src: `/img/frame/${encodeURIComponent(frameId)}.jpg${imgToken()}` });
       img.addEventListener("error", () => { img.remove(); box.prepend(ph); });
       box.append(img);
     } else {
       box.append(ph);
     }
     if (defect) {
-      box.append(el("img", { class: "heat", alt: "", src: `/img/heatmap/${encodeURIComponent(frameId)}.png` }));
+      box.append(el("img", { class: "heat", alt: "", src: `/img/heatmap/${encodeURIComponent(frameId)}.png${imgToken()}` }));
       for (const b of defect.boxes || []) {
         const d = el("div", { class: "box", title: `area ${fmt.num(b.area, 3)} peak ${fmt.num(b.peak, 3)}` });
         d.style.left = `${(b.x || 0) * 100}%`;
