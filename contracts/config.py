@@ -259,6 +259,11 @@ class Settings(BaseSettings):
     capture_max_per_product: int = Field(default=500, ge=1)  # stop capturing a product at this many images
     capture_arm_s: float = Field(default=600.0, gt=0)  # retrain_requested: capture that product's live frames this long
     capture_buffer: int = Field(default=256, ge=0, le=100_000)  # recent candidates kept for a later selection
+    capture_buffer_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # ... and their bytes at most
+    # quotas (stream/lifecycle/capture.py): product names come from untrusted frame headers and the volume is
+    # shared with the model store; past a quota a candidate is refused with a capture_refused event
+    capture_max_products: int = Field(default=64, ge=1)  # product dirs under capture_dir
+    capture_max_bytes: int = Field(default=2 * 1024 ** 3, ge=1024)  # bytes of captured images under capture_dir
     # `linewatch onboard`: where the training job exports (k8s: /models/store) and the multi-task training
     # stores live (<dir>/<detector>: frozen base + adapters; k8s: /models/training)
     onboard_model_store: Path = REPO_ROOT / ".stack" / "store"

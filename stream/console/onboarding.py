@@ -42,7 +42,7 @@ _SEP = re.compile(rb"(\r\n|\r|\n)")
 
 def _product(name: str) -> dict[str, Any]:
     return {"product": name, "captured": 0, "armed": None, "updated_ms": 0, "candidates": OrderedDict(),
-            "captured_ids": OrderedDict(), "selected": set(), "runs": OrderedDict()}
+            "captured_ids": OrderedDict(), "selected": set(), "runs": OrderedDict(), "refused": None}
 
 
 def _step(ev: OnboardEvent) -> dict[str, Any]:
@@ -77,6 +77,11 @@ class OnboardingView:
         elif ev.type == "capture_armed":
             p["armed"] = {"ts_ms": ev.ts_ms, "until_ms": d.get("until_ms"), "camera": d.get("camera"),
                           "reasons": d.get("reasons")}
+        elif ev.type == "capture_refused":  # a quota, or a selection that could not be honoured
+            p["refused"] = {"ts_ms": ev.ts_ms, "reason": d.get("reason"), "message": str(d.get("message") or "")[:300],
+                            "frame_ids": [str(f) for f in (d.get("frame_ids") or [])[:50]]}
+            for fid in p["refused"]["frame_ids"]:
+                p["selected"].discard(fid)
         elif ev.type == "capture_select":
             p["selected"].update(str(f) for f in (d.get("frame_ids") or [])[:MAX_IDS])
         elif ev.run_id:
@@ -122,7 +127,7 @@ class OnboardingView:
                  for c in reversed(p["candidates"].values())]
         runs = [self._run_view(r) for r in reversed(p["runs"].values())]
         return {"product": product, "captured": p["captured"], "armed": p["armed"], "updated_ms": p["updated_ms"],
-                "candidates": cands, "runs": runs, "runner": runner}
+                "candidates": cands, "runs": runs, "runner": runner, "refused": p["refused"]}
 
     def view(self, runner: OnboardRunner | None = None) -> list[dict[str, Any]]:
         return [self.product_view(name, runner.status(name) if runner else None)

@@ -18,9 +18,16 @@ restart re-reads at most one batch; a frame already in the manifest is not writt
 
 Which candidates are kept is :class:`stream.lifecycle.onboarding.CapturePolicy` (``every_n`` or operator
 ``select``ion; selections also arrive as ``capture_select`` records on ``topic_onboarding``). Files and the
-manifest: :class:`stream.lifecycle.onboarding.CaptureStore`; progress (``captured``, ``capture_armed``) is
-published on ``topic_onboarding`` (layouts and records: stream/lifecycle/onboarding.py). A frame without a
-``product`` header is skipped (counted ``no_product``): a dataset needs the product's name.
+manifest: :class:`stream.lifecycle.onboarding.CaptureStore`; progress (``captured``, ``capture_armed``,
+``capture_refused``) is published on ``topic_onboarding`` (layouts and records: stream/lifecycle/onboarding.py).
+A frame without a ``product`` header is skipped (counted ``no_product``): a dataset needs the product's name.
+
+Bounds (issue #26 item 8): quotas on products, bytes and automatic images per product
+(stream/lifecycle/capture_quota.py: a refusal is a ``capture_refused`` record with its reason); recent
+candidates bounded by count and bytes, per-product counters, cached manifests, pending selections and arms
+capped; an operator selection whose frames left the buffer is reported (``selection_not_buffered``), not
+taken as done. Files and manifests are fsync'd under temp names unique per pod and process before the
+offsets are committed; a restarted service re-reads the manifests (usage, and what was captured).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from contracts.model_events import decode as decode_model_event
 from contracts.names import is_safe_name
 from stream.kafka.clients import Producer, client_kwargs, ensure_topics, partitions_of
 from stream.kafka.follow import TopicFollower
+from stream.lifecycle.capture_quota import Quotas
 from stream.lifecycle.onboarding import (
     CapturePolicy,
     CaptureStore,
@@ -50,6 +58,7 @@ from stream.lifecycle.onboarding import (
 from stream.lifecycle.supervise import run_until_stopped
 
 log = get_logger("stream.lifecycle.capture")
+MAX_ARMS = 256
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,8 @@ class Arm:
 
 
 def policy_of(s: Settings, selected: set[str] | None = None) -> CapturePolicy:
-    return CapturePolicy(s.capture_policy, s.capture_every_n, s.capture_max_per_product, s.capture_buffer, selected)
+    return CapturePolicy(s.capture_policy, s.capture_every_n, s.capture_max_per_product, s.capture_buffer, selected,
+                         buffer_bytes=s.capture_buffer_bytes)
 
 
 class CaptureService:
@@ -106,6 +116,13 @@ class CaptureService:
         self._armed = asyncio.Event()
         self.live_ready = asyncio.Event()  # the live reader is positioned at the end of every frames partition
         self.served: set[str] = set()  # products the serving state serves: not "unknown", never captured as such
+        self.quotas = Quotas(s, self.store, self.stats)
+        self.store.usage()  # read from the manifests on disk now: a restarted service keeps the quotas
+
+    @property
+    def usage(self):
+        """Products and bytes on the capture volume (stream/lifecycle/onboarding.py ``Usage``)."""
+        return self.store.usage()
 
     # -- pure-ish steps (unit-testable without a broker)
     def offer(self, frame: Frame, trigger: str) -> bool:
@@ -120,12 +137,24 @@ class CaptureService:
         if self.store.has(product, frame.frame_id):
             self.stats["duplicate"] += 1
             return False
-        if not self.policy.want(product, frame, self.store.count(product), trigger):
+        why = self.quotas.check(product, len(frame.image))
+        if why is not None:  # before the policy: a refused product takes no memory here
+            self.quotas.refuse(product, why)
+            return False
+        count = self.store.count(product)
+        if (self.policy.mode == "every_n" and count >= self.policy.max_per_product
+                and frame.frame_id not in self.policy.selected):
+            self.quotas.refuse(product, "max_images")
+        if not self.policy.want(product, frame, count, trigger):
             self.stats["not_selected"] += 1
             return False
         return self._write(product, frame, trigger)
 
     def _write(self, product: str, frame: Frame, trigger: str) -> bool:
+        why = self.quotas.check(product, len(frame.image))
+        if why is not None:
+            self.quotas.refuse(product, why)
+            return False
         if not self.store.add(product, frame, trigger):
             return False
         self.stats["captured"] += 1
@@ -163,7 +192,10 @@ class CaptureService:
             return None
         until = time.monotonic() + self.s.capture_arm_s
         key = f"product:{ev.product}" if ev.product else f"camera:{camera}"
+        self.arms.pop(key, None)
         self.arms[key] = Arm(ev.product, None if ev.product else camera, until)
+        while len(self.arms) > MAX_ARMS:  # the oldest arm goes
+            del self.arms[next(iter(self.arms))]
         self._armed.set()
         log.info("capture_armed", product=ev.product, camera=camera, model=ev.model, seconds=self.s.capture_arm_s)
         if not ev.product or not is_safe_name(ev.product):
@@ -180,9 +212,21 @@ class CaptureService:
         if ev.type != "capture_select":
             return
         ids = [i for i in ev.detail.get("frame_ids", []) if isinstance(i, str)]
-        for product, frame, trigger in self.policy.select(ids):
-            self._write(product, frame, trigger)
-        log.info("capture_selected", product=ev.product, frame_ids=len(ids))
+        now, missing = self.policy.select_ids(ids)
+        refused = []
+        for product, frame, trigger in now:
+            if not self._write(product, frame, trigger) and not self.store.has(product, frame.frame_id):
+                refused.append(frame.frame_id)
+        if missing:  # not taken as done: the console shows it
+            self.quotas.emit(ev.product, "selection_not_buffered", frame_ids=missing[:50], count=len(missing),
+                             message=f"{len(missing)} selected frame(s) were no longer buffered (capture_buffer "
+                                     f"{self.policy.buffer}, capture_buffer_bytes {self.policy.buffer_bytes}): not "
+                                     "captured now, only if they arrive again")
+        if refused:
+            self.quotas.emit(ev.product, "selection_refused", frame_ids=refused[:50], count=len(refused),
+                             message=f"{len(refused)} selected frame(s) refused by the capture quotas")
+        log.info("capture_selected", product=ev.product, frame_ids=len(ids), captured=len(now) - len(refused),
+                 not_buffered=len(missing))
 
     def expire(self) -> None:
         now = time.monotonic()
@@ -210,7 +254,8 @@ class CaptureService:
                                                           "trigger": self._triggers.get(product)}))
             log.info("captured", product=product, count=count, new=len(ids))
         self._new.clear()
-        return out
+        self._triggers.clear()
+        return out + self.quotas.take()
 
     # -- Kafka
     async def _publish(self, events: list[OnboardEvent]) -> None:

@@ -188,3 +188,15 @@ async def test_runner_survives_a_megabyte_of_carriage_return_progress():
     again = await r.start("elpv", "moleflow")  # ended: accepted, not 409
     assert again["rc"] is None
     await r.stop()
+
+
+def test_capture_refusals_show_on_the_product_and_clear_the_requested_mark():
+    v = OnboardingView()
+    v.apply_candidate("elpv", "c0", "cam", 1)
+    v.apply_event(_ev("capture_select", frame_ids=["c0"], ts=2))
+    assert v.view()[0]["candidates"][0]["selected"]
+    v.apply_event(_ev("capture_refused", ts=3, reason="selection_not_buffered", frame_ids=["c0"],
+                      message="1 selected frame(s) were no longer buffered"))
+    p = v.view()[0]
+    assert p["refused"]["reason"] == "selection_not_buffered" and "no longer buffered" in p["refused"]["message"]
+    assert not p["candidates"][0]["selected"]  # the page no longer says "requested"

@@ -65,6 +65,8 @@
         el("span", { class: "captured", text: `${p.captured} images captured` }),
         served ? el("span", { class: "ok small served", text: ` · ${served}` }) : null,
         p.armed ? el("span", { class: "muted small", text: ` · capture armed until ${fmt.clock(p.armed.until_ms)} (${p.armed.camera || ""})` }) : null),
+      p.refused ? el("p", { class: "error small refused", data: { reason: p.refused.reason || "" },
+                            text: `capture refused (${p.refused.reason}): ${p.refused.message}` }) : null,
       latest ? steps(latest) : el("p", { class: "muted small", text: "not onboarded yet" }),
       latest ? runLine(latest) : null,
       el("div", { class: "feedback" }, det, onboard, capture),
