@@ -44,7 +44,8 @@ class WorkerMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.consumer_lag = Gauge("linewatch_consumer_lag", "Highwater - next offset, per partition", ["topic", "partition"], registry=r)
         self.breaker_open = Gauge("linewatch_triton_breaker_open",
-                                  "1 while Triton is unreachable and consumption is paused (circuit breaker open)",
+                                  "1 while consumption is paused behind the circuit breaker: Triton unreachable, or a model the "
+                                  "serving state routes to not loaded (a Triton restarted empty)",
                                   registry=r)
         self.breaker_opened = Counter("linewatch_triton_breaker_opened", "Times the Triton circuit breaker opened",
                                       registry=r)
