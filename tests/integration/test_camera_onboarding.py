@@ -232,7 +232,7 @@ def test_unknown_product_is_captured_onboarded_promoted_and_scored(tmp_path, sha
 
 
 def test_route_ood_retrain_request_arms_capture_of_live_frames(local_stack, settings, tmp_path, shared_data):
-    """The other trigger: a ``retrain_requested`` event (what a worker's route-OOD drift alert publishes,
+    """The other trigger: a ``retrain_requested`` event on ``retrain-requests`` (what a worker's route-OOD drift alert publishes,
     stream/lifecycle/hooks.py) arms capture of its product's live ``frames``; frames from before the arm and
     of other products are not captured; ``capture_armed`` and ``captured`` are on the onboarding topic."""
     import uuid
