@@ -99,6 +99,8 @@ def test_4k_camera_keeps_publishing_every_frame(kafka_bootstrap, shared_data, tm
     reenc = int(re.search(r"re-encoded (\d+)", p.stdout).group(1))
     assert "camera_frame_limit" in p.stdout + p.stderr  # the limit it sized itself to, and where it came from
     logs = (p.stdout + p.stderr).replace(" ", "")
+    print("\n" + "\n".join(line for line in (p.stdout + p.stderr).splitlines()
+                             if "camera_frame_limit" in line or "camera_frame_reencoded" in line or "published" in line))
     if limit is None:  # Tansu reports no max.message.bytes for this topic: sized from max_frame_bytes, said so
         assert '"source":"settings"' in logs and '"topic_max_message_bytes":null' in logs
         assert shapes == [(H, W)] * FRAMES and reenc == 0  # max_frame_bytes (32 MiB) holds a 4K JPEG
