@@ -75,6 +75,8 @@ SAFETY_TESTS = [
     "tests/integration/test_decode_budget.py::test_bombs_under_the_cap_stay_in_budget",
     "tests/integration/test_rollout.py::test_tampered_model_py_refused_while_frames_flow_nothing_lost",
     "tests/integration/test_codecs.py::test_every_compression_codec_from_librdkafka",
+    "tests/integration/test_camera_4k.py::test_4k_camera_keeps_publishing_every_frame",
+    "tests/integration/test_capture_quota.py::test_rotating_product_camera_stays_within_the_capture_quotas",
 ]
 
 SAFETY_DESCRIBE = {
@@ -88,6 +90,10 @@ SAFETY_DESCRIBE = {
     "triton_down_breaker": "Triton killed for 12 s under traffic: circuit breaker pauses consumption",
     "decode_bombs_under_cap": "16-bit RGBA PNGs just under the model-derived pixel cap (+1 just over it)",
     "tampered_model_py": "a version whose model.py changed after its manifest, released while frames flow",
+    "camera_4k_frames": "linewatch camera on a 3840x2160 video (~2 MB JPEGs) into a topic of max.message.bytes 1 MiB",
+    "capture_quota_rotating_products": "1500 unknown-product DLQ records rotating 500 product names against the "
+                                       "capture quotas (5 products, 12 images' bytes); lost = neither captured nor "
+                                       "refused",
 }
 SAFETY_COLUMNS = [("scenario", "scenario"), ("frames_sent", "frames sent"), ("lost", "lost"),
                   ("duplicated", "duplicated"), ("dlq_reasons", "DLQ'd (reason)"), ("expected_dlq", "DLQ expected"),

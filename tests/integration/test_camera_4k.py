@@ -79,7 +79,7 @@ def _size(r) -> int:
 
 
 @pytest.mark.parametrize("limit", [None, KAFKA_DEFAULT_MAX], ids=["topic_without_limit", "topic_1MiB"])
-def test_4k_camera_keeps_publishing_every_frame(kafka_bootstrap, shared_data, tmp_path, limit):
+def test_4k_camera_keeps_publishing_every_frame(kafka_bootstrap, shared_data, tmp_path, limit, reliability):
     video = _video(shared_data, tmp_path / "cam4k.avi")
     topic = f"frames-4k-{uuid.uuid4().hex[:8]}"
     asyncio.run(_topic(kafka_bootstrap, topic, {"max.message.bytes": str(limit)} if limit else {}))
@@ -87,6 +87,10 @@ def test_4k_camera_keeps_publishing_every_frame(kafka_bootstrap, shared_data, tm
     assert p.returncode == 0, (p.returncode, p.stdout[-1000:], p.stderr[-3000:])
     assert f"published {FRAMES} frames" in p.stdout, p.stdout + p.stderr[-2000:]
     recs = _records(kafka_bootstrap, topic)
+    if limit:  # benchmarks/reliability.py's row: frames read from the video vs frames on the topic
+        reliability.record_counts("camera_4k_frames", frames_sent=FRAMES, lost=FRAMES - len(recs),
+                                  reencoded=int(re.search(r"re-encoded (\d+)", p.stdout).group(1)),
+                                  topic_max_message_bytes=limit)
     assert len(recs) == FRAMES
     shapes = []
     for r in recs:

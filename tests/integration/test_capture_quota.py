@@ -57,7 +57,8 @@ def _disk(root) -> tuple[set[str], int]:
     return prods, sum(f.stat().st_size for f in root.rglob("good/*") if f.is_file())
 
 
-def test_rotating_product_camera_stays_within_the_capture_quotas(kafka_bootstrap, settings, shared_data, tmp_path):
+def test_rotating_product_camera_stays_within_the_capture_quotas(kafka_bootstrap, settings, shared_data, tmp_path,
+                                                                 reliability):
     uid = uuid.uuid4().hex[:6]
     boot = kafka_bootstrap
     jpegs = _jpegs(shared_data)
@@ -80,6 +81,13 @@ def test_rotating_product_camera_stays_within_the_capture_quotas(kafka_bootstrap
 
     svc = asyncio.run(go())
     prods, used = _disk(s.capture_dir)
+    # benchmarks/reliability.py's row: every DLQ'd candidate captured or refused (counted), none unaccounted
+    accounted = svc.stats["captured"] + svc.stats["not_selected"] + svc.stats["duplicate"] + sum(
+        n for k, n in svc.stats.items() if k.startswith("refused_"))
+    reliability.record_counts("capture_quota_rotating_products", frames_sent=N, lost=N - accounted,
+                              products=len(prods), bytes=used, quota_bytes=quota_bytes,
+                              refused={k: n for k, n in svc.stats.items() if k.startswith("refused_")})
+    assert accounted == N, dict(svc.stats)
     assert len(prods) <= 5 and used <= quota_bytes, (len(prods), used, dict(svc.stats))
     assert svc.stats["captured"] >= 5 and svc.stats["refused_max_products"] >= N - 3 * 5 - 5
     evs = [decode_event(r.value) for r in asyncio.run(read_topics(boot, [s.topic_onboarding], timeout_s=20,
