@@ -77,6 +77,7 @@ SAFETY_TESTS = [
     "tests/integration/test_codecs.py::test_every_compression_codec_from_librdkafka",
     "tests/integration/test_camera_4k.py::test_4k_camera_keeps_publishing_every_frame",
     "tests/integration/test_capture_quota.py::test_rotating_product_camera_stays_within_the_capture_quotas",
+    "tests/integration/test_onboard_runner_progress.py::test_onboard_runner_survives_a_megabyte_of_progress",
 ]
 
 SAFETY_DESCRIBE = {
@@ -94,6 +95,8 @@ SAFETY_DESCRIBE = {
     "capture_quota_rotating_products": "1500 unknown-product DLQ records rotating 500 product names against the "
                                        "capture quotas (5 products, 12 images' bytes); lost = neither captured nor "
                                        "refused",
+    "onboard_runner_long_progress": "the console's Onboard runner, a child writing 1 MB of \\r progress then exit 0, "
+                                    "twice; lost = a run whose exit code was never recorded",
 }
 SAFETY_COLUMNS = [("scenario", "scenario"), ("frames_sent", "frames sent"), ("lost", "lost"),
                   ("duplicated", "duplicated"), ("dlq_reasons", "DLQ'd (reason)"), ("expected_dlq", "DLQ expected"),

@@ -207,8 +207,8 @@ async def api_onboarding(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     products = [{**p, "serving": st.serving.get(p["product"])} for p in st.onboarding.view(request.app[RUNNER_KEY])]
     if not _decision(request).allowed:  # the runner's output (paths, errors, the plant's data) is for token holders
-        products = [{**p, "runner": {k: v for k, v in p["runner"].items() if k != "output"}} if p.get("runner") else p
-                    for p in products]
+        products = [{**p, "runner": {k: v for k, v in p["runner"].items() if k not in ("output", "progress")}}
+                    if p.get("runner") else p for p in products]
     return _json({"products": products,
                   "runner": request.app[SETTINGS_KEY].console_onboard_runner,
                   "running": request.app[RUNNER_KEY].running()})

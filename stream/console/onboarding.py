@@ -249,10 +249,12 @@ class OnboardRunner:
             run["output"].append(text[:400])
 
     def _progress(self, product: str, run: dict[str, Any]) -> None:
-        """A structured progress event (an SSE ``onboard_progress`` on the page, one JSON log line)."""
+        """A structured progress event: one JSON log line, and an SSE ``onboard_progress`` without the text (the
+        child's output is for token holders: the page reloads it from /api/onboarding)."""
         log.info("console_onboard_progress", product=product, **run["progress"])
         if self.on_change is not None:
-            self.on_change("onboard_progress", {"product": product, **run["progress"]})
+            self.on_change("onboard_progress", {"product": product, "updates": run["progress"]["updates"],
+                                                "ts_ms": run["progress"]["ts_ms"]})
 
     async def stop(self) -> None:
         for proc in list(self._procs.values()):
