@@ -133,17 +133,25 @@ const LW = (() => {
   // ---------------------------------------------------------------- live events
   function on(kind, fn) { (handlers[kind] = handlers[kind] || []).push(fn); }
 
+  let source = null;
+  let retry = null;
   function connect() {
     const live = document.getElementById("live");
+    if (source) source.close();
+    clearTimeout(retry);
     // the token reaches the live-update slots kept for token holders (EventSource cannot set headers)
-    const es = new EventSource("/events" + (token ? "?token=" + encodeURIComponent(token) : ""));
+    const es = source = new EventSource("/events" + (token ? "?token=" + encodeURIComponent(token) : ""));
     let opened = false;
     es.addEventListener("hello", () => {
       live.textContent = "live"; live.className = "live on";
       if (opened) render(); // reconnected: what was missed is in the views
       opened = true;
     });
-    es.onerror = () => { live.textContent = "reconnecting"; live.className = "live off"; };
+    es.onerror = () => {
+      live.textContent = "reconnecting"; live.className = "live off";
+      // refused (all live slots taken: 503, a wrong token: 401): EventSource gives up, so try again later
+      if (es.readyState === EventSource.CLOSED && source === es) retry = setTimeout(connect, 10000);
+    };
     for (const kind of ["result", "defect", "drift", "dlq", "serving", "model_event", "feedback", "onboarding", "onboard_runner", "onboard_progress", "stats"]) {
       es.addEventListener(kind, (ev) => {
         let data;
@@ -191,6 +199,7 @@ const LW = (() => {
       token = document.getElementById("token").value.trim();
       if (token) sessionStorage.setItem("lw-token", token); else sessionStorage.removeItem("lw-token");
       showActions();
+      connect(); // live updates with (or without) the token now
     });
     try { config = await api("/api/config"); } catch (_) { /* keep defaults */ }
     showActions();
