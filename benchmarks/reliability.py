@@ -78,6 +78,7 @@ SAFETY_TESTS = [
     "tests/integration/test_camera_4k.py::test_4k_camera_keeps_publishing_every_frame",
     "tests/integration/test_capture_quota.py::test_rotating_product_camera_stays_within_the_capture_quotas",
     "tests/integration/test_onboard_runner_progress.py::test_onboard_runner_survives_a_megabyte_of_progress",
+    "tests/integration/test_triton_restart_empty.py::test_triton_restart_empty_with_traffic_loses_nothing",
 ]
 
 SAFETY_DESCRIBE = {
@@ -97,6 +98,9 @@ SAFETY_DESCRIBE = {
                                        "refused",
     "onboard_runner_long_progress": "the console's Onboard runner, a child writing 1 MB of \\r progress then exit 0, "
                                     "twice; lost = a run whose exit code was never recorded",
+    "triton_restart_empty_with_traffic": "Triton SIGKILLed and restarted empty (explicit mode) under 20 fps, kept "
+                                         "empty past the workers' grace (3 s), then the controller reloads the "
+                                         "serving version",
 }
 SAFETY_COLUMNS = [("scenario", "scenario"), ("frames_sent", "frames sent"), ("lost", "lost"),
                   ("duplicated", "duplicated"), ("dlq_reasons", "DLQ'd (reason)"), ("expected_dlq", "DLQ expected"),

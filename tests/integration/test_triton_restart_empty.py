@@ -39,7 +39,7 @@ def _images(shared_data) -> list[bytes]:
             for f in files]
 
 
-def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path):
+def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path, reliability):
     stack = LocalStack(tmp_path / "work", tmp_path / "model_repository", start_timeout_s=STEP_CAP_S)
     stack.start()
     uid = uuid.uuid4().hex[:6]
@@ -81,6 +81,9 @@ def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path):
                           >= sum(out) + 40, STEP_CAP_S), f"no results after the reload\n{line.fleet.log_tails()}"
         rep, order = line.finish(settle_s=120)
         print(f"\nTriton empty for {empty_s:.1f} s (grace {GRACE_S} s) with the line publishing")
+        # benchmarks/reliability.py's row (issue #26 acceptance): 0 lost, nothing DLQ'd
+        reliability.record("triton_restart_empty_with_traffic", rep, empty_s=round(empty_s, 1), grace_s=GRACE_S,
+                           workers=2)
         check_line(line, rep, order, changes=1, what="triton restart empty with traffic")
     finally:
         if line is not None:
