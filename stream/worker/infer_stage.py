@@ -159,6 +159,8 @@ class InferStage:
         health = await self.triton.health(model)
         log.warning("triton_transient_batch", model=model, n=n, code=e.code, health=health, error=str(e)[:300])
         if health == "down":
+            if self.served(model):  # a Triton back without it (restarted empty) is not back for this frame
+                self.awaiting.add(model)  # one pause until it is READY, no resume/pause flap in between
             self.breaker.open(f"{model}: {e.code}: {e}")
         elif health == "unready" and self.served(model):  # the serving state routes to it: wait, no timer
             self.awaiting.add(model)

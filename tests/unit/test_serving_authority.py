@@ -113,3 +113,25 @@ def test_capture_never_takes_a_served_products_frames(tmp_path, settings):
     k, v, h = encode_frame(Frame("d-2", "cam-1", 1, b"img", product="bottle"))
     svc.on_dlq(*dlq_record(k, v, h, "unknown_product", "x"))
     assert [e.product for e in svc.flush()] == ["bottle"]
+
+
+def test_triton_down_with_a_served_model_reopens_only_once_it_is_loaded():
+    """Triton down, then back without the served model: the breaker stays open through both (one pause, one
+    resume), instead of closing on liveness and reopening at once on the model's NOT_FOUND."""
+    from stream.inference.triton_client import TransientInferError
+    from stream.worker.breaker import CircuitBreaker
+
+    triton, router = _Triton(), Router(RoutingConfig())
+    e = ServingEntry("bottle", "lw_bottle", 1, 0.5, _spec("lw_bottle", "bottle"))
+    stage = _Stage(triton, router, _view(triton, router, e))
+    stage.breaker = CircuitBreaker(stage.probe)
+
+    async def down(model):
+        return "down"
+
+    triton.health = down
+    asyncio.run(stage._judge("lw_bottle", TransientInferError("gone", "UNAVAILABLE"), 1))
+    assert not stage.breaker.closed and stage.awaiting == {"lw_bottle"}
+    assert asyncio.run(stage.probe()) is False  # live again, the model not loaded: still open
+    asyncio.run(stage._judge("other", TransientInferError("gone", "UNAVAILABLE"), 1))
+    assert stage.awaiting == {"lw_bottle"}  # a model no product is served by is not waited for
