@@ -22,8 +22,9 @@ def git_commit() -> str:
 
 def _read_git_state() -> dict:
     try:
-        p = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=30)
+        # benchmarks/results/ holds outputs, not code: a result file rewritten by an earlier run does not count
+        p = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         p = None
     return {"commit": git_commit(), "dirty": bool(p.stdout.strip()) if p is not None and p.returncode == 0 else None}

@@ -23,21 +23,19 @@ from models.evaluation import image_auroc
 pytestmark = pytest.mark.slow
 
 N_TRAIN = 24
-N_TEST = 12  # per class
+N_TEST_CELLS = 40  # per class; bottle: its whole test set (20 good, 63 defective)
 
 
 def _bottle(shared_data: Path):
     good = list_images(shared_data / "mvtec" / "bottle" / "train" / "good")[:N_TRAIN]
     samples = mvtec_samples(shared_data / "mvtec" / "bottle", "test")
-    g = [s.path for s in samples if s.label == 0][:N_TEST]
-    b = [s.path for s in samples if s.label == 1][::5][:N_TEST]  # every 5th: each defect type
-    return good, g + b, [0] * len(g) + [1] * len(b)
+    return good, [s.path for s in samples], [s.label for s in samples]
 
 
 def _cells():
     from models.moleflow.datasets import elpv_split
 
-    train, test = elpv_split(N_TRAIN, N_TEST, N_TEST)
+    train, test = elpv_split(N_TRAIN, N_TEST_CELLS, N_TEST_CELLS)
     return list(train), [p for p, _ in test], [lab for _, lab in test]
 
 
@@ -47,7 +45,8 @@ def products(shared_data):
 
 
 def test_moleflow_floor_bottle_then_cells(products, shared_data):
-    """MoLE-Flow defaults (Lite0 stages 1+2+3, grid 28), 3 epochs per task on 24 good images."""
+    """MoLE-Flow defaults (Lite0 stages 1+2+3, grid 28), 3 epochs per task on 24 good images. Measured on the
+    2-core AVX2 VM: bottle 0.999 (whole test set), cells 0.723 (40 good + 40 defective)."""
     from models.backbones import LITE0_WEIGHTS
     from models.moleflow.evaluate import TaskTestSet, evaluate_task
     from models.moleflow.model import MoLEFlow, MoLEFlowConfig
@@ -70,9 +69,10 @@ def test_moleflow_floor_bottle_then_cells(products, shared_data):
     assert again == aurocs["bottle"]  # zero forgetting
 
 
-@pytest.mark.parametrize("product", ["bottle", "cells"])
-def test_efficientad_floor(products, product, shared_data):
-    """EfficientAD-S with the CLI's default teacher (frozen Lite0 features), 40 steps on 24 good images."""
+@pytest.mark.parametrize(("product", "steps"), [("bottle", 40), ("cells", 20)])
+def test_efficientad_floor(products, product, steps, shared_data):
+    """EfficientAD-S with the CLI's default teacher (frozen Lite0 features), a few steps on 24 good images.
+    Measured on the 2-core AVX2 VM: bottle 0.813 after 40 steps (whole test set), cells 0.800 after 20."""
     from models.backbones import LITE0_WEIGHTS
     from models.data import load_image, normalize
     from models.efficientad.cli import DEFAULT_TEACHER_KIND
@@ -81,14 +81,17 @@ def test_efficientad_floor(products, product, shared_data):
     torch.manual_seed(0)
     torch.set_num_threads(2)
     train, test, labels = products[product]
-    cfg = TrainConfig(steps=40, seed=0, teacher_kind=DEFAULT_TEACHER_KIND,
+    cfg = TrainConfig(steps=steps, seed=0, teacher_kind=DEFAULT_TEACHER_KIND,
                       backbone_weights=str(shared_data / LITE0_WEIGHTS))
     model, _ = train_efficientad(train, cfg)
-    x = torch.stack([normalize(load_image(q, cfg.image_size), model.input_mean, model.input_std) for q in test])
-    _, scores = predict(model, x)
-    auroc = image_auroc(labels, np.asarray(scores).reshape(-1))
+    scores = []
+    for i in range(0, len(test), 8):
+        x = torch.stack([normalize(load_image(q, cfg.image_size), model.input_mean, model.input_std)
+                         for q in test[i:i + 8]])
+        scores.append(predict(model, x)[1].numpy().reshape(-1))
+    auroc = image_auroc(labels, np.concatenate(scores))
     print(f"efficientad floor {product}: {auroc:.3f}")
     assert auroc >= FLOORS["efficientad"][product], auroc
 
 
-FLOORS = {"moleflow": {"bottle": 0.9, "cells": 0.6}, "efficientad": {"bottle": 0.7, "cells": 0.55}}
+FLOORS = {"moleflow": {"bottle": 0.95, "cells": 0.62}, "efficientad": {"bottle": 0.7, "cells": 0.6}}
