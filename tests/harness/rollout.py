@@ -89,6 +89,24 @@ def write_artifact(store: Path, model: str, version: int, product: str, net, ima
     return vdir, sha256_file(vdir / "metadata.json")
 
 
+def send_records(boot: str, topic: str, recs: list) -> None:
+    """Produce ``recs`` ((key, value, headers) tuples) to ``topic`` and wait for the broker's acks."""
+    async def go():
+        async with Producer(boot) as p:
+            await p.send_many(topic, recs)
+
+    asyncio.run(go())
+
+
+def release(boot: str, t: dict[str, str], store: Path, model: str, version: int, product: str, images, gain: float,
+            probes: int = 24) -> None:
+    """Export a Tiny(gain) version (write_artifact) and publish its ``released`` event on ``t["events"]``."""
+    vdir, digest = write_artifact(store, model, version, product, Tiny(gain=gain), images, probes=probes)
+    ev = ModelEvent("released", model, version, product=product, detector="efficientad",
+                    artifact_uri=vdir.as_uri(), sha256=digest)
+    send_records(boot, t["events"], [(ev.key, ev.to_json(), [])])
+
+
 class Lifecycle:
     """A controller consuming a per-test model-events topic on the real broker, in a thread's loop."""
 

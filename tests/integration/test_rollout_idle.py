@@ -28,9 +28,12 @@ import cv2
 import pytest
 
 from contracts.envelope import Frame, encode_frame
-from contracts.model_events import ModelEvent
 from stream.kafka.clients import Producer, ensure_topics, read_topics
-from tests.harness.rollout import Tiny, lifecycle_topics, start_controller, write_artifact
+from tests.harness.rollout import (
+    lifecycle_topics,
+    release,
+    start_controller,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -48,21 +51,6 @@ def images(shared_data):
     files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:120]
     return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
             for f in files]
-
-
-def _send(boot: str, topic: str, recs: list) -> None:
-    async def go():
-        async with Producer(boot) as p:
-            await p.send_many(topic, recs)
-
-    asyncio.run(go())
-
-
-def _release(boot, t, store, model, version, product, images, gain) -> None:
-    vdir, digest = write_artifact(store, model, version, product, Tiny(gain=gain), images, probes=PROBES)
-    ev = ModelEvent("released", model, version, product=product, detector="efficientad",
-                    artifact_uri=vdir.as_uri(), sha256=digest)
-    _send(boot, t["events"], [(ev.key, ev.to_json(), [])])
 
 
 def _events(boot, t, model, until=None, timeout_s=STEP_S, idle_s=None) -> list[dict]:
@@ -123,7 +111,7 @@ def test_release_on_an_idle_line_waits_for_traffic_and_a_new_product_promotes_on
     ctl = start_controller(local_stack, t, tmp_path, env=POLICY)
     try:
         # 1. a product nothing serves, no camera: promoted on its 8 probe images alone
-        _release(boot, t, store, model, 1, product, images, 1.0)
+        release(boot, t, store, model, 1, product, images, 1.0, probes=PROBES)
         evs = _events(boot, t, model, until=lambda e: _outcome(e, 1) is not None)
         ev1 = _outcome(evs, 1)
         assert ev1 is not None and ev1["type"] == "promoted", (ev1, ctl.log()[-3000:])
@@ -132,7 +120,7 @@ def test_release_on_an_idle_line_waits_for_traffic_and_a_new_product_promotes_on
 
         # 2. its v2 while no camera publishes: waits in shadow, well past its shadow window, not rolled back
         t_rel = time.monotonic()
-        _release(boot, t, store, model, 2, product, images, 1.01)
+        release(boot, t, store, model, 2, product, images, 1.01, probes=PROBES)
         evs = _events(boot, t, model, until=lambda e: any(x["version"] == 2 and x["type"] in ("shadow_waiting",
                                                                                                 *OUTCOMES) for x in e))
         assert _outcome(evs, 2) is None, (_outcome(evs, 2), ctl.log()[-3000:])

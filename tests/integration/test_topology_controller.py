@@ -33,10 +33,18 @@ import tritonclient.grpc as grpcclient
 from contracts.envelope import Frame, decode_result, encode_frame
 from contracts.model_events import ModelEvent
 from devstack.stack import LocalStack
-from stream.kafka.clients import Producer, ensure_topics, read_topics
+from stream.kafka.clients import ensure_topics, read_topics
 from tests.harness.line import STEP_CAP_S, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
-from tests.harness.rollout import Tiny, lifecycle_topics, start_controller, topic_env, write_artifact
+from tests.harness.rollout import (
+    Tiny,
+    lifecycle_topics,
+    release,
+    send_records,
+    start_controller,
+    topic_env,
+    write_artifact,
+)
 from tests.harness.settle import settle
 from tests.harness.topology import read_results
 from tests.harness.triton_replica import TritonReplica
@@ -68,21 +76,6 @@ def two_tritons(tmp_path_factory):
     finally:
         b.stop()
         stack.stop()
-
-
-def _send(boot: str, topic: str, recs: list) -> None:
-    async def go():
-        async with Producer(boot) as p:
-            await p.send_many(topic, recs)
-
-    asyncio.run(go())
-
-
-def _release(boot, t, store, model, version, product, images, gain) -> None:
-    vdir, digest = write_artifact(store, model, version, product, Tiny(gain=gain), images)
-    ev = ModelEvent("released", model, version, product=product, detector="efficientad",
-                    artifact_uri=vdir.as_uri(), sha256=digest)
-    _send(boot, t["events"], [(ev.key, ev.to_json(), [])])
 
 
 def _outcomes(boot, t, model, versions, timeout_s=STEP_CAP_S) -> dict[int, list[dict]]:
@@ -196,7 +189,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
                 tritons=tritons, env=env, topics=t)
     ctl2 = None
     try:
-        _release(boot, t, store, model, 1, product, images, 1.0)  # a new product: promoted on both Tritons
+        release(boot, t, store, model, 1, product, images, 1.0)  # a new product: promoted on both Tritons
         assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
         assert all(_serves(u, model, 1) for u in tritons)
         line.begin(3)  # the workers know the product from the serving state only (no static routing)
@@ -204,8 +197,8 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
 
         # two releases of one model at once: one rollout at a time, in order, each acked when it ended
         mark = len(ctl.log())
-        _release(boot, t, store, model, 2, product, images, 0.99)
-        _release(boot, t, store, model, 3, product, images, 0.98)
+        release(boot, t, store, model, 2, product, images, 0.99)
+        release(boot, t, store, model, 3, product, images, 0.98)
         got = _outcomes(boot, t, model, [2, 3])
         assert [e["type"] for v in (2, 3) for e in got[v]] == ["promoted", "promoted"], (got, ctl.log()[mark:][-3000:])
         log = ctl.log()[mark:]
@@ -215,7 +208,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
 
         # the controller SIGKILLed mid-rollout (v4's candidate in its shadow window), then restarted
         mark = len(ctl.log())
-        _release(boot, t, store, model, 4, product, images, 0.97)
+        release(boot, t, store, model, 4, product, images, 0.97)
         assert _wait_log(ctl, _logged("released", model, 4), mark), ctl.log()[mark:][-3000:]
         # killed once its candidate is up on a replica (loading, shadowing or promoting: all mid-rollout)
         assert wait_until(lambda: _loaded(tritons[0], f"{model}__candidate"), STEP_CAP_S), ctl.log()[mark:][-3000:]
@@ -279,7 +272,7 @@ def test_stack_down_up_restores_serving_versions(images, tmp_path):
         vdir, digest = write_artifact(store, model, 1, product, Tiny(), images)
         ev = ModelEvent("released", model, 1, product=product, detector="efficientad", artifact_uri=vdir.as_uri(),
                         sha256=digest)
-        _send(boot, "model-events", [(ev.key, ev.to_json(), [])])
+        send_records(boot, "model-events", [(ev.key, ev.to_json(), [])])
         t = {"events": "model-events"}
         assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", stack.log_tail("controller", 40)
         stack.stop()
@@ -291,7 +284,7 @@ def test_stack_down_up_restores_serving_versions(images, tmp_path):
         try:
             frames = [encode_frame(Frame(f"r-{i}", "cam-r", int(time.time() * 1000), images[i], product=product,
                                          content_type="image/png")) for i in range(20)]
-            _send(boot, "frames", frames)
+            send_records(boot, "frames", frames)
             rep = settle(boot, frames_topic="frames", results_topic="inspection-results", dlq_topic="frames-dlq")
             res = [decode_result(r.value) for r in asyncio.run(read_topics(boot, ["inspection-results"], timeout_s=60,
                                                                            idle_s=2.0))["inspection-results"]]
