@@ -24,8 +24,8 @@ from devstack.stack import LocalStack
 from stream.kafka.clients import ensure_topics
 from tests.harness.line import STEP_CAP_S, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
-from tests.harness.rollout import lifecycle_topics, start_controller, topic_env
-from tests.integration.test_topology_controller import POLICY, _loaded, _outcomes, _release
+from tests.harness.rollout import lifecycle_topics, release, start_controller, topic_env
+from tests.integration.test_topology_controller import POLICY, _loaded, _outcomes
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path, 
         env = {**topic_env(t), **POLICY, "LINEWATCH_WORKER_TRANSIENT_GRACE_S": str(GRACE_S),
                "LINEWATCH_WORKER_BREAKER_BACKOFF_MAX_S": "2"}
         ctl = start_controller(stack, t, tmp_path, env=POLICY, name="controller-0")
-        _release(boot, t, store, model, 1, product, _images(shared_data), 1.0)
+        release(boot, t, store, model, 1, product, _images(shared_data), 1.0)
         assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
         line = Line(stack, None, _small_frames(shared_data), tmp_path, "empty", seconds=None, product=product,
                     env=env, topics=t)
