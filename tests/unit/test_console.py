@@ -5,19 +5,12 @@ The real-browser test against the real stack is tests/integration/test_console_b
 
 from __future__ import annotations
 
-import base64
 import json
 import re
-import shutil
-import struct
-import subprocess
-import zlib
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-import yaml
 
 from contracts.config import Settings
 from contracts.envelope import DefectEvent, InspectionResult
@@ -33,10 +26,10 @@ from stream.console.feedback import (
     propose,
     propose_thresholds,
 )
-from stream.console.images import LRU, FrameBuffer, heatmap_overlay, thumbnail
 from stream.console.metrics import ConsoleMetrics
 from stream.console.state import SPARK, ConsoleState, Filters
-from tests.harness.requires import require, requires
+from tests.harness.pictures import heatmap_b64
+from tests.harness.requires import require
 
 REPO = Path(__file__).resolve().parents[2]
 MON = REPO / "k8s" / "monitoring"
@@ -134,15 +127,9 @@ def result(i, *, camera="cam-1", score=0.1, anomaly=False, line="l1", product="b
 
 
 def defect(i, **kw):
-    return DefectEvent(result=result(i, anomaly=True, score=0.9, **kw), heatmap_png_b64=_heatmap_b64(),
+    return DefectEvent(result=result(i, anomaly=True, score=0.9, **kw), heatmap_png_b64=heatmap_b64(),
                        heatmap_scale=1.0, map_threshold=0.3, boxes=[{"x": 0.1, "y": 0.2, "w": 0.3, "h": 0.2,
                                                                    "area": 0.06, "peak": 0.8}])
-
-
-def _heatmap_b64(side=16) -> str:
-    hm = np.zeros((side, side), np.uint8)
-    hm[4:8, 4:8] = 255
-    return base64.b64encode(cv2.imencode(".png", hm)[1].tobytes()).decode()
 
 
 def test_camera_wall_keeps_a_bounded_score_trend_and_bounded_cameras():
@@ -254,7 +241,7 @@ def test_operator_reads_normalised_scores_warm_up_frames_are_no_camera_and_model
     warm = result(3, camera="warmup", anomaly=True)
     warm.warmup = True
     assert st.apply_result(warm) is None
-    assert st.apply_defect(DefectEvent(result=warm, heatmap_png_b64=_heatmap_b64(), heatmap_scale=1.0,
+    assert st.apply_defect(DefectEvent(result=warm, heatmap_png_b64=heatmap_b64(), heatmap_scale=1.0,
                                        map_threshold=0.3, boxes=[])) is None
     assert [t["camera"] for t in st.camera_tiles()] == ["cam-1", "cam-2"] and "f3" not in st.defects
     assert st.totals["warmup_results"] == 1 and st.totals["results"] == 2
@@ -284,53 +271,6 @@ def test_drift_alerts_ring():
         st.apply_drift({"detector": "anomaly_rate", "key": f"camera=c{i}", "statistic": 0.4, "ts_ms": i, "x": 1})
     st.apply_drift(["not", "an", "alert"])
     assert [a["key"] for a in st.drift_list()] == ["camera=c2", "camera=c1"] and "x" not in st.drift_list()[0]
-
-
-# ---------------------------------------------------------------- pictures
-
-def _png(img) -> bytes:
-    return cv2.imencode(".png", img)[1].tobytes()
-
-
-def test_thumbnail_is_bounded_and_refuses_what_does_not_decode():
-    img = np.random.default_rng(0).integers(0, 255, (600, 900, 3), dtype=np.uint8)
-    jpg = thumbnail(_png(img))
-    out = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
-    assert jpg[:2] == b"\xff\xd8" and out.shape == (213, 320, 3)
-    assert thumbnail(b"definitely not an image") is None
-    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)  # a 10.8 GB decompression bomb, by its header
-    bomb = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
-            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF))
-    assert thumbnail(bomb) is None
-    assert thumbnail(_png(img), max_bytes=100) is None
-
-
-def test_heatmap_overlay_is_transparent_where_the_map_is_zero():
-    png = heatmap_overlay(_heatmap_b64(), size=64)
-    rgba = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-    assert rgba.shape == (64, 64, 4) and rgba[0, 0, 3] == 0 and rgba[24, 24, 3] > 150
-    # above the map threshold the boxes were cut at: opaque; below it: faint
-    hm = np.tile(np.linspace(0, 255, 16, dtype=np.uint8), (16, 1))
-    b64 = base64.b64encode(cv2.imencode(".png", hm)[1].tobytes()).decode()
-    a = cv2.imdecode(np.frombuffer(heatmap_overlay(b64, map_threshold=0.5, heatmap_scale=1.0, size=16), np.uint8),
-                     cv2.IMREAD_UNCHANGED)[0, :, 3]
-    assert a[:7].max() <= 64 and a[9:].min() >= 110 and a[-1] >= 210
-    assert heatmap_overlay("!!!not base64") is None and heatmap_overlay(base64.b64encode(b"nope").decode()) is None
-
-
-def test_frame_buffer_and_cache_are_bounded():
-    buf = FrameBuffer(max_bytes=100)
-    for i in range(5):
-        buf.put(f"f{i}", b"x" * 40)
-    assert buf.bytes <= 100 and "f4" in buf and "f0" not in buf and len(buf) == 2
-    buf.put("huge", b"x" * 101)
-    assert "huge" not in buf
-    lru = LRU(2)
-    lru.put("a", b"1")
-    lru.put("b", b"2")
-    lru.get("a")
-    lru.put("c", b"3")
-    assert lru.get("b") is None and lru.get("a") == b"1"
 
 
 # ---------------------------------------------------------------- HTTP layer (no Kafka)
@@ -460,134 +400,3 @@ def test_console_kafka_user_grants_what_the_console_touches(monkeypatch):
     assert user == console_grants(s)
     topics = {t["spec"].get("topicName", n) for n, t in by_kind(base, "KafkaTopic").items()}
     assert s.topic_feedback in topics
-
-
-# ---------------------------------------------------------------- k8s/monitoring
-
-def _exported_names() -> set[str]:
-    """Every series name the linewatch registries export (counters: _total; histograms: _bucket/_sum/_count)."""
-    from stream.worker.metrics import WorkerMetrics
-
-    names = set()
-    for reg in (WorkerMetrics().registry, ConsoleMetrics().registry):
-        for fam in reg.collect():
-            suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
-                        "summary": ("_sum", "_count", "")}[fam.type]
-            names |= {fam.name + s for s in suffixes}
-    return names
-
-
-# Triton's metrics (port 8002): the inference ones as tritonserver 2.51 exports them here, the GPU ones from
-# Triton's metrics documentation (exported on GPU builds only)
-TRITON_METRICS = {
-    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count", "nv_inference_exec_count",
-    "nv_inference_request_duration_us", "nv_inference_queue_duration_us", "nv_inference_compute_input_duration_us",
-    "nv_inference_compute_infer_duration_us", "nv_inference_compute_output_duration_us",
-    "nv_inference_pending_request_count", "nv_cpu_utilization", "nv_cpu_memory_used_bytes",
-    "nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes", "nv_gpu_power_usage",
-    "nv_gpu_power_limit", "nv_energy_consumption",
-}
-_METRIC = re.compile(r"\b((?:linewatch|nv)_[a-z0-9_]+)\b")
-
-
-def _rules() -> dict:
-    return yaml.safe_load((MON / "prometheusrule.yaml").read_text())
-
-
-def _dashboard() -> dict:
-    return json.loads((MON / "grafana-dashboard.json").read_text())
-
-
-def _exprs() -> list[str]:
-    rules = [r["expr"] for g in _rules()["spec"]["groups"] for r in g["rules"]]
-    panels = [t["expr"] for p in _dashboard()["panels"] for t in p["targets"]]
-    return rules + panels
-
-
-def test_every_metric_the_rules_and_dashboard_use_is_exported():
-    exported = _exported_names()
-    used = {m for e in _exprs() for m in _METRIC.findall(e)}
-    ours = {m for m in used if m.startswith("linewatch_")}
-    assert ours - exported == set(), f"not exported by stream/worker/metrics.py or the console: {ours - exported}"
-    assert {m for m in used if m.startswith("nv_")} - TRITON_METRICS == set()
-    # what the issue asks the alerts to cover
-    rule_text = " ".join(r["expr"] for g in _rules()["spec"]["groups"] for r in g["rules"])
-    for needed in ("linewatch_consumer_lag", "linewatch_dlq_total", "linewatch_triton_errors_total",
-                   "linewatch_console_drift_alerts_total", "nv_inference_count", "nv_gpu_utilization"):
-        assert needed in rule_text, needed
-
-
-def test_prometheus_rule_structure():
-    doc = _rules()
-    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
-    names = []
-    for g in doc["spec"]["groups"]:
-        assert g["name"] and g["rules"]
-        for r in g["rules"]:
-            assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, r
-            assert re.fullmatch(r"Linewatch[A-Za-z]+", r["alert"]) and r["annotations"]["summary"]
-            assert r["labels"]["severity"] in ("warning", "critical")
-            assert "for" not in r or re.fullmatch(r"\d+[smh]", r["for"])
-            assert r["expr"].count("(") == r["expr"].count(")")
-            names.append(r["alert"])
-    assert len(names) == len(set(names))
-
-
-def test_grafana_dashboard_structure():
-    d = _dashboard()
-    assert d["uid"] and d["title"] and isinstance(d["schemaVersion"], int)
-    assert any(v["type"] == "datasource" and v["query"] == "prometheus" for v in d["templating"]["list"])
-    ids = [p["id"] for p in d["panels"]]
-    assert len(ids) == len(set(ids)) and len(ids) >= 8
-    for p in d["panels"]:
-        assert p["type"] in ("timeseries", "stat") and p["targets"]
-        assert p["datasource"]["uid"] == "${datasource}"
-        gp = p["gridPos"]
-        assert 0 <= gp["x"] and gp["x"] + gp["w"] <= 24 and gp["h"] > 0
-        for t in p["targets"]:
-            assert t["expr"].count("(") == t["expr"].count(")") and t["refId"]
-    cells = {(x, y) for p in d["panels"] for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
-             for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])}
-    assert len(cells) == sum(p["gridPos"]["w"] * p["gridPos"]["h"] for p in d["panels"]), "panels overlap"
-
-
-@requires(shutil.which("promtool") is not None,
-          "promtool not installed (Debian: apt-get install prometheus; make venv does)")
-def test_promtool_checks_and_unit_tests_the_rules(tmp_path):
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": _rules()["spec"]["groups"]}))
-    shutil.copy(MON / "prometheusrule_test.yaml", tmp_path / "test.yaml")
-    for cmd in (["promtool", "check", "rules", "rules.yaml"], ["promtool", "test", "rules", "test.yaml"]):
-        p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0, p.stdout + p.stderr
-    # every dashboard query parses too (a recording rule per query)
-    queries = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"linewatch:dashboard_{i}", "expr": t["expr"].replace("$frames_topic", "frames")}
-        for i, t in enumerate(t for p in _dashboard()["panels"] for t in p["targets"])]}]}
-    (tmp_path / "dash.yaml").write_text(yaml.safe_dump(queries))
-    p = subprocess.run(["promtool", "check", "rules", "dash.yaml"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode == 0, p.stdout + p.stderr
-
-
-def test_monitoring_kustomization_renders_rule_and_dashboard_configmap():
-    from tests.harness.k8s import RENDERER, RENDERER_MISSING, pod_spec, render
-
-    require(RENDERER is not None, RENDERER_MISSING)
-    out = subprocess.run([*RENDERER, str(MON)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
-    docs = {d["kind"]: d for d in rendered}
-    assert docs["PrometheusRule"]["metadata"]["namespace"] == "linewatch"
-    # every component whose metrics the rules use is scraped, on a port its pods really declare
-    ports = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]:
-             {p["name"] for c in pod_spec(d)["containers"] for p in c.get("ports", [])}
-             for d in render("base") if d["kind"] in ("Deployment", "StatefulSet")}
-    monitors = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "PodMonitor"}
-    assert set(monitors) == {"linewatch-worker", "linewatch-triton", "linewatch-console"}
-    for name, m in monitors.items():
-        assert m["metadata"]["namespace"] == "linewatch"
-        target = m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
-        assert target == name and {e["port"] for e in m["spec"]["podMetricsEndpoints"]} <= ports[target], name
-    cm = docs["ConfigMap"]
-    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(cm["data"]["grafana-dashboard.json"]) == _dashboard()
