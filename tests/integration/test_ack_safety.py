@@ -39,6 +39,7 @@ from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from stream.ops.accounting import account
 from tests.harness.chaos import load_images
+from tests.harness.line import STEP_CAP_S
 from tests.harness.probe_model import write_probe_model
 from tests.harness.streams import topics
 
@@ -80,7 +81,7 @@ def ack_stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("ack-stack")
     repo = root / "model_repository"
     model = write_probe_model(repo, "probe_ack")
-    stack = LocalStack(root / "work", repo, start_timeout_s=90, load_models=[model])
+    stack = LocalStack(root / "work", repo, start_timeout_s=STEP_CAP_S, load_models=[model])
     stack.start()
     stack.probe_model = model
     try:

@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contracts.envelope import decode_frame
 from stream.kafka.clients import read_topics
+from tests.harness.line import STEP_CAP_S
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +71,7 @@ def _camera(boot: str, video: Path, topic: str, camera_id: str) -> subprocess.Co
 
 
 def _records(boot: str, topic: str) -> list:
-    out = asyncio.run(read_topics(boot, [topic], until=lambda o: len(o[topic]) >= FRAMES, timeout_s=60))
+    out = asyncio.run(read_topics(boot, [topic], until=lambda o: len(o[topic]) >= FRAMES, timeout_s=STEP_CAP_S))
     return out[topic]
 
 

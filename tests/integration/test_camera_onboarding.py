@@ -36,6 +36,7 @@ from devstack.stack import LocalStack
 from stream.kafka.clients import read_topics
 from stream.lifecycle.onboarding import decode_event
 from tests.harness.browser import browser, needs_browser, shot, wait_for
+from tests.harness.line import STEP_CAP_S
 
 pytestmark = pytest.mark.integration
 TOKEN = "onboard-test-token"
@@ -100,7 +101,7 @@ def test_unknown_product_is_captured_onboarded_promoted_and_scored(tmp_path, sha
     import os
 
     env = dict(os.environ)
-    stack = LocalStack(tmp_path / "work", tmp_path / "repo", start_timeout_s=90, controller=True, workers=1)
+    stack = LocalStack(tmp_path / "work", tmp_path / "repo", start_timeout_s=STEP_CAP_S, controller=True, workers=1)
     stack.start()
     capture = console = drv = None
     out_dir = Path(os.environ.get("CONSOLE_SCREENSHOTS_DIR") or tmp_path / "screenshots")
@@ -198,7 +199,7 @@ def test_unknown_product_is_captured_onboarded_promoted_and_scored(tmp_path, sha
             return [r for r in rs if r.camera == "cam-elpv-2" and not r.shadow]
 
         recs = asyncio.run(read_topics(boot, ["inspection-results"], until=lambda o: len(scored(o)) >= 4,
-                                       timeout_s=60))
+                                       timeout_s=STEP_CAP_S))
         res = scored(recs)
         assert len(res) == 4, stack.log_tail("worker-0", 30)
         assert {(r.model, r.model_version, r.task, r.routed) for r in res} == {(MODEL, "2", "elpv", False)}

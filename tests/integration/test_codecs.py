@@ -35,6 +35,7 @@ from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import ensure_topics, read_topics
 from stream.ops.cli import main as linewatch
 from tests.harness.requires import require_module
+from tests.harness.settle import SETTLE_CAP_S
 from tests.harness.streams import topics
 
 confluent_kafka = require_module("confluent_kafka", "confluent-kafka is not installed (the [dev] extra: make venv)")
@@ -142,7 +143,7 @@ def test_every_compression_codec_from_librdkafka(stack, detector, bottle_test, t
             res = decode_result(r.value)
             got[res.frame_id] = r
 
-        asyncio.run(read_topics(boot, [t["results"]], timeout_s=240, on_record=on_record,
+        asyncio.run(read_topics(boot, [t["results"]], timeout_s=SETTLE_CAP_S, on_record=on_record,
                                 until=lambda o: want <= set(got) or not w.alive()))
         alive = w.alive()
         stream_s = round(time.monotonic() - t0, 1)

@@ -41,6 +41,7 @@ from devstack.processes import ChildProcess, free_port
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from tests.harness.browser import browser, needs_browser, shot, wait_for
+from tests.harness.line import STEP_CAP_S
 
 pytestmark = [pytest.mark.integration, *needs_browser]
 TOKEN = "console-test-" + uuid.uuid4().hex[:12]
@@ -187,7 +188,7 @@ def test_console_pages_and_feedback_in_a_real_browser(stack, detector, bottle_te
             return {decode_result(r.value).frame_id for r in o[t["results"]]} >= set(ids) and len(o[t["dlq"]]) >= 2
 
         recs = asyncio.run(read_topics(boot, [t["results"], t["defects"], t["dlq"], t["drift"]], until=all_scored,
-                                       timeout_s=150))
+                                       timeout_s=STEP_CAP_S))
         assert all_scored(recs), f"not every frame was scored\n{logs()}"
         results = {r.frame_id: r for r in map(lambda x: decode_result(x.value), recs[t["results"]]) if r.frame_id in shows}
         events = {e.result.frame_id: e for e in map(lambda x: decode_defect_event(x.value), recs[t["defects"]])}

@@ -33,6 +33,7 @@ from contracts.config import Settings
 from contracts.image import model_pixel_cap
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
+from tests.harness.line import STEP_CAP_S
 from tests.harness.settle import settle
 from tests.harness.streams import topics
 
@@ -119,7 +120,7 @@ def test_bombs_under_the_cap_stay_in_budget(stack, detector, bottle_test, tmp_pa
     try:
         asyncio.run(send([warm]))
         seen: set[bytes] = set()
-        asyncio.run(read_topics(boot, [t["results"]], timeout_s=180, on_record=lambda r: seen.add(r.value),
+        asyncio.run(read_topics(boot, [t["results"]], timeout_s=STEP_CAP_S, on_record=lambda r: seen.add(r.value),
                                 until=lambda o: bool(seen)))
         assert seen, f"warm-up frame got no result; worker log: {w.log_path.read_text()[-3000:]}"
         pid = w.proc.pid

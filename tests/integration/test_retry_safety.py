@@ -36,6 +36,7 @@ from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics
 from stream.ops.accounting import account
 from tests.harness.chaos import Feeder, load_images, scrape_metrics
+from tests.harness.line import STEP_CAP_S
 from tests.harness.streams import tiny_moleflow, topics
 
 pytestmark = pytest.mark.integration
@@ -88,7 +89,7 @@ def rs_stack(tmp_path_factory):
     repo = root / "model_repository"
     repo.mkdir()
     _write_flaky(repo)
-    stack = LocalStack(root / "work", repo, start_timeout_s=90, load_models=[FLAKY])
+    stack = LocalStack(root / "work", repo, start_timeout_s=STEP_CAP_S, load_models=[FLAKY])
     stack.start()
     try:
         yield stack

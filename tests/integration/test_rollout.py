@@ -28,6 +28,7 @@ from contracts.pbtxt import parse_config
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from stream.lifecycle.drift import DriftConfig, DriftMonitor
 from stream.lifecycle.repository import remove_model_dir
+from tests.harness.line import STEP_CAP_S
 from tests.harness.rollout import (
     Broken,
     Lifecycle,
@@ -205,7 +206,7 @@ def test_cli_release_rollback_status(life, images, local_stack):
     def rolled(recs):
         return any(json.loads(r.value).get("detail", {}).get("operator") for r in recs[life.topic])
 
-    recs = asyncio.run(read_topics(local_stack.kafka_bootstrap, [life.topic], until=rolled, timeout_s=90))
+    recs = asyncio.run(read_topics(local_stack.kafka_bootstrap, [life.topic], until=rolled, timeout_s=STEP_CAP_S))
     ev = [decode(r.value) for r in recs[life.topic] if json.loads(r.value).get("detail", {}).get("operator")][0]
     assert ev.type == "rolled_back" and ev.version == 95 and ev.previous_version == before
     assert served_version(client, life.model) == before
@@ -247,7 +248,7 @@ def test_controller_rolls_out_new_product_workers_route_it_and_raise_drift(life,
         def promoted(o):
             return any(json.loads(r.value).get("type") == "promoted" for r in o[t["events"]])
 
-        recs = asyncio.run(read_topics(boot, [t["events"]], until=promoted, timeout_s=120))
+        recs = asyncio.run(read_topics(boot, [t["events"]], until=promoted, timeout_s=STEP_CAP_S))
         assert promoted(recs), (ctl.log()[-3000:], [r.value for r in recs[t["events"]]])
         dark = [cv2.imencode(".png", (cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) * 0.6)
                              .astype(np.uint8))[1].tobytes() for b in images[100:164]]
@@ -260,7 +261,7 @@ def test_controller_rolls_out_new_product_workers_route_it_and_raise_drift(life,
         def done(o):
             return len(o[t["results"]]) >= len(frames) and o[t["drift"]]
 
-        out = asyncio.run(read_topics(boot, [t["results"], t["drift"], t["dlq"]], until=done, timeout_s=120))
+        out = asyncio.run(read_topics(boot, [t["results"], t["drift"], t["dlq"]], until=done, timeout_s=STEP_CAP_S))
         assert w.alive(), w.log_path.read_text()[-3000:]
         res = [decode_result(r.value) for r in out[t["results"]]]
         assert {r.frame_id for r in res} >= {f.frame_id for f in frames} and not out[t["dlq"]]
@@ -374,7 +375,7 @@ def test_tampered_model_py_refused_while_frames_flow_nothing_lost(life, images, 
         def outcome(o):
             return [json.loads(r.value) for r in o[t["events"]] if json.loads(r.value).get("type") != "released"]
 
-        evs = asyncio.run(read_topics(boot, [t["events"]], until=lambda o: bool(outcome(o)), timeout_s=120))
+        evs = asyncio.run(read_topics(boot, [t["events"]], until=lambda o: bool(outcome(o)), timeout_s=STEP_CAP_S))
         asyncio.run(send(t["frames"], frames("c", 20)))
         rep = settle(boot, frames_topic=t["frames"], results_topic=t["results"], dlq_topic=t["dlq"], stall_s=120)
         res = [decode_result(r.value) for r in asyncio.run(read_topics(boot, [t["results"]], timeout_s=30,

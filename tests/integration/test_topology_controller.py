@@ -264,7 +264,7 @@ def test_stack_down_up_restores_serving_versions(images, tmp_path):
 
     uid = uuid.uuid4().hex[:6]
     store, model, product = tmp_path / "store", f"lwt_restore_{uid}", f"restore-{uid}"
-    stack = LocalStack(tmp_path / "work", tmp_path / "repo", start_timeout_s=90, controller=True)
+    stack = LocalStack(tmp_path / "work", tmp_path / "repo", start_timeout_s=STEP_CAP_S, controller=True)
     stack.start()
     try:
         boot = stack.kafka_bootstrap

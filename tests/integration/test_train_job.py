@@ -22,6 +22,7 @@ import pytest
 from contracts.envelope import Frame, decode_result, encode_frame
 from devstack.worker_process import WorkerProcess
 from stream.kafka.clients import Producer, ensure_topics, read_topics
+from tests.harness.line import STEP_CAP_S
 from tests.harness.rollout import lifecycle_topics, start_controller, topic_env
 
 pytestmark = pytest.mark.integration
@@ -125,7 +126,7 @@ def test_training_job_adds_adapter_live_zero_failed_frames_zero_forgetting(local
         def done(o):
             return want <= {decode_result(r.value).frame_id for r in o[t["results"]]}
 
-        out = asyncio.run(read_topics(boot, [t["results"], t["dlq"]], until=done, timeout_s=180))
+        out = asyncio.run(read_topics(boot, [t["results"], t["dlq"]], until=done, timeout_s=STEP_CAP_S))
         assert w.alive(), w.log_path.read_text()[-3000:]
         res = {}
         for r in out[t["results"]]:
