@@ -74,18 +74,20 @@ def cmd_train_task(args) -> int:
     paths = task_images(args.data_dir, args.task)
     if len(paths) < 2:
         raise _usage(f"need at least 2 good images for task {args.task}, found {len(paths)}")
+    from models.precision import cli_train_device
+
+    device = cli_train_device(args.device or args.settings.train_device)  # unusable CUDA: one line, exit 1,
+    # before the lock creates the store directory (nothing is written for a run that cannot train)
     # one writer at a time (models/locks.py): load the store, take the next adapter index ... save the adapter
     with store_lock(out, what="MoLE-Flow training store"):
-        return _train_task_locked(args, out, paths)
+        return _train_task_locked(args, out, paths, device)
 
 
-def _train_task_locked(args, out: Path, paths) -> int:
+def _train_task_locked(args, out: Path, paths, device) -> int:
     from models.moleflow.datasets import task_images
     from models.moleflow.model import MoLEFlow, MoLEFlowConfig
     from models.moleflow.store import BASE_META, load_model, save_adapter, save_base_if_needed
     from models.moleflow.train import TrainConfig, train_task
-    from models.precision import cli_train_device
-
     quick = args.quick
     model = None
     if (out / BASE_META).is_file():
@@ -93,7 +95,6 @@ def _train_task_locked(args, out: Path, paths) -> int:
         if args.task in model.tasks:  # idempotent re-runs (demo): an existing task is kept, never retrained
             print(f"task {args.task}: already in {out} (kept; tasks are immutable, use a new name to retrain)")
             return 0
-    device = cli_train_device(args.device or args.settings.train_device)  # unusable CUDA: one line, exit 1
     if model is None:
         cfg = MoLEFlowConfig(backbone=args.backbone, dim=args.dim, grid=args.grid or (14 if quick else 28),
                              subnet_hidden=args.hidden or (128 if quick else 256),
