@@ -31,7 +31,7 @@ from contracts.artifact import (
 )
 from contracts.config import ServingSettings
 from contracts.names import check_name, check_version
-from contracts.pbtxt import ONNX_FILE, apply_deployment
+from contracts.pbtxt import ONNX_FILE, ConfigError, apply_deployment, parse_config
 
 
 def model_dir(repository: str | os.PathLike, name: str) -> Path:
@@ -151,13 +151,17 @@ def repository_models(repository: str | os.PathLike) -> list[str]:
 
 
 def pinned_version(repository: str | os.PathLike, name: str) -> int | None:
-    """The one version ``name``'s config.pbtxt pins (``version_policy: specific``), else None."""
-    import re
-
+    """The one version ``name``'s config.pbtxt pins (``version_policy { specific { versions: N } }``), else None
+    (no config, one Triton cannot parse, another policy, or several versions)."""
     cfg = model_dir(repository, name) / CONFIG
-    m = re.search(r"version_policy\s*:\s*\{\s*specific\s*:\s*\{\s*versions\s*:\s*\[\s*(\d+)\s*\]",
-                  cfg.read_text()) if cfg.is_file() else None
-    return int(m.group(1)) if m else None
+    if not cfg.is_file():
+        return None
+    try:
+        policy = parse_config(cfg.read_text()).version_policy
+    except ConfigError:
+        return None
+    versions = list(policy.specific.versions) if policy.WhichOneof("policy_choice") == "specific" else []
+    return int(versions[0]) if len(versions) == 1 else None
 
 
 def remove_model_dir(repository: str | os.PathLike, name: str) -> None:
