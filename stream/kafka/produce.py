@@ -82,17 +82,39 @@ def classify(exc: BaseException) -> Kind:
     return "fatal"  # a bug (TypeError, ...): retrying would only repeat it
 
 
+async def _delivery_reports(futs: list[Awaitable], timeout_s: float | None) -> list:
+    """Each future's result or exception (as ``asyncio.gather(..., return_exceptions=True)``); with ``timeout_s``
+    a future still pending then reports a TimeoutError (retriable) and is left to finish on its own."""
+    if timeout_s is None or not futs:
+        return list(await asyncio.gather(*futs, return_exceptions=True))
+    tasks = [asyncio.ensure_future(f) for f in futs]
+    await asyncio.wait(tasks, timeout=timeout_s)
+    out: list = []
+    for t in tasks:
+        if not t.done():
+            out.append(TimeoutError(f"no delivery report within {timeout_s:g} s"))
+            log.warning("produce_delivery_timeout", timeout_s=timeout_s)
+        elif t.cancelled():
+            out.append(asyncio.CancelledError())
+        else:
+            out.append(t.exception() or t.result())
+    return out
+
+
 async def send_all(records: Sequence[T], send: Callable[[T], Awaitable[Awaitable]], *,
                    target: Callable[[T], str] = lambda r: "?", backoff_s: float = 0.2, backoff_max_s: float = 10.0,
                    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                   rng: Callable[[], float] = random.random) -> int:
+                   rng: Callable[[], float] = random.random, delivery_timeout_s: float | None = None) -> int:
     """Publish every record; returns the number of retry rounds it took (0: all acknowledged at once).
 
     ``send(record)`` schedules one record and returns its delivery future (Faust ``topic.send`` /
     aiokafka ``producer.send``). A round sends every pending record, then awaits all their futures;
     the ones acknowledged are done for good, the ones that failed retriably are the next round's pending
     (after a capped exponential backoff: ``backoff_s`` doubling up to ``backoff_max_s``, equal jitter from
-    ``rng``). A fatal error raises :class:`FatalProduceError` at once."""
+    ``rng``). A fatal error raises :class:`FatalProduceError` at once. ``delivery_timeout_s``: a record whose
+    delivery report has not come back by then is re-sent in the next round like a retriable failure (at least
+    once: a late first copy can still land), so one lost report cannot hold its batch, and with it the
+    partition's acks and every rebalance, for ever."""
     backoff = Backoff(backoff_s, backoff_max_s, "equal", rng)
     pending = list(range(len(records)))
     rounds = 0
@@ -106,7 +128,7 @@ async def send_all(records: Sequence[T], send: Callable[[T], Awaitable[Awaitable
                 if classify(e) == "fatal":
                     raise FatalProduceError(target(records[i]), root_cause(e)) from e
                 failed.append((i, e))
-        outcomes = await asyncio.gather(*(f for _, f in futs), return_exceptions=True)
+        outcomes = await _delivery_reports([f for _, f in futs], delivery_timeout_s)
         for (i, _), r in zip(futs, outcomes, strict=True):
             if isinstance(r, asyncio.CancelledError):  # the producer is going away: so is this batch
                 raise r

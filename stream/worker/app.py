@@ -84,6 +84,10 @@ def _app_kwargs(cfg: WorkerConfig) -> dict[str, Any]:
     return kw
 
 
+# a delivery report not back after this long is treated as lost and the record re-sent (stream.kafka.produce)
+DELIVERY_TIMEOUT_S = 60.0
+
+
 async def send_all(sends: list[Outgoing], backoff_s: float = 0.2, backoff_max_s: float = 10.0) -> int:
     """Publish every record and await its acknowledgement (before the batch is acked): a retriable error
     re-sends only the records not yet acknowledged (capped backoff); a fatal one raises
@@ -93,7 +97,7 @@ async def send_all(sends: list[Outgoing], backoff_s: float = 0.2, backoff_max_s:
         return await o.topic.send(key=o.key, value=o.value, headers=o.headers, force=True)
 
     return await _send_records(sends, send, target=lambda o: f"topic {o.topic.get_topic_name()}",
-                               backoff_s=backoff_s, backoff_max_s=backoff_max_s)
+                               backoff_s=backoff_s, backoff_max_s=backoff_max_s, delivery_timeout_s=DELIVERY_TIMEOUT_S)
 
 
 def _count(batch: Batch, metrics: WorkerMetrics) -> None:

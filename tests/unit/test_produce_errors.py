@@ -208,3 +208,20 @@ def test_shutdown_watchdog_ends_a_hung_stop():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20)
     assert r.returncode == 1 and time.monotonic() - t0 < 10
     assert b"shutdown_timeout" in r.stdout + r.stderr
+
+
+def test_a_delivery_report_that_never_comes_is_resent_not_waited_for_for_ever():
+    """A record whose delivery future never completes (a lost report) is re-sent after ``delivery_timeout_s``
+    instead of holding its batch -- and the partition's acks and every rebalance -- for ever."""
+    sent: list[int] = []
+
+    async def send(i: int):
+        sent.append(i)
+        fut = asyncio.get_running_loop().create_future()
+        if not (i == 1 and sent.count(1) == 1):  # record 1's first report is lost
+            fut.set_result(i)
+        return fut
+
+    rounds = asyncio.run(asyncio.wait_for(send_records([0, 1, 2], send, backoff_s=0.001, backoff_max_s=0.01,
+                                                       delivery_timeout_s=0.2), 10))
+    assert rounds == 1 and sorted(sent) == [0, 1, 1, 2]
