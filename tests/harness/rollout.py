@@ -25,6 +25,7 @@ from stream.kafka.clients import Producer, client_kwargs, ensure_topics, read_to
 from stream.lifecycle.controller import Publish, RolloutController
 from stream.lifecycle.events import actionable
 from stream.lifecycle.policy import HealthPolicy
+from tests.harness.line import STEP_CAP_S
 
 SIZE = 64
 
@@ -105,6 +106,39 @@ def release(boot: str, t: dict[str, str], store: Path, model: str, version: int,
     ev = ModelEvent("released", model, version, product=product, detector="efficientad",
                     artifact_uri=vdir.as_uri(), sha256=digest)
     send_records(boot, t["events"], [(ev.key, ev.to_json(), [])])
+
+
+# a short shadow window for the controller tests (a few frames, fast reconcile)
+POLICY = {"LINEWATCH_ROLLOUT__SHADOW_FRAMES": "24", "LINEWATCH_ROLLOUT__MIN_FRAMES": "8",
+          "LINEWATCH_ROLLOUT__SHADOW_TIMEOUT_S": "60", "LINEWATCH_ROLLOUT__RECONCILE_S": "1"}
+
+
+def outcomes(boot, t, model, versions, timeout_s=STEP_CAP_S) -> dict[int, list[dict]]:
+    """{version: [outcome events]} once every version in ``versions`` has one (promoted / rolled_back / refused)."""
+    def hits(o):
+        out: dict[int, list[dict]] = {}
+        for r in o[t["events"]]:
+            d = json.loads(r.value)
+            if d.get("model") == model and d.get("type") in ("promoted", "rolled_back", "refused"):
+                out.setdefault(d["version"], []).append({**d, "_ts": r.timestamp})
+        return out
+
+    recs = asyncio.run(read_topics(boot, [t["events"]], until=lambda o: set(versions) <= set(hits(o)),
+                                   timeout_s=timeout_s))
+    got = hits(recs)
+    assert set(versions) <= set(got), f"outcomes {got}"
+    return got
+
+
+def model_ready(url: str, name: str, version: int | None = None) -> bool:
+    """Triton at ``url`` has ``name`` (``version`` when given) loaded and ready; False when it cannot say."""
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        return c.is_model_ready(name, "" if version is None else str(version))
+    except Exception:
+        return False
+    finally:
+        c.close()
 
 
 class Lifecycle:

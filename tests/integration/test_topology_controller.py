@@ -20,7 +20,6 @@ duplicates counted (tests/harness/line.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from pathlib import Path
@@ -37,8 +36,11 @@ from stream.kafka.clients import ensure_topics, read_topics
 from tests.harness.line import STEP_CAP_S, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
 from tests.harness.rollout import (
+    POLICY,
     Tiny,
     lifecycle_topics,
+    model_ready,
+    outcomes,
     release,
     send_records,
     start_controller,
@@ -51,9 +53,7 @@ from tests.harness.triton_replica import TritonReplica
 
 pytestmark = pytest.mark.integration
 
-# a short health policy: probes + a few live frames decide; reconcile every second
-POLICY = {"LINEWATCH_ROLLOUT__SHADOW_FRAMES": "24", "LINEWATCH_ROLLOUT__MIN_FRAMES": "8",
-          "LINEWATCH_ROLLOUT__SHADOW_TIMEOUT_S": "60", "LINEWATCH_ROLLOUT__RECONCILE_S": "1"}
+
 SETTLE_S = 8.0  # after a promotion: results still labelled with the old version only within this time
 
 
@@ -78,23 +78,6 @@ def two_tritons(tmp_path_factory):
         stack.stop()
 
 
-def _outcomes(boot, t, model, versions, timeout_s=STEP_CAP_S) -> dict[int, list[dict]]:
-    """{version: [outcome events]} once every version in ``versions`` has one (promoted / rolled_back / refused)."""
-    def hits(o):
-        out: dict[int, list[dict]] = {}
-        for r in o[t["events"]]:
-            d = json.loads(r.value)
-            if d.get("model") == model and d.get("type") in ("promoted", "rolled_back", "refused"):
-                out.setdefault(d["version"], []).append({**d, "_ts": r.timestamp})
-        return out
-
-    recs = asyncio.run(read_topics(boot, [t["events"]], until=lambda o: set(versions) <= set(hits(o)),
-                                   timeout_s=timeout_s))
-    got = hits(recs)
-    assert set(versions) <= set(got), f"outcomes {got}"
-    return got
-
-
 def _logged(typ: str, model: str, version: int) -> str:
     """How the controller logs an event it took (released) or published (promoted...)."""
     return f'"type":"{typ}","model":"{model}","version":{version}'
@@ -107,26 +90,6 @@ def _wait_log(ctl, needle: str, since: int, timeout_s: float = 90.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def _serves(url: str, model: str, version: int) -> bool:
-    c = grpcclient.InferenceServerClient(url)
-    try:
-        return c.is_model_ready(model, str(version))
-    except Exception:
-        return False
-    finally:
-        c.close()
-
-
-def _loaded(url: str, name: str) -> bool:
-    c = grpcclient.InferenceServerClient(url)
-    try:
-        return c.is_model_ready(name)
-    except Exception:
-        return False
-    finally:
-        c.close()
 
 
 def test_one_worker_client_round_robins_over_both_replicas(two_tritons):
@@ -190,8 +153,8 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
     ctl2 = None
     try:
         release(boot, t, store, model, 1, product, images, 1.0)  # a new product: promoted on both Tritons
-        assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
-        assert all(_serves(u, model, 1) for u in tritons)
+        assert outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
+        assert all(model_ready(u, model, 1) for u in tritons)
         line.begin(3)  # the workers know the product from the serving state only (no static routing)
         assert line.fleet.wait_frames_in([0, 1, 2], timeout_s=STEP_CAP_S), line.fleet.summary()
 
@@ -199,7 +162,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         mark = len(ctl.log())
         release(boot, t, store, model, 2, product, images, 0.99)
         release(boot, t, store, model, 3, product, images, 0.98)
-        got = _outcomes(boot, t, model, [2, 3])
+        got = outcomes(boot, t, model, [2, 3])
         assert [e["type"] for v in (2, 3) for e in got[v]] == ["promoted", "promoted"], (got, ctl.log()[mark:][-3000:])
         log = ctl.log()[mark:]
         assert log.index(_logged("promoted", model, 2)) < \
@@ -211,18 +174,18 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         release(boot, t, store, model, 4, product, images, 0.97)
         assert _wait_log(ctl, _logged("released", model, 4), mark), ctl.log()[mark:][-3000:]
         # killed once its candidate is up on a replica (loading, shadowing or promoting: all mid-rollout)
-        assert wait_until(lambda: _loaded(tritons[0], f"{model}__candidate"), STEP_CAP_S), ctl.log()[mark:][-3000:]
+        assert wait_until(lambda: model_ready(tritons[0], f"{model}__candidate"), STEP_CAP_S), ctl.log()[mark:][-3000:]
         ctl.kill()
         killed_during = "promoted" if _logged("promoted", model, 4) in ctl.log() else "rollout"
         ctl2 = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-1")
-        got4 = _outcomes(boot, t, model, [4])[4]
+        got4 = outcomes(boot, t, model, [4])[4]
         assert [e["type"] for e in got4] == ["promoted"], (got4, ctl2.log()[-3000:])
         assert killed_during == "rollout", "the controller published v4's outcome before it was killed"
         print(f"\ncontroller killed mid-rollout; restarted controller: {got4[0].get('detail')}")
         assert _logged("released", model, 4) in ctl2.log(), "v4 was not redelivered"
         promoted_4 = got4[0]["_ts"]
-        assert all(_serves(u, model, 4) for u in tritons)
-        assert wait_until(lambda: not any(_loaded(u, f"{model}__candidate") for u in tritons), STEP_CAP_S), "candidate left loaded"
+        assert all(model_ready(u, model, 4) for u in tritons)
+        assert wait_until(lambda: not any(model_ready(u, f"{model}__candidate") for u in tritons), STEP_CAP_S), "candidate left loaded"
 
         # Triton B SIGKILLed and restarted empty (a replacement pod): the reconcile loads v4 there again
         assert line.publishing(), f"the line stopped before the Triton restart: {line.feeder.error!r}"
@@ -230,7 +193,7 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         time.sleep(3)
         b.start()
         t_back = time.time()
-        assert wait_until(lambda: _serves(b.grpc_url, model, 4), STEP_CAP_S), ctl2.log()[-3000:]
+        assert wait_until(lambda: model_ready(b.grpc_url, model, 4), STEP_CAP_S), ctl2.log()[-3000:]
         reconciled_s = time.time() - t_back
         # the last step: line frames scored through the reconciled Triton B (worker 1 talks to it), then the
         # line ends; the timeout is an upper bound
@@ -274,11 +237,11 @@ def test_stack_down_up_restores_serving_versions(images, tmp_path):
                         sha256=digest)
         send_records(boot, "model-events", [(ev.key, ev.to_json(), [])])
         t = {"events": "model-events"}
-        assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", stack.log_tail("controller", 40)
+        assert outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", stack.log_tail("controller", 40)
         stack.stop()
         stack.start()  # fresh ports, empty broker, empty Triton
         boot = stack.kafka_bootstrap
-        assert wait_until(lambda: _serves(stack.triton_grpc_url, model, 1), STEP_CAP_S), stack.log_tail("controller", 40)
+        assert wait_until(lambda: model_ready(stack.triton_grpc_url, model, 1), STEP_CAP_S), stack.log_tail("controller", 40)
         asyncio.run(ensure_topics(boot, ["frames", "inspection-results", "defect-events", "frames-dlq"]))
         w = WorkerProcess(boot, stack.triton_grpc_url, tmp_path / "w", app_id=f"lw-restore-{uid}").start()
         try:

@@ -24,8 +24,15 @@ from devstack.stack import LocalStack
 from stream.kafka.clients import ensure_topics
 from tests.harness.line import STEP_CAP_S, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
-from tests.harness.rollout import lifecycle_topics, release, start_controller, topic_env
-from tests.integration.test_topology_controller import POLICY, _loaded, _outcomes
+from tests.harness.rollout import (
+    POLICY,
+    lifecycle_topics,
+    model_ready,
+    outcomes,
+    release,
+    start_controller,
+    topic_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +61,7 @@ def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path, 
                "LINEWATCH_WORKER_BREAKER_BACKOFF_MAX_S": "2"}
         ctl = start_controller(stack, t, tmp_path, env=POLICY, name="controller-0")
         release(boot, t, store, model, 1, product, _images(shared_data), 1.0)
-        assert _outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
+        assert outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
         line = Line(stack, None, _small_frames(shared_data), tmp_path, "empty", seconds=None, product=product,
                     env=env, topics=t)
         line.begin(2)  # the workers route the product by the serving state only
@@ -67,7 +74,7 @@ def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path, 
         stack.start_triton([])  # Ready, no models: what a replacement pod in explicit mode is
         t_empty = time.monotonic()
         sent_at_restart = len(line.feeder.sent)
-        assert not _loaded(stack.triton_grpc_url, model)
+        assert not model_ready(stack.triton_grpc_url, model)
         time.sleep(EMPTY_S)  # frames keep arriving for longer than the grace
         assert line.publishing(), f"the line stopped while Triton was empty: {line.feeder.error!r}"
         assert len(line.feeder.sent) > sent_at_restart + 20, "too few frames published while Triton was empty"
@@ -75,7 +82,7 @@ def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path, 
 
         # the controller back: its reconcile loads the serving version
         ctl2 = start_controller(stack, t, tmp_path, env=POLICY, name="controller-1")
-        assert wait_until(lambda: _loaded(stack.triton_grpc_url, model), STEP_CAP_S), ctl2.log()[-3000:]
+        assert wait_until(lambda: model_ready(stack.triton_grpc_url, model), STEP_CAP_S), ctl2.log()[-3000:]
         out = [line.fleet.metric(i, "linewatch_results_out_total") for i in (0, 1)]
         assert wait_until(lambda: sum(line.fleet.metric(i, "linewatch_results_out_total") for i in (0, 1))
                           >= sum(out) + 40, STEP_CAP_S), f"no results after the reload\n{line.fleet.log_tails()}"
