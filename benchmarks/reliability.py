@@ -14,7 +14,9 @@ Then the failure-safety scenarios of issue #15 (Triton down at start, a fatal pr
 exception in the batch, SIGTERM with the broker stopped, a DLQ record over the topic limit, poison
 task headers, a retry budget running out, Triton down behind the circuit breaker, decode bombs just
 under the pixel cap, a tampered model.py released while frames flow, and frames from librdkafka under
-each compression codec). Each is the integration test that guards the fix, run here by pytest with
+each compression codec), and those of issue #26 (a 4K camera, capture quotas, the Onboard runner's
+progress, Triton restarted empty under traffic, a broker blip mid-promotion, a rollout longer than the
+controller's poll interval, two controllers with the active one killed mid-rollout). Each is the integration test that guards the fix, run here by pytest with
 ``--reliability-out``: the test records its ``linewatch account`` report (tests/harness/reliability.py)
 and passes only if nothing was lost. A row is ok when the test passed, nothing is lost, every topic was
 read to its end and the DLQ holds exactly the records the scenario must produce (the poison frames).
@@ -79,6 +81,9 @@ SAFETY_TESTS = [
     "tests/integration/test_capture_quota.py::test_rotating_product_camera_stays_within_the_capture_quotas",
     "tests/integration/test_onboard_runner_progress.py::test_onboard_runner_survives_a_megabyte_of_progress",
     "tests/integration/test_triton_restart_empty.py::test_triton_restart_empty_with_traffic_loses_nothing",
+    "tests/integration/test_controller_safety.py::test_controller_publish_fails_mid_promotion",
+    "tests/integration/test_controller_safety.py::test_controller_rollout_longer_than_poll_interval",
+    "tests/integration/test_controller_safety.py::test_two_controllers_one_killed_mid_rollout",
 ]
 
 SAFETY_DESCRIBE = {
@@ -101,6 +106,13 @@ SAFETY_DESCRIBE = {
     "triton_restart_empty_with_traffic": "Triton SIGKILLed and restarted empty (explicit mode) under 20 fps, kept "
                                          "empty past the workers' grace (3 s), then the controller reloads the "
                                          "serving version",
+    "controller_publish_fails_mid_promotion": "the serving-state write after Triton switched to v2 fails once "
+                                              "(broker connection lost): retried, one promoted, committed after it",
+    "controller_rollout_longer_than_poll_interval": "a 400-frame shadow window (~20 s) against a 6 s "
+                                                    "max_poll_interval; then a rolled-back release redelivered "
+                                                    "(group offset moved back): skipped",
+    "two_controllers_one_killed_mid_rollout": "two controllers on one lease; the active one SIGKILLed mid-shadow, "
+                                              "the standby takes over: one promotion",
 }
 SAFETY_COLUMNS = [("scenario", "scenario"), ("frames_sent", "frames sent"), ("lost", "lost"),
                   ("duplicated", "duplicated"), ("dlq_reasons", "DLQ'd (reason)"), ("expected_dlq", "DLQ expected"),

@@ -104,6 +104,12 @@ class RolloutSettings(BaseModel):
     group: str = "linewatch-controller"  # consumer group of the controller service (`linewatch controller`)
     reconcile_s: float = Field(default=5.0, gt=0)  # serving state -> every Triton replica, this often
     shadow_sample_every: int = Field(default=1, ge=1)  # the controller shadows every n-th live frame of a product
+    # an error escaping a rollout re-runs its event this many times, then the event is refused (controller_error)
+    max_attempts: int = Field(default=5, ge=1)
+    # the controller's consumer leaves its group past this without a poll; it polls (paused) during a rollout
+    max_poll_interval_s: float = Field(default=300.0, gt=0)
+    # the one-active-controller lease (stream/lifecycle/lease.py); None: <model repository>/.linewatch-controller.lease
+    lease_path: str | None = None
 
 
 class ServingSettings(BaseModel):

@@ -24,11 +24,15 @@ OnRecord = Callable[[bytes | None, bytes | None], None]
 
 
 async def read_to_end(c: AIOKafkaConsumer, tps: list[TopicPartition], apply: Callable[[dict], None], *,
-                      timeout_s: float, poll_ms: int = 200) -> None:
-    """Assign ``tps`` from their beginning and ``apply`` every fetched batch until each partition reached
-    the end offset it had when this was called (TimeoutError past ``timeout_s``)."""
+                      timeout_s: float, poll_ms: int = 200, start: dict[TopicPartition, int] | None = None) -> None:
+    """Assign ``tps`` from their beginning (or the offsets in ``start``) and ``apply`` every fetched batch until
+    each partition reached the end offset it had when this was called (TimeoutError past ``timeout_s``)."""
     c.assign(tps)
-    await c.seek_to_beginning(*tps)
+    if start:
+        for tp in tps:
+            c.seek(tp, start[tp])
+    else:
+        await c.seek_to_beginning(*tps)
     ends = await c.end_offsets(tps)
     deadline = time.monotonic() + timeout_s
     while not all([await c.position(tp) >= ends[tp] for tp in tps]):

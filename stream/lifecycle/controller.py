@@ -31,6 +31,13 @@ On a ``released`` event, step by step:
    (product -> model). The candidate is unloaded and removed.
    Otherwise **roll back**: unload + remove the candidate, publish ``rolled_back`` with reasons.
 
+Steps 1-6 are a state machine (``Rollout.state``; stream/lifecycle/steps.py): a failure up to the promotion
+is rolled back; once Triton serves the new version, recording the serving state and announcing ``promoted``
+are retried until done. Every outcome names its cause (``detail.cause``: the ``event_id`` of the
+``released`` / ``rollback_requested`` event), so a redelivered event whose outcome is already out is skipped
+(stream/lifecycle/service.py). Before every model-control call, repository write and published event the
+controller checks its fence (``fence``: the lease generation, stream/lifecycle/lease.py).
+
 ``rollback_requested`` (``linewatch rollback``): rewrite the policy to the requested older version and
 reload; publish ``rolled_back`` (detail.operator = true).
 
@@ -58,6 +65,7 @@ from contracts.config import ServingSettings
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent
 from contracts.triton_control import grpc_headers
+from stream.lifecycle.lease import LeaseLost
 from stream.lifecycle.operating import operating_points
 from stream.lifecycle.policy import Decision, HealthPolicy, ShadowStats
 from stream.lifecycle.replicas import TritonReplicas, _claimed
@@ -69,11 +77,13 @@ from stream.lifecycle.repository import (
     write_config,
 )
 from stream.lifecycle.shadow import run_shadow
+from stream.lifecycle.steps import STEP_BACKOFF, until_done
 
 log = get_logger("stream.lifecycle.controller")
 
 # the event types the controller acts on (the others are its own outcomes, or for the training job)
 HANDLED = ("released", "rollback_requested")
+OUTCOMES = ("promoted", "rolled_back", "refused")
 
 Publish = Callable[[ModelEvent], Awaitable[None]]
 
@@ -116,17 +126,8 @@ class RolloutController(TritonReplicas):
         self.active: dict[str, Rollout] = {}
         self._busy: set[str] = set()
         self.history: list[dict[str, Any]] = []
-
-    async def _serving_changed(self, model: str) -> None:
-        spec, version = await self.serving_spec(model)
-        if spec is None or version is None:
-            return
-        for cb in self.on_serving:
-            try:
-                await cb(model, version, spec)
-            except Exception as e:
-                log.error("serving_state_publish_failed", model=model, version=version, error=str(e)[:300])
-                raise
+        # raises LeaseLost when another controller took over: checked before every write (lease.py)
+        self.fence: Callable[[], None] = lambda: None
 
     # -- events
     async def handle(self, ev: ModelEvent) -> ModelEvent | None:
@@ -134,21 +135,52 @@ class RolloutController(TritonReplicas):
         if ev.type == "released":
             return await self.rollout(ev)
         if ev.type == "rollback_requested":
-            return await self.rollback_to(ev.model, ev.version, reason=(ev.reasons or ["operator request"])[0])
+            return await self.rollback_to(ev.model, ev.version, reason=(ev.reasons or ["operator request"])[0], cause=ev)
         return None
 
-    async def handle_safely(self, ev: ModelEvent) -> None:
-        """:meth:`handle` for an agent or a consumer loop: a failure is logged, never raised."""
-        try:
-            await self.handle(ev)
-        except Exception as e:  # never kill the agent
-            log.error("rollout_failed", error=f"{type(e).__name__}: {e}"[:400])
+    async def handle_until_decided(self, ev: ModelEvent, attempts: int = 5) -> ModelEvent | None:
+        """:meth:`handle` until its outcome is published. An error that escapes a rollout (Triton unreachable,
+        the broker gone before the candidate loaded; its candidate is dropped) re-runs the event from the start,
+        up to ``attempts`` times with backoff; then the event is refused (``controller_error``), the previous
+        version still serving, so a poison event never blocks the topic. A lost lease is raised."""
+        err = ""
+        for n in range(1, attempts + 1):
+            try:
+                return await self.handle(ev)
+            except LeaseLost:
+                raise
+            except Exception as e:
+                err = f"{type(e).__name__}: {e}"[:300]
+                log.error("rollout_attempt_failed", model=ev.model, version=ev.version, attempt=n, of=attempts,
+                          error=err)
+                if n < attempts:
+                    await asyncio.sleep(STEP_BACKOFF.delay(n))
+        return await self._emit(self._event("refused", ev, [f"controller_error: {attempts} attempts failed; "
+                                                            f"last: {err}"], None))
 
     async def _emit(self, ev: ModelEvent) -> ModelEvent:
+        """Publish ``ev``; an outcome is retried until the broker has it (it is what commits its cause)."""
+        async def publish() -> None:
+            self.fence()
+            await self.publish(ev)
+
+        if ev.type in OUTCOMES:
+            await until_done("announce", publish, model=ev.model, version=ev.version, type=ev.type)
+        else:
+            await publish()
         self.history.append(ev.to_dict())
         log.info("model_event", type=ev.type, model=ev.model, version=ev.version, reasons=ev.reasons)
-        await self.publish(ev)
         return ev
+
+    async def _record(self, model: str, version: int, spec: dict[str, Any]) -> None:
+        """The serving state says ``model`` v``version`` (``spec``: the artifact's own metadata, which is the
+        ``linewatch_spec`` Triton serves): after the switch, retried until written (steps.py)."""
+        async def write() -> None:
+            for cb in self.on_serving:
+                self.fence()
+                await cb(model, version, spec)
+
+        await until_done("record", write, model=model, version=version)
 
     def _event(self, typ: str, ev: ModelEvent, reasons: list[str], prev: int | None, detail=None,
                art: Artifact | None = None) -> ModelEvent:
@@ -157,7 +189,8 @@ class RolloutController(TritonReplicas):
         return ModelEvent(typ, ev.model, ev.version, task=ev.task, product=ev.product or (art.product if art else None),
                           detector=ev.detector or (art.detector if art else None), artifact_uri=ev.artifact_uri,
                           sha256=ev.sha256, previous_version=prev, reasons=reasons,
-                          detail={**({"operating_point": ops} if ops else {}), **(detail or {})})
+                          detail={**({"operating_point": ops} if ops else {}), **(detail or {}),
+                                  "cause": ev.event_id})
 
     async def rollout(self, ev: ModelEvent) -> ModelEvent:
         # claimed before the first await: a second release of the same model cannot slip in meanwhile
@@ -198,6 +231,7 @@ class RolloutController(TritonReplicas):
         self.active[ev.model] = ro
         try:
             ro.state = "loading_candidate"
+            self.fence()
             await asyncio.to_thread(materialize, art, self.repository, cand, [art.version], self.serving)
             try:
                 await self._load(cand, art.version)
@@ -209,14 +243,23 @@ class RolloutController(TritonReplicas):
                 return await self._fail(ro, ev, decision.reasons, decision.stats)
             ro.state = "promoting"
             try:
+                self.fence()
                 await asyncio.to_thread(materialize, art, self.repository, ev.model, [art.version], self.serving)
                 await self._load(ev.model, art.version)
             except Exception as e:  # restore the previous policy, old version keeps serving
                 if cur_ver is not None:
                     await self._restore(ev.model, cur_ver)
                 return await self._fail(ro, ev, [f"promote_failed: {str(e)[:300]}"], decision.stats)
-            await self._drop_candidate(ro)
-            await self._serving_changed(ev.model)
+            # past the point of no return: Triton serves the new version; the rest is retried until done
+            ro.state = "recording"
+            try:  # best effort: a candidate left behind is dropped by the next rollout of this model
+                await self._drop_candidate(ro)
+            except LeaseLost:
+                raise
+            except Exception as e:
+                log.warning("candidate_drop_failed", model=ev.model, error=str(e)[:200])
+            await self._record(ev.model, art.version, art.metadata)
+            ro.state = "announcing"
             for cb in self.on_promoted:
                 try:
                     r = cb(art)
@@ -225,6 +268,13 @@ class RolloutController(TritonReplicas):
                 except Exception as e:
                     log.warning("on_promoted_failed", error=str(e)[:200])
             return await self._emit(self._event("promoted", ev, [], cur_ver, decision.stats, art))
+        except Exception:  # escaped before the switch (handle_until_decided re-runs it): no candidate left behind
+            if ro.state in ("loading_candidate", "shadow", "promoting"):
+                try:
+                    await self._drop_candidate(ro)
+                except Exception as e:
+                    log.warning("candidate_drop_failed", model=ev.model, error=str(e)[:200])
+            raise
         finally:
             self.active.pop(ev.model, None)
 
@@ -239,21 +289,26 @@ class RolloutController(TritonReplicas):
         ``promoted`` announced -- instead of refusing it as not newer."""
         cand = f"{ev.model}{CANDIDATE_SUFFIX}"
         await self._unload(cand)
+        self.fence()
         await asyncio.to_thread(remove_model_dir, self.repository, cand)
-        await self._serving_changed(ev.model)
+        await self._record(ev.model, ev.version, art.metadata)
         log.info("rollout_recovered", model=ev.model, version=ev.version)
         return await self._emit(self._event("promoted", ev, [], None, {"recovered": True}, art))
 
     async def _restore(self, model: str, version: int) -> None:
         mdir = self.repository / model
         try:
+            self.fence()
             write_config(mdir, (mdir / "config.pbtxt").read_text(), model, [version], serving=self.serving)
             await self._load(model, version)
+        except LeaseLost:
+            raise
         except Exception as e:
             log.error("rollout_restore_failed", model=model, version=version, error=str(e)[:300])
 
     async def _drop_candidate(self, ro: Rollout) -> None:
         await self._unload(ro.candidate)
+        self.fence()
         await asyncio.to_thread(remove_model_dir, self.repository, ro.candidate)
 
     async def _fail(self, ro: Rollout, ev: ModelEvent, reasons: list[str], st: dict) -> ModelEvent:
@@ -261,20 +316,21 @@ class RolloutController(TritonReplicas):
         return await self._emit(self._event("rolled_back", ev, reasons or ["unhealthy"], ro.previous_version, st,
                                             ro.artifact))
 
-    async def rollback_to(self, model: str, version: int, reason: str = "operator request") -> ModelEvent:
-        """Serve an older version of ``model`` again (operator verb)."""
+    async def rollback_to(self, model: str, version: int, reason: str = "operator request",
+                          cause: ModelEvent | None = None) -> ModelEvent:
+        """Serve an older version of ``model`` again (operator verb; ``cause``: the ``rollback_requested`` event)."""
         _, cur = await self.serving_spec(model)
-        ev = ModelEvent("rollback_requested", model, version)
+        ev = cause or ModelEvent("rollback_requested", model, version)
         if version not in repository_versions(self.repository, model):
             return await self._emit(self._event("refused", ev, [f"version_unavailable: {model}/{version} is not in "
                                                                 f"the Triton repository"], cur))
         await self._restore(model, version)
-        _, now = await self.serving_spec(model)
-        if now != version:
+        spec, now = await self.serving_spec(model)
+        if now != version or spec is None:
             return await self._emit(self._event("refused", ev, [f"reload_failed: serving v{now}"], cur))
-        await self._serving_changed(model)
+        await self._record(model, version, spec)  # Triton switched back: recorded until done (steps.py)
         out = ModelEvent("rolled_back", model, cur or version, previous_version=version, reasons=[reason],
-                         detail={"operator": True, "serving_version": version})
+                         detail={"operator": True, "serving_version": version, "cause": ev.event_id})
         return await self._emit(out)
 
     # -- shadow traffic

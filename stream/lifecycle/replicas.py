@@ -12,6 +12,7 @@ import orjson
 
 from contracts.logs import get_logger
 from contracts.names import is_candidate
+from stream.lifecycle.lease import LeaseLost
 
 log = get_logger("stream.lifecycle.controller")
 
@@ -19,7 +20,7 @@ CONTROL_TIMEOUT_S = 10.0  # one model-control or readiness call to a replica (a 
 
 
 class TritonReplicas:
-    """Mixed into RolloutController, which sets ``urls``, ``_clients``, ``headers`` and ``policy``."""
+    """Mixed into RolloutController, which sets ``urls``, ``_clients``, ``headers``, ``policy`` and ``fence``."""
 
     @property
     def url(self) -> str:
@@ -78,6 +79,7 @@ class TritonReplicas:
         await asyncio.gather(*(self._load_on(u, name, version) for u in self.urls))
 
     async def _load_on(self, url: str, name: str, version: int | None) -> None:
+        self.fence()  # another controller holds the lease: no model control from this one (lease.py)
         c = self.client(url)
         await c.load_model(name, headers=self.headers, client_timeout=self.policy.load_timeout_s)
         t0 = time.monotonic()
@@ -93,6 +95,7 @@ class TritonReplicas:
 
     async def _unload(self, name: str) -> None:
         for u in self.urls:
+            self.fence()
             try:
                 await self.client(u).unload_model(name, headers=self.headers)
             except Exception as e:
@@ -108,6 +111,8 @@ class TritonReplicas:
                     continue
                 await asyncio.wait_for(self._load_on(u, model, version), self.policy.load_timeout_s + CONTROL_TIMEOUT_S)
                 fixed.append(u)
+            except LeaseLost:
+                raise
             except Exception as e:  # that replica is down: the next pass retries, on a fresh channel
                 log.warning("reconcile_failed", model=model, version=version, replica=u,
                             error=f"{type(e).__name__}: {e}"[:200])

@@ -1,9 +1,14 @@
 """The rollout controller service (``linewatch controller``; issue #16): the only component with Triton
 model control.
 
+- One active controller: it takes the lease (stream/lifecycle/lease.py) before anything else; a second
+  ``linewatch controller`` stands by until the first dies, and one that lost the lease exits.
 - Consumes ``model-events`` in its own consumer group, one event at a time, and commits an event's
-  offset only once its rollout has ended (a crash mid-rollout redelivers it; the controller then
-  re-runs it: the candidate is re-materialised, or a version already serving is re-announced).
+  offset only once its outcome is published (stream/lifecycle/steps.py; a crash mid-rollout redelivers it:
+  the controller re-runs it, the candidate is re-materialised, or a version already serving is
+  re-announced). A redelivered event whose outcome is already on the topic (``detail.cause``) is skipped,
+  so a rolled-back release never re-runs. During a rollout the consumer is paused and polled, so a rollout
+  longer than ``rollout.max_poll_interval_s`` keeps it in its group.
 - Loads and unloads on every Triton replica (``controller_triton_urls``, or every address of the
   headless Service ``controller_triton_service``, re-resolved on each reconcile pass).
 - Writes the authoritative serving state (contracts/serving_state.py) on promotion and rollback; reads
@@ -21,17 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from contracts.artifact import verify_artifact
 from contracts.config import Settings
 from contracts.logs import get_logger
-from contracts.model_events import ModelEvent
+from contracts.model_events import ModelEvent, ModelEventError, decode
 from contracts.serving_state import ServingEntry, decode_entry, entries_for
 from stream.kafka.clients import Producer, client_kwargs, ensure_topics
 from stream.kafka.codecs import require_codecs
-from stream.kafka.follow import TopicFollower
-from stream.lifecycle.controller import RolloutController
+from stream.kafka.follow import TopicFollower, read_to_end
+from stream.lifecycle.controller import OUTCOMES, RolloutController
 from stream.lifecycle.events import actionable
+from stream.lifecycle.lease import LEASE_FILE, ControllerLease, LeaseLost
 from stream.lifecycle.policy import HealthPolicy
 from stream.lifecycle.repository import model_dir, pinned_version, remove_model_dir, repository_models
 from stream.lifecycle.sampler import ShadowSampler
@@ -93,6 +100,8 @@ class ControllerService:
         self.sampler = ShadowSampler(s, self.ctl, t.frames)
         self.follower = TopicFollower(s.kafka_bootstrap, t.state, self._on_state, settings=s)
         self.reconciled = asyncio.Event()
+        self.lease = ControllerLease(s.rollout.lease_path or Path(repository) / LEASE_FILE)
+        self.ctl.fence = self.lease.check
 
     # -- serving state
     def _on_state(self, key: bytes | None, value: bytes | None) -> None:
@@ -165,7 +174,7 @@ class ControllerService:
                 log.warning("restore_refused", model=model, version=version, reasons=v.reasons[:5])
                 continue
             await self.ctl.ensure_serving(model, version)
-            await self.ctl._serving_changed(model)
+            await self.ctl._record(model, version, v.artifact.metadata)
             restored.append(f"{model} v{version}")
         if restored:
             log.info("serving_restored_from_repository", models=restored)
@@ -173,9 +182,12 @@ class ControllerService:
 
     async def _reconcile_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.lease.check()  # an idle controller that lost its lease stops too
             try:
                 await self.reconcile()
                 self.reconciled.set()
+            except LeaseLost:
+                raise
             except Exception as e:
                 log.warning("reconcile_pass_failed", error=f"{type(e).__name__}: {e}"[:300])
             try:
@@ -187,8 +199,13 @@ class ControllerService:
     async def _events(self, stop: asyncio.Event) -> None:
         s, t = self.s, self.topics
         c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=t.group, enable_auto_commit=False,
-                             auto_offset_reset="earliest", **client_kwargs("consumer", s))
+                             auto_offset_reset="earliest",
+                             max_poll_interval_ms=int(s.rollout.max_poll_interval_s * 1000),
+                             **client_kwargs("consumer", s))
+        scan = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                                **client_kwargs("consumer", s))
         await c.start()
+        await scan.start()
         try:
             c.subscribe([t.events])
             while not stop.is_set():
@@ -198,18 +215,53 @@ class ControllerService:
                         ev = actionable(r.value)
                         if ev is not None:
                             log.info("model_event_taken", type=ev.type, model=ev.model, version=ev.version,
-                                     offset=r.offset)
-                            await self._handle_polled(c, ev)
-                        # the rollout has ended (promoted, rolled back or refused): only now is it acked
-                        await c.commit({TopicPartition(tp.topic, tp.partition): r.offset + 1})
+                                     offset=r.offset, event_id=ev.event_id)
+                            done = await self._decided(scan, TopicPartition(tp.topic, tp.partition), r.offset, ev)
+                            if done is not None:  # redelivered after its outcome was published: nothing to redo
+                                log.info("model_event_already_decided", model=ev.model, version=ev.version,
+                                         offset=r.offset, outcome=done.type)
+                            else:
+                                await self._handle_polled(c, ev)
+                        # the outcome (promoted, rolled back or refused) is published: only now is it acked
+                        await self._commit(c, TopicPartition(tp.topic, tp.partition), r.offset + 1)
         finally:
+            await scan.stop()
             await c.stop()
+
+    async def _decided(self, scan: AIOKafkaConsumer, tp: TopicPartition, offset: int,
+                       ev: ModelEvent) -> ModelEvent | None:
+        """The outcome already published for ``ev`` (its ``detail.cause``), read after ``ev``'s own offset
+        (outcomes go to the same partition: the key is the model); None on a first delivery."""
+        found: list[ModelEvent] = []
+
+        def apply(batch: dict) -> None:
+            for recs in batch.values():
+                for r in recs:
+                    try:
+                        out = decode(r.value)
+                    except ModelEventError:
+                        continue
+                    if out.type in OUTCOMES and out.detail.get("cause") == ev.event_id:
+                        found.append(out)
+
+        await read_to_end(scan, [tp], apply, timeout_s=self.s.rollout.load_timeout_s, start={tp: offset + 1})
+        return found[0] if found else None
+
+    @staticmethod
+    async def _commit(c: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        """Ack up to ``offset``; a group that moved on meanwhile (the partition revoked) redelivers the event
+        to its new owner, which finds its outcome and skips it (:meth:`_decided`)."""
+        try:
+            await c.commit({tp: offset})
+        except (CommitFailedError, IllegalStateError) as e:
+            log.warning("model_event_commit_failed", partition=tp.partition, offset=offset,
+                        error=f"{type(e).__name__}: {e}"[:300])
 
     async def _handle_polled(self, c: AIOKafkaConsumer, ev: ModelEvent) -> None:
         """Handle ``ev`` while the consumer stays in its group: a rollout (a load, a shadow window, a candidate
         waiting for traffic up to ``rollout.traffic_deadline_s``) can last longer than the consumer's
         ``max_poll_interval_ms``; its partitions are paused and polled (no record is taken) meanwhile."""
-        task = asyncio.ensure_future(self.ctl.handle_safely(ev))
+        task = asyncio.ensure_future(self.ctl.handle_until_decided(ev, self.s.rollout.max_attempts))
         parts = set(c.assignment())
         c.pause(*parts)
         try:
@@ -225,16 +277,24 @@ class ControllerService:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
+        if not await self.lease.acquire(stop):  # a standby controller stopped before it became active
+            return
+        try:
+            await self._run_active(stop)
+        finally:
+            self.lease.release()
+
+    async def _run_active(self, stop: asyncio.Event) -> None:
         s, t = self.s, self.topics
         if s.dev_broker:  # the embedded broker; in k8s the KafkaTopics exist and the controller creates none
             await ensure_topics(s.kafka_bootstrap, [t.events], settings=s)
             await ensure_topics(s.kafka_bootstrap, [t.state], settings=s, config={"cleanup.policy": "compact"})
         await self.producer.start()
         await self.follower.start()
-        await self.restore_from_repository()
-        log.info("controller_start", replicas=self.ctl.urls, serving={p: f"{e.model} v{e.version}"
-                                                                     for p, e in sorted(self.serving.items())})
         try:
+            await self.restore_from_repository()
+            log.info("controller_start", replicas=self.ctl.urls, generation=self.lease.generation,
+                     serving={p: f"{e.model} v{e.version}" for p, e in sorted(self.serving.items())})
             await run_until_stopped(stop, self._reconcile_loop(stop), self._events(stop), self.sampler.run(stop))
         finally:
             await self.follower.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -151,7 +152,13 @@ def _cmd_controller(a) -> int:
             loop.add_signal_handler(sig, stop.set)
         await ControllerService(s, repo, pol).run(stop)
 
-    asyncio.run(run())
+    from stream.lifecycle.lease import LeaseLost
+
+    try:
+        asyncio.run(run())
+    except LeaseLost as e:  # another controller is active now: this one stops without writing anything more
+        print(f"linewatch controller: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

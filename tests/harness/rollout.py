@@ -246,7 +246,7 @@ async def serve_events(bootstrap: str, topic: str, controller: RolloutController
                 for r in recs:
                     ev = actionable(r.value)
                     if ev is not None:
-                        await controller.handle_safely(ev)
+                        await controller.handle_until_decided(ev)
     finally:
         await c.stop()
 
