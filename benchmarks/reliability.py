@@ -84,6 +84,7 @@ SAFETY_TESTS = [
     "tests/integration/test_controller_safety.py::test_controller_publish_fails_mid_promotion",
     "tests/integration/test_controller_safety.py::test_controller_rollout_longer_than_poll_interval",
     "tests/integration/test_controller_safety.py::test_two_controllers_one_killed_mid_rollout",
+    "tests/unit/test_moleflow_store_lock.py::test_two_onboardings_of_one_model_at_once",
 ]
 
 SAFETY_DESCRIBE = {
@@ -113,6 +114,12 @@ SAFETY_DESCRIBE = {
                                                     "(group offset moved back): skipped",
     "two_controllers_one_killed_mid_rollout": "two controllers on one lease; the active one SIGKILLed mid-shadow, "
                                               "the standby takes over: one promotion",
+    "worker_cannot_roll_back": "(the line of controller_publish_fails_mid_promotion) a rollback_requested to v1 "
+                               "forged on every topic the worker's KafkaUser may write: no outcome, v2 serves",
+    "release_on_idle_line": "(the line of controller_rollout_longer_than_poll_interval) v2 released while no "
+                            "camera publishes waits in shadow, then the line starts: promoted on live frames",
+    "two_onboardings_one_model": "two MoLE-Flow training jobs (real processes) add a task to one model at once; "
+                                 "lost = an onboarding whose task the newest version does not hold",
 }
 SAFETY_COLUMNS = [("scenario", "scenario"), ("frames_sent", "frames sent"), ("lost", "lost"),
                   ("duplicated", "duplicated"), ("dlq_reasons", "DLQ'd (reason)"), ("expected_dlq", "DLQ expected"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from contracts.config import Settings
+from tests.harness.reliability import ReliabilityLog
 from tests.harness.requires import (  # noqa: F401 - hooks: the ``requires`` mark, checked before fixtures
     pytest_configure,
     pytest_runtest_setup,
@@ -61,3 +62,20 @@ def kafka_bootstrap(local_stack) -> str:
 @pytest.fixture(scope="session")
 def triton_grpc_url(local_stack) -> str:
     return local_stack.triton_grpc_url
+
+
+@pytest.fixture(scope="session")
+def reliability_log(pytestconfig):
+    """Failure-safety tests (integration, and the unit tests that run real processes) record their
+    ``linewatch account`` report per scenario; with ``--reliability-out FILE`` the rows are written there
+    (benchmarks/reliability.py reads them)."""
+    rows = ReliabilityLog()
+    yield rows
+    out = pytestconfig.getoption("--reliability-out")
+    if out:
+        rows.write(Path(out))
+
+
+@pytest.fixture
+def reliability(reliability_log, request):
+    return reliability_log.bind(request.node.nodeid)

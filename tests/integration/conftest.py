@@ -8,24 +8,7 @@ from pathlib import Path
 import pytest
 
 from devstack.demo import load_model, model_ready
-from tests.harness.reliability import ReliabilityLog
 from tests.harness.streams import tiny_efficientad
-
-
-@pytest.fixture(scope="session")
-def reliability_log(pytestconfig):
-    """Failure-safety tests record their ``linewatch account`` report per scenario; with
-    ``--reliability-out FILE`` the rows are written there (benchmarks/reliability.py reads them)."""
-    rows = ReliabilityLog()
-    yield rows
-    out = pytestconfig.getoption("--reliability-out")
-    if out:
-        rows.write(Path(out))
-
-
-@pytest.fixture
-def reliability(reliability_log, request):
-    return reliability_log.bind(request.node.nodeid)
 
 
 @pytest.fixture(scope="session")

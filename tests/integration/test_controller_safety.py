@@ -77,10 +77,13 @@ def _scenario(stack, tag: str):
     return uid, t, f"lwt_{tag}_{uid}", f"{tag}-{uid}"
 
 
-def _event_types(boot: str, t: dict, model: str, version: int) -> list[str]:
+def _events(boot: str, t: dict) -> list[dict]:
     recs = asyncio.run(read_topics(boot, [t["events"]], timeout_s=30, idle_s=1.0))[t["events"]]
-    return [d["type"] for d in (json.loads(r.value) for r in recs)
-            if d.get("model") == model and d.get("version") == version]
+    return [json.loads(r.value) for r in recs]
+
+
+def _event_types(boot: str, t: dict, model: str, version: int) -> list[str]:
+    return [d["type"] for d in _events(boot, t) if d.get("model") == model and d.get("version") == version]
 
 
 def _serving_version(boot: str, t: dict, product: str) -> int | None:
@@ -180,10 +183,13 @@ def test_controller_publish_fails_mid_promotion(local_stack, images, shared_data
     stack = local_stack
     uid, t, model, product = _scenario(stack, "blip")
     boot, store, group = stack.kafka_bootstrap, tmp_path / "store", f"lw-ctl-blip-{uid}"
+    own = {k: f"blip-{uid}-{k[len('topic_'):]}" for k, f in Settings.model_fields.items()
+           if k.startswith("topic_") and f.annotation is str}  # every topic its own (the broker is shared)
+    own.update(topic_model_events=t["events"], topic_serving_state=t["state"], topic_frames=t["frames"],
+               topic_drift=t["drift"], topic_results=t["results"], topic_defects=t["defects"], topic_dlq=t["dlq"])
     s = Settings().with_overrides(
-        kafka_bootstrap=boot, triton_grpc_url=stack.triton_grpc_url, dev_broker=True,
-        triton_control_key=stack.control_key, topic_model_events=t["events"], topic_serving_state=t["state"],
-        topic_frames=t["frames"], topic_drift=t["drift"],
+        **own, kafka_bootstrap=boot, triton_grpc_url=stack.triton_grpc_url, dev_broker=True,
+        triton_control_key=stack.control_key,
         rollout=RolloutSettings(shadow_frames=24, min_frames=8, shadow_timeout_s=60, reconcile_s=1, group=group))
     ctl = ServiceThread(s, stack.model_repository)
     blip = BlipOnce(ctl.svc.producer, t["state"])
@@ -195,6 +201,23 @@ def test_controller_publish_fails_mid_promotion(local_stack, images, shared_data
         assert outcomes(boot, t, model, [1])[1][0]["type"] == "promoted"
         line.begin(2)  # routed by the serving state only
         assert line.fleet.wait_frames_in([0, 1], timeout_s=STEP_CAP_S), line.fleet.summary()
+
+        # a compromised worker (it decodes untrusted images) asks for a rollback to v1 on every topic its
+        # KafkaUser may write (stream/ops/acls.py): none of them is one the controller acts on
+        from stream.ops.acls import controller_grants, worker_grants
+
+        writable = sorted(r.name for r, ops in worker_grants(s).items() if r.type == "topic" and "Write" in ops
+                          and r.name in s.topics())  # linewatch's own topics (not Faust's internal ones)
+        assert t["events"] not in writable and s.topic_retrain_requests in writable, writable
+        assert not set(writable) & {r.name for r in controller_grants(s) if r.type == "topic"}
+        forged = ModelEvent("rollback_requested", model, 1, reasons=["forged by a worker"])
+        # forged on its lifecycle topics (retrain requests, drift...); its data topics (results, defects, DLQ)
+        # are the line's own accounting, and the check above shows the controller reads none of them either
+        forged_on = [n for n in writable if n not in (t["results"], t["defects"], t["dlq"])]
+        asyncio.run(ensure_topics(boot, forged_on))
+        for topic in forged_on:
+            send_records(boot, topic, [(forged.key, forged.to_json(), [])])
+        print(f"\nworker-writable topics {writable}; forged rollback_requested on {forged_on}")
 
         blip.arm()  # v2's serving-state write, after Triton switched to v2, fails once
         release(boot, t, store, model, 2, product, images, 0.99)
@@ -212,8 +235,14 @@ def test_controller_publish_fails_mid_promotion(local_stack, images, shared_data
                           STEP_CAP_S), f"no results after the promotion\n{line.fleet.log_tails()}"
         rep, order = line.finish(settle_s=120)
         reliability.record("controller_publish_fails_mid_promotion", rep, workers=2, blips=blip.blips)
+        # the forged rollback (published before v2's release) changed nothing: no outcome names it as its cause
+        caused = [d for d in _events(boot, t) if (d.get("detail") or {}).get("cause") == forged.event_id]
+        served = _serving_version(boot, t, product)
+        reliability.record("worker_cannot_roll_back", rep, workers=2, forged_on=forged_on,
+                           outcomes_of_forged=len(caused), serving_version=served)
         check_line(line, rep, order, changes=0, what="serving-state write fails mid-promotion")
         assert _event_types(boot, t, model, 2).count("promoted") == 1
+        assert caused == [] and served == 2 and model_ready(stack.triton_grpc_url, model, 2), (caused, served)
     finally:
         line.close()
         ctl.close()
@@ -238,11 +267,13 @@ def test_controller_rollout_longer_than_poll_interval(local_stack, images, share
         assert wait_until(lambda: "shadow_waiting" in _event_types(boot, t, model, 2), STEP_CAP_S), ctl.log()[-3000:]
         time.sleep(max(0.0, t0 + 3 * POLL_S - time.monotonic()))  # well past the poll interval, still waiting
         assert not {"promoted", "rolled_back", "refused"} & set(_event_types(boot, t, model, 2))
+        idle_s = time.monotonic() - t0
         line.begin(2)  # traffic: v2 is judged on its probes and live frames
         assert line.fleet.wait_frames_in([0, 1], timeout_s=STEP_CAP_S), line.fleet.summary()
         got = outcomes(boot, t, model, [2])[2]
         took = time.monotonic() - t0
         assert [e["type"] for e in got] == ["promoted"], (got, ctl.log()[-3000:])
+        assert got[0]["detail"]["rule"] == "shadow_traffic" and got[0]["detail"]["live_frames"] > 0, got
         assert took > 3 * POLL_S, f"the rollout took {took:.1f} s: not longer than the poll interval"
         log = ctl.log()
         assert log.count('"event":"model_event_taken"') == 2, "an event was taken twice (the group evicted it)"
@@ -269,6 +300,8 @@ def test_controller_rollout_longer_than_poll_interval(local_stack, images, share
         rep, order = line.finish(settle_s=120)
         reliability.record("controller_rollout_longer_than_poll_interval", rep, workers=2,
                            rollout_s=round(took, 1), max_poll_interval_s=POLL_S)
+        reliability.record("release_on_idle_line", rep, workers=2, idle_s=round(idle_s, 1),
+                           outcome=got[0]["type"], rule=got[0]["detail"]["rule"])
         check_line(line, rep, order, changes=0, what="rollout longer than the poll interval")
     finally:
         line.close()
