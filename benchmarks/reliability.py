@@ -115,7 +115,8 @@ SAFETY_DESCRIBE = {
     "two_controllers_one_killed_mid_rollout": "two controllers on one lease; the active one SIGKILLed mid-shadow, "
                                               "the standby takes over: one promotion",
     "worker_cannot_roll_back": "(the line of controller_publish_fails_mid_promotion) a rollback_requested to v1 "
-                               "forged on every topic the worker's KafkaUser may write: no outcome, v2 serves",
+                               "forged on every lifecycle topic the worker's KafkaUser may write, and on "
+                               "model-events (the trainer's): no outcome, v2 serves",
     "release_on_idle_line": "(the line of controller_rollout_longer_than_poll_interval) v2 released while no "
                             "camera publishes waits in shadow, then the line starts: promoted on live frames",
     "two_onboardings_one_model": "two MoLE-Flow training jobs (real processes) add a task to one model at once; "

@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     topic_defects: str = "defect-events"
     topic_drift: str = "drift-alerts"
     topic_model_events: str = "model-events"
+    # operators' commands (``rollback_requested``): the controller obeys a rollback only from this topic, which
+    # only the operator's and the console's users may write; the trainer, which writes model-events, cannot
+    topic_model_commands: str = "model-commands"
     # the workers' retrain_requested (route-OOD drift): read by the capture service, never by the controller, so
     # a worker (it decodes untrusted images) needs no write on model-events, whose commands the controller obeys
     topic_retrain_requests: str = "retrain-requests"
@@ -314,7 +317,7 @@ class Settings(BaseSettings):
 
     def topics(self) -> list[str]:
         return [self.topic_frames, self.topic_results, self.topic_defects, self.topic_drift,
-                self.topic_model_events, self.topic_retrain_requests, self.topic_dlq, self.topic_serving_state, self.topic_drift_state,
+                self.topic_model_events, self.topic_model_commands, self.topic_retrain_requests, self.topic_dlq, self.topic_serving_state, self.topic_drift_state,
                 self.topic_feedback, self.topic_onboarding]
 
     def with_overrides(self, **overrides: Any) -> Settings:

@@ -67,18 +67,20 @@ class ControllerTopics:
     """The Kafka resources the service uses: every method below reads them from here, and
     stream/ops/acls.py derives the controller's KafkaUser from the same object."""
 
-    events: str  # model-events: read in ``group``; outcomes written back
+    events: str  # model-events: read in ``group`` (``released``); outcomes written back
+    commands: str  # model-commands: read in ``group`` (``rollback_requested``, the operator's)
     state: str  # serving-state (compacted): followed whole, written on promotion/rollback
     frames: str  # read (no group) by the shadow sampler
     group: str
 
     @classmethod
     def of(cls, s: Settings) -> ControllerTopics:
-        return cls(s.topic_model_events, s.topic_serving_state, s.topic_frames, s.rollout.group)
+        return cls(s.topic_model_events, s.topic_model_commands, s.topic_serving_state, s.topic_frames,
+                   s.rollout.group)
 
     @property
     def reads(self) -> tuple[str, ...]:
-        return (self.events, self.state, self.frames)
+        return (self.events, self.commands, self.state, self.frames)
 
     @property
     def writes(self) -> tuple[str, ...]:
@@ -207,16 +209,20 @@ class ControllerService:
         await c.start()
         await scan.start()
         try:
-            c.subscribe([t.events])
+            c.subscribe([t.events, t.commands])
             while not stop.is_set():
                 batch = await c.getmany(timeout_ms=200, max_records=1)
                 for tp, recs in batch.items():
                     for r in recs:
-                        ev = actionable(r.value)
+                        source = "commands" if tp.topic == t.commands else "events"
+                        ev = actionable(r.value, source)
                         if ev is not None:
                             log.info("model_event_taken", type=ev.type, model=ev.model, version=ev.version,
                                      offset=r.offset, event_id=ev.event_id)
-                            done = await self._decided(scan, TopicPartition(tp.topic, tp.partition), r.offset, ev)
+                            # outcomes go to model-events: a redelivered release is looked up there (an operator's
+                            # rollback re-run serves the same version again: idempotent as it is)
+                            done = None if source == "commands" else await self._decided(
+                                scan, TopicPartition(tp.topic, tp.partition), r.offset, ev)
                             if done is not None:  # redelivered after its outcome was published: nothing to redo
                                 log.info("model_event_already_decided", model=ev.model, version=ev.version,
                                          offset=r.offset, outcome=done.type)
@@ -287,7 +293,7 @@ class ControllerService:
     async def _run_active(self, stop: asyncio.Event) -> None:
         s, t = self.s, self.topics
         if s.dev_broker:  # the embedded broker; in k8s the KafkaTopics exist and the controller creates none
-            await ensure_topics(s.kafka_bootstrap, [t.events], settings=s)
+            await ensure_topics(s.kafka_bootstrap, [t.events, t.commands], settings=s)
             await ensure_topics(s.kafka_bootstrap, [t.state], settings=s, config={"cleanup.policy": "compact"})
         await self.producer.start()
         await self.follower.start()

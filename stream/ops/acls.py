@@ -25,7 +25,8 @@ the reading and writing.
 - **onboard**: ``linewatch onboard`` (stream/lifecycle/onboard_runner.py) reads serving-state, model-events and the
   onboarding topic without a group and publishes its steps on the onboarding topic; trained locally, the
   training subprocess publishes ``released`` with the same identity.
-- **operator**: a person's ``linewatch rollback`` and ``linewatch rollout status``.
+- **operator**: a person's ``linewatch rollback`` (on model-commands, the only topic the controller obeys a
+  rollback from) and ``linewatch rollout status``.
 - **line**: a factory line publishes frames the way ``linewatch replay`` and ``linewatch camera`` do and
   follows its results the way ``linewatch tail --defects`` does. None uses a consumer group.
 
@@ -197,21 +198,24 @@ def capture_grants(settings: Settings, args: list[str] | None = None) -> Grants:
 
 
 def operator_grants(settings: Settings) -> Grants:
-    """A person's ``linewatch rollback`` (publishes ``rollback_requested``) and ``linewatch rollout status``
-    (reads the history, no group), on the topic their parsers resolve."""
+    """A person's ``linewatch rollback`` (publishes ``rollback_requested`` on model-commands) and ``linewatch
+    rollout status`` (reads the model-events history, no group), on the topics their parsers resolve."""
+    from stream.ops.cli_lifecycle import _commands_topic
     from stream.ops.cli_lifecycle import _topic as events_topic
 
     g: Grants = {}
-    _add(g, _topic(events_topic(_parse(["rollback", "m", "--to-version", "1"], settings))), WRITE)
+    _add(g, _topic(_commands_topic(_parse(["rollback", "m", "--to-version", "1"], settings))), WRITE)
     _add(g, _topic(events_topic(_parse(["rollout", "status"], settings))), READ)
     return g
 
 
-def command_writers(settings: Settings) -> set[str]:
-    """The components that may write the topic whose commands (``released``, ``rollback_requested``) the
-    controller obeys: never the worker (issue #26 item 7)."""
-    res = _topic(settings.topic_model_events)
-    return {n for n, f in COMPONENTS.items() if "Write" in f(settings).get(res, frozenset())}
+def command_writers(settings: Settings) -> dict[str, set[str]]:
+    """Per event the controller obeys, the components that may write the topic it is obeyed from
+    (stream/lifecycle/events.py SOURCE): ``released`` on model-events, ``rollback_requested`` on model-commands.
+    Never the worker (issue #26 item 7); a rollback only from the operator."""
+    topics = {"released": settings.topic_model_events, "rollback_requested": settings.topic_model_commands}
+    return {ev: {n for n, f in COMPONENTS.items() if "Write" in f(settings).get(_topic(name), frozenset())}
+            for ev, name in topics.items()}
 
 
 COMPONENTS = {"linewatch-worker": worker_grants, "linewatch-controller": controller_grants,

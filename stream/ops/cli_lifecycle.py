@@ -8,7 +8,8 @@ rollout status              fold the ``model-events`` history into the state per
 controller                  the rollout controller service (stream/lifecycle/service.py): consumes
                             ``model-events``, drives every Triton replica, writes the serving state
 rollout run                 the same (older name)
-rollback MODEL --to-version V   publish ``rollback_requested`` (the controller reloads V and reports)
+rollback MODEL --to-version V   publish ``rollback_requested`` on ``model-commands`` (the controller reloads V and
+                            reports on ``model-events``)
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from contracts.cli import positive_float
 def _topic(a) -> str:
     """The model-events topic the lifecycle verbs publish to and read."""
     return a.topic or a.settings.topic_model_events
+
+
+def _commands_topic(a) -> str:
+    """The model-commands topic ``linewatch rollback`` publishes to (the controller obeys rollbacks only there)."""
+    return a.topic or a.settings.topic_model_commands
 
 
 async def publish_event(bootstrap: str, topic: str, ev, settings) -> None:
@@ -167,15 +173,15 @@ def _cmd_rollback(a) -> int:
     from stream.ops.cli_worker import _bootstrap
 
     ev = ModelEvent("rollback_requested", a.model, a.to_version, reasons=[a.reason])
-    asyncio.run(publish_event(_bootstrap(a), _topic(a), ev, a.settings))
+    asyncio.run(publish_event(_bootstrap(a), _commands_topic(a), ev, a.settings))
     print(json.dumps(ev.to_dict()))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    def common(p, triton: bool = False):
+    def common(p, triton: bool = False, topic: str = "model_events"):
         p.add_argument("--bootstrap", help="Kafka bootstrap host:port (default: running stack / settings)")
-        p.add_argument("--topic", help="model-events topic (default: settings topic_model_events)")
+        p.add_argument("--topic", help=f"{topic.replace('_', '-')} topic (default: settings topic_{topic})")
         if triton:
             p.add_argument("--triton", help="Triton gRPC host:port")
 
@@ -218,5 +224,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--to-version", type=int, required=True)
     p.add_argument("--reason", default="operator request")
-    common(p)
+    common(p, topic="model_commands")
     p.set_defaults(func=_cmd_rollback)

@@ -207,12 +207,14 @@ def served_version(client, model) -> int:
 
 def lifecycle_topics(prefix: str) -> dict[str, str]:
     """Fresh topic names for one worker + controller scenario."""
-    return {k: f"{prefix}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events", "state")}
+    return {k: f"{prefix}-{k}" for k in ("frames", "results", "defects", "dlq", "drift", "events", "commands",
+                                          "state")}
 
 
 def topic_env(t: dict[str, str]) -> dict[str, str]:
     """The settings that point a worker or a controller at the scenario's topics."""
     return {"LINEWATCH_TOPIC_FRAMES": t["frames"], "LINEWATCH_TOPIC_MODEL_EVENTS": t["events"],
+            **({"LINEWATCH_TOPIC_MODEL_COMMANDS": t["commands"]} if "commands" in t else {}),
             "LINEWATCH_TOPIC_DRIFT": t["drift"], "LINEWATCH_TOPIC_SERVING_STATE": t["state"]}
 
 
@@ -244,7 +246,7 @@ async def serve_events(bootstrap: str, topic: str, controller: RolloutController
             batch = await c.getmany(timeout_ms=200)
             for recs in batch.values():
                 for r in recs:
-                    ev = actionable(r.value)
+                    ev = actionable(r.value, None)  # one topic carries both kinds here
                     if ev is not None:
                         await controller.handle_until_decided(ev)
     finally:

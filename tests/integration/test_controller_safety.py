@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -217,7 +219,10 @@ def test_controller_publish_fails_mid_promotion(local_stack, images, shared_data
         asyncio.run(ensure_topics(boot, forged_on))
         for topic in forged_on:
             send_records(boot, topic, [(forged.key, forged.to_json(), [])])
-        print(f"\nworker-writable topics {writable}; forged rollback_requested on {forged_on}")
+        # and what the trainer's user may write: model-events (a rollback is obeyed only from model-commands)
+        by_trainer = ModelEvent("rollback_requested", model, 1, reasons=["forged by the trainer's user"])
+        send_records(boot, t["events"], [(by_trainer.key, by_trainer.to_json(), [])])
+        print(f"\nworker-writable topics {writable}; forged rollback_requested on {forged_on} and {t['events']}")
 
         blip.arm()  # v2's serving-state write, after Triton switched to v2, fails once
         release(boot, t, store, model, 2, product, images, 0.99)
@@ -235,8 +240,9 @@ def test_controller_publish_fails_mid_promotion(local_stack, images, shared_data
                           STEP_CAP_S), f"no results after the promotion\n{line.fleet.log_tails()}"
         rep, order = line.finish(settle_s=120)
         reliability.record("controller_publish_fails_mid_promotion", rep, workers=2, blips=blip.blips)
-        # the forged rollback (published before v2's release) changed nothing: no outcome names it as its cause
-        caused = [d for d in _events(boot, t) if (d.get("detail") or {}).get("cause") == forged.event_id]
+        # the forged rollbacks (published before v2's release) changed nothing: no outcome names one as its cause
+        caused = [d for d in _events(boot, t)
+                  if (d.get("detail") or {}).get("cause") in (forged.event_id, by_trainer.event_id)]
         served = _serving_version(boot, t, product)
         reliability.record("worker_cannot_roll_back", rep, workers=2, forged_on=forged_on,
                            outcomes_of_forged=len(caused), serving_version=served)
@@ -295,6 +301,16 @@ def test_controller_rollout_longer_than_poll_interval(local_stack, images, share
                           or _event_types(boot, t, model, 3).count("rolled_back") > 1, STEP_CAP_S), ctl2.log()[-3000:]
         assert _event_types(boot, t, model, 3).count("rolled_back") == 1, "the redelivered release ran again"
         assert model_ready(stack.triton_grpc_url, model, 2)
+
+        # the operator's rollback, as a person runs it: `linewatch rollback` publishes on model-commands
+        cli = [sys.executable, "-m", "stream.ops.cli", "rollback", model, "--to-version", "1", "--bootstrap", boot,
+               "--topic", t["commands"]]
+        r = subprocess.run(cli, capture_output=True, text=True, timeout=STEP_CAP_S)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert wait_until(lambda: any((d.get("detail") or {}).get("operator") for d in _events(boot, t)
+                                      if d.get("model") == model), STEP_CAP_S), ctl2.log()[-3000:]
+        assert model_ready(stack.triton_grpc_url, model, 1)
+        assert wait_until(lambda: _serving_version(boot, t, product) == 1, STEP_CAP_S)
 
         assert line.publishing(), f"the line stopped before the scenario's last step: {line.feeder.error!r}"
         rep, order = line.finish(settle_s=120)

@@ -8,7 +8,7 @@ from stream.kafka.clients import aiokafka_client_kwargs
 def test_defaults_target_the_embedded_stack():
     s = Settings()
     assert s.dev_broker is True and s.topic_frames == "frames" and s.topic_dlq == "frames-dlq"
-    assert len(set(s.topics())) == 11 and "retrain-requests" in s.topics() and {"serving-state", "drift-state", "inspection-feedback", "onboarding-events"} <= set(s.topics())
+    assert len(set(s.topics())) == 12 and {"retrain-requests", "model-commands"} <= set(s.topics()) and {"serving-state", "drift-state", "inspection-feedback", "onboarding-events"} <= set(s.topics())
 
 
 def test_env_then_file_precedence(tmp_path, monkeypatch):

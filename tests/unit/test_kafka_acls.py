@@ -86,10 +86,15 @@ def test_kafka_users_grant_exactly_what_the_code_uses(monkeypatch):
     assert users["linewatch-line"] == line_grants(_settings_of(base_cm, monkeypatch))
     # the operator's user: `linewatch rollback` / `linewatch rollout status`, by a person outside the cluster
     assert users["linewatch-operator"] == operator_grants(_settings_of(base_cm, monkeypatch))
-    # who may command the controller (write model-events): never the worker, which decodes untrusted images
+    # who may command the controller: releases on model-events (never the worker, which decodes untrusted
+    # images), rollbacks on model-commands (only the operator: not the trainer, not the controller itself)
     events = Resource("topic", base_cm.get("LINEWATCH_TOPIC_MODEL_EVENTS", "model-events"))
     writers = {n for n, g in users.items() if "Write" in g.get(events, frozenset())}
-    assert writers == {"linewatch-controller", "linewatch-trainer", "linewatch-operator"}, writers
+    assert writers == {"linewatch-controller", "linewatch-trainer"}, writers
+    commands = Resource("topic", base_cm.get("LINEWATCH_TOPIC_MODEL_COMMANDS", "model-commands"))
+    writers = {n for n, g in users.items() if "Write" in g.get(commands, frozenset())}
+    assert writers == {"linewatch-operator"}, writers
+    assert users["linewatch-controller"][commands] == READ
 
 
 def test_the_worker_cannot_write_the_controllers_commands():
@@ -97,11 +102,16 @@ def test_the_worker_cannot_write_the_controllers_commands():
     retrain_requested goes to retrain-requests, which the capture service reads and the controller does not."""
     from stream.lifecycle.service import ControllerTopics
 
-    s = Settings(topic_model_events="p2-events", topic_retrain_requests="p2-retrain", dev_broker=False)
-    assert "linewatch-worker" not in command_writers(s)
-    assert command_writers(s) <= {"linewatch-controller", "linewatch-trainer", "linewatch-operator",
-                                  "linewatch-console"}  # the console only with a local onboarding runner
-    assert "linewatch-console" not in command_writers(s.with_overrides(console_onboard_runner="k8s"))
+    s = Settings(topic_model_events="p2-events", topic_model_commands="p2-commands", topic_retrain_requests="p2-retrain",
+                 dev_broker=False)
+    w = command_writers(s)
+    assert "linewatch-worker" not in w["released"] | w["rollback_requested"]
+    assert w["released"] <= {"linewatch-controller", "linewatch-trainer",
+                             "linewatch-console"}  # the console only with a local onboarding runner
+    assert "linewatch-console" not in command_writers(s.with_overrides(console_onboard_runner="k8s"))["released"]
+    # a rollback only from the operator: the trainer's user (it writes model-events) cannot roll a model back
+    assert w["rollback_requested"] == {"linewatch-operator"}
+    assert "p2-commands" in ControllerTopics.of(s).reads
     w = worker_grants(s)
     assert Resource("topic", "p2-events") not in w and w[Resource("topic", "p2-retrain")] == WRITE
     assert "p2-retrain" not in ControllerTopics.of(s).reads
@@ -125,10 +135,12 @@ def test_worker_grants_follow_the_worker_flags_and_settings():
 
 
 def test_controller_grants_follow_its_settings():
-    s = Settings(topic_model_events="plant2-events", topic_serving_state="plant2-serving", topic_frames="plant2-frames")
+    s = Settings(topic_model_events="plant2-events", topic_serving_state="plant2-serving", topic_frames="plant2-frames",
+                 topic_model_commands="plant2-commands")
     s.rollout.group = "plant2-controller"
     g = {(r.type, r.name): ops for r, ops in controller_grants(s).items()}
     assert g == {("topic", "plant2-events"): {"Read", "Write", "Describe"},
+                 ("topic", "plant2-commands"): {"Read", "Describe"},
                  ("topic", "plant2-serving"): {"Read", "Write", "Describe"},
                  ("topic", "plant2-frames"): {"Read", "Describe"},
                  ("group", "plant2-controller"): {"Read", "Describe"}}
