@@ -57,6 +57,16 @@ class Broken(torch.nn.Module):
         return y, y.flatten(1).mean(1)
 
 
+def good_pngs(shared_data: Path, n: int) -> list[bytes]:
+    """The first ``n`` MVTec bottle train/good images as 128x128 PNG bytes (small: the tiny test detectors
+    resize to 64x64 anyway): calibration, probe and live frames of the rollout scenarios."""
+    import cv2
+
+    files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:n]
+    return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
+            for f in files]
+
+
 def scores_eager(net, imgs, spec) -> list[float]:
     s = parse_spec(spec)
     x = np.stack([to_tensor(decode_image(b), s) for b in imgs])

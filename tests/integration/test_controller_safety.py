@@ -28,7 +28,6 @@ import threading
 import time
 import uuid
 
-import cv2
 import pytest
 import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -44,6 +43,7 @@ from tests.harness.rollout import (
     POLICY,
     Broken,
     Tiny,
+    good_pngs,
     lifecycle_topics,
     model_ready,
     outcomes,
@@ -65,9 +65,7 @@ POLL_S = 6.0  # the controller's max_poll_interval_s in the poll-interval scenar
 
 @pytest.fixture(scope="module")
 def images(shared_data):
-    files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:90]
-    return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
-            for f in files]
+    return good_pngs(shared_data, 90)
 
 
 def _scenario(stack, tag: str):

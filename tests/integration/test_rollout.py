@@ -33,6 +33,7 @@ from tests.harness.rollout import (
     Broken,
     Lifecycle,
     Tiny,
+    good_pngs,
     infer_score,
     lifecycle_topics,
     served_version,
@@ -47,10 +48,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def images(shared_data):
-    files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))
-    # small PNGs: the pipeline resizes to 64x64 anyway
-    return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
-            for f in files[:170]]
+    return good_pngs(shared_data, 170)
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,12 @@ import threading
 import time
 import uuid
 
-import cv2
 import pytest
 
 from contracts.envelope import Frame, encode_frame
 from stream.kafka.clients import Producer, ensure_topics, read_topics
 from tests.harness.rollout import (
+    good_pngs,
     lifecycle_topics,
     release,
     start_controller,
@@ -48,9 +48,7 @@ OUTCOMES = ("promoted", "rolled_back", "refused")
 
 @pytest.fixture(scope="module")
 def images(shared_data):
-    files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:120]
-    return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
-            for f in files]
+    return good_pngs(shared_data, 120)
 
 
 def _events(boot, t, model, until=None, timeout_s=STEP_S, idle_s=None) -> list[dict]:

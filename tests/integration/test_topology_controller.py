@@ -24,7 +24,6 @@ import time
 import uuid
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -38,6 +37,7 @@ from tests.harness.line import small_frames as _small_frames
 from tests.harness.rollout import (
     POLICY,
     Tiny,
+    good_pngs,
     lifecycle_topics,
     model_ready,
     outcomes,
@@ -59,9 +59,7 @@ SETTLE_S = 8.0  # after a promotion: results still labelled with the old version
 
 @pytest.fixture(scope="module")
 def images(shared_data):
-    files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:90]
-    return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
-            for f in files]
+    return good_pngs(shared_data, 90)
 
 
 @pytest.fixture(scope="module")

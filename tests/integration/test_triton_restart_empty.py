@@ -17,7 +17,6 @@ import asyncio
 import time
 import uuid
 
-import cv2
 import pytest
 
 from devstack.stack import LocalStack
@@ -26,6 +25,7 @@ from tests.harness.line import STEP_CAP_S, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
 from tests.harness.rollout import (
     POLICY,
+    good_pngs,
     lifecycle_topics,
     model_ready,
     outcomes,
@@ -38,12 +38,6 @@ pytestmark = pytest.mark.integration
 
 GRACE_S = 3.0  # the workers' worker_transient_grace_s: the old behaviour DLQ'd a served product's frames past it
 EMPTY_S = 12.0  # how long Triton stays up without the model (> GRACE_S, with frames flowing)
-
-
-def _images(shared_data) -> list[bytes]:
-    files = sorted((shared_data / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:90]
-    return [cv2.imencode(".png", cv2.resize(cv2.imread(str(f)), (128, 128), interpolation=cv2.INTER_AREA))[1].tobytes()
-            for f in files]
 
 
 def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path, reliability):
@@ -60,7 +54,7 @@ def test_triton_restart_empty_with_traffic_loses_nothing(shared_data, tmp_path, 
         env = {**topic_env(t), **POLICY, "LINEWATCH_WORKER_TRANSIENT_GRACE_S": str(GRACE_S),
                "LINEWATCH_WORKER_BREAKER_BACKOFF_MAX_S": "2"}
         ctl = start_controller(stack, t, tmp_path, env=POLICY, name="controller-0")
-        release(boot, t, store, model, 1, product, _images(shared_data), 1.0)
+        release(boot, t, store, model, 1, product, good_pngs(shared_data, 90), 1.0)
         assert outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
         line = Line(stack, None, _small_frames(shared_data), tmp_path, "empty", seconds=None, product=product,
                     env=env, topics=t)
