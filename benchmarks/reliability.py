@@ -109,9 +109,9 @@ SAFETY_DESCRIBE = {
                                          "serving version",
     "controller_publish_fails_mid_promotion": "the serving-state write after Triton switched to v2 fails once "
                                               "(broker connection lost): retried, one promoted, committed after it",
-    "controller_rollout_longer_than_poll_interval": "a 400-frame shadow window (~20 s) against a 6 s "
-                                                    "max_poll_interval; then a rolled-back release redelivered "
-                                                    "(group offset moved back): skipped",
+    "controller_rollout_longer_than_poll_interval": "v2 waits in shadow for traffic (> 3x the controller's 6 s "
+                                                    "max_poll_interval) until the line starts; then a rolled-back "
+                                                    "release redelivered (group offset moved back): skipped",
     "two_controllers_one_killed_mid_rollout": "two controllers on one lease; the active one SIGKILLed mid-shadow, "
                                               "the standby takes over: one promotion",
     "worker_cannot_roll_back": "(the line of controller_publish_fails_mid_promotion) a rollback_requested to v1 "
