@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,7 +26,30 @@ class StackError(RuntimeFailure):
     """The embedded stack could not start or is not in the expected state (message is one line)."""
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of client source ports (``ip_local_port_range``; Linux's default 32768-60999)."""
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port to run a server on, below the kernel's ephemeral range when there is room: a server restarted on
+    its own port (Triton after a crash, the broker) must not find it taken meanwhile as some client
+    connection's source port, which the kernel hands out from that range (port 0 would pick from it too)."""
+    lo = ephemeral_range()[0]
+    if lo > 12000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(10000, lo)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -72,6 +72,7 @@ from stream.lifecycle.replicas import TritonReplicas, _claimed
 from stream.lifecycle.repository import (
     materialize,
     model_dir,
+    pinned_version,
     remove_model_dir,
     repository_versions,
     write_config,
@@ -242,13 +243,17 @@ class RolloutController(TritonReplicas):
             if decision.action != "promote":
                 return await self._fail(ro, ev, decision.reasons, decision.stats)
             ro.state = "promoting"
+            # what the repository pinned before (a replica that restarted empty may not show it)
+            previous = await asyncio.to_thread(pinned_version, self.repository, ev.model)
+            previous = previous if previous is not None else cur_ver
             try:
                 self.fence()
                 await asyncio.to_thread(materialize, art, self.repository, ev.model, [art.version], self.serving)
                 await self._load(ev.model, art.version)
-            except Exception as e:  # restore the previous policy, old version keeps serving
-                if cur_ver is not None:
-                    await self._restore(ev.model, cur_ver)
+            except LeaseLost:
+                raise
+            except Exception as e:  # roll the switch back (retried until done): the old version keeps serving
+                await until_done("unpromote", lambda: self._unpromote(ev.model, previous), model=ev.model)
                 return await self._fail(ro, ev, [f"promote_failed: {str(e)[:300]}"], decision.stats)
             # past the point of no return: Triton serves the new version; the rest is retried until done
             ro.state = "recording"
@@ -296,15 +301,20 @@ class RolloutController(TritonReplicas):
         return await self._emit(self._event("promoted", ev, [], None, {"recovered": True}, art))
 
     async def _restore(self, model: str, version: int) -> None:
+        """Pin ``model`` to ``version`` again and load it on every replica (raises when a replica does not serve it)."""
         mdir = self.repository / model
-        try:
-            self.fence()
-            write_config(mdir, (mdir / "config.pbtxt").read_text(), model, [version], serving=self.serving)
-            await self._load(model, version)
-        except LeaseLost:
-            raise
-        except Exception as e:
-            log.error("rollout_restore_failed", model=model, version=version, error=str(e)[:300])
+        self.fence()
+        write_config(mdir, (mdir / "config.pbtxt").read_text(), model, [version], serving=self.serving)
+        await self._load(model, version)
+
+    async def _unpromote(self, model: str, previous: int | None) -> None:
+        """Undo a promotion that failed part-way: the previous version pinned and loaded again, or -- a model
+        nothing served before -- unloaded everywhere and removed, so no restore or reconcile brings it back."""
+        if previous is not None:
+            return await self._restore(model, previous)
+        await self._unload(model)
+        self.fence()
+        await asyncio.to_thread(remove_model_dir, self.repository, model)
 
     async def _drop_candidate(self, ro: Rollout) -> None:
         await self._unload(ro.candidate)
@@ -324,9 +334,18 @@ class RolloutController(TritonReplicas):
         if version not in repository_versions(self.repository, model):
             return await self._emit(self._event("refused", ev, [f"version_unavailable: {model}/{version} is not in "
                                                                 f"the Triton repository"], cur))
-        await self._restore(model, version)
+        try:
+            await self._restore(model, version)
+        except LeaseLost:
+            raise
+        except Exception as e:  # back to what served before (retried until done), then refused
+            if cur is not None:
+                await until_done("restore", lambda: self._restore(model, cur), model=model, version=cur)
+            return await self._emit(self._event("refused", ev, [f"reload_failed: {str(e)[:300]}"], cur))
         spec, now = await self.serving_spec(model)
         if now != version or spec is None:
+            if cur is not None:
+                await until_done("restore", lambda: self._restore(model, cur), model=model, version=cur)
             return await self._emit(self._event("refused", ev, [f"reload_failed: serving v{now}"], cur))
         await self._record(model, version, spec)  # Triton switched back: recorded until done (steps.py)
         out = ModelEvent("rolled_back", model, cur or version, previous_version=version, reasons=[reason],
@@ -351,6 +370,8 @@ class RolloutController(TritonReplicas):
             try:
                 await self._emit(self._event("shadow_waiting", ev, [why], ro.previous_version,
                                              {**d.stats, "deadline_s": self.policy.traffic_deadline_s}))
+            except LeaseLost:
+                raise
             except Exception as e:
                 log.warning("shadow_waiting_publish_failed", model=ev.model, error=str(e)[:200])
 

@@ -59,12 +59,15 @@ class ControllerLease:
         return self.generation is not None
 
     def _read(self) -> dict:
+        """The record in the file (through the held descriptor); ``{}`` when empty, ``{"unreadable": True}``
+        when it is not a lease record."""
         assert self._fd is not None
         raw = os.pread(self._fd, 4096, 0).rstrip(b"\0 \n")
         try:
-            return orjson.loads(raw) if raw else {}
+            rec = orjson.loads(raw) if raw else {}
         except orjson.JSONDecodeError:
-            return {}
+            return {"unreadable": True}
+        return rec if isinstance(rec, dict) else {"unreadable": True}
 
     def try_acquire(self) -> bool:
         """Take the lease if nobody holds it; True when this process holds it now."""
@@ -77,7 +80,10 @@ class ControllerLease:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # EAGAIN / EACCES: another process holds it
             return False
-        gen = int(self._read().get("generation", 0)) + 1
+        rec = self._read()
+        prev = None if rec.get("unreadable") else rec.get("generation", 0)
+        # an unreadable record restarts nowhere near an earlier holder's number: the clock is past every one
+        gen = prev + 1 if isinstance(prev, int) and prev >= 0 else int(time.time())
         rec = orjson.dumps({"generation": gen, "holder": self.holder, "acquired_ms": int(time.time() * 1000)})
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, rec + b"\n", 0)

@@ -33,7 +33,7 @@ from contracts.config import Settings
 from contracts.logs import get_logger
 from contracts.model_events import ModelEvent, ModelEventError, decode
 from contracts.serving_state import ServingEntry, decode_entry, entries_for
-from stream.kafka.clients import Producer, client_kwargs, ensure_topics
+from stream.kafka.clients import Producer, client_kwargs, ensure_topics, partitions_of
 from stream.kafka.codecs import require_codecs
 from stream.kafka.follow import TopicFollower, read_to_end
 from stream.lifecycle.controller import OUTCOMES, RolloutController
@@ -176,6 +176,10 @@ class ControllerService:
                 log.warning("restore_refused", model=model, version=version, reasons=v.reasons[:5])
                 continue
             await self.ctl.ensure_serving(model, version)
+            _, serving = await self.ctl.serving_spec(model)
+            if serving != version:  # no replica took it: not recorded (the next start tries again)
+                log.warning("restore_not_served", model=model, version=version, serving=serving)
+                continue
             await self.ctl._record(model, version, v.artifact.metadata)
             restored.append(f"{model} v{version}")
         if restored:
@@ -219,10 +223,8 @@ class ControllerService:
                         if ev is not None:
                             log.info("model_event_taken", type=ev.type, model=ev.model, version=ev.version,
                                      offset=r.offset, event_id=ev.event_id)
-                            # outcomes go to model-events: a redelivered release is looked up there (an operator's
-                            # rollback re-run serves the same version again: idempotent as it is)
-                            done = None if source == "commands" else await self._decided(
-                                scan, TopicPartition(tp.topic, tp.partition), r.offset, ev)
+                            # outcomes go to model-events: a redelivered release or rollback is looked up there
+                            done = await self._decided(scan, TopicPartition(tp.topic, tp.partition), r.offset, ev)
                             if done is not None:  # redelivered after its outcome was published: nothing to redo
                                 log.info("model_event_already_decided", model=ev.model, version=ev.version,
                                          offset=r.offset, outcome=done.type)
@@ -236,9 +238,16 @@ class ControllerService:
 
     async def _decided(self, scan: AIOKafkaConsumer, tp: TopicPartition, offset: int,
                        ev: ModelEvent) -> ModelEvent | None:
-        """The outcome already published for ``ev`` (its ``detail.cause``), read after ``ev``'s own offset
-        (outcomes go to the same partition: the key is the model); None on a first delivery."""
+        """The outcome already published for ``ev`` (its ``detail.cause``); None on a first delivery. A release's
+        is read after its own offset (outcomes go to the same partition: the key is the model); a command's
+        (``tp`` on model-commands) is on model-events at an unrelated offset, which is read whole (a small
+        topic: one record per release and outcome)."""
         found: list[ModelEvent] = []
+        if tp.topic == self.topics.events:
+            tps, start = [tp], {tp: offset + 1}
+        else:
+            tps = [TopicPartition(self.topics.events, p) for p in sorted(await partitions_of(scan, self.topics.events))]
+            start = None
 
         def apply(batch: dict) -> None:
             for recs in batch.values():
@@ -250,7 +259,7 @@ class ControllerService:
                     if out.type in OUTCOMES and out.detail.get("cause") == ev.event_id:
                         found.append(out)
 
-        await read_to_end(scan, [tp], apply, timeout_s=self.s.rollout.load_timeout_s, start={tp: offset + 1})
+        await read_to_end(scan, tps, apply, timeout_s=self.s.rollout.load_timeout_s, start=start)
         return found[0] if found else None
 
     @staticmethod
@@ -272,7 +281,16 @@ class ControllerService:
         c.pause(*parts)
         try:
             while not (await asyncio.wait({task}, timeout=1.0))[0]:
-                await c.getmany(timeout_ms=0)  # paused: returns nothing, keeps the member's poll clock fresh
+                # paused: returns nothing, keeps the member's poll clock fresh. After a rebalance the new
+                # assignment is unpaused: whatever it returns is given back (seek) and paused again, so no
+                # record is skipped past and acked with the event in hand
+                got = await c.getmany(timeout_ms=0)
+                for tp, recs in got.items():
+                    c.seek(tp, recs[0].offset)
+                now = set(c.assignment())
+                if got or now - parts:
+                    c.pause(*now)
+                    parts |= now
         finally:
             if not task.done():  # stopping mid-rollout: the event is not acked, it is redelivered
                 task.cancel()

@@ -56,7 +56,7 @@ def test_second_controller_waits_then_takes_over_with_the_next_generation(tmp_pa
         assert asyncio.run(wait_then_kill()) is True
         assert lease.generation == 2
         lease.check()  # the new holder passes its own fence
-        rec = orjson.loads(path.read_bytes())
+        rec = lease._read()  # through the held descriptor: opening the file again would drop the POSIX lock
         assert rec["generation"] == 2 and rec["holder"] == "standby"
     finally:
         child.kill()
@@ -102,3 +102,13 @@ def test_released_lease_goes_to_the_next_process_and_stop_ends_a_standby(tmp_pat
         child.kill()
         child.wait()
     assert os.path.exists(path)
+
+
+def test_an_unreadable_lease_record_never_reuses_an_earlier_generation(tmp_path):
+    path = tmp_path / ".linewatch-controller.lease"
+    path.write_bytes(b"\x00garbage")
+    lease = ControllerLease(path, holder="after-corruption")
+    try:
+        assert lease.try_acquire() and lease.generation > 1_000_000  # past any counted generation
+    finally:
+        lease.release()

@@ -16,6 +16,19 @@ def test_free_port_is_bindable():
         s.bind(("127.0.0.1", p))
 
 
+def test_server_ports_stay_below_the_ephemeral_range():
+    """A stack server restarted on its port (Triton after a crash) must not find it taken by a client
+    connection's source port: server ports come from below the kernel's ephemeral range."""
+    from devstack.processes import ephemeral_range
+
+    lo, hi = ephemeral_range()
+    assert 1024 <= lo <= hi
+    ports = {local.free_port() for _ in range(20)}
+    if lo > 12000:
+        assert all(10000 <= p < lo for p in ports), (ports, lo)
+    assert len(ports) > 1  # spread out, not one fixed port
+
+
 def test_state_file_roundtrip_and_status_of_dead_stack(tmp_path):
     st = local.StackState(1, 2, 3, 4, str(tmp_path / "repo"), str(tmp_path), pids={"tansu": 999999})
     (tmp_path / local.STATE_FILE).write_text(json.dumps(st.__dict__))
