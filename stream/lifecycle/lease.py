@@ -101,8 +101,9 @@ class ControllerLease:
             now = time.monotonic()
             if last_log is None or now - last_log >= log_every_s:
                 last_log = now
-                log.info("controller_standby", path=str(self.path), holder=self._read().get("holder"),
-                         generation=self._read().get("generation"))
+                rec = self._read()
+                log.info("controller_standby", path=str(self.path), holder=rec.get("holder"),
+                         generation=rec.get("generation"))
             try:
                 await asyncio.wait_for(stop.wait(), poll_s)
             except TimeoutError:
