@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from contracts.logs import get_logger
-from devstack.processes import StackError, _shm_mapped, group_pids, owned_alive, stop_pid
+from devstack.processes import StackError, _shm_mapped, group_pids, owned_alive, stop_pid, triton_live
 
 log = get_logger("devstack.stack")
 
@@ -62,6 +62,23 @@ class StackFaults:
         for name in models:
             self.load_model(name)
         log.info("triton_restarted", pid=st.pids["triton"], models=list(models), seconds=round(time.monotonic() - t0, 2))
+
+    def liveness_restart(self, period_s: float = 10.0, failures: int = 3, timeout_s: float = 3.0) -> str:
+        """What the Triton pod's livenessProbe does (k8s/base/triton.yaml: ``/v2/health/live`` every 10 s,
+        3 s timeout, 3 failures): "" while tritonserver answers; else it is killed and started again with its
+        models (a kubelet restart) and the returned line says why, with its log tail."""
+        for n in range(failures):
+            if triton_live(self.triton_http_url, timeout_s):
+                return ""
+            if n < failures - 1:
+                time.sleep(period_s)
+        pid = self._require_state().pids.get("triton")
+        state = "did not answer" if owned_alive("triton", pid) else "had exited"
+        why = (f"tritonserver {state} /v2/health/live {failures} times {period_s:.0f} s apart; restarted as its "
+               f"livenessProbe would. Log tail: {self.log_tail('triton', 8)}")
+        log.warning("triton_liveness_restart", why=why[:1000])
+        self.restart_triton()
+        return why
 
     def restart_triton(self, down_s: float = 0.0, sig: int = signal.SIGKILL) -> list[str]:
         """Kill tritonserver, stay down ``down_s`` seconds, start it again on the same ports with the

@@ -131,23 +131,53 @@ def compute_teacher_normalization(model: EfficientAD, raw: torch.Tensor) -> None
 
 
 @torch.no_grad()
-def compute_map_quantiles(model: EfficientAD, images: torch.Tensor, q_a: float, q_b: float, batch: int = 4):
-    """§3.4 map quantiles over ``images`` (any device: batches run on the model's; quantiles on the CPU)."""
+def _raw_maps(model: EfficientAD, images: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Un-normalised (M_ST, M_AE) maps of ``images`` on the CPU; batches run on the model's device."""
     model.eval()
     dev = model_device(model)
     sts, aes = [], []
     for i in range(0, len(images), batch):
         m_st, m_ae = model.raw_maps(images[i : i + batch].to(dev))
-        sts.append(m_st.flatten().cpu())
-        aes.append(m_ae.flatten().cpu())
-    st, ae = torch.cat(sts), torch.cat(aes)
+        sts.append(m_st.cpu())
+        aes.append(m_ae.cpu())
+    return torch.cat(sts), torch.cat(aes)
+
+
+@torch.no_grad()
+def _set_map_quantiles(model: EfficientAD, st: torch.Tensor, ae: torch.Tensor, q_a: float, q_b: float) -> dict[str, float]:
     qs = torch.tensor([q_a, q_b])
-    st_q, ae_q = torch.quantile(st, qs), torch.quantile(ae, qs)
+    st_q, ae_q = torch.quantile(st.flatten(), qs), torch.quantile(ae.flatten(), qs)
     model.q_st_a.copy_(st_q[0])
     model.q_st_b.copy_(torch.maximum(st_q[1], st_q[0] + 1e-8))
     model.q_ae_a.copy_(ae_q[0])
     model.q_ae_b.copy_(torch.maximum(ae_q[1], ae_q[0] + 1e-8))
     return {"q_st_a": float(st_q[0]), "q_st_b": float(st_q[1]), "q_ae_a": float(ae_q[0]), "q_ae_b": float(ae_q[1])}
+
+
+@torch.no_grad()
+def _combined(model: EfficientAD, st: torch.Tensor, ae: torch.Tensor, size: tuple[int, int],
+              batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps, scores) on the CPU from raw maps: exactly what ``model(x)`` gives, without the networks again."""
+    dev = model_device(model)
+    maps = torch.cat([model.combine(st[i : i + batch].to(dev), ae[i : i + batch].to(dev), size).cpu()
+                      for i in range(0, len(st), batch)])
+    return maps, torch.amax(maps, dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def compute_map_quantiles(model: EfficientAD, images: torch.Tensor, q_a: float, q_b: float, batch: int = 4):
+    """§3.4 map quantiles over ``images`` (any device: batches run on the model's; quantiles on the CPU)."""
+    return _set_map_quantiles(model, *_raw_maps(model, images, batch), q_a, q_b)
+
+
+@torch.no_grad()
+def calibrate_and_predict(model: EfficientAD, images: torch.Tensor, q_a: float, q_b: float,
+                          batch: int = 4) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """:func:`compute_map_quantiles` then :func:`predict` on the same images with one pass of the networks:
+    (quantiles, maps, scores)."""
+    st, ae = _raw_maps(model, images, batch)
+    quantiles = _set_map_quantiles(model, st, ae, q_a, q_b)
+    return (quantiles, *_combined(model, st, ae, (images.shape[-2], images.shape[-1]), batch))
 
 
 @torch.no_grad()
@@ -177,8 +207,9 @@ def synthetic_auroc(model: EfficientAD, good_raw: list[np.ndarray], seed: int, q
     norm = [normalize(im, model.input_mean, model.input_std) for im in good_raw + bad_raw]
     x = torch.stack(norm)
     was_training = model.training
-    compute_map_quantiles(model, x[: len(good_raw)], q_a, q_b)
-    _, scores = predict(model, x)
+    _, _, good_scores = calibrate_and_predict(model, x[: len(good_raw)], q_a, q_b)
+    _, bad_scores = predict(model, x[len(good_raw):])
+    scores = torch.cat([good_scores, bad_scores])
     model.train(was_training)
     return image_auroc([0] * len(good_raw) + [1] * len(bad_raw), scores.numpy())
 
@@ -315,8 +346,7 @@ def train_efficientad(
             selected_step = best[1]
     model.eval()
     val = _load_stack(val_paths, cfg.image_size, mean, std) if val_paths else clean[:1]
-    quantiles = compute_map_quantiles(model, val, cfg.q_a, cfg.q_b)
-    maps, scores = predict(model, val)
+    quantiles, maps, scores = calibrate_and_predict(model, val, cfg.q_a, cfg.q_b)
     threshold = float(torch.quantile(scores, cfg.threshold_quantile))
     map_threshold = float(torch.quantile(maps.flatten()[:: max(1, maps.numel() // 4_000_000)], cfg.map_threshold_quantile))
     threshold_source = "max_good_val" if cfg.threshold_quantile >= 1.0 else f"q{cfg.threshold_quantile}_good_val"

@@ -134,7 +134,8 @@ class TritonInfer:
         reconnect backoff, a call hung on the dead connection) after the server is back."""
         try:
             return bool(await self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S))
-        except Exception:
+        except Exception as e:
+            log.info("triton_live_probe_failed", url=self.url, error=f"{type(e).__name__}: {e}"[:200])
             await self._reconnect()
             return False
 

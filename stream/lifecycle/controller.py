@@ -291,8 +291,10 @@ class RolloutController(TritonReplicas):
     async def _recovered(self, ev: ModelEvent, art: Artifact) -> ModelEvent:
         """A redelivered ``released`` whose rollout had already promoted it when the controller died (before
         the event was acked): finish what the crash cut short -- candidate gone, serving state written,
-        ``promoted`` announced -- instead of refusing it as not newer."""
+        ``promoted`` announced -- instead of refusing it as not newer. The crash may have come between two
+        replicas' loads: every replica is brought to v``ev.version`` before it is announced."""
         cand = f"{ev.model}{CANDIDATE_SUFFIX}"
+        await self._load(ev.model, ev.version)
         await self._unload(cand)
         self.fence()
         await asyncio.to_thread(remove_model_dir, self.repository, cand)

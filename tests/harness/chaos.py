@@ -192,6 +192,9 @@ class ScenarioResult:
     report: dict[str, Any] = field(default_factory=dict)
     topics: dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    # "" unless tritonserver stopped answering after the fault and was restarted as its livenessProbe would
+    # (devstack/faults.StackFaults.liveness_restart): the server's failure, recorded, not the worker's
+    triton_liveness_restart: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -289,7 +292,7 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
     watch.start()
     warm = Feeder(boot, topics["frames"], images[:1], n=1, fps=0)
     feeder = Feeder(boot, topics["frames"], images, n=n if after is None else None, fps=fps)
-    notes = ""
+    notes, liveness = "", ""
     t_fault = t_end = None
 
     def wait_results(k: int) -> None:
@@ -327,6 +330,8 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
                 time.sleep(fault_s)
             finally:
                 stack.signal_service(service, signal.SIGCONT)
+            if fault == "triton_stall":
+                liveness = stack.liveness_restart()
             t_end = time.monotonic()
         elif fault == "triton_crash":
             stack.restart_triton(down_s=fault_s)
@@ -387,6 +392,6 @@ def run_scenario(stack, fault: str, images: list[bytes], workdir: str | Path, *,
         wall_s=round(time.monotonic() - t_start, 1),
         ok=rep.ok and rep.dlq == 0 and alive and crashes == 0 and not notes
         and (len(feeder.sent) == n if after is None else len(feeder.sent) >= n),
-        report=rep.to_dict(), topics=topics, notes=notes)
+        report=rep.to_dict(), topics=topics, notes=notes, triton_liveness_restart=liveness)
     log.info("scenario_done", **{k: v for k, v in res.to_dict().items() if k not in ("report", "topics")})
     return res

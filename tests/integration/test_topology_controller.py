@@ -28,10 +28,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from contracts.artifact import verify_artifact
 from contracts.envelope import Frame, decode_result, encode_frame
 from contracts.model_events import ModelEvent
 from devstack.stack import LocalStack
 from stream.kafka.clients import ensure_topics, read_topics
+from stream.lifecycle.repository import materialize
 from tests.harness.line import STEP_CAP_S, Line, check_line, wait_until
 from tests.harness.line import small_frames as _small_frames
 from tests.harness.rollout import (
@@ -215,6 +217,45 @@ def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tri
         for c in (ctl, ctl2):
             if c is not None:
                 c.stop()
+
+
+def test_release_redelivered_after_a_partial_promotion_serves_it_on_every_replica(two_tritons, images, tmp_path):
+    """What a controller killed between two replicas' loads leaves behind: v2 pinned in the repository and
+    served by Triton A (the replica it asks first), Triton B still on v1, the ``released`` event unacked.
+    The restarted controller recognises the promotion (the repository holds this very artifact) and must bring
+    every replica to v2 before it announces ``promoted`` (it used to announce with B still serving v1)."""
+    stack, b = two_tritons
+    boot, tritons = stack.kafka_bootstrap, [stack.triton_grpc_url, b.grpc_url]
+    uid = uuid.uuid4().hex[:6]
+    t = lifecycle_topics(f"topo-part-{uid}")
+    asyncio.run(ensure_topics(boot, [t["events"], t["drift"]]))
+    asyncio.run(ensure_topics(boot, [t["state"]], config={"cleanup.policy": "compact"}))
+    store, model, product = tmp_path / "store", f"lwt_part_{uid}", f"part-{uid}"
+    ctl = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-0")
+    try:
+        release(boot, t, store, model, 1, product, images, 1.0)
+        assert outcomes(boot, t, model, [1])[1][0]["type"] == "promoted", ctl.log()[-3000:]
+    finally:
+        ctl.stop()
+    # the half-done promotion: v2 materialised and pinned, loaded on A only
+    vdir, digest = write_artifact(store, model, 2, product, Tiny(gain=0.99), images)
+    art = verify_artifact(vdir, digest, model, 2, strict=True).artifact
+    materialize(art, stack.model_repository, model, [2])
+    with grpcclient.InferenceServerClient(tritons[0]) as c:
+        c.load_model(model, headers=stack.control_headers)
+    assert wait_until(lambda: model_ready(tritons[0], model, 2), STEP_CAP_S)
+    assert model_ready(tritons[1], model, 1) and not model_ready(tritons[1], model, 2)
+    ev = ModelEvent("released", model, 2, product=product, detector="efficientad", artifact_uri=vdir.as_uri(),
+                    sha256=digest)
+    send_records(boot, t["events"], [(ev.key, ev.to_json(), [])])
+    ctl2 = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-1")
+    try:
+        got = outcomes(boot, t, model, [2])[2]
+        assert [e["type"] for e in got] == ["promoted"], (got, ctl2.log()[-3000:])
+        assert got[0]["detail"].get("recovered") is True, got  # the recovery path, not a fresh rollout
+        assert model_ready(tritons[0], model, 2) and model_ready(tritons[1], model, 2), ctl2.log()[-3000:]
+    finally:
+        ctl2.stop()
 
 
 def test_stack_down_up_restores_serving_versions(images, tmp_path):

@@ -18,8 +18,10 @@ from models.efficientad.serving import MODEL_PY, EfficientADServing
 from models.efficientad.train import (
     TrainConfig,
     ae_augment,
+    calibrate_and_predict,
     compute_map_quantiles,
     hard_feature_loss,
+    predict,
     synthetic_auroc,
     train_efficientad,
 )
@@ -100,6 +102,20 @@ def test_compute_map_quantiles_matches_torch_quantile():
     assert q["q_st_a"] == pytest.approx(torch.quantile(st.flatten(), 0.9).item(), rel=1e-5)
     assert q["q_ae_b"] == pytest.approx(torch.quantile(ae.flatten(), 0.995).item(), rel=1e-5)
     assert m.q_st_b.item() == pytest.approx(q["q_st_b"], rel=1e-6)
+
+
+def test_calibrate_and_predict_is_quantiles_then_predict_in_one_pass():
+    """Training's final calibration runs the networks once: the same quantiles, maps and scores as
+    compute_map_quantiles followed by predict (two passes)."""
+    x = torch.randn(5, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    a, b = EfficientAD().eval(), EfficientAD().eval()
+    b.load_state_dict(a.state_dict())
+    q1 = compute_map_quantiles(a, x, 0.9, 0.995)
+    maps1, scores1 = predict(a, x)
+    q2, maps2, scores2 = calibrate_and_predict(b, x, 0.9, 0.995)
+    assert q2 == q1
+    assert torch.allclose(maps2, maps1, atol=1e-6) and torch.allclose(scores2, scores1, atol=1e-6)
+    assert maps2.shape == (5, 1, 256, 256) and b.q_ae_b.item() == a.q_ae_b.item()
 
 
 def test_ae_augment_range_and_determinism():
