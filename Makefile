@@ -32,9 +32,13 @@ demo: $(STAMP)
 	$(VENV)/bin/linewatch demo
 
 ## The full test suite: import boundaries, then unit + integration against the real Tansu broker and tritonserver.
+## TEST_WORKERS pytest processes (pytest-xdist) take one test module at a time (--dist loadfile: a module's
+## stack and fixtures stay in one process); the integration tests spend much of their time waiting on real
+## traffic, so two processes on two cores overlap that waiting with the CPU-bound unit tests.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 ## The same suite on one CPU (taskset: the tests and every process they start share CPU 0), as on a slower
 ## or busier machine than this one: nothing may depend on how fast the machine is.
