@@ -78,7 +78,7 @@ from stream.lifecycle.repository import (
     write_config,
 )
 from stream.lifecycle.shadow import run_shadow
-from stream.lifecycle.steps import STEP_BACKOFF, until_done
+from stream.lifecycle.steps import STEP_BACKOFF, until_done, write_in_thread
 
 log = get_logger("stream.lifecycle.controller")
 
@@ -233,7 +233,7 @@ class RolloutController(TritonReplicas):
         try:
             ro.state = "loading_candidate"
             self.fence()
-            await asyncio.to_thread(materialize, art, self.repository, cand, [art.version], self.serving)
+            await write_in_thread(materialize, art, self.repository, cand, [art.version], self.serving)
             try:
                 await self._load(cand, art.version)
             except Exception as e:  # Triton refused the model (bad model.py, artifact...)
@@ -248,7 +248,7 @@ class RolloutController(TritonReplicas):
             previous = previous if previous is not None else cur_ver
             try:
                 self.fence()
-                await asyncio.to_thread(materialize, art, self.repository, ev.model, [art.version], self.serving)
+                await write_in_thread(materialize, art, self.repository, ev.model, [art.version], self.serving)
                 await self._load(ev.model, art.version)
             except LeaseLost:
                 raise
@@ -297,7 +297,7 @@ class RolloutController(TritonReplicas):
         await self._load(ev.model, ev.version)
         await self._unload(cand)
         self.fence()
-        await asyncio.to_thread(remove_model_dir, self.repository, cand)
+        await write_in_thread(remove_model_dir, self.repository, cand)
         await self._record(ev.model, ev.version, art.metadata)
         log.info("rollout_recovered", model=ev.model, version=ev.version)
         return await self._emit(self._event("promoted", ev, [], None, {"recovered": True}, art))
@@ -316,12 +316,12 @@ class RolloutController(TritonReplicas):
             return await self._restore(model, previous)
         await self._unload(model)
         self.fence()
-        await asyncio.to_thread(remove_model_dir, self.repository, model)
+        await write_in_thread(remove_model_dir, self.repository, model)
 
     async def _drop_candidate(self, ro: Rollout) -> None:
         await self._unload(ro.candidate)
         self.fence()
-        await asyncio.to_thread(remove_model_dir, self.repository, ro.candidate)
+        await write_in_thread(remove_model_dir, self.repository, ro.candidate)
 
     async def _fail(self, ro: Rollout, ev: ModelEvent, reasons: list[str], st: dict) -> ModelEvent:
         await self._drop_candidate(ro)

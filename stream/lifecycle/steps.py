@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from contracts.backoff import Backoff
 from contracts.logs import get_logger
@@ -49,3 +49,19 @@ async def until_done(step: str, fn: Callable[[], Awaitable[T]], *, backoff: Back
             log.warning("rollout_step_retry", step=step, attempt=attempt, retry_in_s=round(wait_s, 2),
                         error=f"{type(e).__name__}: {e}"[:300], **ctx)
             await asyncio.sleep(wait_s)
+
+
+async def write_in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``asyncio.to_thread(fn, *args)`` for a repository write: a cancelled caller (the controller stopping,
+    or a lost lease ending its task) waits for the thread to finish before the cancellation goes on, so no
+    write is left running behind a rollout that has already moved on (cleaned up, or handed to another
+    controller)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        try:
+            await fut
+        except Exception as e:  # the write's own failure: logged, the cancellation is what propagates
+            log.warning("repository_write_failed_while_cancelled", error=f"{type(e).__name__}: {e}"[:300])
+        raise

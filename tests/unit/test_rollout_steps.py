@@ -4,12 +4,14 @@ backoff, a lost lease and cancellation end them at once."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
 from contracts.backoff import Backoff
 from stream.lifecycle.lease import LeaseLost
-from stream.lifecycle.steps import until_done
+from stream.lifecycle.steps import until_done, write_in_thread
 
 FAST = Backoff(base_s=0.001, cap_s=0.005)
 
@@ -52,3 +54,27 @@ def test_stopping_cancels_a_step_that_keeps_failing():
             await t
 
     asyncio.run(go())
+
+
+def test_a_cancelled_rollout_waits_for_its_repository_write_to_finish():
+    """A rollout cancelled while its config is being written in a worker thread: the cancellation surfaces
+    only after the write finished (plain asyncio.to_thread returns at once and leaves the thread writing
+    behind the cleanup that follows)."""
+    started, log = threading.Event(), []
+
+    def write():
+        started.set()
+        time.sleep(0.3)
+        log.append("written")
+
+    async def main():
+        task = asyncio.ensure_future(write_in_thread(write))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        log.append("cancelled")
+
+    asyncio.run(main())
+    assert log == ["written", "cancelled"]
