@@ -65,6 +65,7 @@ def test_require_sha256_setting_reaches_the_export_verb(tmp_path, capsys, monkey
     assert main(argv) == 0  # default: unverified weights load with a warning
 
 
+@pytest.mark.slow
 def test_lite0_features_teacher_train_checkpoint_export(shared_data, tmp_path):
     """--teacher-kind lite0-features: the frozen Lite0 target is the teacher (no PDN file); the
     checkpoint rebuilds it and the TorchScript export equals eager."""

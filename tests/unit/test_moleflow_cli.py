@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -41,6 +43,7 @@ def test_cli_errors_are_one_line(tmp_path):
                  str(tmp_path / "s")]) == 2
 
 
+@pytest.mark.slow
 def test_cli_train_two_tasks_evaluate_export(shared_data, tmp_path):
     bottle = shared_data / "mvtec" / "bottle"
     a = _folder(tmp_path, bottle / "train" / "good", 6, "a")

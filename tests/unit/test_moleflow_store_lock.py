@@ -73,6 +73,7 @@ def _finish(p: subprocess.Popen) -> tuple[dict, str]:
     return json.loads(out.strip().splitlines()[-1]), err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_onboardings_of_one_model_at_once(shared_data, tmp_path, reliability):
     src = shared_data / "mvtec" / "bottle" / "train" / "good"
