@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from contracts.artifact import ArtifactIntegrityError, check_sha256, sha256_file
+from contracts.artifact import ArtifactError, ArtifactIntegrityError, check_sha256, sha256_file
 from contracts.logs import get_logger
 
 _HEX = re.compile(r"[0-9a-f]{64}")  # fullmatch only
@@ -101,6 +101,28 @@ def resolve_version(model_dir: Path, version: int | None) -> int:
         return version
     existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(existing, default=0) + 1
+
+
+def claim_version_dir(model_dir: Path, version: int | None) -> Path:
+    """Create and return the version dir an export writes into: ``version``, or the next free one (highest
+    numeric + 1) claimed with an atomic ``mkdir``, so two exports of one model at once (two onboardings of one
+    product) never write the same version. An explicit ``version`` whose dir already holds files is refused
+    (a leftover file would fail verify_artifact at load)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if version is not None:
+        vdir = model_dir / str(version)
+        if vdir.exists() and any(vdir.iterdir()):
+            raise ArtifactError(f"version dir exists and is not empty: {vdir}")
+        vdir.mkdir(exist_ok=True)
+        return vdir
+    while True:
+        vdir = model_dir / str(resolve_version(model_dir, None))
+        try:
+            vdir.mkdir()
+            return vdir
+        except FileExistsError:  # another export claimed it between the listing and the mkdir: the next one
+            continue
 
 
 def version_dir(path: Path) -> Path:

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from contracts.artifact import CONFIG, MODEL_FILE, ArtifactError, TensorConfig, render_config, write_manifest
+from contracts.artifact import CONFIG, MODEL_FILE, TensorConfig, render_config, write_manifest
 from contracts.logs import get_logger
 from contracts.names import check_name
-from models.artifacts import resolve_version
+from models.artifacts import claim_version_dir
 from models.efficientad.model import EfficientAD
 from models.efficientad.onnx_graph import (
     ONNX_ARTIFACT,
@@ -106,12 +106,8 @@ def export_triton(
     """
     name = check_name(f"efficientad_{check_name(product, 'product name')}")  # contracts.names (ValueError)
     model_dir = Path(repository) / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    version = resolve_version(model_dir, version)
-    vdir = model_dir / str(version)
-    if vdir.exists() and any(vdir.iterdir()):  # a leftover file would fail verify_artifact at load
-        raise ArtifactError(f"version dir exists and is not empty: {vdir}")
-    vdir.mkdir(parents=True, exist_ok=True)
+    vdir = claim_version_dir(model_dir, version)
+    version = int(vdir.name)
     graph = ServingGraph(model, map_dtype=MAP_DTYPE).eval()
     trace_graph(graph, size).save(str(vdir / ARTIFACT))
     export_onnx(graph, vdir / ONNX_ARTIFACT, size=size)

@@ -27,7 +27,7 @@ from typing import Any
 from contracts.artifact import CONFIG, MODEL_FILE, TensorConfig, render_config, write_manifest
 from contracts.logs import get_logger
 from contracts.names import check_name
-from models.artifacts import resolve_version
+from models.artifacts import claim_version_dir
 from models.backbones import backbone_normalization
 from models.moleflow.serving import MODEL_PY
 from models.moleflow.store import (
@@ -91,11 +91,8 @@ def export_triton(store: str | Path, repository: str | Path, name: str = "molefl
     if not tasks:
         raise ArtifactError(f"{store} holds no task adapters: train one with `moleflow train-task`")
     model_dir = Path(repository) / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    version = resolve_version(model_dir, version)
-    vdir = model_dir / str(version)
-    if vdir.exists() and any(vdir.iterdir()):
-        raise ArtifactError(f"version dir exists and is not empty: {vdir}")
+    vdir = claim_version_dir(model_dir, version)
+    version = int(vdir.name)
     copy_store(store, vdir, tasks)
     base_meta = read_json(vdir / BASE_META)
     adapters = [read_json(vdir / ADAPTERS / t / ADAPTER_META) for t in tasks]
