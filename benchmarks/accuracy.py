@@ -148,7 +148,7 @@ def run_efficientad(prods: list[Product], args) -> dict:
         cfg = TrainConfig(steps=args.efficientad_steps, lr=args.efficientad_lr, seed=0,
                           max_train_seconds=args.efficientad_seconds, select_every=args.select_every,
                           amp_bf16=args.amp_bf16, backbone_weights=str(WEIGHTS),
-                          teacher_kind=args.teacher_kind,
+                          teacher_kind=args.teacher_kind, student_crop=args.efficientad_student_crop,
                           penalty_dir=str(data_root(SETTINGS) / "imagenet-sample") if args.penalty else None)
         model, meta = train_efficientad(fit, cfg, teacher_weights=DEFAULT_TEACHER if args.teacher_kind == "pdn" else None)
         train_s = time.time() - t0
@@ -174,7 +174,7 @@ def run_efficientad(prods: list[Product], args) -> dict:
     return {"teacher": teacher_desc, "teacher_kind": args.teacher_kind,
             "teacher_sha256": _sha(DEFAULT_TEACHER) if args.teacher_kind == "pdn" else None,
             "schedule": {"steps": args.efficientad_steps, "seconds": args.efficientad_seconds, "lr": args.efficientad_lr,
-                         "amp_bf16": args.amp_bf16,
+                         "amp_bf16": args.amp_bf16, "student_crop": args.efficientad_student_crop,
                          "select_every": args.select_every, "penalty": args.penalty},
             "per_product": out, "mean": _mean([v["metrics"] for v in out.values()])}
 
@@ -325,6 +325,8 @@ def main(argv=None) -> int:
     ap.add_argument("--efficientad-seconds", type=float, default=600.0,
                     help="wall budget per product (default: the training job's CPU budget, train_budget_cpu_s)")
     ap.add_argument("--efficientad-lr", type=float, default=1e-4)
+    ap.add_argument("--efficientad-student-crop", type=int, default=0,
+                    help="TrainConfig.student_crop: the student's passes on a random N px window per step (0: whole images)")
     ap.add_argument("--select-every", type=int, default=0, help="CutPaste selection every N steps (0: off, the CLI default)")
     ap.add_argument("--amp-bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast in the EfficientAD step loop (default: only where the CPU has native bf16)")

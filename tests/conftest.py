@@ -42,6 +42,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: ranks[it.nodeid.split("::")[0]])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    """In-process torch work uses this process's share of the cores (tests/harness/cpu.py)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        from tests.harness.cpu import cpu_threads
+
+        torch.set_num_threads(cpu_threads(cap=os.cpu_count() or 1))
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     """The test session's config root (environment + LINEWATCH_CONFIG), built once."""
@@ -50,7 +63,7 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def shared_data(settings) -> Path:
-    d = Path(settings.data_dir)
+    d = Path(settings.data_dir).resolve()  # absolute: tests symlink images into temporary folders
     if not (d / "mvtec" / "bottle" / "train" / "good").is_dir():
         pytest.fail(f"real data not found at {d} (set LINEWATCH_DATA_DIR)")
     return d

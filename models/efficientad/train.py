@@ -72,6 +72,10 @@ class TrainConfig:
     amp_bf16: bool = False  # bf16 autocast for the teacher and student/AE passes of the step loop; only
     # where the CPU has native bf16 (models.precision.native_bf16); map quantiles and inference stay fp32
     select_every: int = 0  # >0: score held-out good + CutPaste every N steps, keep the best state
+    # >0: the student's passes see a random student_crop x student_crop window per step (a multiple of 4,
+    # aligned to the PDN's stride: its output is exactly the full map's cells under the window), ~(256/crop)^2
+    # times cheaper on a CPU; the autoencoder and the teacher still see whole images. 0: whole images (paper)
+    student_crop: int = 0
     synthetic_seed: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +84,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def student_window(crop: int, n_cells: int, rng: random.Random) -> tuple[tuple, tuple]:
+    """(pixel window, cell window) as index tuples for [B, C, H, W] tensors: a random ``crop`` px square whose
+    offset is a multiple of the PDN's stride 4, and the cells of the (padding-free) PDN's ``n_cells`` map that the
+    student's output on it equals. ``crop`` 0: the whole image and map."""
+    whole = (slice(None),) * 4
+    if not crop:
+        return whole, whole
+    k = crop // 4 - 8  # PDN output cells of a crop (no padding: 256 px -> 56)
+    if crop % 4 or not 0 < k <= n_cells:
+        raise ValueError(f"student_crop must be a multiple of 4 in [36, {4 * (n_cells + 8)}], got {crop}")
+    u, v = rng.randrange(n_cells - k + 1), rng.randrange(n_cells - k + 1)
+    return ((slice(None), slice(None), slice(4 * u, 4 * u + crop), slice(4 * v, 4 * v + crop)),
+            (slice(None), slice(None), slice(u, u + k), slice(v, v + k)))
 
 
 def hard_feature_loss(t: torch.Tensor, s: torch.Tensor, q: float = 0.999) -> torch.Tensor:
@@ -244,6 +263,8 @@ def train_efficientad(
     if cfg.max_train_images:
         fit_paths = fit_paths[: cfg.max_train_images]
     model = EfficientAD(cfg.model_size, teacher_kind=cfg.teacher_kind)
+    if cfg.student_crop and model.padding:
+        raise ValueError("student_crop needs the padding-free PDN (its output cells are then the crop's exactly)")
     teacher_meta: dict[str, Any] = {}
     if cfg.teacher_kind == "lite0-features":
         if not cfg.backbone_weights:
@@ -297,9 +318,10 @@ def train_efficientad(
         t_st = t_clean[i : i + 1]
         with torch.no_grad(), torch.autocast(**autocast):
             t_ae = (model.teacher(x_ae).float() - model.teacher_mean) / model.teacher_std
-        with torch.autocast(**autocast):
-            s_both = model.student(torch.cat([x_st, x_ae])).float()  # one batched student pass for I and I'
-        loss_hard = hard_feature_loss(t_st, s_both[:1, :c], cfg.hard_q)
+        px, cell = student_window(cfg.student_crop, t_st.shape[-1], rng)
+        with torch.autocast(**autocast):  # one batched student pass for I and I'
+            s_both = model.student(torch.cat([x_st, x_ae])[px]).float()
+        loss_hard = hard_feature_loss(t_st[cell], s_both[:1, :c], cfg.hard_q)
         loss = loss_hard
         loss_pen = torch.zeros((), device=device)
         if penalty is not None:
@@ -309,13 +331,13 @@ def train_efficientad(
             if rng.random() < 0.3:  # RandomGrayscale(0.3)
                 p = p.mean(0, keepdim=True).expand(3, -1, -1)
             with torch.autocast(**autocast):
-                s_pen = model.student(p[None]).float()
+                s_pen = model.student(p[None][px]).float()
             loss_pen = torch.mean(s_pen[:, :c] ** 2)
             loss = loss + loss_pen
         with torch.autocast(**autocast):
             a = model.autoencoder(x_ae).float()
         loss_ae = torch.mean((t_ae - a) ** 2)
-        loss_stae = torch.mean((a - s_both[1:, c:]) ** 2)
+        loss_stae = torch.mean((a[cell] - s_both[1:, c:]) ** 2)
         loss = loss + loss_ae + loss_stae
         opt.zero_grad(set_to_none=True)
         loss.backward()

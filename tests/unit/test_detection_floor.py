@@ -19,6 +19,7 @@ import torch
 
 from models.data import list_images, mvtec_samples
 from models.evaluation import image_auroc
+from tests.harness.cpu import cpu_threads
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def test_moleflow_floor_bottle_then_cells(products, shared_data):
     from models.moleflow.train import TrainConfig, extract_features, train_task
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(cpu_threads())
     model = MoLEFlow(MoLEFlowConfig(), backbone_weights=shared_data / LITE0_WEIGHTS)
     aurocs, sets = {}, {}
     for task in ("bottle", "cells"):
@@ -79,7 +80,7 @@ def test_efficientad_floor(products, product, steps, shared_data):
     from models.efficientad.train import TrainConfig, predict, train_efficientad
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(cpu_threads())
     train, test, labels = products[product]
     cfg = TrainConfig(steps=steps, seed=0, teacher_kind=DEFAULT_TEACHER_KIND,
                       backbone_weights=str(shared_data / LITE0_WEIGHTS))

@@ -22,6 +22,7 @@ from models.efficientad.train import (
     compute_map_quantiles,
     hard_feature_loss,
     predict,
+    student_window,
     synthetic_auroc,
     train_efficientad,
 )
@@ -116,6 +117,25 @@ def test_calibrate_and_predict_is_quantiles_then_predict_in_one_pass():
     assert q2 == q1
     assert torch.allclose(maps2, maps1, atol=1e-6) and torch.allclose(scores2, scores1, atol=1e-6)
     assert maps2.shape == (5, 1, 256, 256) and b.q_ae_b.item() == a.q_ae_b.item()
+
+
+def test_student_on_a_stride_aligned_crop_is_the_full_maps_cells():
+    """student_crop: the padding-free PDN on a 96 px window at a stride-4 offset gives exactly the cells of the
+    full 256 px map under it, so the crop's loss is the full loss restricted to those cells."""
+    import random
+
+    pdn = nets.pdn_small(16).eval()
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = pdn(x)
+        for seed in range(3):
+            px, cell = student_window(96, full.shape[-1], random.Random(seed))
+            crop = pdn(x[px])
+            assert crop.shape[-2:] == (16, 16)
+            assert torch.allclose(crop, full[cell], atol=1e-5)
+    assert student_window(0, 56, random.Random(0))[1] == (slice(None),) * 4
+    with pytest.raises(ValueError, match="multiple of 4"):
+        student_window(98, 56, random.Random(0))
 
 
 def test_ae_augment_range_and_determinism():
