@@ -78,6 +78,16 @@ def two_tritons(tmp_path_factory):
         stack.stop()
 
 
+def _scenario(two_tritons, prefix: str, model_prefix: str) -> tuple[str, list[str], dict[str, str], str, str]:
+    """Fresh lifecycle topics on the module's stack: (bootstrap, both Tritons' URLs, topics, model, product)."""
+    stack, b = two_tritons
+    boot, uid = stack.kafka_bootstrap, uuid.uuid4().hex[:6]
+    t = lifecycle_topics(f"{prefix}-{uid}")
+    asyncio.run(ensure_topics(boot, [t["events"], t["drift"]]))
+    asyncio.run(ensure_topics(boot, [t["state"]], config={"cleanup.policy": "compact"}))
+    return boot, [stack.triton_grpc_url, b.grpc_url], t, f"{model_prefix}_{uid}", f"part-{uid}"
+
+
 def _logged(typ: str, model: str, version: int) -> str:
     """How the controller logs an event it took (released) or published (promoted...)."""
     return f'"type":"{typ}","model":"{model}","version":{version}'
@@ -138,12 +148,8 @@ def test_one_worker_client_round_robins_over_both_replicas(two_tritons):
 def test_rollouts_controller_crash_and_triton_restart_with_three_workers(two_tritons, images, shared_data,
                                                                           tmp_path):
     stack, b = two_tritons
-    boot, tritons = stack.kafka_bootstrap, [stack.triton_grpc_url, b.grpc_url]
-    uid = uuid.uuid4().hex[:6]
-    t = lifecycle_topics(f"topo-ctl-{uid}")
-    asyncio.run(ensure_topics(boot, [t["events"], t["drift"]]))
-    asyncio.run(ensure_topics(boot, [t["state"]], config={"cleanup.policy": "compact"}))
-    store, model, product = tmp_path / "store", f"lwt_topo_{uid}", f"part-{uid}"
+    boot, tritons, t, model, product = _scenario(two_tritons, "topo-ctl", "lwt_topo")
+    store = tmp_path / "store"
     env = {**topic_env(t), **POLICY}
     ctl = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-0")
     # the line publishes until the scenario's last step is done (line.finish ends it), however long the
@@ -225,12 +231,8 @@ def test_release_redelivered_after_a_partial_promotion_serves_it_on_every_replic
     The restarted controller recognises the promotion (the repository holds this very artifact) and must bring
     every replica to v2 before it announces ``promoted`` (it used to announce with B still serving v1)."""
     stack, b = two_tritons
-    boot, tritons = stack.kafka_bootstrap, [stack.triton_grpc_url, b.grpc_url]
-    uid = uuid.uuid4().hex[:6]
-    t = lifecycle_topics(f"topo-part-{uid}")
-    asyncio.run(ensure_topics(boot, [t["events"], t["drift"]]))
-    asyncio.run(ensure_topics(boot, [t["state"]], config={"cleanup.policy": "compact"}))
-    store, model, product = tmp_path / "store", f"lwt_part_{uid}", f"part-{uid}"
+    boot, tritons, t, model, product = _scenario(two_tritons, "topo-part", "lwt_part")
+    store = tmp_path / "store"
     ctl = start_controller(stack, t, tmp_path, tritons=tritons, env=POLICY, name="controller-0")
     try:
         release(boot, t, store, model, 1, product, images, 1.0)
