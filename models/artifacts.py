@@ -95,10 +95,8 @@ def safe_load_safetensors(path: str | Path, *, sha256: str | None = None, requir
     return load_file(str(path))
 
 
-def resolve_version(model_dir: Path, version: int | None) -> int:
-    """The requested Triton version, or the highest existing numeric version dir + 1."""
-    if version is not None:
-        return version
+def next_version(model_dir: Path) -> int:
+    """The highest existing numeric version dir + 1."""
     existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(existing, default=0) + 1
 
@@ -117,7 +115,7 @@ def claim_version_dir(model_dir: Path, version: int | None) -> Path:
         vdir.mkdir(exist_ok=True)
         return vdir
     while True:
-        vdir = model_dir / str(resolve_version(model_dir, None))
+        vdir = model_dir / str(next_version(model_dir))
         try:
             vdir.mkdir()
             return vdir
